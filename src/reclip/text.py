@@ -1,0 +1,595 @@
+"""The text side: prompt templates, class vocabularies and cached query embeddings W_q.
+
+A class is a tuple of synonyms (the first is its display name). The query embedding of a
+synonym is CLIP's prompt ensemble (Radford et al. 2021, section 3.1.4; METHODS.md
+section 1): encode every template filled with the name, L2-normalise each, average,
+re-normalise. A class scores the max over its synonyms (SCLIP / ClearCLIP class files).
+
+    vocab = read_class_file("my_classes.txt")
+    queries = query_embeddings(clip, vocab, templates="reclip85")  # cached on disk
+    logits = queries.classify(features, dim=1)  # (B, D, h, w) -> (B, C, h, w)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+
+from reclip.clip.tokenizer import tokenize
+
+if TYPE_CHECKING:
+    from reclip.clip.model import CLIP
+
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "RECLIP_TEMPLATES",
+    "TEMPLATE_SETS",
+    "QueryEmbeddings",
+    "Vocabulary",
+    "default_cache_dir",
+    "query_embeddings",
+    "read_class_file",
+    "resolve_templates",
+]
+
+# -- templates --------------------------------------------------------------------------
+
+# CLIP's 80 ImageNet prompt templates, in the order of openai/CLIP
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb (used by SCLIP and ClearCLIP as
+# `openai_imagenet_template`).
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+# MaskCLIP / ReCLIP: the 80 above followed by five scene prompts, in this order
+# (chongzhou96/MaskCLIP tools/maskclip_utils/prompt_engineering.py,
+# dogehhh/ReCLIP utils/prompt_engineering.py `prompt_templates`).
+RECLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+
+# Registry of named template sets; `resolve_templates` looks names up here.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet80": IMAGENET_TEMPLATES,
+    "reclip85": RECLIP_TEMPLATES,
+    "single": ("a photo of a {}.",),
+}
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """Template strings from a registry name or an explicit list.
+
+    Every template must contain exactly one ``{}`` where the class name goes.
+    """
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise KeyError(
+                f"unknown template set {templates!r}; available: {sorted(TEMPLATE_SETS)} "
+                "(or pass a list of strings with one '{}' each)"
+            )
+        return TEMPLATE_SETS[templates]
+    out = tuple(templates)
+    if not out:
+        raise ValueError("empty template list; pass at least one template such as 'a photo of a {}.'")
+    for t in out:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must be a str with exactly one '{{}}' for the class name")
+    return out
+
+
+# -- vocabularies -----------------------------------------------------------------------
+
+
+def _split_synonyms(line: str) -> tuple[str, ...]:
+    """'person, man ,person' -> ('person', 'man'): strip, drop empties and repeats."""
+    names = (s.strip() for s in line.split(","))
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def _parse_line(line: str) -> tuple[str | None, tuple[str, ...]]:
+    """'background: sky, wall' -> ('background', ('sky', 'wall')); 'cat, kitty' -> (None, ('cat', 'kitty')).
+
+    A label before a colon is the display name only; the prompts are the words after it
+    (SCLIP's background line is a list of background words, shown as "background").
+    """
+    label, sep, rest = line.partition(":")
+    if sep and label.strip() and "," not in label:
+        return label.strip(), _split_synonyms(rest)
+    return None, _split_synonyms(line)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered list of C classes, each a tuple of synonyms (first = display name).
+
+    Class files (``read_class_file``) and lists use the same syntax: one class per
+    line / item, synonyms separated by commas; ``label: word, word`` gives a display label
+    that is not itself a prompt (e.g. ``background: sky, wall, tree``). The same word may appear in two classes
+    (e.g. "bed" as a COCO-Object class and as a background word, as in SCLIP's files);
+    each occurrence is a separate synonym with its own class index.
+    """
+
+    classes: tuple[tuple[str, ...], ...]
+    labels: tuple[str, ...] | None = None  # display names; None: the first synonym of each class
+
+    def __post_init__(self) -> None:
+        # accept lists for convenience; store tuples so the vocabulary is hashable
+        classes = tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in self.classes)
+        object.__setattr__(self, "classes", classes)
+        if not classes:
+            raise ValueError("a Vocabulary needs at least one class; got an empty list")
+        for i, syns in enumerate(classes):
+            if not isinstance(syns, tuple) or not syns or not all(isinstance(s, str) and s.strip() for s in syns):
+                raise ValueError(
+                    f"class {i} must be a non-empty tuple of non-empty names, got {syns!r}; "
+                    "build vocabularies with Vocabulary.from_names or read_class_file"
+                )
+        if self.labels is not None:
+            labels = tuple(label or syns[0] for label, syns in zip(self.labels, classes))
+            if len(self.labels) != len(classes):
+                raise ValueError(f"{len(self.labels)} labels for {len(classes)} classes")
+            object.__setattr__(self, "labels", labels)
+
+    @classmethod
+    def from_names(cls, names: str | Sequence[str | Sequence[str]]) -> Vocabulary:
+        """Vocabulary from class names.
+
+        Args:
+            names: either one string of comma-separated class names (the CLI's
+                ``--classes cat,dog``: one name per class, no synonyms), or a sequence
+                with one item per class: a string whose commas separate synonyms (like a
+                class-file line) or a sequence of synonyms.
+        """
+        labels: list[str | None] = []
+        if isinstance(names, str):
+            items: list[tuple[str, ...]] = [(n,) for n in _split_synonyms(names)]
+            labels = [None] * len(items)
+        else:
+            items = []
+            for i, item in enumerate(names):
+                if isinstance(item, str):
+                    label, syns = _parse_line(item)
+                else:
+                    label, syns = None, tuple(dict.fromkeys(str(s).strip() for s in item if str(s).strip()))
+                if not syns:
+                    raise ValueError(f"class {i} of {list(names)!r} has no name; remove it or name it")
+                items.append(syns)
+                labels.append(label)
+        if not items:
+            raise ValueError(f"no class names in {names!r}; give at least one, e.g. 'cat,dog'")
+        return cls(tuple(items), tuple(labels) if any(labels) else None)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Vocabulary:
+        """Same as :func:`read_class_file`."""
+        return read_class_file(path)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Display names, (C,): the label, else the first synonym of each class."""
+        return self.labels if self.labels is not None else tuple(syns[0] for syns in self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @cached_property
+    def all_synonyms(self) -> tuple[str, ...]:
+        """Every synonym of every class in class order, (S,)."""
+        return tuple(s for syns in self.classes for s in syns)
+
+    @cached_property
+    def synonym_class(self) -> tuple[int, ...]:
+        """Class index of each entry of :attr:`all_synonyms`, (S,)."""
+        return tuple(c for c, syns in enumerate(self.classes) for _ in syns)
+
+    @property
+    def has_synonyms(self) -> bool:
+        """True when some class has more than one name (S > C)."""
+        return len(self.all_synonyms) > self.num_classes
+
+    def to_list(self) -> list[list[str]]:
+        """The synonyms of each class, JSON-friendly."""
+        return [list(syns) for syns in self.classes]
+
+    def to_lines(self) -> list[str]:
+        """Class-file lines (labels kept); ``from_names(v.to_lines()) == v``."""
+        lines = [", ".join(syns) for syns in self.classes]
+        if self.labels is None:
+            return lines
+        return [line if label == syns[0] else f"{label}: {line}"
+                for label, syns, line in zip(self.labels, self.classes, lines)]
+
+
+def read_class_file(path: str | os.PathLike) -> Vocabulary:
+    """Read a class file: one class per line, synonyms separated by commas.
+
+    Text after ``#`` is a comment; blank lines are skipped; ``label: words`` names a
+    class whose prompts are the words (SCLIP's background words). Example::
+
+        # VOC background as a list of words (SCLIP style), shown as "background"
+        background: sky, wall, tree
+        aeroplane, airplane
+        person, person in shirt
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class file {str(path)!r} does not exist; check the path")
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(
+            f"class file {str(path)!r} lists no classes; write one class per line "
+            "(synonyms separated by commas, '#' starts a comment)"
+        )
+    try:
+        return Vocabulary.from_names(lines)
+    except ValueError as err:
+        raise ValueError(f"class file {str(path)!r}: {err}") from None
+
+
+# -- query embeddings -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class QueryEmbeddings:
+    """Per-synonym text embeddings W_q and how synonyms map to classes.
+
+    Attributes:
+        weights: (S, D) float32, unit rows: one prompt-ensemble embedding per synonym,
+            in ``Vocabulary.all_synonyms`` order.
+        class_index: (S,) long, the class of each row, in [0, num_classes).
+        num_classes: C.
+
+    Scores are computed per synonym and reduced to classes by a max
+    (:meth:`class_logits`); with no synonyms (S == C) that is the identity and
+    :attr:`per_class` gives W_q as a (C, D) matrix.
+    """
+
+    weights: torch.Tensor
+    class_index: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        s = self.weights.shape[0]
+        if self.weights.dim() != 2 or self.class_index.shape != (s,):
+            raise ValueError(
+                f"weights must be (S, D) and class_index (S,); got {tuple(self.weights.shape)} "
+                f"and {tuple(self.class_index.shape)}"
+            )
+        if self.class_index.dtype != torch.long or (s > 0 and int(self.class_index.min()) < 0):
+            raise ValueError(
+                f"class_index must be non-negative int64 class ids, got dtype {self.class_index.dtype} "
+                f"and values {self.class_index.tolist()}"
+            )
+        counts = torch.bincount(self.class_index.cpu(), minlength=self.num_classes)
+        if counts.numel() != self.num_classes or (counts == 0).any():
+            raise ValueError(
+                f"class_index must cover every class 0..{self.num_classes - 1} at least once; "
+                f"got counts {counts.tolist()}"
+            )
+
+    @property
+    def num_synonyms(self) -> int:
+        """S."""
+        return self.weights.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        """D."""
+        return self.weights.shape[1]
+
+    @cached_property
+    def is_one_per_class(self) -> bool:
+        """True when row c is class c (no synonyms)."""
+        return self.num_synonyms == self.num_classes and bool(
+            (self.class_index.cpu() == torch.arange(self.num_classes)).all()
+        )
+
+    @property
+    def per_class(self) -> torch.Tensor:
+        """W_q as (C, D); only defined when every class has a single name."""
+        if not self.is_one_per_class:
+            raise ValueError(
+                f"{self.num_synonyms} synonyms for {self.num_classes} classes: there is no single "
+                "(C, D) W_q; score synonyms with `weights` and reduce with class_logits()"
+            )
+        return self.weights
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QueryEmbeddings:
+        """Copy with weights (and class_index) moved; dtype applies to weights only."""
+        return QueryEmbeddings(self.weights.to(device, dtype), self.class_index.to(device), self.num_classes)
+
+    def class_logits(self, similarity: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Reduce per-synonym scores to per-class scores by a max over each class's synonyms.
+
+        Args:
+            similarity: (..., S, ...) scores against ``weights``, S along ``dim``.
+            dim: the synonym dimension.
+
+        Returns:
+            (..., C, ...) with C along ``dim``; differentiable (gradient to the argmax).
+        """
+        if similarity.shape[dim] != self.num_synonyms:
+            raise ValueError(
+                f"similarity has {similarity.shape[dim]} entries along dim {dim}, expected "
+                f"{self.num_synonyms} (one per synonym, the rows of weights)"
+            )
+        if self.is_one_per_class:
+            return similarity
+        x = similarity.movedim(dim, -1)  # (..., S)
+        index = self.class_index.to(x.device).expand_as(x)
+        out = x.new_full((*x.shape[:-1], self.num_classes), float("-inf"))
+        out = out.scatter_reduce(-1, index, x, reduce="amax", include_self=False)  # (..., C)
+        return out.movedim(-1, dim)
+
+    def classify(self, features: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Class scores of features: dot product with every synonym, then max per class.
+
+        Args:
+            features: (..., D, ...) with D along ``dim`` (e.g. dense features (B, D, h, w),
+                L2-normalised for cosine similarity).
+            dim: the feature dimension.
+
+        Returns:
+            (..., C, ...) with C along ``dim``, e.g. (B, C, h, w).
+        """
+        x = features.movedim(dim, -1)  # (..., D)
+        sim = x @ self.weights.to(x.device, x.dtype).t()  # (..., S)
+        return self.class_logits(sim, dim=-1).movedim(-1, dim)
+
+
+def default_cache_dir() -> Path:
+    """``$RECLIP_CACHE/text`` if RECLIP_CACHE is set, else ``~/.cache/reclip/text``."""
+    root = os.environ.get("RECLIP_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "reclip"
+    return base / "text"
+
+
+_CACHE_VERSION = 1  # bump when the embedding recipe changes
+
+
+def _cache_key(fingerprint: str, context_length: int, templates: Sequence[str], names: Sequence[str]) -> str:
+    payload = {
+        "version": _CACHE_VERSION,
+        "weights": fingerprint,
+        "context_length": context_length,
+        "templates": list(templates),
+        "names": list(names),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _read_cache(path: Path, key: str, rows: int) -> torch.Tensor | None:
+    """Cached (U, D) embeddings if ``path`` holds ``key``; None on a miss or a bad file."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            weights = f.get_tensor("weights")
+    except Exception as err:  # a truncated / foreign file is recomputed, not fatal
+        warnings.warn(f"ignoring unreadable text-embedding cache {str(path)!r}: {err}", stacklevel=3)
+        return None
+    if weights.dim() != 2 or weights.shape[0] != rows:
+        return None
+    return weights
+
+
+def _write_cache(path: Path, key: str, weights: torch.Tensor, names: Sequence[str]) -> None:
+    """Atomic write: a temporary file in the same folder, then os.replace."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            {"weights": weights.detach().to("cpu", torch.float32).contiguous()},
+            tmp,
+            metadata={"key": key, "names": json.dumps(list(names), ensure_ascii=False)},
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@torch.no_grad()
+def _encode_names(
+    clip: CLIP,
+    names: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> torch.Tensor:
+    """Prompt-ensemble embedding per name, (U, D) float32 unit rows (METHODS.md section 1)."""
+    texts = [t.format(name) for name in names for t in templates]  # (U * T,), name-major
+    tokens = tokenize(texts, context_length=clip.context_length)  # (U * T, L)
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="text embeddings", unit="batch")
+    # bf16 autocast on CUDA (as the dense-CLIP repos run fp16/bf16); exact fp32 on CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    chunks = []
+    with autocast:
+        for start in starts:
+            emb = clip.encode_text(tokens[start : start + batch_size].to(device))  # (b, D)
+            chunks.append(F.normalize(emb.float(), dim=-1))
+    per_prompt = torch.cat(chunks).view(len(names), len(templates), -1)  # (U, T, D)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (U, D)
+
+
+def query_embeddings(
+    clip: CLIP,
+    vocabulary: Vocabulary | str | Sequence[str | Sequence[str]],
+    templates: str | Sequence[str] = "reclip85",
+    cache_dir: str | os.PathLike | Literal[False] | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> QueryEmbeddings:
+    """Query embeddings W_q of a vocabulary: one prompt ensemble per synonym.
+
+    For each synonym: encode every template filled with it (``clip.encode_text``),
+    L2-normalise each, average, re-normalise (CLIP's prompt ensembling, as in MaskCLIP /
+    ReCLIP / SCLIP). Each distinct name is encoded once, even if it appears in several
+    classes.
+
+    Results are cached as safetensors under ``cache_dir`` (default
+    :func:`default_cache_dir`; ``False`` disables), keyed by sha256 of the CLIP weights
+    fingerprint, context length, template strings and names. A file whose stored key
+    differs, or that cannot be read, is recomputed. Note ``weights_fingerprint`` is
+    memoised on the model: after changing its weights in place call
+    ``weights_fingerprint(clip, refresh=True)``.
+
+    Args:
+        clip: a CLIP with ``encode_text((N, L) long) -> (N, D)`` and ``context_length``.
+        vocabulary: a :class:`Vocabulary` or anything ``Vocabulary.from_names`` accepts.
+        templates: a name in :data:`TEMPLATE_SETS` or a list of templates with one ``{}``.
+        cache_dir: cache folder, None for the default, False for no cache.
+        batch_size: prompts per ``encode_text`` call.
+        device: where to encode and return; default the model's device.
+        progress: show a tqdm bar while encoding.
+
+    Returns:
+        :class:`QueryEmbeddings` with weights (S, D) float32 on ``device`` and
+        class_index (S,); S = number of synonyms in ``vocabulary.all_synonyms`` order.
+    """
+    vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.from_names(vocabulary)
+    temps = resolve_templates(templates)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        param = next(clip.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    names = list(dict.fromkeys(vocab.all_synonyms))  # distinct names, first-seen order (U,)
+    weights: torch.Tensor | None = None
+    path: Path | None = None
+    key = ""
+    if cache_dir is not False:
+        from reclip.clip.model import weights_fingerprint
+
+        key = _cache_key(weights_fingerprint(clip), clip.context_length, temps, names)
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        path = folder / f"{key[:32]}.safetensors"
+        weights = _read_cache(path, key, len(names))
+    if weights is None:
+        weights = _encode_names(clip, names, temps, batch_size, device, progress)
+        if path is not None:
+            _write_cache(path, key, weights, names)
+
+    row = {name: i for i, name in enumerate(names)}
+    gather = torch.tensor([row[s] for s in vocab.all_synonyms], dtype=torch.long)
+    return QueryEmbeddings(
+        weights=weights.to(device, torch.float32)[gather.to(device)],
+        class_index=torch.tensor(vocab.synonym_class, dtype=torch.long, device=device),
+        num_classes=vocab.num_classes,
+    )
