@@ -1,0 +1,579 @@
+"""Dataset protocols (data, in YAML) and the segmentation dataset that reads them.
+
+A protocol is one YAML file in ``reclip/configs/datasets/`` (or any path): the folder
+layout, the class file, the label conventions and the published test settings of each
+method family. ``load_protocol`` validates it strictly (unknown keys are errors);
+``SegmentationDataset`` turns a protocol + a data root into items.
+
+YAML schema (``?`` = optional, defaults in brackets)::
+
+    name: str                       # registry name (file stem for shipped protocols)
+    description?: str
+    layout: voc | context | ade | cityscapes | cocostuff | cocoobject | folder
+    classes_file: str | null        # class list; null only for `folder` (given at run time)
+    num_classes?: int | null        # expected number of classes; checked against the file
+    background: bool                # class 0 is a background class
+    reduce_zero_label?: bool [false]  # 0 -> ignore, others - 1 (mmseg)
+    ignore_index?: int [255]
+    label_map?: str | {raw: train} | null  # raw id -> train id before reduce_zero_label;
+                                    # str = a table of reclip.data.cocostuff.LABEL_MAPS;
+                                    # ids missing from a dict map to ignore_index
+    prepare?: str                   # how to obtain the layout; shown with missing paths
+    splits:                         # at least `val`
+      <split>:
+        img_dir: str                # relative to the data root
+        img_suffix?: str | null     # e.g. ".jpg"; null = any image extension
+        label_dir?: str | null      # null = no labels
+        label_suffix?: str [".png"]
+        split_file?: str | null     # list of image ids; null = every image in img_dir
+    zero_shot:                      # MaskCLIP / SCLIP / ClearCLIP / NACLIP test settings
+      short_side: int
+      max_long_side?: int [2048]
+      mode: slide | whole
+      window: int | null            # slide window (px), required for slide
+      stride: int | null
+      logit_scale: float
+      prob_thd: float | null        # background probability threshold; needs background
+    reclip:                         # ReCLIP / ReCLIP++ test settings
+      short_side: int
+      max_long_side?: int [2048]
+      mode?: slide | whole [whole]
+      window?: int | null
+      stride?: int | null
+      pd_threshold: float | null    # prompt denoising, softmax(10 * logits) (ReCLIP++)
+      pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
+
+Class files: one class per line; synonyms on the same line separated by commas (the
+class's score is the max over its synonyms); ``#`` starts a comment; blank lines ignored.
+They are parsed by ``reclip.text.read_class_file`` (one parser for the whole package).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from reclip.data.cocostuff import LABEL_MAPS, label_lut
+from reclip.data.io import ImageReadError, image_size, iter_images, read_image, read_label
+from reclip.text import Vocabulary, read_class_file
+
+__all__ = [
+    "LAYOUTS", "ProtocolError", "DatasetError", "SplitSpec", "ZeroShotSettings", "ReclipSettings",
+    "Protocol", "list_protocols", "load_protocol", "SegmentationDataset",
+    "collate_items",
+]
+
+LAYOUTS = ("voc", "context", "ade", "cityscapes", "cocostuff", "cocoobject", "folder")
+MODES = ("slide", "whole")
+_MAX_LISTED = 20  # problems listed in one error message before "... and N more"
+
+
+class ProtocolError(ValueError):
+    """A protocol YAML or class file is invalid, or a protocol name is unknown."""
+
+
+class DatasetError(ValueError):
+    """A data root does not match its protocol (missing paths, size mismatches, bad labels)."""
+
+
+def _package_dir(sub: str) -> Path:
+    return Path(str(resources.files("reclip") / "configs" / sub))
+
+
+def _listing(problems: list[str]) -> str:
+    shown = problems[:_MAX_LISTED]
+    extra = len(problems) - len(shown)
+    return "\n  " + "\n  ".join(shown) + (f"\n  ... and {extra} more" if extra > 0 else "")
+
+
+# ---------------------------------------------------------------------------- schema
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+    """Construct dataclass ``cls`` from a YAML mapping, rejecting unknown/missing keys and bad types."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProtocolError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}")
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ProtocolError(f"{where}: missing required key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in ("splits", "zero_shot", "reclip"):
+            continue  # nested, built by the caller
+        if not _type_ok(value, hints[key]):
+            raise ProtocolError(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {hints[key]}")
+    return data
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Where one split's images and labels live, relative to the data root."""
+
+    img_dir: str
+    img_suffix: str | None = None
+    label_dir: str | None = None
+    label_suffix: str = ".png"
+    split_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split_file is not None and self.img_suffix is None:
+            raise ProtocolError(f"split with split_file {self.split_file!r} needs an img_suffix (e.g. '.jpg')")
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """Published test settings of the training-free family (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."""
+
+    short_side: int
+    mode: str
+    window: int | None
+    stride: int | None
+    logit_scale: float
+    prob_thd: float | None
+    max_long_side: int = 2048  # mmseg Resize(scale=(2048, short_side), keep_ratio=True)
+
+    def __post_init__(self) -> None:
+        _check_inference(self, "zero_shot")
+        if self.logit_scale <= 0:
+            raise ProtocolError(f"zero_shot.logit_scale must be > 0, got {self.logit_scale}")
+        if self.prob_thd is not None and not 0.0 <= self.prob_thd <= 1.0:
+            raise ProtocolError(f"zero_shot.prob_thd must be in [0, 1] or null, got {self.prob_thd}")
+
+
+@dataclass(frozen=True)
+class ReclipSettings:
+    """Published test settings of ReCLIP / ReCLIP++ (official dogehhh/ReCLIP configs)."""
+
+    short_side: int
+    pd_threshold: float | None
+    mode: str = "whole"
+    window: int | None = None
+    stride: int | None = None
+    pd_threshold_v1: float | None = None
+    max_long_side: int = 2048  # ReCLIP configs: SCALE [2048, short_side]
+
+    def __post_init__(self) -> None:
+        _check_inference(self, "reclip")
+        for name in ("pd_threshold", "pd_threshold_v1"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ProtocolError(f"reclip.{name} must be in [0, 1] or null, got {v}")
+
+
+def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
+    if s.mode not in MODES:
+        raise ProtocolError(f"{family}.mode must be one of {list(MODES)}, got {s.mode!r}")
+    for name in ("short_side", "max_long_side", "window", "stride"):
+        v = getattr(s, name)
+        if v is not None and v <= 0:
+            raise ProtocolError(f"{family}.{name} must be a positive integer, got {v}")
+    if s.mode == "slide":
+        if s.window is None or s.stride is None:
+            raise ProtocolError(f"{family}: mode 'slide' needs window and stride (got {s.window}, {s.stride})")
+        if s.stride > s.window:
+            raise ProtocolError(f"{family}: stride {s.stride} > window {s.window} would skip pixels")
+
+
+# Flat override keys -> where they go (Protocol.with_overrides).
+_FAMILY_KEYS = ("short_side", "max_long_side", "mode", "window", "stride", "logit_scale", "prob_thd",
+                "pd_threshold", "pd_threshold_v1")
+_SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A validated dataset protocol. Build with load_protocol(); change with with_overrides()."""
+
+    name: str
+    layout: str
+    classes_file: str | None
+    background: bool
+    splits: dict[str, SplitSpec]
+    zero_shot: ZeroShotSettings
+    reclip: ReclipSettings
+    description: str = ""
+    num_classes: int | None = None
+    reduce_zero_label: bool = False
+    ignore_index: int = 255
+    label_map: str | dict | None = None
+    prepare: str = ""
+    source: str | None = field(default=None, compare=False)  # YAML file it came from
+
+    def __post_init__(self) -> None:
+        where = f"protocol {self.name!r}" + (f" ({self.source})" if self.source else "")
+        if self.layout not in LAYOUTS:
+            raise ProtocolError(f"{where}: layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if "val" not in self.splits:
+            raise ProtocolError(f"{where}: splits must define 'val' (got {sorted(self.splits)})")
+        if self.classes_file is None and self.layout != "folder":
+            raise ProtocolError(f"{where}: classes_file is required for layout {self.layout!r}")
+        if self.prob_thd_needs_background():
+            raise ProtocolError(f"{where}: zero_shot.prob_thd needs a background class (background: true)")
+        if isinstance(self.label_map, str) and self.label_map not in LABEL_MAPS:
+            raise ProtocolError(f"{where}: label_map {self.label_map!r} unknown; available: {sorted(LABEL_MAPS)}")
+        if isinstance(self.label_map, dict):
+            for k, v in self.label_map.items():
+                if not (_type_ok(k, int) and _type_ok(v, int)) or k < 0 or v < 0:
+                    raise ProtocolError(f"{where}: label_map entries must be non-negative int: int, got {k!r}: {v!r}")
+        if self.num_classes is not None and self.num_classes <= 0:
+            raise ProtocolError(f"{where}: num_classes must be positive, got {self.num_classes}")
+        if self.classes_file is not None:
+            n = len(self.classes())
+            if self.num_classes is not None and n != self.num_classes:
+                raise ProtocolError(
+                    f"{where}: class file {self.classes_path()} has {n} classes but the protocol's labels "
+                    f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
+                )
+
+    def prob_thd_needs_background(self) -> bool:
+        return self.zero_shot.prob_thd is not None and not self.background
+
+    # -- classes ---------------------------------------------------------------------
+    def classes_path(self) -> Path:
+        """Resolve classes_file: as given (absolute or from the cwd), next to the YAML, then
+        in the package's configs/classes/."""
+        if self.classes_file is None:
+            raise ProtocolError(
+                f"protocol {self.name!r} has no class list; pass one (classes_file=... / --classes-file)"
+            )
+        given = Path(self.classes_file).expanduser()
+        candidates = [given]
+        if not given.is_absolute():
+            if self.source:
+                candidates.append(Path(self.source).parent / given)
+            candidates.append(_package_dir("classes") / given)
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ProtocolError(
+            f"protocol {self.name!r}: class file {self.classes_file!r} not found; looked in: "
+            + ", ".join(str(c) for c in candidates)
+        )
+
+    def vocabulary(self) -> Vocabulary:
+        """The class list in train-id order (reclip.text.read_class_file of classes_file)."""
+        return read_class_file(self.classes_path())
+
+    def classes(self) -> list[list[str]]:
+        """Class list in train-id order: one list of synonyms per class (first = display name)."""
+        return self.vocabulary().to_list()
+
+    # -- labels ----------------------------------------------------------------------
+    def convert_label(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label ids (H, W) -> train ids (H, W) int64 (label_map, then reduce_zero_label)."""
+        lab = raw.astype(np.int64)
+        ign = self.ignore_index
+        if self.label_map is not None:
+            if isinstance(self.label_map, str):
+                lut = label_lut(self.label_map)
+            else:
+                lut = np.full(max(256, max(self.label_map, default=0) + 1), ign, dtype=np.int64)
+                for k, v in self.label_map.items():
+                    lut[k] = v
+            inside = (lab >= 0) & (lab < len(lut))  # ids beyond the table -> ignore
+            lab = np.where(inside, lut[np.clip(lab, 0, len(lut) - 1)], ign)
+        if self.reduce_zero_label:
+            out = lab - 1
+            out[(lab == 0) | (lab == ign)] = ign
+            lab = out
+        return lab
+
+    # -- copies ----------------------------------------------------------------------
+    def with_overrides(self, **kw: Any) -> Protocol:
+        """A validated copy with some values replaced (e.g. from command-line options).
+
+        Keys: any top-level field (``classes_file``, ``num_classes``, ``background``,
+        ``ignore_index``, ...; ``zero_shot`` / ``reclip`` / ``splits`` as dicts that are
+        merged into the current values); the flat test-setting keys ``short_side``,
+        ``max_long_side``, ``mode``, ``window``, ``stride``, ``logit_scale``, ``prob_thd``,
+        ``pd_threshold``, ``pd_threshold_v1``, applied to every family that has the field;
+        and the flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
+        ``split_file``, applied to every split. None is a value (e.g. prob_thd=None turns
+        the threshold off): pass only the options the user set. Changing classes_file on a
+        protocol with a fixed num_classes is checked against it; set num_classes too when
+        evaluating a different label set.
+        """
+        top = {f.name for f in dataclasses.fields(self) if f.name != "source"}
+        unknown = sorted(set(kw) - top - set(_FAMILY_KEYS) - set(_SPLIT_KEYS))
+        if unknown:
+            raise ProtocolError(
+                f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_FAMILY_KEYS) | set(_SPLIT_KEYS))}"
+            )
+        data = _to_dict(self)
+        for key, value in kw.items():
+            if key in ("zero_shot", "reclip"):
+                data[key].update(copy.deepcopy(value))
+            elif key == "splits":
+                for split, spec in value.items():
+                    data["splits"].setdefault(split, {}).update(copy.deepcopy(spec))
+            elif key in top:
+                data[key] = copy.deepcopy(value)
+            elif key in _FAMILY_KEYS:
+                for fam, cls in (("zero_shot", ZeroShotSettings), ("reclip", ReclipSettings)):
+                    if key in {f.name for f in dataclasses.fields(cls)}:
+                        data[fam][key] = value
+            else:
+                for spec in data["splits"].values():
+                    spec[key] = value
+        return _protocol_from_dict(data, source=self.source, where=f"protocol {self.name!r} (overrides {sorted(kw)})")
+
+
+def _to_dict(p: Protocol) -> dict[str, Any]:
+    d = {f.name: copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "source"}
+    d["splits"] = {k: dataclasses.asdict(v) for k, v in p.splits.items()}
+    d["zero_shot"] = dataclasses.asdict(p.zero_shot)
+    d["reclip"] = dataclasses.asdict(p.reclip)
+    return d
+
+
+def _protocol_from_dict(data: Any, source: str | None, where: str) -> Protocol:
+    _build(Protocol, data, where, skip=("source",))
+    splits_raw = data["splits"]
+    if not isinstance(splits_raw, dict) or not splits_raw:
+        raise ProtocolError(f"{where}: splits must be a non-empty mapping of split name -> folders")
+    splits = {str(name): SplitSpec(**_build(SplitSpec, spec, f"{where}: splits.{name}"))
+              for name, spec in splits_raw.items()}
+    zs = ZeroShotSettings(**_build(ZeroShotSettings, data["zero_shot"], f"{where}: zero_shot"))
+    rc = ReclipSettings(**_build(ReclipSettings, data["reclip"], f"{where}: reclip"))
+    rest = {k: v for k, v in data.items() if k not in ("splits", "zero_shot", "reclip")}
+    return Protocol(splits=splits, zero_shot=zs, reclip=rc, source=source, **rest)
+
+
+# -------------------------------------------------------------------------- registry
+
+def list_protocols() -> list[str]:
+    """Names of the shipped protocols (YAML files in reclip/configs/datasets/)."""
+    return sorted(p.stem for p in _package_dir("datasets").glob("*.yaml"))
+
+
+def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
+    """Load and validate a protocol by shipped name ("voc21") or YAML path.
+
+    Raises:
+        ProtocolError: unknown name (lists the available ones) or an invalid file.
+    """
+    s = str(name_or_path)
+    path = Path(s).expanduser()
+    if not (s.endswith((".yaml", ".yml")) or path.is_file()):
+        path = _package_dir("datasets") / f"{s}.yaml"
+        if not path.is_file():
+            raise ProtocolError(f"unknown dataset protocol {s!r}; available: {list_protocols()} "
+                                "(or pass the path of a protocol YAML file)")
+    if not path.is_file():
+        raise ProtocolError(f"protocol file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ProtocolError(f"{path}: invalid YAML: {e}") from e
+    return _protocol_from_dict(data, source=str(path), where=str(path))
+
+
+# --------------------------------------------------------------------------- dataset
+
+class SegmentationDataset(Dataset):
+    """Images (and labels) of one split of a protocol, as dicts.
+
+    Every item has the same keys::
+
+        {"image_id": str,                 # id relative to the image folder, no suffix
+         "path": str,                     # image file
+         "image": (H, W, 3) uint8 | None, # RGB, EXIF orientation applied
+         "label": (H, W) int64 | None,    # train ids, ignore_index for unlabeled pixels
+         "error": str | None}             # why the item could not be read
+
+    Unreadable files (missing at read time, corrupt, truncated, label/image size
+    mismatch) do NOT raise: the item comes back with image = label = None and the reason
+    in "error", so a run over thousands of images reports and skips the bad one. Problems
+    that concern the whole data root (missing folders or files, size mismatches found by
+    the construction check, label values outside the protocol's classes) raise
+    DatasetError.
+
+    Args:
+        protocol: a Protocol or a protocol name / YAML path.
+        data_root: the dataset's root folder (e.g. VOCdevkit/VOC2012; for the `folder`
+            layout, the folder of images).
+        split: a split of the protocol ("val", "train").
+        classes_file: class list overriding the protocol's (required for `folder`).
+        check_sizes: compare image and label sizes (headers only) at construction.
+    """
+
+    def __init__(
+        self,
+        protocol: Protocol | str | os.PathLike,
+        data_root: str | os.PathLike,
+        split: str = "val",
+        classes_file: str | os.PathLike | None = None,
+        check_sizes: bool = True,
+    ) -> None:
+        if not isinstance(protocol, Protocol):
+            protocol = load_protocol(protocol)
+        if classes_file is not None:
+            # Another class list on the same folder layout (e.g. a VOC-layout tree of other
+            # classes): the protocol's class count no longer applies; label values are
+            # still checked against the new list when read.
+            protocol = protocol.with_overrides(classes_file=str(classes_file), num_classes=None)
+        if split not in protocol.splits:
+            raise DatasetError(f"protocol {protocol.name!r} has no split {split!r}; splits: {sorted(protocol.splits)}")
+        self.protocol = protocol
+        self.split = split
+        self.root = Path(data_root).expanduser()
+        self.vocabulary = protocol.vocabulary()
+        self.classes = self.vocabulary.to_list()  # one list of synonyms per class
+        self.class_names = [c[0] for c in self.classes]
+        self.num_classes = len(self.classes)
+        spec = protocol.splits[split]
+        self.has_labels = spec.label_dir is not None
+
+        self._check_folders(spec)
+        self.image_ids, self.image_paths = self._list_images(spec)
+        self.label_paths: list[Path | None] = [None] * len(self.image_ids)
+        missing = [str(p) for p in self.image_paths if not p.is_file()]
+        if self.has_labels:
+            self.label_paths = [self.root / spec.label_dir / f"{i}{spec.label_suffix}" for i in self.image_ids]
+            missing += [str(p) for p in self.label_paths if not p.is_file()]
+        if missing:
+            raise DatasetError(
+                f"{self._where()}: {len(missing)} listed file(s) do not exist:{_listing(missing)}"
+                + self._hint()
+            )
+        if check_sizes and self.has_labels:
+            self._check_sizes()
+
+    # -- construction helpers --------------------------------------------------------
+    def _where(self) -> str:
+        return f"dataset {self.protocol.name!r} split {self.split!r} at {self.root}"
+
+    def _hint(self) -> str:
+        return f"\nExpected layout: {self.protocol.prepare.strip()}" if self.protocol.prepare else ""
+
+    def _check_folders(self, spec: SplitSpec) -> None:
+        if not self.root.is_dir():
+            raise DatasetError(f"{self._where()}: the data root does not exist or is not a folder{self._hint()}")
+        expected = [self.root / spec.img_dir]
+        if spec.label_dir is not None:
+            expected.append(self.root / spec.label_dir)
+        if spec.split_file is not None:
+            expected.append(self.root / spec.split_file)
+        missing = [str(p) for p in expected if not p.exists()]
+        if missing:
+            raise DatasetError(f"{self._where()}: missing path(s):{_listing(missing)}{self._hint()}")
+
+    def _list_images(self, spec: SplitSpec) -> tuple[list[str], list[Path]]:
+        img_dir = self.root / spec.img_dir
+        if spec.split_file is not None:
+            lines = (self.root / spec.split_file).read_text(encoding="utf-8").splitlines()
+            ids = [ln.strip() for ln in lines if ln.strip()]
+            paths = [img_dir / f"{i}{spec.img_suffix}" for i in ids]
+        else:
+            label_dir = (self.root / spec.label_dir).resolve() if spec.label_dir else None
+            if spec.img_suffix is None:
+                files = iter_images(img_dir)
+            else:
+                files = sorted((p for p in img_dir.rglob(f"*{spec.img_suffix}")
+                                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(img_dir).parts)),
+                               key=lambda p: p.relative_to(img_dir).as_posix())
+            if label_dir is not None:  # folder layout: labels may sit inside the image folder
+                files = [p for p in files if label_dir not in p.resolve().parents]
+            ids, paths = [], []
+            for p in files:
+                rel = p.relative_to(img_dir).as_posix()
+                ids.append(rel[: -len(spec.img_suffix)] if spec.img_suffix else rel.rsplit(".", 1)[0])
+                paths.append(p)
+        if not ids:
+            what = f"*{spec.img_suffix}" if spec.img_suffix else "image"
+            raise DatasetError(f"{self._where()}: no {what} files in {img_dir}{self._hint()}")
+        seen: dict[str, int] = {}
+        for i in ids:
+            seen[i] = seen.get(i, 0) + 1
+        dupes = sorted(i for i, n in seen.items() if n > 1)
+        if dupes:
+            raise DatasetError(f"{self._where()}: image id(s) listed twice (e.g. a.jpg and a.png):{_listing(dupes)}")
+        return ids, paths
+
+    def _check_sizes(self) -> None:
+        bad = []
+        for img, lab in zip(self.image_paths, self.label_paths):
+            hw_img, hw_lab = image_size(img), image_size(lab, apply_exif=False)
+            if hw_img is not None and hw_lab is not None and hw_img != hw_lab:
+                bad.append(f"{img} is (H, W) = {hw_img} but {lab} is {hw_lab}")
+        if bad:
+            raise DatasetError(
+                f"{self._where()}: {len(bad)} label(s) differ in size from their image "
+                f"(image sizes after EXIF orientation):{_listing(bad)}\n"
+                "Fix: use labels made for these images (or pass check_sizes=False to skip such items at read time)."
+            )
+
+    # -- items -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id, path = self.image_ids[index], self.image_paths[index]
+        item: dict[str, Any] = {"image_id": image_id, "path": str(path), "image": None, "label": None, "error": None}
+        try:
+            image = read_image(path)
+            label = None
+            if self.label_paths[index] is not None:
+                raw = read_label(self.label_paths[index])
+                if raw.shape != image.shape[:2]:
+                    raise ImageReadError(self.label_paths[index],
+                                         f"label (H, W) = {raw.shape} differs from image {path} {image.shape[:2]}")
+                label = self.protocol.convert_label(raw)
+                self._check_values(label, raw, self.label_paths[index])
+        except ImageReadError as e:
+            item["error"] = str(e)
+            return item
+        item["image"], item["label"] = image, label
+        return item
+
+    def _check_values(self, label: np.ndarray, raw: np.ndarray, path: Path) -> None:
+        ign = self.protocol.ignore_index
+        bad = (label != ign) & ((label < 0) | (label >= self.num_classes))
+        if bad.any():
+            raw_bad = np.unique(raw[bad])[:10].tolist()
+            raise DatasetError(
+                f"{path}: raw label value(s) {raw_bad} become train ids outside 0..{self.num_classes - 1} "
+                f"(ignore {ign}) under protocol {self.protocol.name!r} (reduce_zero_label="
+                f"{self.protocol.reduce_zero_label}, label_map={self.protocol.label_map!r}); "
+                "check the protocol, its label_suffix and that the labels were converted to train ids"
+            )
+
+
+def collate_items(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """DataLoader collate keeping variable-size items: dict of per-key lists, in batch order."""
+    if not batch:
+        return {}
+    return {key: [item[key] for item in batch] for key in batch[0]}

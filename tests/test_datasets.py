@@ -1,0 +1,307 @@
+"""Dataset protocols, SegmentationDataset on synthetic real layouts, and the COCO-Stuff converter."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from layouts import write_cocostuff, write_folder, write_for_layout, write_voc
+from reclip.data import cocostuff
+from reclip.data.datasets import (
+    DatasetError,
+    Protocol,
+    ProtocolError,
+    SegmentationDataset,
+    collate_items,
+    list_protocols,
+    load_protocol,
+)
+
+SHIPPED = ["ade150", "cityscapes19", "cocoobject", "cocostuff171", "cocostuff27", "context59", "context60",
+           "folder", "voc20", "voc21"]
+
+
+def _reduce_zero(raw: np.ndarray) -> np.ndarray:
+    out = raw.astype(np.int64) - 1
+    out[(raw == 0) | (raw == 255)] = 255
+    return out
+
+
+def _identity(raw: np.ndarray) -> np.ndarray:
+    return raw.astype(np.int64)
+
+
+# Expected raw -> train id conversion per protocol, written independently of the protocol files.
+EXPECTED_CONVERSION = {
+    "voc21": _identity, "voc20": _reduce_zero, "context60": _identity, "context59": _reduce_zero,
+    "ade150": _reduce_zero, "cityscapes19": _identity, "cocostuff171": _identity, "cocoobject": _identity,
+    "folder": _identity,
+    # cocostuff27 reads the RAW stuffthingmaps; checked against known ids in its own test.
+}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """One synthetic dataset per layout, shared by the module (read-only use)."""
+    base = tmp_path_factory.mktemp("layouts")
+    return {layout: write_for_layout(layout, base / layout)
+            for layout in ("voc", "context", "ade", "cityscapes", "cocostuff", "folder")}
+
+
+def _dataset(name: str, written: dict, split: str = "val") -> SegmentationDataset:
+    p = load_protocol(name)
+    if p.layout == "folder":
+        root = written["folder"]
+        p = p.with_overrides(label_dir=str(root / "labels"))
+        return SegmentationDataset(p, root / "images", split, classes_file=root / "classes.txt")
+    layout = "cocostuff" if p.layout == "cocoobject" else p.layout
+    return SegmentationDataset(p, written[layout], split)
+
+
+def test_every_shipped_protocol_is_listed():
+    assert list_protocols() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_protocol_loads_and_is_consistent(name):
+    p = load_protocol(name)
+    assert isinstance(p, Protocol) and p.name == name
+    assert "val" in p.splits and "train" in p.splits
+    if p.classes_file is not None:
+        assert len(p.classes()) == p.num_classes
+    if p.background:  # background class first, described by words
+        assert p.classes()[0][0] in ("background", "sky")
+    assert p.zero_shot.mode == "slide" and p.reclip.mode == "whole"
+    assert p.ignore_index == 255
+
+
+def test_published_values():
+    """Spot-check values read from the official configs (see the YAML comments)."""
+    voc21, c60, obj, city = (load_protocol(n) for n in ("voc21", "context60", "cocoobject", "cityscapes19"))
+    assert (voc21.zero_shot.short_side, voc21.zero_shot.window, voc21.zero_shot.stride) == (448, 448, 224)
+    assert (voc21.zero_shot.prob_thd, c60.zero_shot.prob_thd, obj.zero_shot.prob_thd) == (0.5, 0.15, 0.4)
+    assert (city.zero_shot.window, city.zero_shot.stride) == (224, 224)
+    pd = {n: load_protocol(n).reclip.pd_threshold for n in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27")}
+    assert pd == {"voc20": 1.0, "context59": 0.85, "ade150": 0.5, "cityscapes19": 0.5, "cocostuff27": 0.95}
+    short = {n: load_protocol(n).reclip.short_side for n in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27")}
+    assert short == {"voc20": 336, "context59": 448, "ade150": 512, "cityscapes19": 448, "cocostuff27": 512}
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "cocostuff27"])
+def test_dataset_on_synthetic_layout(name, written):
+    ds = _dataset(name, written)
+    assert len(ds) >= 3 and ds.has_labels
+    convert = EXPECTED_CONVERSION[name]
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["error"] is None, item["error"]
+        assert set(item) == {"image_id", "path", "image", "label", "error"}
+        img, lab = item["image"], item["label"]
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+        assert lab.dtype == np.int64 and lab.shape == img.shape[:2]
+        raw = np.array(Image.open(ds.label_paths[i]))  # palette PNGs give indices with plain PIL too
+        np.testing.assert_array_equal(lab, convert(raw))
+        valid = lab[lab != 255]
+        assert valid.min() >= 0 and valid.max() < ds.num_classes
+    # ignore pixels (raw 255 or reduced 0) survive every conversion; Context-60 labels have
+    # none and COCO-Object turns unlabeled pixels into background
+    assert (lab == 255).any() == (name not in ("context60", "cocoobject"))
+
+
+def test_voc_ids_follow_split_file_and_train_split(written):
+    ds = _dataset("voc21", written, "train")
+    assert ds.image_ids == ["2007_000000", "2007_000001"]
+    assert ds.class_names[0] == "sky" and ds.classes[15][0] == "person" and len(ds.classes[15]) > 1
+
+
+def test_cityscapes_ids_keep_city_folders(written):
+    ds = _dataset("cityscapes19", written)
+    assert ds.image_ids[0] == "frankfurt/frankfurt_000000_000019"
+    assert str(ds.label_paths[0]).endswith("gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelTrainIds.png")
+
+
+def test_cocostuff27_maps_known_raw_ids(written):
+    ds = _dataset("cocostuff27", written)
+    # PiCIE/STEGO super-categories: person->person(9), car->vehicle(11), bird->animal(7),
+    # banner->textile(17), sky-other->sky(23), wood->solid(24), unlabeled->ignore.
+    known = {0: 9, 2: 11, 15: 7, 91: 17, 156: 23, 181: 24, 255: 255}
+    item = ds[0]
+    raw = np.array(Image.open(ds.label_paths[0]))
+    for r, t in known.items():
+        assert (raw == r).any(), f"synthetic label lacks raw id {r}"
+        assert (item["label"][raw == r] == t).all()
+    assert item["label"].max() <= 255 and item["label"][item["label"] != 255].max() <= 26
+
+
+def test_cocostuff_converted_tables(written):
+    root = written["cocostuff"] / "annotations" / "val2017"
+    stem = "000000000139"
+    raw = np.array(Image.open(root / f"{stem}.png"))
+    c171 = np.array(Image.open(root / f"{stem}_labelTrainIds.png"))
+    obj = np.array(Image.open(root / f"{stem}_instanceTrainIds.png"))
+    c27 = np.array(Image.open(root / f"{stem}_27labelTrainIds.png"))
+    # mmseg 171: skips the 11 unused thing ids; COCO-Object: things 1..80, everything else 0.
+    for r, t171, tobj in [(0, 0, 1), (2, 2, 3), (12, 11, 12), (89, 79, 80), (91, 80, 0), (181, 170, 0), (255, 255, 0)]:
+        assert (c171[raw == r] == t171).all() and (obj[raw == r] == tobj).all()
+    assert set(np.unique(c171)) == set(range(171)) | {255}
+    assert set(np.unique(obj)) == set(range(81))
+    assert (c27[raw == 156] == 23).all() and (c27[raw == 255] == 255).all()
+
+
+def test_cocostuff_converter_cli_and_errors(tmp_path):
+    root = write_cocostuff(tmp_path / "coco", n_train=0, n_val=2, converted=())
+    out = tmp_path / "out"
+    assert cocostuff.main([str(root / "annotations"), str(out), "--protocol", "27", "--no-progress"]) == 0
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == ["val2017/000000000139_27labelTrainIds.png", "val2017/000000001139_27labelTrainIds.png"]
+    assert cocostuff.convert_stuffthingmaps(root / "annotations", out, "27", progress=False) == 0  # resumes
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint8)).save(root / "annotations" / "val2017" / "bad.png")
+    with pytest.raises(ValueError, match=r"bad.png.*\[200\]"):
+        cocostuff.convert_stuffthingmaps(root / "annotations", out, "171", progress=False)
+    assert cocostuff.main([str(tmp_path / "nowhere"), str(out)]) == 1
+    with pytest.raises(ValueError, match="protocol"):
+        cocostuff.convert_stuffthingmaps(root / "annotations", out, "99")
+
+
+def test_folder_protocol(written):
+    root = written["folder"]
+    ds = SegmentationDataset("folder", root / "images", classes_file=root / "classes.txt")
+    assert ds.image_ids == ["img0", "img1", "sub/img2"] and not ds.has_labels
+    assert ds.classes[1] == ["thing1", "other name"] and ds.num_classes == 3
+    assert ds[2]["label"] is None and ds[2]["image"].shape[2] == 3
+    with pytest.raises(ProtocolError, match="classes_file"):
+        SegmentationDataset("folder", root / "images")
+
+
+def test_folder_labels_inside_image_folder_are_not_images(tmp_path):
+    root = write_folder(tmp_path / "f", n=2)
+    shutil.move(str(root / "labels"), str(root / "images" / "masks"))
+    p = load_protocol("folder").with_overrides(label_dir="masks")
+    ds = SegmentationDataset(p, root / "images", classes_file=root / "classes.txt")
+    assert ds.image_ids == ["img0", "sub/img1"]
+    assert ds[1]["label"].shape == ds[1]["image"].shape[:2]
+
+
+def test_missing_folders_all_listed(tmp_path):
+    root = write_voc(tmp_path / "VOC2012")
+    shutil.rmtree(root / "SegmentationClass")
+    (root / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(DatasetError) as err:
+        SegmentationDataset("voc21", root)
+    msg = str(err.value)
+    assert str(root / "SegmentationClass") in msg and str(root / "ImageSets/Segmentation/val.txt") in msg
+    assert "JPEGImages" in msg  # the expected-layout hint
+
+
+def test_missing_files_listed(tmp_path):
+    root = write_voc(tmp_path / "VOC2012")
+    (root / "SegmentationClass" / "2008_000001.png").unlink()
+    (root / "JPEGImages" / "2008_000002.jpg").unlink()
+    with pytest.raises(DatasetError, match="2 listed file") as err:
+        SegmentationDataset("voc21", root)
+    assert "2008_000001.png" in str(err.value) and "2008_000002.jpg" in str(err.value)
+
+
+def test_size_mismatch_names_both_files(tmp_path):
+    root = write_voc(tmp_path / "VOC2012")
+    lab = root / "SegmentationClass" / "2008_000001.png"
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(lab)
+    with pytest.raises(DatasetError) as err:
+        SegmentationDataset("voc21", root)
+    assert str(lab) in str(err.value) and str(root / "JPEGImages" / "2008_000001.jpg") in str(err.value)
+    ds = SegmentationDataset("voc21", root, check_sizes=False)  # then the item reports it instead
+    assert "differs" in ds[1]["error"] and ds[1]["image"] is None and ds[0]["error"] is None
+
+
+def test_corrupt_image_is_reported_not_raised(tmp_path):
+    root = write_voc(tmp_path / "VOC2012", n_val=4)
+    bad = root / "JPEGImages" / "2008_000002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    ds = SegmentationDataset("voc21", root)
+    batches = list(DataLoader(ds, batch_size=2, collate_fn=collate_items))
+    items = [dict(zip(b, vals)) for b in batches for vals in zip(*b.values())]
+    errors = [it for it in items if it["error"] is not None]
+    assert len(items) == 4 and len(errors) == 1
+    assert str(bad) in errors[0]["error"] and errors[0]["image"] is None and errors[0]["label"] is None
+    ok = [it for it in items if it["error"] is None]
+    assert [it["image"].shape for it in ok] != [ok[0]["image"].shape] * 3  # variable sizes kept as lists
+
+
+def test_wrong_label_values_raise_with_hint(written):
+    p = load_protocol("cocostuff171").with_overrides(label_suffix=".png")  # raw ids, not train ids
+    ds = SegmentationDataset(p, written["cocostuff"])
+    with pytest.raises(DatasetError, match="outside 0..170"):
+        ds[0]
+
+
+def test_overrides_return_validated_copies():
+    p = load_protocol("voc21")
+    q = p.with_overrides(short_side=336, window=224, stride=112, logit_scale=65, prob_thd=0.1)
+    assert (q.zero_shot.short_side, q.zero_shot.window, q.zero_shot.stride) == (336, 224, 112)
+    assert (q.zero_shot.logit_scale, q.zero_shot.prob_thd, q.reclip.short_side) == (65, 0.1, 336)
+    assert p.zero_shot.short_side == 448 and p.zero_shot.prob_thd == 0.5  # original untouched
+    r = p.with_overrides(zero_shot={"logit_scale": 40}, splits={"val": {"label_dir": "Other"}})
+    assert r.zero_shot.logit_scale == 40 and r.zero_shot.window == 448
+    assert r.splits["val"].label_dir == "Other" and r.splits["train"].label_dir == "SegmentationClass"
+    assert p.with_overrides(prob_thd=None).zero_shot.prob_thd is None
+    with pytest.raises(ProtocolError, match="allowed"):
+        p.with_overrides(shortside=3)
+    with pytest.raises(ProtocolError, match="stride"):
+        p.with_overrides(stride=500)
+    with pytest.raises(ProtocolError, match="background"):
+        load_protocol("voc20").with_overrides(prob_thd=0.3)
+
+
+def test_classes_file_override_checked_against_num_classes(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("cat\ndog, puppy\n")
+    with pytest.raises(ProtocolError, match="21"):
+        load_protocol("voc21").with_overrides(classes_file=str(f))
+    p = load_protocol("voc21").with_overrides(classes_file=str(f), num_classes=2)
+    assert p.classes() == [["cat"], ["dog", "puppy"]]
+
+
+def test_unknown_protocol_lists_names():
+    with pytest.raises(ProtocolError) as err:
+        load_protocol("pascal")
+    for name in SHIPPED:
+        assert name in str(err.value)
+
+
+def test_custom_yaml_and_strict_keys(tmp_path):
+    data = yaml.safe_load(open(load_protocol("voc20").source))
+    (tmp_path / "mine.txt").write_text("\n".join(f"c{i}" for i in range(20)) + "\n")
+    data.update(name="mine", classes_file="mine.txt")  # resolved next to the YAML
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(data))
+    p = load_protocol(tmp_path / "mine.yaml")
+    assert p.name == "mine" and p.classes()[3] == ["c3"] and p.reduce_zero_label
+    data["zero_shot"]["windw"] = 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ProtocolError, match=r"windw.*allowed keys.*window"):
+        load_protocol(tmp_path / "bad.yaml")
+    del data["zero_shot"]["windw"]
+    data["layout"] = "pascal"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ProtocolError, match="layout"):
+        load_protocol(tmp_path / "bad.yaml")
+    data["layout"], data["background"] = "voc", "yes"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ProtocolError, match="background"):
+        load_protocol(tmp_path / "bad.yaml")
+
+
+def test_label_map_dict_then_reduce_zero_label():
+    p = load_protocol("voc20").with_overrides(label_map={7: 1, 3: 2}, reduce_zero_label=True)
+    raw = np.array([[7, 3, 0, 255, 9]], dtype=np.uint8)
+    # 7 -> 1 -> 0; 3 -> 2 -> 1; unmapped 0 / 9 and 255 -> ignore
+    np.testing.assert_array_equal(p.convert_label(raw), [[0, 1, 255, 255, 255]])
+
+
+def test_unknown_split(written):
+    with pytest.raises(DatasetError, match="splits"):
+        SegmentationDataset("voc21", written["voc"], split="test")

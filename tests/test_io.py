@@ -1,0 +1,281 @@
+"""Robust image/label reading (reclip.data.io) and the pure transforms (reclip.data.transforms)."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reclip.data.io import ImageReadError, image_size, iter_images, read_image, read_label
+from reclip.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    pad_to_multiple,
+    resize_short_side,
+    short_side_size,
+    to_tensor_normalized,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _rgb(h: int = 4, w: int = 5) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _png16(path: Path, arr: np.ndarray) -> None:
+    """Hand-written 16-bit RGB PNG (Pillow cannot write one): big-endian samples, filter 0."""
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bit, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+# ------------------------------------------------------------------------- image modes
+
+def test_rgb_png_roundtrip_exact(tmp_path):
+    a = _rgb()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == np.uint8 and out.shape == (4, 5, 3)
+    np.testing.assert_array_equal(out, a)
+
+
+def test_grayscale_l_is_replicated(tmp_path):
+    g = RNG.integers(0, 256, (3, 6), dtype=np.uint8)
+    Image.fromarray(g).save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (3, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], g)
+
+
+def test_16bit_gray_is_scaled_not_clipped(tmp_path):
+    v = np.array([[0, 257, 1000, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    out = read_image(tmp_path / "g16.png")
+    expected = np.round(v.astype(np.float64) * 255 / 65535).astype(np.uint8)  # [0, 1, 4, 156, 255]
+    np.testing.assert_array_equal(out[..., 0], expected)
+    np.testing.assert_array_equal(out[..., 2], expected)
+    assert out[0, 2, 0] == 4  # clipping would give 255
+
+
+def test_32bit_int_image_treated_as_16bit(tmp_path):
+    v = np.array([[0, 514, 65535]], dtype=np.int32)
+    Image.fromarray(v, mode="I").save(tmp_path / "i32.tif")
+    out = read_image(tmp_path / "i32.tif")
+    np.testing.assert_array_equal(out[0, :, 1], [0, 2, 255])
+
+
+def test_float_image_in_unit_range(tmp_path):
+    v = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(v, mode="F").save(tmp_path / "f.tif")
+    out = read_image(tmp_path / "f.tif")
+    np.testing.assert_array_equal(out[0, :, 0], [0, 128, 255])
+
+
+def test_16bit_rgb_png_scaled(tmp_path):
+    k = RNG.integers(0, 256, (3, 4, 3))
+    _png16(tmp_path / "rgb16.png", (k * 257).astype(np.uint16))  # v = k * 257 -> exactly k
+    out = read_image(tmp_path / "rgb16.png")
+    np.testing.assert_array_equal(out, k.astype(np.uint8))
+
+
+def test_rgba_drops_alpha(tmp_path):
+    a = np.zeros((2, 2, 4), dtype=np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = 10, 20, 30
+    a[0, 0, 3] = 0  # fully transparent pixel keeps its stored colour
+    a[1, 1, 3] = 255
+    Image.fromarray(a, mode="RGBA").save(tmp_path / "rgba.png")
+    out = read_image(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(out, np.broadcast_to([10, 20, 30], (2, 2, 3)))
+
+
+def test_la_drops_alpha(tmp_path):
+    Image.new("LA", (3, 2), (100, 0)).save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png"), np.full((2, 3, 3), 100))
+
+
+@pytest.mark.parametrize("transparency", [False, True])
+def test_palette_image_gives_colours(tmp_path, transparency):
+    idx = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    img = Image.fromarray(idx).convert("P")
+    pal = [0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9)
+    img.putpalette(pal)
+    if transparency:
+        img.info["transparency"] = 1  # index 1 transparent: its colour is still returned
+        img.save(tmp_path / "p.png", transparency=1)
+    else:
+        img.save(tmp_path / "p.png")
+    out = read_image(tmp_path / "p.png")
+    lut = np.array(pal[:9]).reshape(3, 3)
+    np.testing.assert_array_equal(out, lut[idx])
+
+
+def test_cmyk(tmp_path):
+    a = np.zeros((1, 2, 4), dtype=np.uint8)
+    a[0, 1, 0] = 255  # pure cyan
+    Image.fromarray(a, mode="CMYK").save(tmp_path / "c.tif")
+    out = read_image(tmp_path / "c.tif")
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 1], [0, 255, 255])
+
+
+def test_bilevel(tmp_path):
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).convert("1").save(tmp_path / "b.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "b.png")[0, :, 0], [0, 255])
+
+
+def test_exif_orientation_applied(tmp_path):
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    img = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "e.png", exif=exif)
+    out = read_image(tmp_path / "e.png")
+    assert out.shape == (3, 2, 3)
+    np.testing.assert_array_equal(out, np.rot90(a, k=-1))
+    np.testing.assert_array_equal(read_image(tmp_path / "e.png", apply_exif=False), a)
+    assert image_size(tmp_path / "e.png") == (3, 2)
+    assert image_size(tmp_path / "e.png", apply_exif=False) == (2, 3)
+
+
+# ------------------------------------------------------------------------------ errors
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    files["missing"] = tmp_path / "nope.jpg"
+    files["empty"] = tmp_path / "empty.png"
+    files["empty"].write_bytes(b"")
+    files["corrupt"] = tmp_path / "corrupt.jpg"
+    files["corrupt"].write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
+    big = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for ext in ("png", "jpg"):
+        p = tmp_path / f"full.{ext}"
+        Image.fromarray(big).save(p)
+        data = p.read_bytes()
+        files[f"truncated_{ext}"] = tmp_path / f"trunc.{ext}"
+        files[f"truncated_{ext}"].write_bytes(data[: len(data) // 2])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "truncated_png", "truncated_jpg"])
+@pytest.mark.parametrize("reader", [read_image, read_label])
+def test_bad_files_raise_with_path(tmp_path, kind, reader):
+    path = _bad_files(tmp_path)[kind]
+    with pytest.raises(ImageReadError) as err:
+        reader(path)
+    assert err.value.path == str(path)
+    assert str(path) in str(err.value)
+    assert isinstance(err.value, OSError)
+    if kind == "empty":
+        assert "empty" in err.value.reason
+    if kind.startswith("truncated"):
+        assert "truncat" in err.value.reason or "decode" in err.value.reason
+
+
+def test_image_read_error_pickles():
+    e = pickle.loads(pickle.dumps(ImageReadError("/x/y.jpg", "broken")))
+    assert e.path == "/x/y.jpg" and e.reason == "broken"
+
+
+# ------------------------------------------------------------------------------ labels
+
+def test_label_palette_png_gives_indices_not_rgb(tmp_path):
+    idx = np.array([[0, 1, 15], [20, 255, 3]], dtype=np.uint8)
+    img = Image.fromarray(idx).convert("P")
+    img.putpalette(list(RNG.integers(0, 256, 768)))
+    img.save(tmp_path / "voc.png")
+    out = read_label(tmp_path / "voc.png")
+    assert out.shape == (2, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, idx)
+
+
+def test_label_16bit_values_preserved(tmp_path):
+    v = np.array([[0, 300, 1000, 65535]], dtype=np.uint16)
+    Image.fromarray(v).save(tmp_path / "l16.png")
+    out = read_label(tmp_path / "l16.png")
+    np.testing.assert_array_equal(out, v.astype(np.int32))
+
+
+def test_label_rgb_rejected_with_fix(tmp_path):
+    Image.fromarray(_rgb()).save(tmp_path / "rgb.png")
+    with pytest.raises(ImageReadError, match="class indices"):
+        read_label(tmp_path / "rgb.png")
+
+
+# ------------------------------------------------------------------------- iter_images
+
+def test_iter_images_sorted_recursive_filtered(tmp_path):
+    for rel in ["b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.webp", "notes.txt", ".hidden.jpg",
+                ".cache/e.jpg", "sub/._f.jpg"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    rel = [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path)]
+    assert rel == ["a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.webp"]
+    assert [p.name for p in iter_images(tmp_path, recursive=False)] == ["a.PNG", "b.jpg"]
+    with pytest.raises(NotADirectoryError):
+        iter_images(tmp_path / "missing")
+
+
+# -------------------------------------------------------------------------- transforms
+
+def test_short_side_size_matches_mmcv_rounding():
+    assert short_side_size(375, 500, 448) == (448, 597)  # 500 * 448 / 375 = 597.33
+    assert short_side_size(500, 333, 336) == (505, 336)  # 500 * 336 / 333 = 504.5 -> 505 (+0.5 rule)
+    assert short_side_size(100, 1000, 448, max_long_side=2048) == (205, 2048)  # long-side cap wins
+
+
+def test_resize_short_side_numpy_image_and_label():
+    img = _rgb(30, 40)
+    out = resize_short_side(img, 15)
+    assert out.shape == (15, 20, 3) and out.dtype == np.uint8
+    lab = RNG.integers(0, 3, (30, 40)).astype(np.int64)
+    lab[0, 0] = 255
+    small = resize_short_side(lab, 15, mode="nearest")
+    assert small.shape == (15, 20) and small.dtype == np.int64
+    assert set(np.unique(small)) <= {0, 1, 2, 255}  # ids are never blended
+    big = resize_short_side(lab, 60, mode="nearest")  # exact 2x: every pixel is a 2x2 block
+    np.testing.assert_array_equal(big, np.kron(lab, np.ones((2, 2), dtype=np.int64)))
+
+
+def test_resize_short_side_tensor_and_constant_image():
+    t = torch.full((2, 3, 10, 20), 0.25)
+    out = resize_short_side(t, 5)
+    assert out.shape == (2, 3, 5, 10)
+    torch.testing.assert_close(out, torch.full((2, 3, 5, 10), 0.25))
+    assert resize_short_side(torch.zeros(3, 8, 4), 2).shape == (3, 4, 2)
+    with pytest.raises(ValueError, match="mode"):
+        resize_short_side(t, 5, mode="cubic")
+
+
+def test_to_tensor_normalized_values():
+    img = np.zeros((2, 3, 3), dtype=np.uint8)
+    img[0, 0] = [255, 128, 0]
+    t = to_tensor_normalized(img)
+    assert t.shape == (3, 2, 3) and t.dtype == torch.float32
+    expected = [(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (128 / 255 - CLIP_MEAN[1]) / CLIP_STD[1], -CLIP_MEAN[2] / CLIP_STD[2]]
+    torch.testing.assert_close(t[:, 0, 0], torch.tensor(expected, dtype=torch.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor_normalized(img.astype(np.float32))
+
+
+def test_pad_to_multiple():
+    x = torch.ones(1, 3, 17, 32)
+    y = pad_to_multiple(x, 16)
+    assert y.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(y[..., :17, :32], x)
+    assert float(y[..., 17:, :].abs().sum()) == 0.0
+    assert pad_to_multiple(x[..., :16, :], 16) is not None and pad_to_multiple(x[..., :16, :], 16).shape[-2:] == (16, 32)
