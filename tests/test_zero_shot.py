@@ -1,0 +1,103 @@
+"""The zero-shot head on a tiny random CLIP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reclip.clip.model import CLIP, pad_to_patch
+from reclip.features import STRATEGIES, dense_features
+from reclip.heads.zero_shot import ZeroShotSegmentor, reduce_synonyms
+
+
+@pytest.fixture(scope="module")
+def clip() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(
+        embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1,
+    ).eval()
+
+
+def text_weights(rows: int, seed: int = 5) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def images(*size: int) -> torch.Tensor:
+    return torch.randn(*size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_logits_are_cosines_of_dense_features(clip, strategy):
+    W = text_weights(4)
+    head = ZeroShotSegmentor(clip, W, torch.arange(4), num_classes=4, strategy=strategy)
+    x = images(2, 3, 32, 48)
+    logits = head(x)
+    assert logits.shape == (2, 4, 4, 6)
+    expected = torch.einsum("bdhw,cd->bchw", dense_features(clip, x, strategy), W)
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 1 + 1e-5  # raw cosines, no temperature
+
+
+def test_synonym_max(clip):
+    W = text_weights(5)
+    class_index = torch.tensor([0, 0, 1, 2, 2])
+    head = ZeroShotSegmentor(clip, W, class_index, num_classes=3, strategy="clearclip")
+    x = images(2, 3, 32, 40)
+    logits = head(x)
+    q = head.query_logits(x)  # (B, 5, h, w)
+    assert logits.shape == (2, 3, 4, 5) and q.shape == (2, 5, 4, 5)
+    torch.testing.assert_close(logits[:, 0], torch.maximum(q[:, 0], q[:, 1]))
+    torch.testing.assert_close(logits[:, 1], q[:, 2])
+    torch.testing.assert_close(logits[:, 2], torch.maximum(q[:, 3], q[:, 4]))
+    # both synonyms win somewhere, so the max really selects per pixel
+    assert (q[:, 0] > q[:, 1]).any() and (q[:, 1] > q[:, 0]).any()
+    # synonyms need not be contiguous
+    perm = torch.tensor([3, 0, 2, 4, 1])
+    head_perm = ZeroShotSegmentor(clip, W[perm], class_index[perm], num_classes=3, strategy="clearclip")
+    torch.testing.assert_close(head_perm(x), logits)
+
+
+def test_reduce_synonyms_gradient():
+    q = torch.randn(1, 3, 2, 2, requires_grad=True)
+    out = reduce_synonyms(q, torch.tensor([1, 0, 1]), 2)
+    out.sum().backward()
+    # each pixel of class 1 sends its gradient to exactly one of its two synonyms
+    torch.testing.assert_close(q.grad[0, [0, 2]].sum(0), torch.ones(2, 2))
+    torch.testing.assert_close(q.grad[0, 1], torch.ones(2, 2))
+
+
+def test_padding_is_cropped_in_alignment(clip):
+    W = text_weights(3)
+    head = ZeroShotSegmentor(clip, W, torch.arange(3), num_classes=3, strategy="maskclip")
+    x = images(1, 3, 27, 41)  # patch 8: padded to 32 x 48, grid 4 x 6
+    logits = head(x)
+    assert logits.shape == (1, 3, 27, 41)
+    # the contract: grid logits of the padded input, upsampled to the padded size, cropped
+    grid_logits = head(pad_to_patch(x, 8))
+    assert grid_logits.shape == (1, 3, 4, 6)
+    expected = F.interpolate(grid_logits, size=(32, 48), mode="bilinear", align_corners=False)[..., :27, :41]
+    torch.testing.assert_close(logits, expected)
+    # resizing the grid straight to (27, 41) would stretch the padded border over the image
+    stretched = F.interpolate(grid_logits, size=(27, 41), mode="bilinear", align_corners=False)
+    assert not torch.allclose(logits, stretched, atol=1e-3)
+
+
+def test_buffers_and_validation(clip):
+    W = text_weights(3)
+    head = ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 1]), num_classes=2)
+    buffers = dict(head.named_buffers())
+    assert set(buffers) == {"text_weights", "class_index"}
+    assert buffers["class_index"].dtype == torch.long
+    assert head.strategy == STRATEGIES["maskclip"]
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ZeroShotSegmentor(clip, 2 * W, torch.arange(3), num_classes=3)
+    with pytest.raises(ValueError, match=r"classes \[2\] have no query"):
+        ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 1]), num_classes=3)
+    with pytest.raises(ValueError, match="must lie in"):
+        ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 3]), num_classes=3)
+    with pytest.raises(ValueError, match="D=16"):
+        ZeroShotSegmentor(clip, F.normalize(torch.randn(3, 16), dim=-1), torch.arange(3), num_classes=3)
+    with pytest.raises(ValueError, match="available"):
+        ZeroShotSegmentor(clip, W, torch.arange(3), num_classes=3, strategy="nope")
