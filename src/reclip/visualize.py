@@ -1,0 +1,202 @@
+"""Visual outputs: colour palettes, palette-mode label PNGs, overlays and legends.
+
+All writers are atomic (temporary file in the target folder, then ``os.replace``), so a
+killed run never leaves a half-written image behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["palette", "save_label_png", "overlay", "legend_image", "save_segmentation"]
+
+IGNORE_INDEX = 255  # mmseg / VOC "ignore" label value
+
+
+def palette(num_classes: int = 256) -> np.ndarray:
+    """Colour per class index, (num_classes, 3) uint8.
+
+    Indices 0..255 use the PASCAL VOC bit-interleaving palette (VOC devkit
+    ``VOClabelcolormap``: bits of the index spread over R, G, B from the most
+    significant bit down), so VOC masks look as usual and 255 is VOC's ignore colour
+    (224, 224, 192). Indices >= 256 get fixed pseudo-random colours (seeded, so
+    identical across runs).
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    index = np.arange(min(num_classes, 256))
+    colours = np.zeros((index.size, 3), dtype=np.int64)
+    for bit in range(8):  # 3 bits of the index per round, into bit (7 - round) of R, G, B
+        for channel in range(3):
+            colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    extra = np.random.default_rng(0x5EC11B).integers(0, 256, size=(max(num_classes - 256, 0), 3))
+    return np.concatenate([colours, extra]).astype(np.uint8)
+
+
+def _atomic_save(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then atomically move the temporary file to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _labels_array(labels) -> np.ndarray:
+    """(H, W) integer label map as a numpy array (accepts torch tensors)."""
+    array = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be an integer (H, W) map, got {array.dtype} {array.shape}")
+    return array
+
+
+def save_label_png(path: str | os.PathLike, labels, colours: np.ndarray | None = None) -> Path:
+    """Write an (H, W) label map as a palette-mode ("P") PNG; pixel values are the indices.
+
+    Values must lie in 0..255 (255 = ignore is allowed). Entries the palette lacks are
+    filled from the VOC palette. Reading back with ``np.asarray(Image.open(path))``
+    returns the same indices.
+
+    Args:
+        path: output .png path.
+        labels: (H, W) integer array or tensor.
+        colours: (N, 3) uint8 palette; default :func:`palette` (256).
+    """
+    array = _labels_array(labels)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(
+            f"labels span {array.min()}..{array.max()} but a palette PNG holds 0..255; "
+            "save more than 256 classes as a 16-bit PNG or .npy instead"
+        )
+    full = palette(256)
+    if colours is not None:
+        colours = np.asarray(colours, dtype=np.uint8)[:256]
+        full[: len(colours)] = colours
+    image = Image.fromarray(array.astype(np.uint8), mode="P")
+    image.putpalette(full.reshape(-1).tolist())
+    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _colourise(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8 colours; labels beyond the palette raise."""
+    if labels.size and (labels.min() < 0 or labels.max() >= len(colours)):
+        raise ValueError(f"labels span {labels.min()}..{labels.max()} but the palette has "
+                         f"{len(colours)} colours; pass palette(num_classes) with enough entries")
+    return np.asarray(colours, dtype=np.uint8)[labels]
+
+
+def overlay(
+    image: np.ndarray,
+    labels,
+    colours: np.ndarray | None = None,
+    alpha: float = 0.5,
+    ignore_index: int | None = IGNORE_INDEX,
+) -> np.ndarray:
+    """Blend class colours over an image: (1 - alpha) * image + alpha * colour.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer labels; ``ignore_index`` pixels keep the image unchanged.
+        colours: (N, 3) uint8 palette; default :func:`palette` (256).
+        alpha: colour weight in [0, 1].
+    Returns:
+        (H, W, 3) uint8.
+    """
+    image = np.asarray(image)
+    array = _labels_array(labels)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if image.shape[:2] != array.shape:
+        raise ValueError(f"labels {array.shape} and image {image.shape[:2]} differ in size; "
+                         "resize the labels to the image (nearest) first")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colours = palette(256) if colours is None else np.asarray(colours, dtype=np.uint8)
+    ignored = array == ignore_index if ignore_index is not None else np.zeros(array.shape, bool)
+    colour = _colourise(np.where(ignored, 0, array), colours).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colour
+    blended[ignored] = image[ignored]
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def legend_image(
+    class_names: Sequence[str],
+    colours: np.ndarray | None = None,
+    present: Sequence[int] | None = None,
+    rows_per_column: int = 30,
+) -> np.ndarray:
+    """Legend of colour swatches and class names, (H, W, 3) uint8 (PIL ImageDraw).
+
+    Args:
+        class_names: name per class index.
+        colours: (N, 3) uint8 palette; default :func:`palette` (len(class_names)).
+        present: class indices to list (e.g. ``np.unique(labels)``); default all.
+            Indices outside the names (such as 255 = ignore) are skipped.
+        rows_per_column: entries per column before wrapping.
+    """
+    colours = palette(max(len(class_names), 1)) if colours is None else np.asarray(colours, dtype=np.uint8)
+    indices = range(len(class_names)) if present is None else sorted({int(i) for i in present})
+    indices = [i for i in indices if 0 <= i < len(class_names)]
+    if len(colours) < len(class_names):
+        raise ValueError(f"palette has {len(colours)} colours for {len(class_names)} classes; "
+                         "pass palette(len(class_names))")
+    font = ImageFont.load_default()
+    swatch, pad, line = 14, 6, 20
+    text_width = max([int(font.getlength(f"{i} {class_names[i]}")) for i in indices] + [40])
+    column_width = swatch + 2 * pad + text_width + pad
+    n_cols = max(1, -(-len(indices) // rows_per_column))
+    n_rows = max(1, min(len(indices), rows_per_column))
+    canvas = Image.new("RGB", (n_cols * column_width + pad, n_rows * line + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, i in enumerate(indices):
+        x = pad + (k // rows_per_column) * column_width
+        y = pad + (k % rows_per_column) * line
+        draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=tuple(int(c) for c in colours[i]),
+                       outline=(0, 0, 0))
+        draw.text((x + swatch + pad, y + 3), f"{i} {class_names[i]}", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def save_segmentation(
+    out_dir: str | os.PathLike,
+    stem: str,
+    image: np.ndarray,
+    labels,
+    class_names: Sequence[str],
+    colours: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> dict[str, Path]:
+    """Write ``{stem}.png`` (palette mask), ``{stem}_overlay.jpg`` and, once per folder,
+    ``legend.png`` (all classes) into ``out_dir``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB; labels: (H, W) integer map in 0..255 (255 = ignore).
+    Returns:
+        {"mask": path, "overlay": path, "legend": path}.
+    """
+    out_dir = Path(out_dir)
+    colours = palette(max(len(class_names), 256)) if colours is None else np.asarray(colours, dtype=np.uint8)
+    paths = {
+        "mask": save_label_png(out_dir / f"{stem}.png", labels, colours),
+        "overlay": _atomic_save(
+            out_dir / f"{stem}_overlay.jpg",
+            lambda tmp: Image.fromarray(overlay(image, labels, colours, alpha)).save(tmp, format="JPEG", quality=90),
+        ),
+    }
+    legend = out_dir / "legend.png"
+    if not legend.exists():
+        _atomic_save(legend, lambda tmp: Image.fromarray(legend_image(class_names, colours)).save(tmp, format="PNG"))
+    paths["legend"] = legend
+    return paths

@@ -1,0 +1,281 @@
+"""Tests for reclip.inference: whole / sliding-window inference and post-processing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reclip.inference import (
+    InferenceConfig,
+    background_threshold,
+    infer_logits,
+    pamr,
+    postprocess,
+    predict_labels,
+    probabilities,
+    prompt_denoise,
+    segment,
+    slide_windows,
+)
+
+
+class PatchSegmentor(nn.Module):
+    """Fake segmentor: replicate-pad to a multiple of ``patch``, average-pool each patch,
+    then a fixed 1x1 conv to ``num_classes`` logits. Grid (ceil(H/p), ceil(W/p)) < input.
+    Records the input shape of every call."""
+
+    def __init__(self, patch: int = 4, num_classes: int = 3) -> None:
+        super().__init__()
+        self.patch = patch
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(num_classes, 3, 1, 1, generator=generator))
+        self.calls: list[tuple[int, ...]] = []
+        self.autocast_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        self.autocast_seen.append(torch.is_autocast_enabled(x.device.type))
+        pad_h, pad_w = -x.shape[-2] % self.patch, -x.shape[-1] % self.patch
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return F.conv2d(F.avg_pool2d(x, self.patch), self.weight)
+
+
+def naive_slide(segmentor, image, window, stride):
+    """Reference: mmseg slide_inference written out, one window per call."""
+    _, _, height, width = image.shape
+    preds, count = None, torch.zeros(1, 1, height, width)
+    for y1, y2, x1, x2 in slide_windows(height, width, window, stride):
+        out = segmentor(image[:, :, y1:y2, x1:x2])
+        out = F.interpolate(out, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+        preds = torch.zeros(image.shape[0], out.shape[1], height, width) if preds is None else preds
+        preds[:, :, y1:y2, x1:x2] += out
+        count[:, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+def smooth_image(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Position-dependent normalised image (B, 3, H, W) with some texture."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(-1, 1, height)[:, None]
+    xs = torch.linspace(-1, 1, width)[None, :]
+    base = torch.stack([ys + xs, ys * xs, torch.sin(3 * xs) - ys])  # (3, H, W)
+    return base.expand(batch, 3, height, width) + 0.3 * torch.randn(batch, 3, height, width, generator=g)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_slide_windows_follow_mmseg_grid_and_cover_every_pixel():
+    windows = slide_windows(5, 7, 3, 2)
+    # h_grids = (5 - 3 + 1) // 2 + 1 = 2, w_grids = (7 - 3 + 1) // 2 + 1 = 3; last flush
+    assert windows == [(0, 3, 0, 3), (0, 3, 2, 5), (0, 3, 4, 7), (2, 5, 0, 3), (2, 5, 2, 5), (2, 5, 4, 7)]
+    for height, width, window, stride in [(37, 50, 16, 8), (30, 21, (16, 12), (5, 7)), (10, 9, 16, 8)]:
+        cover = np.zeros((height, width), int)
+        wins = slide_windows(height, width, window, stride)
+        (ch, cw), (sh, sw) = [(v, v) if isinstance(v, int) else v for v in (window, stride)]
+        assert len(wins) == (max(height - ch + sh - 1, 0) // sh + 1) * (max(width - cw + sw - 1, 0) // sw + 1)
+        for y1, y2, x1, x2 in wins:
+            assert (y2 - y1, x2 - x1) == (min(ch, height), min(cw, width))
+            cover[y1:y2, x1:x2] += 1
+        assert cover.min() >= 1
+        assert max(w[1] for w in wins) == height and max(w[3] for w in wins) == width
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def test_whole_equals_direct_upsample():
+    seg, image = PatchSegmentor(), smooth_image(2, 30, 22)
+    out = infer_logits(seg, image, InferenceConfig(mode="whole"))
+    expected = F.interpolate(seg(image), size=(30, 22), mode="bilinear", align_corners=False)
+    assert out.shape == (2, 3, 30, 22) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
+def test_slide_with_window_equal_to_image_equals_whole():
+    seg, image = PatchSegmentor(), smooth_image(1, 24, 32)
+    slide = infer_logits(seg, image, InferenceConfig(mode="slide", window=(24, 32), stride=(24, 32)))
+    whole = infer_logits(seg, image, InferenceConfig(mode="whole"))
+    torch.testing.assert_close(slide, whole)
+
+
+def test_slide_matches_reference_and_batches_all_windows():
+    image = smooth_image(2, 37, 50)
+    seg = PatchSegmentor()
+    cfg = InferenceConfig(mode="slide", window=16, stride=8, batch_size=5)
+    out = infer_logits(seg, image, cfg)
+    n_windows = len(slide_windows(37, 50, 16, 8))
+    assert n_windows > 5
+    # windows of both images batched together, batch_size at a time
+    assert len(seg.calls) == math.ceil(2 * n_windows / 5)
+    assert all(call[0] == 5 for call in seg.calls[:-1])
+    assert sum(call[0] for call in seg.calls) == 2 * n_windows
+    torch.testing.assert_close(out, naive_slide(PatchSegmentor(), image, 16, 8))
+
+
+def test_slide_counts_average_overlaps():
+    """A segmentor with constant logits gives exactly that constant after averaging."""
+    def constant(x):
+        return torch.full((x.shape[0], 2, 3, 3), 7.0)
+
+    out = infer_logits(constant, torch.zeros(1, 3, 29, 41), InferenceConfig(mode="slide", window=12, stride=5))
+    torch.testing.assert_close(out, torch.full((1, 2, 29, 41), 7.0))
+
+
+def test_slide_non_square_and_image_smaller_than_window():
+    seg = PatchSegmentor()
+    image = smooth_image(1, 20, 11)  # smaller than the window in width
+    cfg = InferenceConfig(mode="slide", window=16, stride=6, batch_size=64)
+    out = infer_logits(seg, image, cfg)
+    assert out.shape == (1, 3, 20, 11)
+    assert all(call[-2:] == (16, 11) for call in seg.calls)
+    torch.testing.assert_close(out, naive_slide(seg, image, 16, 6))
+    tiny = smooth_image(1, 9, 7)  # smaller in both: one window, equal to whole
+    torch.testing.assert_close(infer_logits(seg, tiny, cfg), infer_logits(seg, tiny, InferenceConfig()))
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_short_side_resize_returns_original_size(mode):
+    seg, image = PatchSegmentor(), smooth_image(1, 30, 45)
+    cfg = InferenceConfig(mode=mode, short_side=16, window=12, stride=8)
+    out = infer_logits(seg, image, cfg)
+    assert out.shape == (1, 3, 30, 45)
+    if mode == "whole":
+        assert seg.calls == [(1, 3, 16, 24)]
+        capped = InferenceConfig(short_side=16, max_long_side=20)  # scale min(16/30, 20/45)
+        assert infer_logits(seg, image, capped).shape == (1, 3, 30, 45)
+        assert seg.calls[-1] == (1, 3, 13, 20)
+    else:
+        assert all(call[-2:] == (12, 12) for call in seg.calls)
+    assert infer_logits(seg, image, cfg, out_size=(7, 9)).shape == (1, 3, 7, 9)
+
+
+def test_autocast_auto_is_off_on_cpu_and_true_forces_bf16():
+    seg, image = PatchSegmentor(), smooth_image(1, 16, 16)
+    infer_logits(seg, image, InferenceConfig(autocast="auto"))
+    assert seg.autocast_seen == [False]
+    out = infer_logits(seg, image, InferenceConfig(autocast=True))
+    assert seg.autocast_seen[-1] is True and out.dtype == torch.float32
+
+
+def test_bad_segmentor_output_and_config_errors_are_explicit():
+    with pytest.raises(ValueError, match="segmentor must return"):
+        infer_logits(lambda x: x[0], torch.zeros(1, 3, 8, 8), InferenceConfig())
+    with pytest.raises(ValueError, match="stride"):
+        InferenceConfig(mode="slide", window=8, stride=16)
+    with pytest.raises(ValueError, match="unknown inference option"):
+        InferenceConfig.from_dict({"mode": "slide", "windw": 224})
+    cfg = InferenceConfig.from_dict({"mode": "slide", "window": [336, 448], "stride": [112, 224]})
+    assert cfg.window == (336, 448)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def test_background_threshold_exactly_where_max_prob_is_low():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 10, 12, generator=g)
+    cfg = InferenceConfig(logit_scale=2.0, prob_thd=0.5)
+    labels = predict_labels(logits, cfg, background_index=0)
+    probs = probabilities(logits, 2.0)
+    low = probs.amax(1) < 0.5
+    assert 0 < int(low.sum()) < low.numel()  # both cases occur
+    expected = torch.where(low, torch.zeros_like(labels), probs.argmax(1))
+    assert torch.equal(labels, expected)
+    assert torch.equal(background_threshold(probs.argmax(1), probs, 0.5, 3)[low], torch.full_like(labels[low], 3))
+    with pytest.raises(ValueError, match="background_index"):
+        predict_labels(logits, cfg, background_index=None)
+
+
+def test_prompt_denoising_removes_unconfident_class_but_never_all():
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 0, :, :2] = 1.0  # class 0 confident on the left
+    logits[0, 1, :, 2:] = 0.9  # class 1 a little less confident on the right
+    logits[0, 2] = 0.55  # class 2 everywhere second best: max softmax(10 x) < 0.6
+    logits[0, 0, 0, 0], logits[0, 2, 0, 0] = 0.95, 0.96  # and it wins one pixel narrowly
+    assert probabilities(logits, 1.0).argmax(1)[0, 0, 0] == 2
+    conf = torch.softmax(10 * logits, 1).flatten(2).amax(-1)[0]
+    assert conf[2] < 0.6 < min(conf[0], conf[1])
+    denoised = prompt_denoise(logits, 0.6, scale=10.0)
+    assert torch.all(denoised[0, 2] == -100.0)
+    assert torch.equal(denoised[0, :2], logits[0, :2])
+    labels = predict_labels(logits, InferenceConfig(pd_threshold=0.6), background_index=None)
+    assert not bool((labels == 2).any()) and labels[0, 0, 0] == 0
+
+    # threshold above every class's confidence: only the most confident class survives
+    everything = prompt_denoise(logits, 1.0, scale=10.0)
+    kept = (everything != -100.0).flatten(2).any(-1)[0]
+    assert kept.tolist() == [True, False, False]
+    assert torch.equal(everything[0, kept], logits[0, kept])
+
+    # removed classes lose the argmax even when real logits are below -100
+    shifted = prompt_denoise(logits - 500.0, 0.6)
+    assert not bool((shifted.argmax(1) == 2).any())
+
+
+def two_region_problem(seed: int = 0):
+    """32 x 32 image, dark left half / bright right half; ground truth class 0 / 1.
+    Probabilities: the boundary misplaced 4 px to the left, softened, plus salt noise."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 16:] = 200.0
+    image += 5.0 * torch.randn(image.shape, generator=g)
+    truth = torch.zeros(32, 32, dtype=torch.long)
+    truth[:, 16:] = 1
+    xs = torch.arange(32).float()
+    p1 = torch.sigmoid((xs - 12.0) / 2.0).expand(32, 32).clone()  # boundary at x = 12
+    flip = torch.rand(32, 32, generator=g) < 0.1
+    p1[flip] = 1 - p1[flip]
+    probs = torch.stack([1 - p1, p1])[None]  # (1, 2, 32, 32)
+    return image, probs, truth
+
+
+def test_pamr_keeps_simplex_and_snaps_to_image_edges():
+    image, probs, truth = two_region_problem()
+    refined = pamr(image, probs)  # official defaults: 10 iterations, dilations 1..24
+    assert refined.shape == probs.shape
+    torch.testing.assert_close(refined.sum(1), torch.ones(1, 32, 32))
+    assert bool((refined >= 0).all())
+    errors_before = int((probs.argmax(1)[0] != truth).sum())
+    errors_after = int((refined.argmax(1)[0] != truth).sum())
+    assert errors_before > 150  # misplaced boundary (128 px) + noise
+    assert errors_after < 0.2 * errors_before
+    # affinities are normalised by the local std: per-channel affine normalisation is irrelevant
+    mean, std = torch.tensor([120.0, 110.0, 100.0]), torch.tensor([60.0, 70.0, 65.0])
+    normalised = (image - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(pamr(normalised, probs), refined, atol=1e-4, rtol=1e-4)
+
+
+def test_postprocess_pamr_needs_image_and_returns_labels_and_probs():
+    image, probs, truth = two_region_problem()
+    logits = probs.clamp_min(1e-6).log()
+    with pytest.raises(ValueError, match="pamr"):
+        postprocess(logits, InferenceConfig(pamr=True))
+    labels, out_probs = postprocess(logits, InferenceConfig(pamr=True), background_index=None, image=image)
+    assert labels.shape == (1, 32, 32) and labels.dtype == torch.int64
+    assert out_probs.shape == (1, 2, 32, 32)
+    assert int((labels[0] != truth).sum()) < int((probs.argmax(1)[0] != truth).sum())
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def test_segment_returns_original_size_labels():
+    seg = PatchSegmentor(num_classes=5)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(27, 40, 3), dtype=np.uint8)
+    cfg = InferenceConfig(mode="slide", short_side=16, window=12, stride=8)
+    result = segment(seg, image, cfg, return_probs=True)
+    assert result.labels.shape == (27, 40) and result.labels.dtype == np.int64
+    assert result.probs is not None and result.probs.shape == (5, 27, 40)
+    np.testing.assert_array_equal(result.labels, result.probs.argmax(0))
+    assert segment(seg, image, cfg).probs is None
+    with pytest.raises(ValueError, match="0-255 units"):
+        segment(seg, image, cfg, mean=(122.8, 116.7, 104.1), std=(68.5, 66.6, 70.3))
+    with pytest.raises(ValueError, match="uint8"):
+        segment(seg, image.astype(np.float32), cfg)
