@@ -1,0 +1,551 @@
+"""Load CLIP from any checkpoint format (or a model name) and write every format.
+
+``load_clip(spec)`` accepts (first match wins):
+
+1. a model NAME from ``OPENAI_MODELS`` (``ViT-B/32``, ``ViT-B/16``, ``ViT-L/14``,
+   ``ViT-L/14@336px``): downloaded once from OpenAI's URL into the cache
+   (``cache_dir``, else ``$RECLIP_CACHE/clip``, else ``~/.cache/reclip/clip``; an
+   intact copy in OpenAI's own ``~/.cache/clip`` is used as is), sha256-verified;
+2. a FOLDER: Hugging Face (``config.json`` + ``model.safetensors`` /
+   ``model.safetensors.index.json`` / ``pytorch_model.bin``, optional
+   ``preprocessor_config.json``), else open_clip hub layout (``open_clip_config.json``
+   + ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``);
+3. a FILE:
+   - a zip with ``*/data.pkl`` and ``*/code/`` or ``*/constants.pkl``: a TorchScript
+     archive (OpenAI's releases), read by the restricted reader in ``torchscript.py``;
+   - ``*.safetensors``: open_clip / OpenAI names, or HF names with ``config.json`` beside;
+   - anything else (``.pt``, ``.pth``, ``.bin``): ``torch.load(weights_only=True)``; a
+     state dict with OpenAI names, a training checkpoint ``{"state_dict": ...}``
+     (open_clip), or HF names with ``config.json`` beside.
+
+The activation (QuickGELU or GELU) cannot be read from tensor shapes. It is decided by,
+in order: the ``quick_gelu`` argument; HF ``hidden_act``; ``open_clip_config.json``
+beside the file (or inside a TorchScript archive written by ``save_clip``):
+``model_cfg.quick_gelu``, default False as in open_clip; then the format: OpenAI's
+(TorchScript archive, flat ``.pt`` state dict, a model name) -> True, open_clip's
+(``.safetensors``, training checkpoint) -> False. Most open_clip models (LAION,
+DataComp) use GELU; their ``-quickgelu`` variants and all OpenAI models use QuickGELU.
+The same files give the attention heads (default width // 64) and the normalisation
+mean / std (default CLIP's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .convert import (
+    CheckpointError,
+    check_state_dict,
+    from_hf,
+    from_open_clip,
+    from_openai,
+    hf_options,
+    infer_config,
+    to_hf,
+    unwrap_state_dict,
+)
+from .model import CLIP, weights_fingerprint
+from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "OPENAI_MODELS", "CheckpointError", "LoadedCheckpoint", "PretrainedWeights",
+    "UnsafeCheckpointError", "available_models", "default_cache_dir", "download_weights", "load_clip",
+    "open_clip_config", "read_checkpoint", "resolve_spec", "save_clip",
+]
+
+# CLIP's normalisation (openai/CLIP clip.py _transform).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's hub config name (constants.HF_CONFIG_NAME)
+SAVE_FORMATS = ("openai", "openai-jit", "open_clip", "hf")
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A released checkpoint: where it lives, its sha256 and the preprocessing it was trained with."""
+
+    url: str
+    sha256: str
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def _openai(sha256: str, filename: str) -> PretrainedWeights:
+    # openai/CLIP clip.py _MODELS: the sha256 is the URL's second-to-last component.
+    return PretrainedWeights(f"https://openaipublic.azureedge.net/clip/models/{sha256}/{filename}", sha256)
+
+
+OPENAI_MODELS: dict[str, PretrainedWeights] = {
+    "ViT-B/32": _openai("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    "ViT-B/16": _openai("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    "ViT-L/14": _openai("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    "ViT-L/14@336px": _openai("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+}
+
+
+def available_models() -> list[str]:
+    """Names ``load_clip`` downloads."""
+    return list(OPENAI_MODELS)
+
+
+# ---------------------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$RECLIP_CACHE/clip`` if RECLIP_CACHE (reclip's cache root) is set, else ``~/.cache/reclip/clip``."""
+    root = os.environ.get("RECLIP_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "reclip") / "clip"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Path of the verified weights file of a named model, downloading it if needed.
+
+    The download goes to a temporary file in the cache folder, is checked against the
+    registry's sha256 and only then renamed into place, so an interrupted or corrupt
+    download never leaves a file that looks complete.
+    """
+    if name not in OPENAI_MODELS:
+        raise CheckpointError(f"unknown CLIP model name {name!r}; available: {', '.join(OPENAI_MODELS)}")
+    weights = OPENAI_MODELS[name]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / weights.filename
+    for candidate in (target, Path.home() / ".cache" / "clip" / weights.filename):  # ours, then OpenAI's cache
+        if candidate.is_file():
+            if _sha256(candidate) == weights.sha256:
+                return candidate
+            if candidate == target:
+                warnings.warn(f"{target} does not match sha256 {weights.sha256}; downloading it again", stacklevel=2)
+
+    how_to = (
+        f"Download it on a machine with network access (e.g. `curl -L -o {weights.filename} {weights.url}`), "
+        f"check `sha256sum {weights.filename}` is {weights.sha256}, then pass the file with "
+        f"--clip PATH/{weights.filename} (load_clip('PATH/{weights.filename}')) or copy it to {target}"
+    )
+    tmp: Path | None = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{weights.filename}.", suffix=".part")
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(weights.url, timeout=60) as source:
+            total = int(source.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"CLIP {name}") as bar:
+                while block := source.read(1 << 16):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        if digest.hexdigest() != weights.sha256:
+            raise CheckpointError(
+                f"downloaded CLIP {name} from {weights.url} has sha256 {digest.hexdigest()}, expected "
+                f"{weights.sha256}; the download is corrupt or the file changed. {how_to}"
+            )
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        raise CheckpointError(f"could not download CLIP {name} from {weights.url} ({e}). {how_to}") from e
+    finally:  # interrupted, failed or corrupt: never leave a partial file
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read into OpenAI names, with what shapes cannot tell.
+
+    ``quick_gelu`` / heads are None when the files do not say (``load_clip`` then uses
+    the format's default, ``default_quick_gelu``, and width // 64).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str  # "openai-jit" | "openai" | "open_clip" | "hf"
+    path: Path
+    default_quick_gelu: bool
+    quick_gelu: bool | None = None
+    vision_heads: int | None = None
+    transformer_heads: int | None = None
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} as JSON ({e}); fix or delete the file") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: dict, source: str) -> None:
+    """Fill activation, heads and mean/std from an ``open_clip_config.json`` dict, checking it fits."""
+    model_cfg = cfg.get("model_cfg") or {}
+    vision_cfg = model_cfg.get("vision_cfg") or {}
+    text_cfg = model_cfg.get("text_cfg") or {}
+    sd = ckpt.state_dict
+    checks = [
+        ("model_cfg.embed_dim", model_cfg.get("embed_dim"), "text_projection", 1),
+        ("model_cfg.vision_cfg.width", vision_cfg.get("width"), "visual.conv1.weight", 0),
+        ("model_cfg.text_cfg.width", text_cfg.get("width"), "ln_final.weight", 0),
+    ]
+    for what, value, key, dim in checks:
+        if value is not None and key in sd and sd[key].shape[dim] != value:
+            raise CheckpointError(
+                f"{source}: {what} = {value} but the weights have {sd[key].shape[dim]} ({key}); the config belongs "
+                f"to another model. Keep each open_clip model in its own folder with its own {OPEN_CLIP_CONFIG}"
+            )
+    ckpt.quick_gelu = bool(model_cfg.get("quick_gelu", False))  # open_clip's default is nn.GELU
+    width = vision_cfg.get("width") or (sd["visual.conv1.weight"].shape[0] if "visual.conv1.weight" in sd else None)
+    if width:
+        # open_clip: heads = width // head_width
+        ckpt.vision_heads = int(width) // int(vision_cfg.get("head_width", 64))
+    if text_cfg:
+        ckpt.transformer_heads = int(text_cfg.get("heads", 8))  # open_clip CLIPTextCfg default
+    pre = cfg.get("preprocess_cfg") or {}
+    ckpt.mean = tuple(float(x) for x in pre.get("mean", ckpt.mean))
+    ckpt.std = tuple(float(x) for x in pre.get("std", ckpt.std))
+
+
+def _is_hf_state_dict(sd: dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; corrupt files vary
+        raise CheckpointError(
+            f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
+            "Expected a state dict of tensors; full pickles are never executed. Re-save it as a state dict "
+            "(torch.save(model.state_dict(), path)) or as safetensors"
+        ) from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); download it again") from e
+
+
+def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a HF folder: model.safetensors, its shards, or pytorch_model.bin."""
+    if (folder / "model.safetensors").is_file():
+        return _load_safetensors(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():
+        index = _read_json(folder / "model.safetensors.index.json")
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set((index.get("weight_map") or {}).values())):
+            sd.update(_load_safetensors(folder / shard))
+        return sd
+    if (folder / "pytorch_model.bin").is_file():
+        return unwrap_state_dict(_torch_load(folder / "pytorch_model.bin"))
+    raise CheckpointError(
+        f"HF folder {folder} has config.json but no model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin"
+    )
+
+
+def _read_hf(folder: Path, sd: dict[str, torch.Tensor], source: Path) -> LoadedCheckpoint:
+    """HF CLIPModel weights + the folder's config.json (and preprocessor_config.json if present)."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{source} has Hugging Face CLIPModel names (vision_model.*, text_model.*) but no config.json beside "
+            "it; pass the HF model folder (config.json + weights) instead"
+        )
+    hf_config = _read_json(folder / "config.json")
+    options = hf_options(hf_config)
+    ckpt = LoadedCheckpoint(from_hf(sd, hf_config), "hf", source, default_quick_gelu=options["quick_gelu"],
+                            quick_gelu=options["quick_gelu"], vision_heads=options["vision_heads"],
+                            transformer_heads=options["transformer_heads"])
+    if (folder / "preprocessor_config.json").is_file():
+        pre = _read_json(folder / "preprocessor_config.json")
+        ckpt.mean = tuple(float(x) for x in pre.get("image_mean", CLIP_MEAN))
+        ckpt.std = tuple(float(x) for x in pre.get("image_std", CLIP_STD))
+    return ckpt
+
+
+def _read_open_clip_file(path: Path, obj: Any, default_quick_gelu: bool, fmt: str) -> LoadedCheckpoint:
+    sd = from_open_clip(obj)
+    ckpt = LoadedCheckpoint(sd, fmt, path, default_quick_gelu=default_quick_gelu)
+    sidecar = path.parent / OPEN_CLIP_CONFIG
+    if sidecar.is_file():
+        _apply_open_clip_config(ckpt, _read_json(sidecar), str(sidecar))
+    return ckpt
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read a checkpoint file or folder into OpenAI names (see the module docstring for the rules)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() and any(
+            (path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+        ):
+            return _read_hf(path, _hf_weights(path), path)
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if (path / OPEN_CLIP_CONFIG).is_file() and (path / name).is_file():
+                return read_checkpoint(path / name)
+        raise CheckpointError(
+            f"folder {path} is not a CLIP checkpoint: expected config.json + model.safetensors (Hugging Face) or "
+            f"{OPEN_CLIP_CONFIG} + open_clip_model.safetensors (open_clip); it has "
+            f"{sorted(p.name for p in path.iterdir())[:20]}. Or pass the weights file itself"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"CLIP checkpoint {path} does not exist")
+
+    if is_torchscript_archive(path):
+        sd, extra = read_torchscript(path)
+        ckpt = LoadedCheckpoint(from_openai(sd), "openai-jit", path, default_quick_gelu=True)
+        cfg = read_extra_json(extra, OPEN_CLIP_CONFIG)  # written by save_clip, absent in OpenAI's archives
+        if cfg is not None:
+            _apply_open_clip_config(ckpt, cfg, f"{path}:extra/{OPEN_CLIP_CONFIG}")
+        return ckpt
+
+    if path.suffix == ".safetensors":
+        obj: Any = _load_safetensors(path)
+        if _is_hf_state_dict(obj):
+            return _read_hf(path.parent, obj, path)
+        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip")
+
+    obj = _torch_load(path)
+    sd = unwrap_state_dict(obj)
+    if _is_hf_state_dict(sd):
+        return _read_hf(path.parent, sd, path)
+    # A training checkpoint ({"state_dict": ...} or DDP names) comes from open_clip's trainer;
+    # a flat state dict with OpenAI names is OpenAI's convention (clip.load(jit=False)).
+    wrapped = not (isinstance(obj, dict) and len(obj) == len(sd) and all(k in obj for k in sd))
+    if wrapped or path.name.startswith("open_clip"):
+        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip")
+    return _read_open_clip_file(path, sd, default_quick_gelu=True, fmt="openai")
+
+
+def resolve_spec(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A model name (downloaded / cached) or an existing path -> the path to read."""
+    if isinstance(spec, str) and spec in OPENAI_MODELS:
+        return download_weights(spec, cache_dir)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    raise CheckpointError(
+        f"CLIP spec {str(spec)!r} is neither an existing file or folder nor a known model name. "
+        f"Available names: {', '.join(OPENAI_MODELS)}; or pass a path to a TorchScript .pt, a state dict "
+        "(.pt/.pth/.bin), a .safetensors file or a Hugging Face model folder"
+    )
+
+
+def load_clip(
+    spec: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quick_gelu: bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> CLIP:
+    """Load a frozen CLIP from a model name, file or folder (formats: module docstring).
+
+    Returns the model in eval mode with ``requires_grad`` False, weights cast to
+    ``dtype`` (OpenAI's fp16 releases become float32 by default) on ``device``, and
+    attributes ``spec`` (str), ``image_mean`` / ``image_std`` (3-tuples: the
+    normalisation these weights expect) and the weights fingerprint precomputed.
+    ``quick_gelu`` overrides the activation the files imply. Any failure raises
+    ``CheckpointError`` (``UnsafeCheckpointError`` for a pickle that could run code).
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype {dtype!r} is not a floating point torch.dtype; use torch.float32, float16 or bfloat16")
+    path = resolve_spec(spec, cache_dir)
+    ckpt = read_checkpoint(path)
+    if isinstance(spec, str) and spec in OPENAI_MODELS:
+        ckpt.mean, ckpt.std = OPENAI_MODELS[spec].mean, OPENAI_MODELS[spec].std
+    gelu = quick_gelu if quick_gelu is not None else (
+        ckpt.quick_gelu if ckpt.quick_gelu is not None else ckpt.default_quick_gelu
+    )
+    config = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
+    try:
+        with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+            model = CLIP.from_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build CLIP {config} ({e})") from e
+    check_state_dict(ckpt.state_dict, model)
+    state = {k: v.to(dtype).contiguous() for k, v in ckpt.state_dict.items()}  # fp16 releases -> float32
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors not in the state dict stayed on the meta device: {left}"  # a non-persistent buffer
+    model = model.to(device).eval().requires_grad_(False)
+    model.spec = str(spec)
+    model.image_mean = tuple(float(x) for x in ckpt.mean)
+    model.image_std = tuple(float(x) for x in ckpt.std)
+    model.checkpoint_format = ckpt.format
+    weights_fingerprint(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+
+def _mean_std(clip: CLIP) -> tuple[list[float], list[float]]:
+    return list(getattr(clip, "image_mean", CLIP_MEAN)), list(getattr(clip, "image_std", CLIP_STD))
+
+
+def open_clip_config(clip: CLIP) -> dict[str, Any]:
+    """open_clip's hub config for this model: ``{"model_cfg": ..., "preprocess_cfg": ...}``."""
+    c = clip.config
+    vision_heads = c.vision_heads or max(c.vision_width // 64, 1)
+    mean, std = _mean_std(clip)
+    return {
+        "model_cfg": {
+            "embed_dim": c.embed_dim,
+            "quick_gelu": c.quick_gelu,
+            "vision_cfg": {"image_size": c.image_resolution, "layers": c.vision_layers, "width": c.vision_width,
+                           "patch_size": c.vision_patch_size, "head_width": c.vision_width // vision_heads},
+            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size,
+                         "width": c.transformer_width, "heads": c.transformer_heads, "layers": c.transformer_layers},
+        },
+        "preprocess_cfg": {"mean": mean, "std": std},
+    }
+
+
+def _is_openai_convention(clip: CLIP) -> bool:
+    """True when a bare OpenAI file reloads exactly: QuickGELU, width // 64 heads, CLIP's mean / std."""
+    c = clip.config
+    mean, std = _mean_std(clip)
+    return (
+        c.quick_gelu
+        and (c.vision_heads or max(c.vision_width // 64, 1)) == max(c.vision_width // 64, 1)
+        and c.transformer_heads == max(c.transformer_width // 64, 1)
+        and tuple(mean) == CLIP_MEAN and tuple(std) == CLIP_STD
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_sidecar(folder: Path, cfg: dict | None) -> None:
+    """Write (or require absent) ``open_clip_config.json``; refuse to overwrite another model's."""
+    sidecar = folder / OPEN_CLIP_CONFIG
+    if sidecar.is_file():
+        existing = _read_json(sidecar)
+        if existing == cfg:
+            return
+        raise CheckpointError(
+            f"{sidecar} exists and describes another model; it would be applied to the file being saved. "
+            "Save into an empty folder or delete that file"
+        )
+    if cfg is not None:
+        _atomic_write(sidecar, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8"))
+
+
+def _state_dict(clip: CLIP) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
+
+
+def _trace(clip: CLIP) -> torch.jit.ScriptModule:
+    """TorchScript trace of forward / encode_image / encode_text, as OpenAI's released archives."""
+    c = clip.config
+    device = clip.visual.conv1.weight.device
+    images = torch.zeros(1, 3, c.image_resolution, c.image_resolution, dtype=clip.dtype, device=device)
+    tokens = torch.zeros(1, c.context_length, dtype=torch.long, device=device)
+    tokens[0, 0], tokens[0, 1] = max(c.vocab_size - 2, 0), c.vocab_size - 1  # start, end of text (largest id)
+    was_training = clip.training
+    clip.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript deprecation and TracerWarnings
+            return torch.jit.trace_module(
+                clip, {"forward": (images, tokens), "encode_image": (images,), "encode_text": (tokens,)},
+                check_trace=False, _store_inputs=False,
+            )
+    finally:
+        clip.train(was_training)
+
+
+def save_clip(clip: CLIP, path: str | Path, format: str = "openai") -> Path:
+    """Write ``clip`` in a checkpoint format ``load_clip`` (and the original libraries) read.
+
+    - ``"openai"``: ``torch.save`` of the state dict (OpenAI names), e.g. ``clip.pt``;
+      ``open_clip_config.json`` is written beside it only when the model departs from
+      OpenAI's conventions (GELU, other heads, other mean / std).
+    - ``"openai-jit"``: a real TorchScript archive (``torch.jit.trace`` + ``torch.jit.save``)
+      like OpenAI's releases, with ``extra/open_clip_config.json`` inside.
+    - ``"open_clip"``: safetensors with OpenAI names + ``open_clip_config.json`` beside.
+    - ``"hf"``: a folder with ``config.json``, ``model.safetensors`` (transformers
+      ``CLIPModel`` names) and ``preprocessor_config.json``.
+
+    Returns the written path. Files are written atomically.
+    """
+    path = Path(path).expanduser()
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected one of {', '.join(SAVE_FORMATS)}")
+    if not hasattr(clip, "config"):
+        raise TypeError(f"save_clip needs a reclip CLIP (with .config), got {type(clip).__name__}")
+    cfg = open_clip_config(clip)
+    if format == "openai":
+        _write_sidecar(path.parent, None if _is_openai_convention(clip) else cfg)
+        sd = _state_dict(clip)
+        _atomic_write(path, lambda p: torch.save(sd, p))
+    elif format == "openai-jit":
+        traced = _trace(clip)
+        extra = {OPEN_CLIP_CONFIG: json.dumps(cfg, indent=2)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _atomic_write(path, lambda p: torch.jit.save(traced, str(p), _extra_files=extra))
+    elif format == "open_clip":
+        _write_sidecar(path.parent, cfg)
+        sd = _state_dict(clip)
+        _atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    else:  # hf
+        hf_sd, hf_config = to_hf(_state_dict(clip), clip.config)
+        mean, std = _mean_std(clip)
+        res = clip.config.image_resolution
+        preprocessor = {  # transformers CLIPImageProcessor fields (resample 3 = bicubic)
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": res},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": res, "width": res},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
+            "image_std": std, "do_convert_rgb": True,
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path / "model.safetensors", lambda p: save_file(hf_sd, str(p), metadata={"format": "pt"}))
+        for name, data in (("config.json", hf_config), ("preprocessor_config.json", preprocessor)):
+            _atomic_write(path / name, lambda p, d=data: p.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8"))
+    return path

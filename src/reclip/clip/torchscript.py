@@ -1,0 +1,308 @@
+"""A restricted reader for TorchScript archives (OpenAI's released ``ViT-B-16.pt`` etc.).
+
+OpenAI released CLIP as ``torch.jit`` archives. ``torch.jit.load`` would run the
+archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript, so we read
+the zip ourselves, without executing anything from the file:
+
+- ``<archive>/data.pkl`` is a pickle of the module tree. Each module is pickled as
+  ``GLOBAL __torch__.<path> <Class>``, ``NEWOBJ``, then its attribute dict via ``BUILD``
+  (parameters, buffers, submodules, ``training``). We map every ``__torch__.*`` class to
+  an inert placeholder that only stores that dict.
+- tensors are ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``
+  whose storage is a persistent id ``('storage', torch.HalfStorage, key, location,
+  numel)``; the bytes are the zip record ``<archive>/data/<key>`` (little endian).
+- any other global (``os.system``, ``builtins.eval``, ...) raises
+  ``UnsafeCheckpointError`` naming it, before anything could be called.
+
+Format reference: torch/csrc/jit/serialization/export_module.cpp and
+torch/serialization.py (``_load``, persistent ids), read from PyTorch's source.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .convert import CheckpointError
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle references something other than tensors and plain containers."""
+
+
+# Storage class names that may appear in persistent ids -> element dtype.
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+# dtype globals (``torch float16``) a pickle may name; a fixed table, no getattr on torch.
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool)
+}
+
+
+class _Token:
+    """Inert stand-in for an allowed global: a storage type or a known function.
+
+    Instances cannot be changed by pickle's ``BUILD`` (``__setstate__`` refuses), so a
+    crafted pickle cannot patch the reader's own callables.
+    """
+
+    __slots__ = ("name", "dtype", "fn")
+
+    def __init__(self, name: str, dtype: torch.dtype | None = None, fn: Callable | None = None) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        if self.fn is None:
+            raise UnsafeCheckpointError(f"the pickle calls {self.name}, which is a type, not a tensor builder")
+        return self.fn(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError(f"the pickle tries to modify {self.name}; refusing the checkpoint")
+
+
+class ScriptObject:
+    """Inert placeholder for a pickled ``__torch__.*`` module: keeps its state, runs nothing."""
+
+    type_name = "__torch__"
+    args: tuple = ()
+    state: Any = None  # NEWOBJ does not call __init__; BUILD sets the state
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name}>"
+
+
+class _Storage:
+    """A storage read from ``data/<key>``: a flat tensor of its dtype."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError("the pickle tries to modify a storage; refusing the checkpoint")
+
+
+def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *rest: Any) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 on our storage; extra args (requires_grad, hooks) ignored."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeCheckpointError(f"a tensor is rebuilt from {type(storage).__name__}, expected a storage record")
+    flat = storage.flat
+    numel = 1
+    for s in size:
+        numel *= int(s)
+    if numel == 0:
+        return torch.empty(tuple(size), dtype=flat.dtype)
+    last = int(offset) + sum((int(n) - 1) * int(st) for n, st in zip(size, stride))
+    if offset < 0 or last >= flat.numel():
+        raise CheckpointError(
+            f"tensor of size {tuple(size)} at offset {offset} overruns its storage of {flat.numel()} elements; "
+            "the archive is corrupt, download it again"
+        )
+    t = flat.as_strided(tuple(size), tuple(stride), int(offset))
+    # Views sharing one storage (or a part of it) are copied so each tensor owns its memory.
+    return t if (t.numel() == flat.numel() and t.is_contiguous()) else t.clone()
+
+
+def _rebuild_parameter(data: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """torch._utils._rebuild_parameter(data, requires_grad, backward_hooks[, state]) -> the tensor."""
+    if not isinstance(data, torch.Tensor):
+        raise UnsafeCheckpointError(f"a parameter wraps {type(data).__name__}, expected a tensor")
+    return data
+
+
+def _identity(value: Any, *rest: Any) -> Any:
+    """torch.jit._pickle.build_intlist / restore_type_tag: return the plain value."""
+    return value
+
+
+def _ordered_dict(*args: Any) -> dict:
+    if args and not isinstance(args[0], (list, tuple, dict)):
+        raise UnsafeCheckpointError(f"OrderedDict built from {type(args[0]).__name__}")
+    return OrderedDict(*args)
+
+
+# (module, name) -> stand-in function; everything else except __torch__.* raises.
+_ALLOWED_CALLS: dict[tuple[str, str], Callable] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("torch.jit._pickle", "restore_type_tag"): _identity,
+    ("torch.jit._pickle", "build_intlist"): _identity,
+    ("torch.jit._pickle", "build_doublelist"): _identity,
+    ("torch.jit._pickle", "build_boollist"): _identity,
+    ("torch.jit._pickle", "build_tensorlist"): _identity,
+    ("torch", "device"): str,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds tensors, plain containers and inert module placeholders."""
+
+    def __init__(self, data: bytes, read_record: Callable[[str], bytes]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._read_record = read_record
+        self._storages: dict[str, _Storage] = {}
+        self._classes: dict[str, type] = {}  # per load: a crafted BUILD cannot leak into later loads
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self._classes:
+                self._classes[qualname] = type(name, (ScriptObject,), {"type_name": qualname})
+            return self._classes[qualname]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _Token(f"torch.{name}", dtype=_STORAGE_DTYPES[name])
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]  # a dtype: immutable, BUILD on it fails
+        fn = _ALLOWED_CALLS.get((module, name))
+        if fn is not None:
+            return _Token(f"{module}.{name}", fn=fn)
+        raise UnsafeCheckpointError(
+            f"the checkpoint's pickle references {module}.{name}, which is not a tensor or plain container; "
+            "refusing to load it (it could run code). Use a checkpoint from a trusted source in a "
+            "supported format (TorchScript archive, state dict, safetensors, HF folder)"
+        )
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        # ('storage', storage_type, key, location, numel); location (e.g. 'cuda:0') is ignored: all on CPU.
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(
+                f"unexpected persistent id {pid!r}; expected ('storage', type, key, location, numel)"
+            )
+        _, storage_type, key, _location, numel = pid
+        if isinstance(storage_type, _Token) and storage_type.dtype is not None:
+            dtype = storage_type.dtype
+        elif isinstance(storage_type, torch.dtype):
+            dtype = storage_type
+        else:
+            raise UnsafeCheckpointError(
+                f"persistent id names storage type {storage_type!r}, expected a torch storage type"
+            )
+        if not isinstance(key, str) or not key.isalnum():
+            raise UnsafeCheckpointError(f"storage key {key!r} is not a plain record name")
+        if key not in self._storages:
+            raw = self._read_record(key)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if len(raw) != int(numel) * itemsize:
+                raise CheckpointError(
+                    f"storage record data/{key} has {len(raw)} bytes, expected {numel} x {itemsize} ({dtype}); "
+                    "the archive is corrupt, download it again"
+                )
+            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self._storages[key] = _Storage(flat)
+        return self._storages[key]
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a zip holding ``*/data.pkl`` and TorchScript code (``*/code/`` or ``*/constants.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    has_data = any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names)
+    has_code = any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in names)
+    return has_data and has_code
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+    """Walk placeholder states: tensors become ``prefix + name``, submodules recurse."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    state = obj.state
+    if not isinstance(state, dict):
+        return  # modules with custom __getstate__ hold no parameters we use
+    for name, value in state.items():
+        if not isinstance(name, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value.detach()  # drops anything a crafted BUILD attached (hooks)
+        elif isinstance(value, ScriptObject):
+            _flatten(value, f"{prefix}{name}.", out, seen)
+
+
+def read_torchscript(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    """Read a TorchScript archive's tensors without executing it.
+
+    Returns the flat state dict {dotted_name: tensor} (the archive's dtype, on CPU) and
+    the archive's ``extra/`` files {name: bytes} (``torch.jit.save(_extra_files=...)``).
+    Raises ``UnsafeCheckpointError`` if ``data.pkl`` references anything but tensors,
+    plain containers and ``__torch__`` modules, ``CheckpointError`` if it is malformed.
+    """
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable zip archive ({e}); expected a TorchScript .pt file") from e
+    with zf:
+        names = zf.namelist()
+        pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pkls) != 1:
+            raise CheckpointError(f"{path}: expected one '<archive>/data.pkl' in the zip, found {pkls or 'none'}")
+        root = pkls[0].split("/")[0]
+        byteorder = f"{root}/byteorder"
+        if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
+            raise CheckpointError(f"{path}: byte order {zf.read(byteorder)!r} is not supported; expected little endian")
+
+        def read_record(key: str) -> bytes:
+            try:
+                return zf.read(f"{root}/data/{key}")
+            except KeyError as e:
+                raise CheckpointError(
+                    f"{path}: storage record {root}/data/{key} is missing; the archive is corrupt"
+                ) from e
+
+        try:
+            top = _RestrictedUnpickler(zf.read(pkls[0]), read_record).load()
+        except (UnsafeCheckpointError, CheckpointError):
+            raise
+        except Exception as e:  # malformed pickle: name the file and the cause
+            raise CheckpointError(f"{path}: cannot read {pkls[0]} ({type(e).__name__}: {e})") from e
+        extra_dir = f"{root}/extra/"
+        extra = {n[len(extra_dir):]: zf.read(n) for n in names if n.startswith(extra_dir) and not n.endswith("/")}
+    if not isinstance(top, ScriptObject):
+        raise CheckpointError(f"{path}: data.pkl holds {type(top).__name__}, expected a TorchScript module")
+    state_dict: dict[str, torch.Tensor] = {}
+    _flatten(top, "", state_dict, set())
+    return state_dict, extra
+
+
+def read_extra_json(extra: dict[str, bytes], name: str) -> dict | None:
+    """Parse one JSON file from an archive's extra files, or None if absent."""
+    if name not in extra:
+        return None
+    try:
+        return json.loads(extra[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"extra file {name!r} in the archive is not valid JSON ({e})") from e
