@@ -23,7 +23,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
-	$(PY) benchmarks/bench_inference.py
+	$(VENV)/bin/reclip bench
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -116,7 +116,7 @@ def test_dataset_on_synthetic_layout(name, written):
 def test_voc_ids_follow_split_file_and_train_split(written):
     ds = _dataset("voc21", written, "train")
     assert ds.image_ids == ["2007_000000", "2007_000001"]
-    assert ds.class_names[0] == "sky" and ds.classes[15][0] == "person" and len(ds.classes[15]) > 1
+    assert ds.class_names[0] == "background" and ds.classes[0][0] == "sky" and ds.classes[15][0] == "person" and len(ds.classes[15]) > 1
 
 
 def test_cityscapes_ids_keep_city_folders(written):

@@ -1,3 +1,35 @@
-"""reclip: semantic segmentation without pixel labels, built on CLIP."""
+"""reclip: semantic segmentation without pixel labels, built on CLIP.
+
+The Python API matches the command line::
+
+    import reclip
+    clip = reclip.load_clip("ViT-B/16")             # or a checkpoint file / HF folder
+    result = reclip.evaluate(clip, "clearclip", "voc20", "data/VOCdevkit/VOC2012")
+    reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
+"""
 
 __version__ = "0.1.0"
+
+from reclip.api import EvaluationResult, evaluate, segment_files
+from reclip.clip import CLIP, load_clip, tokenize
+from reclip.features import dense_features, get_strategy
+from reclip.inference import InferenceConfig, segment
+from reclip.methods import METHODS, build_segmentor
+from reclip.text import Vocabulary, query_embeddings
+
+__all__ = [
+    "CLIP",
+    "METHODS",
+    "EvaluationResult",
+    "InferenceConfig",
+    "Vocabulary",
+    "build_segmentor",
+    "dense_features",
+    "evaluate",
+    "get_strategy",
+    "load_clip",
+    "query_embeddings",
+    "segment",
+    "segment_files",
+    "tokenize",
+]

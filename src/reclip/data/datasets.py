@@ -452,7 +452,7 @@ class SegmentationDataset(Dataset):
         self.root = Path(data_root).expanduser()
         self.vocabulary = protocol.vocabulary()
         self.classes = self.vocabulary.to_list()  # one list of synonyms per class
-        self.class_names = [c[0] for c in self.classes]
+        self.class_names = list(self.vocabulary.names)
         self.num_classes = len(self.classes)
         spec = protocol.splits[split]
         self.has_labels = spec.label_dir is not None

@@ -1,0 +1,5 @@
+"""Heads: map dense CLIP features to class logits (B, C, h, w)."""
+
+from reclip.heads.zero_shot import ZeroShotSegmentor
+
+__all__ = ["ZeroShotSegmentor"]

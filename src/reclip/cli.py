@@ -1,0 +1,193 @@
+"""The ``reclip`` command line; every command is a thin layer over ``reclip.api``.
+
+    reclip segment  --clip SPEC --method maskclip --classes "cat,dog" --out DIR IMAGES...
+    reclip evaluate --clip SPEC --method clearclip --dataset voc20 --data-root DIR --json OUT.json
+    reclip demo     [--out DIR]
+    reclip bench
+    reclip methods | datasets
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from reclip import api
+from reclip.data.datasets import list_protocols, load_protocol
+from reclip.features import ATTENTIONS
+from reclip.methods import METHODS
+from reclip.text import TEMPLATE_SETS
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--clip", required=True, metavar="SPEC",
+                   help="CLIP weights: a name (ViT-B/16, ViT-L/14, ...), an OpenAI/open_clip checkpoint "
+                        "file or a Hugging Face CLIP folder")
+    g.add_argument("--method", default="maskclip", choices=sorted(METHODS), help="segmentation method")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--templates", choices=sorted(TEMPLATE_SETS), help="prompt templates (default: the method's)")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation of open_clip checkpoints without a config (default: inferred)")
+    s = p.add_argument_group("last-block strategy overrides (ClearCLIP's decomposition)")
+    s.add_argument("--attention", choices=ATTENTIONS, help="last-block attention")
+    s.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the last block's residual")
+    s.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None, help="keep the last block's FFN")
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (default: the protocol's published settings)")
+    g.add_argument("--mode", choices=("whole", "slide"))
+    g.add_argument("--short-side", type=int, help="resize the short side to this before inference")
+    g.add_argument("--window", type=int, help="sliding-window size")
+    g.add_argument("--stride", type=int, help="sliding-window stride")
+    g.add_argument("--batch-size", type=int, help="windows per forward pass")
+    g.add_argument("--logit-scale", type=float, help="scale of cosine logits before the softmax")
+    g.add_argument("--prob-thd", type=float, help="background probability threshold (SCLIP family)")
+    g.add_argument("--pd-threshold", type=float, help="prompt-denoising threshold (ReCLIP)")
+    g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
+
+
+def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("mode", "short_side", "window", "stride", "batch_size", "logit_scale", "prob_thd", "pd_threshold", "pamr")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _strategy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("attention", "residual", "ffn") if getattr(args, k) is not None}
+
+
+def _load(args: argparse.Namespace):
+    from reclip.clip import load_clip
+
+    return load_clip(args.clip, device=_device(args.device), quick_gelu=args.quick_gelu)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    if args.classes is None and args.classes_file is None:
+        raise SystemExit("reclip segment: give the class names with --classes 'cat,dog' or --classes-file FILE")
+    classes = args.classes_file if args.classes_file is not None else args.classes
+    clip = _load(args)
+    summary = api.segment_files(
+        clip, args.method, classes, args.inputs, args.out,
+        inference=_inference_overrides(args), background=args.background,
+        strategy_overrides=_strategy_overrides(args), templates=args.templates,
+        progress=not args.quiet,
+    )
+    print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
+          f"({len(summary.skipped)} skipped)")
+    for path, reason in summary.skipped:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    clip = _load(args)
+    result = api.evaluate(
+        clip, args.method, args.dataset, args.data_root, args.split,
+        classes_file=args.classes_file, inference=_inference_overrides(args),
+        strategy_overrides=_strategy_overrides(args), templates=args.templates,
+        absent_as_zero=args.absent_as_zero, limit=args.limit, progress=not args.quiet,
+    )
+    print(result.table())
+    print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
+          f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
+    for path, reason in result.skipped:
+        print(f"  skipped {path}: {reason}")
+    if args.json:
+        print(f"wrote {result.save_json(args.json)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from reclip.demo import run_demo
+
+    run_demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from reclip.bench import main as bench_main
+
+    return bench_main(device=args.device, images=args.images)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for m in METHODS.values():
+        print(f"{m.name:<10} {m.family:<9} {m.summary}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    for name in list_protocols():
+        print(f"{name:<14} {load_protocol(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reclip", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("segment", parents=[common], help="segment images into class masks")
+    _add_model_args(p)
+    p.add_argument("--classes", help="comma-separated class names (one name per class)")
+    p.add_argument("--classes-file", help="class file: one class per line, synonyms separated by commas")
+    p.add_argument("--background", action="store_true",
+                   help="the first class is background (used by --prob-thd)")
+    p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_inference_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", parents=[common], help="mIoU of a method on a dataset protocol")
+    _add_model_args(p)
+    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
+    p.add_argument("--absent-as-zero", action="store_true",
+                   help="official ReCLIP mean: classes that never occur count as 0")
+    p.add_argument("--limit", type=int, help="only the first N images (a quick look, not a result)")
+    p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    _add_inference_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", parents=[common], help="print speed and memory figures (random ViT-B/16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=int, default=4, help="images in the zero-shot throughput run")
+    p.set_defaults(func=cmd_bench)
+
+    sub.add_parser("methods", parents=[common], help="list methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", parents=[common], help="list dataset protocols").set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # Clear one-line errors for bad input; tracebacks stay for real bugs.
+        print(f"reclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

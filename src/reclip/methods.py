@@ -1,0 +1,120 @@
+"""Methods by name.
+
+A method builds a *segmentor* (normalised images (B, 3, H, W) -> class logits
+(B, C, h, w)) and names the protocol family whose published test settings it is
+evaluated with. Inference, evaluation, the CLI and reports only see the segmentor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from reclip.clip.model import CLIP
+from reclip.features import get_strategy
+from reclip.heads.zero_shot import ZeroShotSegmentor
+from reclip.inference import InferenceConfig
+from reclip.text import QueryEmbeddings, Vocabulary, query_embeddings
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: CLI / API name.
+        family: protocol section its test settings come from ("zero_shot" | "reclip").
+        strategy: the dense-feature preset (features.STRATEGIES) it reads CLIP with.
+        templates: the prompt template set its paper uses (text.TEMPLATE_SETS).
+        summary: one line for listings.
+    """
+
+    name: str
+    family: str
+    strategy: str
+    templates: str
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("raw", "zero_shot", "raw", "imagenet80", "CLIP's last block unchanged (lower bound)"),
+        # MaskCLIP / ReCLIP use the 85 templates; SCLIP / ClearCLIP / NACLIP the 80 (METHODS.md s.1).
+        Method("maskclip", "zero_shot", "maskclip", "reclip85", "MaskCLIP: value path of the last block"),
+        Method("sclip", "zero_shot", "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
+        Method("clearclip", "zero_shot", "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
+        Method("naclip", "zero_shot", "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name raises listing the available ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+def build_segmentor(
+    method: str | Method,
+    clip: CLIP,
+    vocabulary: Vocabulary,
+    *,
+    strategy_overrides: Mapping[str, Any] | None = None,
+    templates: str | None = None,
+    queries: QueryEmbeddings | None = None,
+    text_cache: Any = None,
+    progress: bool = False,
+) -> nn.Module:
+    """The segmentor of ``method`` for ``vocabulary`` on ``clip`` (same device as clip).
+
+    Args:
+        strategy_overrides: LastBlock fields replacing the method's preset, e.g.
+            ``{"residual": False}`` for "maskclip without residual".
+        templates: template set name overriding the method's.
+        queries: precomputed query embeddings (skips text encoding).
+        text_cache: cache_dir for query embeddings (None: default, False: off).
+    """
+    method = method if isinstance(method, Method) else get_method(method)
+    if queries is None:
+        queries = query_embeddings(clip, vocabulary, templates or method.templates, cache_dir=text_cache,
+                                   progress=progress)
+    strategy = get_strategy(method.strategy, **dict(strategy_overrides or {}))
+    return ZeroShotSegmentor(clip, queries.weights, queries.class_index, queries.num_classes, strategy).eval()
+
+
+_INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
+
+
+def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> InferenceConfig:
+    """The published test settings of ``protocol`` for ``method``'s family, then overrides.
+
+    ``overrides`` are InferenceConfig fields; ``None`` values are ignored so CLI flags
+    that were not given leave the protocol's value.
+    """
+    method = method if isinstance(method, Method) else get_method(method)
+    settings = getattr(protocol, method.family)
+    values: dict[str, Any] = {
+        "mode": settings.mode,
+        "short_side": settings.short_side,
+        "max_long_side": settings.max_long_side,
+        "window": settings.window,
+        "stride": settings.stride,
+    }
+    if settings.mode == "whole":
+        values.pop("window"), values.pop("stride")
+    if method.family == "zero_shot":
+        values["logit_scale"] = settings.logit_scale
+        values["prob_thd"] = settings.prob_thd if protocol.background else None
+    else:
+        values["pd_threshold"] = settings.pd_threshold
+    unknown = set(overrides) - _INFERENCE_KEYS
+    if unknown:
+        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return InferenceConfig(**values)

@@ -1,0 +1,150 @@
+"""End to end through the command line: a tiny random CLIP written as a checkpoint file,
+synthetic datasets in the real folder layouts, bad inputs mixed in."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layouts import write_voc
+from reclip import api
+from reclip.cli import main
+from reclip.clip.load import load_clip, save_clip
+from reclip.clip.model import CLIP
+from reclip.data.datasets import SegmentationDataset
+from reclip.data.io import read_label
+from reclip.inference import segment
+from reclip.methods import build_segmentor, inference_config
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=1)
+    return save_clip(model, tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
+
+
+@pytest.fixture(autouse=True)
+def _text_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+
+
+COMMON = ["--quiet", "--templates", "single", "--short-side", "48", "--mode", "slide", "--window", "32",
+          "--stride", "16"]
+
+
+def test_evaluate_writes_json_matching_an_independent_loop(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=3)
+    out = tmp_path / "res.json"
+    code = main(["evaluate", "--clip", str(clip_file), "--method", "clearclip", "--dataset", "voc21",
+                 "--data-root", str(root), "--json", str(out), *COMMON])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "aeroplane" in printed and "mIoU" in printed
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 3 and result["skipped"] == []
+    assert result["settings"]["inference"]["window"] == 32
+
+    # Independent: segment each image with the same segmentor, sum a numpy confusion matrix.
+    clip = load_clip(clip_file)
+    data = SegmentationDataset("voc21", root, "val")
+    cfg = inference_config("clearclip", data.protocol, short_side=48, mode="slide", window=32, stride=16)
+    seg = build_segmentor("clearclip", clip, data.vocabulary, templates="single")
+    inter = np.zeros(21)
+    union = np.zeros(21)
+    for item in (data[i] for i in range(len(data))):
+        pred = segment(seg, item["image"], cfg, background_index=0).labels
+        valid = item["label"] != 255
+        for c in range(21):
+            p, g = (pred == c) & valid, (item["label"] == c) & valid
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    iou = inter[union > 0] / union[union > 0]
+    assert result["mIoU"] == pytest.approx(100 * iou.mean(), abs=1e-3)
+
+
+def test_evaluate_reports_and_skips_a_corrupt_image(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=3)
+    ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    bad = root / "JPEGImages" / f"{ids[1]}.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG, header intact
+    out = tmp_path / "res.json"
+    code = main(["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc21",
+                 "--data-root", str(root), "--json", str(out), *COMMON])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 2
+    assert [s["path"] for s in result["skipped"]] == [str(bad)]
+    assert str(bad) in capsys.readouterr().out
+
+
+def test_evaluate_with_another_class_list_on_the_same_layout(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=2)
+    # Relabel the tree with 3 classes (0, 1, 2; 255 kept) and evaluate it with a 3-line class file.
+    for path in (root / "SegmentationClass").glob("*.png"):
+        label = read_label(path)
+        label = np.where(label == 255, 255, label % 3).astype(np.uint8)
+        Image.fromarray(label).save(path)
+    classes = tmp_path / "mine.txt"
+    classes.write_text("background: sky, wall\nteapot\nbicycle, bike\n")
+    result = api.evaluate(load_clip(clip_file), "naclip", "voc21", root, classes_file=classes,
+                          templates="single", inference={"short_side": 48, "mode": "whole"}, progress=False)
+    assert result.class_names == ["background", "teapot", "bicycle"]
+    assert result.confusion.shape == (3, 3)
+
+
+def test_segment_writes_masks_and_skips_bad_files(tmp_path, clip_file, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 256, (33, 47), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), mode="RGBA").save(folder / "rgba.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "masks"
+    code = main(["segment", "--clip", str(clip_file), "--method", "sclip", "--classes", "cat,dog,grass",
+                 "--out", str(out), str(folder), *COMMON])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 masks" in printed and "empty.jpg" in printed
+    for stem, size in (("rgb", (56, 40)), ("gray", (47, 33)), ("rgba", (30, 30))):
+        mask = Image.open(out / f"{stem}.png")
+        assert mask.mode == "P" and mask.size == size
+        assert np.asarray(mask).max() < 3
+        assert (out / f"{stem}_overlay.jpg").is_file()
+    assert (out / "legend.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["segment", "--classes", " , ", "--out", "x", "img.jpg"], "no class names"),
+        (["evaluate", "--dataset", "voc21", "--data-root", "/nonexistent/voc"], "JPEGImages"),
+        (["evaluate", "--dataset", "pascal", "--data-root", "."], "available"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, clip_file, capsys, argv, message):
+    if argv[0] == "segment":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.jpg")
+        argv = [a if a != "img.jpg" else str(tmp_path / "img.jpg") for a in argv]
+    code = main([argv[0], "--clip", str(clip_file), *argv[1:], "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_method_is_refused_with_the_choices(clip_file, capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--clip", str(clip_file), "--method", "segclip", "--classes", "a", "--out", "x", "y"])
+    err = capsys.readouterr().err
+    assert "segclip" in err and "maskclip" in err
+
+
+def test_listings(capsys):
+    assert main(["methods"]) == 0 and "naclip" in capsys.readouterr().out
+    assert main(["datasets"]) == 0 and "cocostuff27" in capsys.readouterr().out
