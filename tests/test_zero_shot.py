@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from reclip.clip.model import CLIP, pad_to_patch
 from reclip.features import STRATEGIES, dense_features
-from reclip.heads.zero_shot import ZeroShotSegmentor, reduce_synonyms
+from reclip.heads.zero_shot import ZeroShotSegmentor
+from reclip.text import QueryEmbeddings, max_over_synonyms
+
+
+def _head(clip, weights, class_index, num_classes, strategy="maskclip"):
+    return ZeroShotSegmentor(clip, QueryEmbeddings(weights, torch.as_tensor(class_index), num_classes), strategy)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def images(*size: int) -> torch.Tensor:
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_logits_are_cosines_of_dense_features(clip, strategy):
     W = text_weights(4)
-    head = ZeroShotSegmentor(clip, W, torch.arange(4), num_classes=4, strategy=strategy)
+    head = _head(clip, W, torch.arange(4), 4, strategy)
     x = images(2, 3, 32, 48)
     logits = head(x)
     assert logits.shape == (2, 4, 4, 6)
@@ -43,7 +48,7 @@ def test_logits_are_cosines_of_dense_features(clip, strategy):
 def test_synonym_max(clip):
     W = text_weights(5)
     class_index = torch.tensor([0, 0, 1, 2, 2])
-    head = ZeroShotSegmentor(clip, W, class_index, num_classes=3, strategy="clearclip")
+    head = _head(clip, W, class_index, 3, "clearclip")
     x = images(2, 3, 32, 40)
     logits = head(x)
     q = head.query_logits(x)  # (B, 5, h, w)
@@ -55,13 +60,13 @@ def test_synonym_max(clip):
     assert (q[:, 0] > q[:, 1]).any() and (q[:, 1] > q[:, 0]).any()
     # synonyms need not be contiguous
     perm = torch.tensor([3, 0, 2, 4, 1])
-    head_perm = ZeroShotSegmentor(clip, W[perm], class_index[perm], num_classes=3, strategy="clearclip")
+    head_perm = _head(clip, W[perm], class_index[perm], 3, "clearclip")
     torch.testing.assert_close(head_perm(x), logits)
 
 
 def test_reduce_synonyms_gradient():
     q = torch.randn(1, 3, 2, 2, requires_grad=True)
-    out = reduce_synonyms(q, torch.tensor([1, 0, 1]), 2)
+    out = max_over_synonyms(q, torch.tensor([1, 0, 1]), 2)
     out.sum().backward()
     # each pixel of class 1 sends its gradient to exactly one of its two synonyms
     torch.testing.assert_close(q.grad[0, [0, 2]].sum(0), torch.ones(2, 2))
@@ -70,7 +75,7 @@ def test_reduce_synonyms_gradient():
 
 def test_padding_is_cropped_in_alignment(clip):
     W = text_weights(3)
-    head = ZeroShotSegmentor(clip, W, torch.arange(3), num_classes=3, strategy="maskclip")
+    head = _head(clip, W, torch.arange(3), 3, "maskclip")
     x = images(1, 3, 27, 41)  # patch 8: padded to 32 x 48, grid 4 x 6
     logits = head(x)
     assert logits.shape == (1, 3, 27, 41)
@@ -86,18 +91,18 @@ def test_padding_is_cropped_in_alignment(clip):
 
 def test_buffers_and_validation(clip):
     W = text_weights(3)
-    head = ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 1]), num_classes=2)
+    head = _head(clip, W, torch.tensor([0, 1, 1]), 2)
     buffers = dict(head.named_buffers())
     assert set(buffers) == {"text_weights", "class_index"}
     assert buffers["class_index"].dtype == torch.long
     assert head.strategy == STRATEGIES["maskclip"]
     with pytest.raises(ValueError, match="L2-normalised"):
-        ZeroShotSegmentor(clip, 2 * W, torch.arange(3), num_classes=3)
-    with pytest.raises(ValueError, match=r"classes \[2\] have no query"):
-        ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 1]), num_classes=3)
-    with pytest.raises(ValueError, match="must lie in"):
-        ZeroShotSegmentor(clip, W, torch.tensor([0, 1, 3]), num_classes=3)
+        _head(clip, 2 * W, torch.arange(3), 3)
+    with pytest.raises(ValueError, match="cover every class"):
+        _head(clip, W, torch.tensor([0, 1, 1]), 3)
+    with pytest.raises(ValueError, match="cover every class"):
+        _head(clip, W, torch.tensor([0, 1, 3]), 3)
     with pytest.raises(ValueError, match="D=16"):
-        ZeroShotSegmentor(clip, F.normalize(torch.randn(3, 16), dim=-1), torch.arange(3), num_classes=3)
+        _head(clip, F.normalize(torch.randn(3, 16), dim=-1), torch.arange(3), 3)
     with pytest.raises(ValueError, match="available"):
-        ZeroShotSegmentor(clip, W, torch.arange(3), num_classes=3, strategy="nope")
+        _head(clip, W, torch.arange(3), 3, "nope")

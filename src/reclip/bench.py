@@ -28,6 +28,7 @@ from reclip.clip.tokenizer import tokenize
 from reclip.features import dense_features
 from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.inference import InferenceConfig, segment
+from reclip.text import QueryEmbeddings
 
 VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
@@ -58,8 +59,8 @@ def _peak_rss_mib() -> float:
 def bench_zero_shot(clip: CLIP, device: torch.device, images: int, num_classes: int = 20) -> dict[str, float]:
     """images/s of MaskCLIP zero-shot segmentation of 448 x 597 images (2 windows each)."""
     weights = torch.nn.functional.normalize(torch.randn(num_classes, clip.config.embed_dim), dim=-1)
-    head = ZeroShotSegmentor(clip, weights.to(device), torch.arange(num_classes, device=device), num_classes,
-                             "maskclip").eval()
+    queries = QueryEmbeddings(weights.to(device), torch.arange(num_classes, device=device), num_classes)
+    head = ZeroShotSegmentor(clip, queries, "maskclip").eval()
     cfg = InferenceConfig(mode="slide", short_side=448, window=448, stride=224, logit_scale=50.0)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (448, 597, 3), dtype=np.uint8) for _ in range(images)]

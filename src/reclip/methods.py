@@ -85,7 +85,7 @@ def build_segmentor(
         queries = query_embeddings(clip, vocabulary, templates or method.templates, cache_dir=text_cache,
                                    progress=progress)
     strategy = get_strategy(method.strategy, **dict(strategy_overrides or {}))
-    return ZeroShotSegmentor(clip, queries.weights, queries.class_index, queries.num_classes, strategy).eval()
+    return ZeroShotSegmentor(clip, queries, strategy).eval()
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}

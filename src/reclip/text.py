@@ -330,6 +330,20 @@ def read_class_file(path: str | os.PathLike) -> Vocabulary:
 # -- query embeddings -------------------------------------------------------------------
 
 
+def max_over_synonyms(similarity: torch.Tensor, class_index: torch.Tensor, num_classes: int,
+                      dim: int = 1) -> torch.Tensor:
+    """(..., S, ...) per-synonym scores -> (..., C, ...) per-class scores, max over each class's rows.
+
+    ``class_index`` (S,) gives the class of each synonym; every class must own one. The
+    gradient flows to the argmax synonym.
+    """
+    x = similarity.movedim(dim, -1)  # (..., S)
+    index = class_index.to(x.device).expand_as(x)
+    out = x.new_full((*x.shape[:-1], num_classes), float("-inf"))
+    out = out.scatter_reduce(-1, index, x, reduce="amax", include_self=False)  # (..., C)
+    return out.movedim(-1, dim)
+
+
 @dataclass(frozen=True, eq=False)
 class QueryEmbeddings:
     """Per-synonym text embeddings W_q and how synonyms map to classes.
@@ -416,11 +430,7 @@ class QueryEmbeddings:
             )
         if self.is_one_per_class:
             return similarity
-        x = similarity.movedim(dim, -1)  # (..., S)
-        index = self.class_index.to(x.device).expand_as(x)
-        out = x.new_full((*x.shape[:-1], self.num_classes), float("-inf"))
-        out = out.scatter_reduce(-1, index, x, reduce="amax", include_self=False)  # (..., C)
-        return out.movedim(-1, dim)
+        return max_over_synonyms(similarity, self.class_index, self.num_classes, dim)
 
     def classify(self, features: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Class scores of features: dot product with every synonym, then max per class.

@@ -14,22 +14,9 @@ from torch import Tensor, nn
 
 from reclip.clip.model import CLIP
 from reclip.features import LastBlock, dense_features_with_grid, get_strategy
+from reclip.text import QueryEmbeddings, max_over_synonyms
 
-__all__ = ["ZeroShotSegmentor", "reduce_synonyms"]
-
-
-def reduce_synonyms(query_logits: Tensor, class_index: Tensor, num_classes: int) -> Tensor:
-    """Class scores as the max over each class's synonyms.
-
-    query_logits (B, S, h, w), class_index (S,) long in [0, num_classes) ->
-    (B, num_classes, h, w). Every class must own at least one row of ``class_index``.
-    """
-    B, S, h, w = query_logits.shape
-    if S == num_classes and torch.equal(class_index, torch.arange(S, device=class_index.device)):
-        return query_logits  # one query per class, already in class order
-    index = class_index.view(1, S, 1, 1).expand(B, S, h, w)
-    out = query_logits.new_full((B, num_classes, h, w), float("-inf"))
-    return out.scatter_reduce(1, index, query_logits, reduce="amax", include_self=True)
+__all__ = ["ZeroShotSegmentor"]
 
 
 class ZeroShotSegmentor(nn.Module):
@@ -37,10 +24,8 @@ class ZeroShotSegmentor(nn.Module):
 
     Args:
         clip: a CLIP with a ViT image tower (not copied; frozen by the caller).
-        text_weights: (S, D) L2-normalised query embeddings, one row per query name
-            (a class may own several rows: synonyms).
-        class_index: (S,) long, the class of each row, in [0, num_classes).
-        num_classes: C; every class must own at least one row.
+        queries: the query embeddings W_q (``reclip.text.query_embeddings``): (S, D)
+            L2-normalised rows, one per name, and the class of each row (synonyms).
         strategy: last-block strategy, a preset name of ``reclip.features.STRATEGIES``
             or a ``LastBlock``.
 
@@ -59,41 +44,22 @@ class ZeroShotSegmentor(nn.Module):
         to (H, W) aligns them with the image.
     """
 
-    def __init__(
-        self,
-        clip: CLIP,
-        text_weights: Tensor,
-        class_index: Tensor,
-        num_classes: int,
-        strategy: str | LastBlock = "maskclip",
-    ) -> None:
+    def __init__(self, clip: CLIP, queries: QueryEmbeddings, strategy: str | LastBlock = "maskclip") -> None:
         super().__init__()
-        if text_weights.ndim != 2:
-            raise ValueError(f"text_weights must be (S, D), got shape {tuple(text_weights.shape)}")
-        S, D = text_weights.shape
-        if D != clip.visual.output_dim:
-            raise ValueError(f"text_weights have D={D} but the CLIP embeds to {clip.visual.output_dim}")
-        norms = text_weights.detach().float().norm(dim=-1)
+        if queries.embed_dim != clip.visual.output_dim:
+            raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
+        norms = queries.weights.detach().float().norm(dim=-1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
             raise ValueError(
-                f"text_weights rows must be L2-normalised (norms {norms.min().item():.4g}.."
-                f"{norms.max().item():.4g}); pass F.normalize(text_weights, dim=-1)"
+                f"query rows must be L2-normalised (norms {norms.min().item():.4g}.."
+                f"{norms.max().item():.4g}); pass F.normalize(weights, dim=-1)"
             )
-        class_index = torch.as_tensor(class_index)
-        if class_index.shape != (S,) or class_index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"class_index must be an integer tensor of shape ({S},), got "
-                             f"{class_index.dtype} {tuple(class_index.shape)}")
-        if S and (class_index.min() < 0 or class_index.max() >= num_classes):
-            raise ValueError(f"class_index values must lie in [0, {num_classes}), got "
-                             f"{class_index.min().item()}..{class_index.max().item()}")
-        missing = sorted(set(range(num_classes)) - set(class_index.tolist()))
-        if missing:
-            raise ValueError(f"classes {missing} have no query row in class_index; every class needs >= 1 name")
         self.clip = clip
-        self.num_classes = num_classes
+        self.num_classes = queries.num_classes
         self.strategy = get_strategy(strategy)
-        self.register_buffer("text_weights", text_weights.detach().clone())
-        self.register_buffer("class_index", class_index.detach().to(torch.long).clone())
+        self.register_buffer("text_weights", queries.weights.detach().clone())
+        self.register_buffer("class_index", queries.class_index.detach().clone())
+        self.one_per_class = queries.is_one_per_class
 
     @property
     def patch_size(self) -> int:
@@ -111,7 +77,9 @@ class ZeroShotSegmentor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) normalised -> logits (B, C, h', w'); see the class docstring."""
         H, W = images.shape[-2:]
-        logits = reduce_synonyms(self.query_logits(images), self.class_index, self.num_classes)
+        logits = self.query_logits(images)  # (B, S, h, w)
+        if not self.one_per_class:
+            logits = max_over_synonyms(logits, self.class_index, self.num_classes, dim=1)  # (B, C, h, w)
         h, w = logits.shape[-2:]
         p = self.patch_size
         if (h * p, w * p) != (H, W):
