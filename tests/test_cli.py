@@ -148,3 +148,49 @@ def test_unknown_method_is_refused_with_the_choices(clip_file, capsys):
 def test_listings(capsys):
     assert main(["methods"]) == 0 and "naclip" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "cocostuff27" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_missing_tensors_is_refused_by_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    sd = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).state_dict()
+    del sd["visual.ln_post.weight"]
+    sd["ln_final.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "broken.pt")
+    code = main(["segment", "--clip", str(tmp_path / "broken.pt"), "--classes", "a,b", "--out",
+                 str(tmp_path / "o"), str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "visual.ln_post.weight" in err and "ln_final.bias" in err
+
+
+def test_folder_protocol_scores_a_user_folder_with_labels(tmp_path, clip_file):
+    rng = np.random.default_rng(1)
+    images, labels = tmp_path / "imgs", tmp_path / "masks"
+    for sub in ("", "deeper/"):
+        (images / sub).mkdir(parents=True, exist_ok=True)
+        (labels / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{sub}a.jpg")
+        Image.fromarray(rng.integers(0, 2, (40, 48), dtype=np.uint8)).save(labels / f"{sub}a.png")
+    classes = tmp_path / "c.txt"
+    classes.write_text("road\nsky\n")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--clip", str(clip_file), "--dataset", "folder", "--data-root", str(images),
+                 "--label-dir", str(labels), "--classes-file", str(classes), "--json", str(out), *COMMON]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 2 and set(result["IoU"]) == {"road", "sky"}
+    assert result["settings"]["classes"] == ["road", "sky"]
+
+
+def test_segment_keeps_equal_names_apart_and_ignores_its_own_outputs(tmp_path, clip_file):
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(2)
+    for rel in ("x/img.jpg", "y/img.jpg", "img.jpg", "img.png"):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(photos / rel)
+    out = photos / "masks"  # inside the input folder
+    for _ in range(2):  # the second run must not pick up the first run's masks
+        summary = api.segment_files(load_clip(clip_file), "maskclip", "a,b", [photos], out, templates="single",
+                                    inference={"short_side": 24, "mode": "whole"}, progress=False)
+        assert len(summary.written) == 4
+    masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.name != "legend.png")
+    assert masks == ["img.png", "img_png.png", "x/img.png", "y/img.png"]

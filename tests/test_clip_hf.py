@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a test dependency (pyproject [test]); never skipped
 
 from reclip.clip.convert import from_hf, hf_options, infer_config  # noqa: E402
 from reclip.clip.load import load_clip, save_clip  # noqa: E402

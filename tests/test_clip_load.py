@@ -464,3 +464,22 @@ def test_unreadable_files_raise_checkpoint_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         load_clip(tmp_path / "empty")
+
+
+def test_fingerprint_tells_apart_the_activation_of_identical_weights(tmp_path):
+    torch.manual_seed(0)
+    quick = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, quick_gelu=True)
+    gelu = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, quick_gelu=False)
+    gelu.load_state_dict(quick.state_dict())
+    assert weights_fingerprint(quick) != weights_fingerprint(gelu)
+    path = save_clip(quick, tmp_path / "w.pt", format="openai")
+    assert weights_fingerprint(load_clip(path)) != weights_fingerprint(load_clip(path, quick_gelu=False))
+
+
+def test_open_clip_big_towers_get_their_16_heads_not_width_over_64():
+    from reclip.clip.convert import infer_config
+
+    sd = CLIP(32, 28, 1, 1280, 14, 77, 49408, 64, 1, 1).to("meta").state_dict()
+    assert infer_config(sd).vision_heads == 16  # ViT-H/14: head width 80
+    sd = CLIP(32, 28, 1, 768, 14, 77, 49408, 64, 1, 1).to("meta").state_dict()
+    assert infer_config(sd).vision_heads is None  # 768 // 64 = 12, the canonical default

@@ -74,8 +74,9 @@ def test_protocol_loads_and_is_consistent(name):
     assert "val" in p.splits and "train" in p.splits
     if p.classes_file is not None:
         assert len(p.classes()) == p.num_classes
-    if p.background:  # background class first, described by words
-        assert p.classes()[0][0] in ("background", "sky")
+    if p.background:  # background class first
+        assert p.vocabulary().names[0] == "background"
+    assert p.zero_shot.area_thd is None  # the shipped (ClearCLIP) protocol has no area filter
     assert p.zero_shot.mode == "slide" and p.reclip.mode == "whole"
     assert p.ignore_index == 255
 
@@ -86,6 +87,10 @@ def test_published_values():
     assert (voc21.zero_shot.short_side, voc21.zero_shot.window, voc21.zero_shot.stride) == (448, 448, 224)
     assert (voc21.zero_shot.prob_thd, c60.zero_shot.prob_thd, obj.zero_shot.prob_thd) == (0.5, 0.15, 0.4)
     assert (city.zero_shot.window, city.zero_shot.stride) == (224, 224)
+    # one training-free protocol (ClearCLIP's) for every dataset: 448 short side, 2048 cap, scale 50
+    for name in SHIPPED:
+        zs = load_protocol(name).zero_shot
+        assert (zs.short_side, zs.max_long_side, zs.logit_scale, zs.mode) == (448, 2048, 50, "slide"), name
     pd = {n: load_protocol(n).reclip.pd_threshold for n in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27")}
     assert pd == {"voc20": 1.0, "context59": 0.85, "ade150": 0.5, "cityscapes19": 0.5, "cocostuff27": 0.95}
     short = {n: load_protocol(n).reclip.short_side for n in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27")}
@@ -116,7 +121,38 @@ def test_dataset_on_synthetic_layout(name, written):
 def test_voc_ids_follow_split_file_and_train_split(written):
     ds = _dataset("voc21", written, "train")
     assert ds.image_ids == ["2007_000000", "2007_000001"]
-    assert ds.class_names[0] == "background" and ds.classes[0][0] == "sky" and ds.classes[15][0] == "person" and len(ds.classes[15]) > 1
+    assert ds.class_names[0] == "background" and ds.classes[0] == ["background"] and ds.classes[15] == ["person"]
+
+
+def test_default_class_files_are_clearclips():
+    """The shipped training-free protocol uses ClearCLIP's class files (one name per class)."""
+    voc21, voc20, obj = (load_protocol(n).classes() for n in ("voc21", "voc20", "cocoobject"))
+    assert voc21[0] == ["background"] and voc21[15] == ["person"] and voc21[20] == ["tvmonitor"]
+    assert voc21[1:] == voc20 and all(len(c) == 1 for c in voc21)
+    assert obj[:3] == [["background"], ["person"], ["bicycle"]] and all(len(c) == 1 for c in obj)
+
+
+@pytest.mark.parametrize("protocol, sclip_file", [("voc21", "voc21_sclip.txt"), ("cocoobject", "cocoobject_sclip.txt")])
+def test_sclip_class_files_keep_background_label(protocol, sclip_file, written):
+    """SCLIP's files: line 1 = 26 background words shown as 'background'; person synonyms."""
+    p = load_protocol(protocol).with_overrides(classes_file=sclip_file)  # same class count: num_classes kept
+    vocab = p.vocabulary()
+    assert len(vocab) == p.num_classes and vocab.names[0] == "background"
+    assert vocab.classes[0][:3] == ("sky", "wall", "tree") and len(vocab.classes[0]) == 26
+    person = vocab.classes[vocab.names.index("person")]
+    assert person[0] == "person" and "person in shirt" in person
+    default = load_protocol(protocol).vocabulary().names
+    differ = [i for i, (a, b) in enumerate(zip(vocab.names, default)) if a != b]
+    assert differ == ([20] if protocol == "voc21" else [])  # only SCLIP's 'television monitor'
+    layout = "cocostuff" if p.layout == "cocoobject" else p.layout
+    ds = SegmentationDataset(protocol, written[layout], classes_file=sclip_file)  # resolved in the package
+    assert ds.class_names[0] == "background" and ds.num_classes == p.num_classes
+
+
+def test_voc20_sclip_class_file():
+    vocab = load_protocol("voc20").with_overrides(classes_file="voc20_sclip.txt").vocabulary()
+    assert len(vocab) == 20 and vocab.classes[14][0] == "person" and len(vocab.classes[14]) == 7
+    assert vocab.classes[19][0] == "television monitor"
 
 
 def test_cityscapes_ids_keep_city_folders(written):
@@ -241,20 +277,56 @@ def test_wrong_label_values_raise_with_hint(written):
 
 def test_overrides_return_validated_copies():
     p = load_protocol("voc21")
-    q = p.with_overrides(short_side=336, window=224, stride=112, logit_scale=65, prob_thd=0.1)
+    sclip = {"short_side": 336, "window": 224, "stride": 112, "logit_scale": 65, "prob_thd": 0.1, "area_thd": 0.1}
+    q = p.with_overrides(zero_shot=sclip)
     assert (q.zero_shot.short_side, q.zero_shot.window, q.zero_shot.stride) == (336, 224, 112)
-    assert (q.zero_shot.logit_scale, q.zero_shot.prob_thd, q.reclip.short_side) == (65, 0.1, 336)
+    assert (q.zero_shot.logit_scale, q.zero_shot.prob_thd, q.zero_shot.area_thd) == (65, 0.1, 0.1)
+    assert q.reclip == p.reclip  # one family's settings only
     assert p.zero_shot.short_side == 448 and p.zero_shot.prob_thd == 0.5  # original untouched
-    r = p.with_overrides(zero_shot={"logit_scale": 40}, splits={"val": {"label_dir": "Other"}})
-    assert r.zero_shot.logit_scale == 40 and r.zero_shot.window == 448
+    r = p.with_overrides(zero_shot={"logit_scale": 40}, reclip={"pd_threshold": None},
+                         splits={"val": {"label_dir": "Other"}})
+    assert r.zero_shot.logit_scale == 40 and r.zero_shot.window == 448 and r.reclip.pd_threshold is None
     assert r.splits["val"].label_dir == "Other" and r.splits["train"].label_dir == "SegmentationClass"
-    assert p.with_overrides(prob_thd=None).zero_shot.prob_thd is None
+    assert p.with_overrides(zero_shot={"prob_thd": None}).zero_shot.prob_thd is None  # None is a value
     with pytest.raises(ProtocolError, match="allowed"):
         p.with_overrides(shortside=3)
+    with pytest.raises(ProtocolError, match=r"windw.*allowed keys.*window"):
+        p.with_overrides(zero_shot={"windw": 3})
     with pytest.raises(ProtocolError, match="stride"):
-        p.with_overrides(stride=500)
+        p.with_overrides(zero_shot={"stride": 500})
     with pytest.raises(ProtocolError, match="background"):
-        load_protocol("voc20").with_overrides(prob_thd=0.3)
+        load_protocol("voc20").with_overrides(zero_shot={"prob_thd": 0.3})
+    with pytest.raises(ProtocolError, match="dict"):
+        p.with_overrides(zero_shot=336)
+
+
+@pytest.mark.parametrize("key", ["short_side", "max_long_side", "mode", "window", "stride", "logit_scale",
+                                 "prob_thd", "area_thd", "pd_threshold", "pd_threshold_v1"])
+def test_flat_inference_keys_are_not_protocol_overrides(key):
+    """Per-run test settings have one path, methods.inference_config; with_overrides points there."""
+    with pytest.raises(ProtocolError, match="inference_config") as err:
+        load_protocol("voc21").with_overrides(**{key: 1})
+    assert "zero_shot={...}" in str(err.value)
+
+
+def test_area_thd_schema(tmp_path):
+    data = yaml.safe_load(open(load_protocol("voc21").source))
+    data["zero_shot"].pop("area_thd", None)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(data))
+    assert load_protocol(tmp_path / "a.yaml").zero_shot.area_thd is None  # optional, default off
+    p = load_protocol("voc21")
+    assert p.with_overrides(zero_shot={"area_thd": 0.1}).zero_shot.area_thd == 0.1
+    for bad in (1.5, -0.1):
+        with pytest.raises(ProtocolError, match=r"area_thd must be in \[0, 1\]"):
+            p.with_overrides(zero_shot={"area_thd": bad})
+    with pytest.raises(ProtocolError, match="area_thd"):
+        p.with_overrides(zero_shot={"area_thd": "0.1"})
+    with pytest.raises(ProtocolError, match=r"zero_shot\.area_thd.*background"):
+        load_protocol("voc20").with_overrides(zero_shot={"area_thd": 0.1})
+    data["zero_shot"]["area_thd"], data["background"] = 0.1, False
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ProtocolError, match="background"):
+        load_protocol(tmp_path / "b.yaml")
 
 
 def test_classes_file_override_checked_against_num_classes(tmp_path):

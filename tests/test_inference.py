@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import reclip.inference as inference
+from reclip.data.transforms import CLIP_MEAN, CLIP_STD, to_tensor_normalized
 from reclip.inference import (
     InferenceConfig,
     background_threshold,
+    class_logits,
     infer_logits,
     pamr,
     postprocess,
@@ -22,6 +25,7 @@ from reclip.inference import (
     segment,
     slide_windows,
 )
+from reclip.text import max_over_synonyms
 
 
 class PatchSegmentor(nn.Module):
@@ -43,6 +47,22 @@ class PatchSegmentor(nn.Module):
         pad_h, pad_w = -x.shape[-2] % self.patch, -x.shape[-1] % self.patch
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         return F.conv2d(F.avg_pool2d(x, self.patch), self.weight)
+
+
+class QuerySegmentor(PatchSegmentor):
+    """PatchSegmentor with one channel per query and a ``class_index`` (synonyms), like the
+    zero-shot head: query logits = ``base`` + a small image-dependent 1x1 conv."""
+
+    def __init__(self, class_index, base, weight_scale, patch: int = 4) -> None:
+        super().__init__(patch, len(class_index))
+        self.register_buffer("class_index", torch.as_tensor(class_index, dtype=torch.long))
+        self.num_classes = int(self.class_index.max()) + 1
+        self.register_buffer("base", torch.as_tensor(base, dtype=torch.float32))
+        with torch.no_grad():
+            self.weight.mul_(torch.as_tensor(weight_scale, dtype=torch.float32)[:, None, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.base[:, None, None]
 
 
 def naive_slide(segmentor, image, window, stride):
@@ -155,12 +175,22 @@ def test_short_side_resize_returns_original_size(mode):
     assert infer_logits(seg, image, cfg, out_size=(7, 9)).shape == (1, 3, 7, 9)
 
 
-def test_autocast_auto_is_off_on_cpu_and_true_forces_bf16():
+def test_autocast_auto_is_off_on_cpu_and_modes_select_the_dtype():
     seg, image = PatchSegmentor(), smooth_image(1, 16, 16)
+    dtypes = []
+    seg.register_forward_pre_hook(lambda m, args: dtypes.append(torch.get_autocast_dtype("cpu")))
     infer_logits(seg, image, InferenceConfig(autocast="auto"))
-    assert seg.autocast_seen == [False]
-    out = infer_logits(seg, image, InferenceConfig(autocast=True))
-    assert seg.autocast_seen[-1] is True and out.dtype == torch.float32
+    infer_logits(seg, image, InferenceConfig(autocast=False))
+    assert seg.autocast_seen == [False, False]
+    for mode, dtype in [(True, torch.bfloat16), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
+        out = infer_logits(seg, image, InferenceConfig(autocast=mode))
+        assert seg.autocast_seen[-1] is True and dtypes[-1] == dtype and out.dtype == torch.float32
+    cfg = InferenceConfig(autocast="auto")
+    assert cfg.autocast_dtype("cpu") is None and cfg.autocast_dtype("cuda") == torch.bfloat16
+    assert InferenceConfig(autocast="fp16").autocast_dtype("cpu") == torch.float16
+    for bad in ("float16", "on", 1, None):
+        with pytest.raises(ValueError, match="autocast must be False.*'fp16'.*'auto'"):
+            InferenceConfig(autocast=bad)
 
 
 def test_bad_segmentor_output_and_config_errors_are_explicit():
@@ -216,6 +246,86 @@ def test_prompt_denoising_removes_unconfident_class_but_never_all():
     # removed classes lose the argmax even when real logits are below -100
     shifted = prompt_denoise(logits - 500.0, 0.6)
     assert not bool((shifted.argmax(1) == 2).any())
+
+
+def test_prompt_denoising_with_synonyms_uses_class_logits():
+    """PD scores a class by the max over its synonyms and removes all of its queries."""
+    class_index = torch.tensor([0, 1, 1, 2])
+    logits = torch.zeros(1, 4, 4, 4)
+    logits[0, 0, :, :2] = 1.0  # class 0 left
+    logits[0, 1:3, :, 2:] = 0.9  # class 1 right, both synonyms alike
+    logits[0, 3] = 0.55  # class 2 never confident
+    denoised = prompt_denoise(logits, 0.6, 10.0, class_index)
+    assert denoised.shape == logits.shape
+    assert torch.all(denoised[0, 3] == -100.0) and torch.equal(denoised[0, :3], logits[0, :3])
+    # class confidences come from class logits = max over synonyms
+    conf = torch.softmax(10 * class_logits(logits, class_index), 1).flatten(2).amax(-1)[0]
+    assert conf[2] < 0.6 < min(conf[0], conf[1])
+    # a softmax over queries would split class 1 between its two synonyms and remove it
+    assert torch.softmax(10 * logits, 1).flatten(2).amax(-1)[0, 1:3].max() < 0.6
+    labels = predict_labels(logits, InferenceConfig(pd_threshold=0.6), class_index, background_index=None)
+    assert set(labels.unique().tolist()) == {0, 1}
+
+
+def test_argmax_with_synonyms_equals_the_max_logit_rule():
+    g = torch.Generator().manual_seed(3)
+    class_index = torch.tensor([2, 0, 1, 0, 0, 2, 1, 0])  # synonyms, not contiguous
+    logits = 0.3 * torch.randn(2, 8, 9, 11, generator=g)
+    for scale in (1.0, 50.0):
+        labels, probs = postprocess(logits, InferenceConfig(logit_scale=scale), class_index, background_index=None)
+        assert probs.shape == (2, 3, 9, 11)
+        assert torch.equal(labels, max_over_synonyms(logits, class_index, 3).argmax(1))
+        assert torch.equal(labels, class_logits(logits, class_index).argmax(1))
+    # one query per class: identity reduction, softmax over classes
+    labels, probs = postprocess(logits, InferenceConfig(logit_scale=2.0), torch.arange(8), background_index=None)
+    torch.testing.assert_close(probs, torch.softmax(2.0 * logits, 1))
+    with pytest.raises(ValueError, match="class_index"):
+        postprocess(logits, InferenceConfig(), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="each class at least once"):
+        postprocess(logits, InferenceConfig(), torch.tensor([0, 0, 1, 1, 3, 3, 3, 3]), background_index=None)
+    with pytest.raises(ValueError, match="outside the classes 0..2"):
+        postprocess(logits, InferenceConfig(), class_index, background_index=5)
+
+
+def test_synonym_heavy_background_follows_the_official_order():
+    """SCLIP/ClearCLIP/NACLIP postprocess_result, written out: query logits averaged over
+    windows, softmax(scale * logits) over ALL queries, class prob = max over synonyms
+    (one-hot mask then max, as the official code), argmax, then prob_thd on class probs."""
+    n_background = 26  # SCLIP's VOC21 background words
+    class_index = [0] * n_background + [1, 2]  # background words, then "cat", "dog"
+    base = [0.20] * n_background + [0.205, 0.19]
+    weight_scale = [0.002] * n_background + [0.03, 0.01]  # cat's cosine follows the image most
+    seg = QuerySegmentor(class_index, base, weight_scale)
+    xs = np.linspace(0, 255, 40)
+    image = np.stack([np.broadcast_to(xs, (30, 40)), np.broadcast_to(xs[::-1], (30, 40)),
+                      np.full((30, 40), 128.0)], -1).astype(np.uint8)
+    cfg = InferenceConfig(mode="slide", window=16, stride=8, logit_scale=50.0, prob_thd=0.1)
+    result = segment(seg, image, cfg, background_index=0, return_probs=True)
+
+    # the official pipeline by hand
+    normalised = to_tensor_normalized(image, CLIP_MEAN, CLIP_STD)[None]
+    with torch.no_grad():
+        logits = naive_slide(seg, normalised, 16, 8)[0]  # (S, H, W) raw cosines averaged over windows
+    query_probs = (logits * 50.0).softmax(0)  # (S, H, W)
+    one_hot = F.one_hot(torch.tensor(class_index)).T.view(3, len(class_index), 1, 1)  # (C, S, 1, 1)
+    official_probs = (query_probs[None] * one_hot).max(1)[0]  # (C, H, W)
+    official = official_probs.argmax(0)
+    official[official_probs.max(0)[0] < 0.1] = 0
+
+    np.testing.assert_allclose(result.probs, official_probs.numpy(), atol=1e-6, rtol=1e-5)
+    np.testing.assert_array_equal(result.labels, official.numpy())
+    assert set(np.unique(result.labels)) == {0, 1}  # both background and cat occur
+
+    # the old order (max over raw cosines, then softmax over the 3 classes) keeps cat
+    # where the official order says background: the test discriminates
+    old_probs = torch.softmax(50.0 * max_over_synonyms(logits[None], torch.tensor(class_index), 3), 1)[0]
+    old = old_probs.argmax(0)
+    old[old_probs.max(0)[0] < 0.1] = 0
+    flipped = (old == 1) & (official == 0)
+    assert int(flipped.sum()) > 0
+    assert float(official_probs.amax(0)[flipped].max()) < 0.1 < float(old_probs.amax(0)[flipped].min())
+    # background keeps its argmax: only the threshold decides, as officially
+    assert torch.equal(official_probs.argmax(0), old_probs.argmax(0))
 
 
 def two_region_problem(seed: int = 0):
@@ -279,3 +389,34 @@ def test_segment_returns_original_size_labels():
         segment(seg, image, cfg, mean=(122.8, 116.7, 104.1), std=(68.5, 66.6, 70.3))
     with pytest.raises(ValueError, match="uint8"):
         segment(seg, image.astype(np.float32), cfg)
+
+
+def test_segment_passes_the_raw_image_only_for_pamr(monkeypatch):
+    seen = []
+    real = inference.postprocess
+
+    def spy(logits, cfg, class_index=None, **kwargs):
+        seen.append(kwargs["image"])
+        return real(logits, cfg, class_index, **kwargs)
+
+    monkeypatch.setattr(inference, "postprocess", spy)
+    seg = PatchSegmentor(num_classes=2)
+    image = np.random.default_rng(1).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    segment(seg, image, InferenceConfig(), background_index=None)
+    segment(seg, image, InferenceConfig(pamr=True, pamr_iter=1, pamr_dilations=(1,)), background_index=None)
+    assert seen[0] is None
+    assert seen[1].dtype == torch.uint8 and seen[1].shape == (1, 3, 12, 16)
+    assert torch.equal(seen[1][0].permute(1, 2, 0), torch.from_numpy(image))
+
+
+def test_segment_reduces_synonyms_with_the_segmentors_class_index():
+    class_index = [1, 0, 1, 2, 0]
+    seg = QuerySegmentor(class_index, [0.1, 0.2, 0.0, 0.1, 0.15], [1.0] * 5)
+    image = np.random.default_rng(2).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    cfg = InferenceConfig(logit_scale=10.0)
+    result = segment(seg, image, cfg, background_index=None, return_probs=True)
+    assert result.probs.shape == (3, 20, 24)
+    logits = infer_logits(seg, to_tensor_normalized(image, CLIP_MEAN, CLIP_STD)[None], cfg)
+    expected = probabilities(logits, 10.0, torch.tensor(class_index))[0]
+    np.testing.assert_allclose(result.probs, expected.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(result.labels, class_logits(logits, torch.tensor(class_index))[0].argmax(0).numpy())

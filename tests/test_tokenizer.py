@@ -98,3 +98,25 @@ def test_import_is_lazy():
         "assert t._TOKENIZER is None; assert 'ftfy' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bpe_matches_an_independent_implementation(tmp_path):
+    """HF transformers' CLIP tokenizer, given our vocabulary, must split text as we do."""
+    import json
+
+    import transformers  # a test dependency (pyproject [test])
+    ours = SimpleTokenizer()
+    merges = sorted(ours.bpe_ranks, key=ours.bpe_ranks.get)
+    (tmp_path / "vocab.json").write_text(json.dumps(ours.encoder))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    hf = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = [
+        "a photo of a cat.",
+        "there is the motorbike in the scene.",
+        "a bad photo of the pottedplant, tvmonitor and diningtable!",
+        "itap of my 2 lowercase-hyphenated things; 3.14 rocks...",
+        "segmentation without pixel labels by rectifying clip's biases",
+        "a photo of the largest antidisestablishmentarianism",
+    ]
+    for text in texts:
+        assert tokenize(text)[0][: len(hf(text)["input_ids"])].tolist() == hf(text)["input_ids"], text

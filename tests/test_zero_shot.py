@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from reclip.clip.model import CLIP, pad_to_patch
 from reclip.features import STRATEGIES, dense_features
 from reclip.heads.zero_shot import ZeroShotSegmentor
+from reclip.inference import InferenceConfig, segment
 from reclip.text import QueryEmbeddings, max_over_synonyms
 
 
@@ -45,14 +47,20 @@ def test_logits_are_cosines_of_dense_features(clip, strategy):
     assert logits.abs().max() <= 1 + 1e-5  # raw cosines, no temperature
 
 
-def test_synonym_max(clip):
+def test_synonyms_give_query_logits_and_a_class_index(clip):
     W = text_weights(5)
     class_index = torch.tensor([0, 0, 1, 2, 2])
     head = _head(clip, W, class_index, 3, "clearclip")
+    assert head.num_classes == 3 and torch.equal(head.class_index, class_index)
     x = images(2, 3, 32, 40)
-    logits = head(x)
-    q = head.query_logits(x)  # (B, 5, h, w)
-    assert logits.shape == (2, 3, 4, 5) and q.shape == (2, 5, 4, 5)
+    q = head(x)  # one channel per query (synonym), not reduced
+    assert q.shape == (2, 5, 4, 5)
+    expected = torch.einsum("bdhw,sd->bshw", dense_features(clip, x, "clearclip"), W)
+    torch.testing.assert_close(q, expected)
+    torch.testing.assert_close(head.query_logits(x), q)
+    # reduced to classes by class_index (post-processing does this after its softmax)
+    logits = max_over_synonyms(q, head.class_index, head.num_classes)
+    assert logits.shape == (2, 3, 4, 5)
     torch.testing.assert_close(logits[:, 0], torch.maximum(q[:, 0], q[:, 1]))
     torch.testing.assert_close(logits[:, 1], q[:, 2])
     torch.testing.assert_close(logits[:, 2], torch.maximum(q[:, 3], q[:, 4]))
@@ -61,7 +69,33 @@ def test_synonym_max(clip):
     # synonyms need not be contiguous
     perm = torch.tensor([3, 0, 2, 4, 1])
     head_perm = _head(clip, W[perm], class_index[perm], 3, "clearclip")
-    torch.testing.assert_close(head_perm(x), logits)
+    torch.testing.assert_close(head_perm(x), q[:, perm])
+    torch.testing.assert_close(max_over_synonyms(head_perm(x), head_perm.class_index, 3), logits)
+
+
+def test_segment_with_synonym_head_gives_class_probabilities(clip):
+    W = text_weights(5)
+    head = _head(clip, W, torch.tensor([1, 0, 1, 2, 0]), 3, "sclip")
+    image = torch.randint(0, 256, (24, 40, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    cfg = InferenceConfig(mode="slide", window=16, stride=8, logit_scale=50.0)
+    result = segment(head, image.numpy(), cfg, background_index=None, return_probs=True)
+    assert result.probs.shape == (3, 24, 40) and result.labels.shape == (24, 40)
+    np.testing.assert_array_equal(result.labels, result.probs.argmax(0))
+
+
+def test_cosines_are_float32_under_autocast(clip):
+    W = text_weights(4)
+    head = _head(clip, W, torch.arange(4), 4, "maskclip")
+    x = images(1, 3, 27, 41)  # padded: the crop's interpolation runs too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        feats = dense_features(clip, pad_to_patch(x, 8), "maskclip")  # the same bf16 features
+        bf16_cosines = torch.einsum("bdhw,cd->bchw", feats, W)
+    assert out.dtype == torch.float32 and bf16_cosines.dtype == torch.bfloat16
+    grid = torch.einsum("bdhw,cd->bchw", feats.float(), W)  # float32 product of those features
+    expected = F.interpolate(grid, size=(32, 48), mode="bilinear", align_corners=False)[..., :27, :41]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert (bf16_cosines.float() - grid).abs().max() > 1e-4  # what the fp32 product avoids
 
 
 def test_reduce_synonyms_gradient():

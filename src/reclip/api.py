@@ -12,6 +12,7 @@ and report unreadable images instead of stopping: what was skipped is in the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
@@ -32,7 +34,7 @@ from reclip.inference import InferenceConfig, segment
 from reclip.methods import build_segmentor, get_method, inference_config
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
-from reclip.visualize import save_segmentation
+from reclip.visualize import save_legend, save_segmentation
 
 
 def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
@@ -126,6 +128,8 @@ def evaluate(
     templates: str | None = None,
     absent_as_zero: bool = False,
     limit: int | None = None,
+    label_dir: str | os.PathLike | None = None,
+    num_workers: int = 1,
     progress: bool = True,
     text_cache: Any = None,
 ) -> EvaluationResult:
@@ -138,8 +142,12 @@ def evaluate(
             (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...).
         absent_as_zero: the official ReCLIP mean (classes that never occur count as 0).
         limit: evaluate only the first ``limit`` images (a quick look, not a result).
+        label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
+        num_workers: processes reading images ahead of the model (0: read in this process).
     """
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
+    if label_dir is not None:
+        protocol = protocol.with_overrides(label_dir=str(label_dir))
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
@@ -151,10 +159,12 @@ def evaluate(
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
     skipped: list[tuple[str, str]] = []
     count = len(data) if limit is None else min(limit, len(data))
+    # Workers decode the next images while the model runs on this one.
+    loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
+                        collate_fn=_identity)
     start = time.perf_counter()
-    bar = tqdm(range(count), desc=f"{method} on {protocol.name}/{split}", unit="img", disable=not progress)
-    for index in bar:
-        item = data[index]
+    bar = tqdm(loader, total=count, desc=f"{method} on {protocol.name}/{split}", unit="img", disable=not progress)
+    for item in bar:
         if item["error"] is not None:
             skipped.append((item["path"], item["error"]))
             bar.write(f"skipped {item['path']}: {item['error']}")
@@ -174,10 +184,22 @@ def evaluate(
         num_images=count - len(skipped),
         skipped=skipped,
         seconds=seconds,
-        settings={"inference": _jsonable(vars(cfg)), "clip": getattr(clip, "spec", None),
-                  "clip_fingerprint": weights_fingerprint(clip), "absent_as_zero": absent_as_zero,
-                  "strategy_overrides": dict(strategy_overrides or {}), "templates": templates},
+        settings={
+            "inference": _jsonable(vars(cfg)),
+            "strategy": dataclasses.asdict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
+            "templates": templates or get_method(method).templates,
+            "classes": data.vocabulary.to_lines(),
+            "data_root": str(data.root),
+            "clip": getattr(clip, "spec", None),
+            "clip_fingerprint": weights_fingerprint(clip),
+            "absent_as_zero": absent_as_zero,
+            "limit": limit,
+        },
     )
+
+
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,18 +218,36 @@ class SegmentSummary:
     seconds: float = 0.0
 
 
-def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files from a mix of files and folders (folders searched recursively)."""
-    paths: list[Path] = []
-    for entry in inputs:
-        entry = Path(entry)
+def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
+                   ) -> list[tuple[Path, Path]]:
+    """(image file, output name) pairs from a mix of files and folders (searched recursively).
+
+    An image found in a folder keeps its path relative to that folder (``a/x.jpg`` ->
+    ``a/x``), so equal file names in different sub-folders do not collide; a name taken
+    twice (``x.jpg`` and ``x.png``) keeps its extension (``x_png``). Files under
+    ``exclude`` (the output folder) are skipped, so a re-run never segments its own masks.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    pairs: list[tuple[Path, Path]] = []
+    for entry in map(Path, inputs):
         if entry.is_dir():
-            paths.extend(iter_images(entry))
+            found = [(p, p.relative_to(entry).with_suffix("")) for p in iter_images(entry)]
         elif entry.exists():
-            paths.append(entry)
+            found = [(entry, Path(entry.stem))]
         else:
             raise FileNotFoundError(f"{entry}: no such file or folder")
-    return paths
+        pairs.extend((p, name) for p, name in found if skip is None or not p.resolve().is_relative_to(skip))
+    taken: set[Path] = set()
+    unique = []
+    for path, name in pairs:
+        if name in taken:
+            name = name.with_name(f"{name.name}_{path.suffix.lstrip('.').lower()}")
+        index = 2
+        while name in taken:
+            name, index = name.with_name(f"{name.name}_{index}"), index + 1
+        taken.add(name)
+        unique.append((path, name))
+    return unique
 
 
 def segment_files(
@@ -232,8 +272,9 @@ def segment_files(
     0 a background class for ``prob_thd``.
     """
     vocabulary = as_vocabulary(classes)
-    paths = collect_images(inputs)
-    if not paths:
+    out_dir = Path(out_dir)
+    pairs = collect_images(inputs, exclude=out_dir)
+    if not pairs:
         raise ValueError(f"no images found in {[str(p) for p in inputs]}")
     if isinstance(inference, InferenceConfig):
         cfg = inference
@@ -242,12 +283,13 @@ def segment_files(
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, text_cache=text_cache)
     mean, std = _image_stats(clip)
-    out_dir = Path(out_dir)
+    names = list(vocabulary.names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_legend(out_dir / "legend.png", names)  # one per run, replacing a stale one
     summary = SegmentSummary()
-    stems = _unique_stems(paths)
     start = time.perf_counter()
-    bar = tqdm(list(zip(paths, stems)), desc=f"{get_method(method).name}", unit="img", disable=not progress)
-    for path, stem in bar:
+    bar = tqdm(pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
+    for path, name in bar:
         try:
             image = read_image(path)
         except ImageReadError as err:
@@ -256,15 +298,8 @@ def segment_files(
             continue
         with torch.inference_mode():
             result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
-        written = save_segmentation(out_dir, stem, image, result.labels, list(vocabulary.names))
+        written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
+                                    write_legend=False)
         summary.written.append(written["mask"])
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems, disambiguated with the parent folder when two images share a stem."""
-    counts: dict[str, int] = {}
-    for p in paths:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
-    return [f"{p.parent.name}_{p.stem}" if counts[p.stem] > 1 else p.stem for p in paths]

@@ -88,8 +88,9 @@ def bench_vs_hf(clip: CLIP, batch: int, repeats: int) -> dict[str, float] | None
     config = transformers.CLIPConfig(text_config=hf_cfg["text_config"], vision_config=hf_cfg["vision_config"],
                                      projection_dim=hf_cfg["projection_dim"])
     hf = transformers.CLIPModel(config).eval()
-    hf.load_state_dict(sd, strict=False)
-    images = torch.randn(batch, 3, 224, 224)
+    hf.load_state_dict(sd, strict=True)
+    res = clip.visual.input_resolution
+    images = torch.randn(batch, 3, res, res)
     tokens = tokenize([f"a photo of a class number {i}." for i in range(80)])
     with torch.inference_mode():
         ours_img = _timeit(lambda: clip.encode_image(images), repeats)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from reclip import api
+from reclip.clip.convert import CheckpointError
 from reclip.data.datasets import list_protocols, load_protocol
 from reclip.features import ATTENTIONS
 from reclip.methods import METHODS
@@ -57,11 +58,20 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prob-thd", type=float, help="background probability threshold (SCLIP family)")
     g.add_argument("--pd-threshold", type=float, help="prompt-denoising threshold (ReCLIP)")
     g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
+    g.add_argument("--max-long-side", type=int, help="cap on the long side of the short-side resize")
+    g.add_argument("--area-thd", type=float,
+                   help="SCLIP's area filter: drop classes below this fraction of the predicted foreground")
+    g.add_argument("--autocast", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision on a GPU (default auto: bf16 on CUDA, off on CPU)")
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("mode", "short_side", "window", "stride", "batch_size", "logit_scale", "prob_thd", "pd_threshold", "pamr")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    keys = ("mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale", "prob_thd",
+            "area_thd", "pd_threshold", "pamr")
+    values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.autocast is not None:
+        values["autocast"] = False if args.autocast == "off" else args.autocast
+    return values
 
 
 def _strategy_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +108,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         clip, args.method, args.dataset, args.data_root, args.split,
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
-        absent_as_zero=args.absent_as_zero, limit=args.limit, progress=not args.quiet,
+        absent_as_zero=args.absent_as_zero, limit=args.limit, label_dir=args.label_dir,
+        num_workers=args.workers, progress=not args.quiet,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -160,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
     p.add_argument("--absent-as-zero", action="store_true",
                    help="official ReCLIP mean: classes that never occur count as 0")
+    p.add_argument("--label-dir", help="label folder replacing the protocol's (required to score `folder`)")
     p.add_argument("--limit", type=int, help="only the first N images (a quick look, not a result)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -183,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, CheckpointError) as err:
         # Clear one-line errors for bad input; tracebacks stay for real bugs.
         print(f"reclip {args.command}: error: {err}", file=sys.stderr)
         return 2

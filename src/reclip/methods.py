@@ -94,27 +94,42 @@ _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
 def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> InferenceConfig:
     """The published test settings of ``protocol`` for ``method``'s family, then overrides.
 
-    ``overrides`` are InferenceConfig fields; ``None`` values are ignored so CLI flags
-    that were not given leave the protocol's value.
+    This is the one place where a protocol's test settings and per-run options (CLI
+    flags, API ``inference=`` dicts) become an :class:`InferenceConfig`.
+
+    From the family section (``protocol.zero_shot`` or ``protocol.reclip``): ``mode``,
+    ``short_side``, ``max_long_side``, and ``window`` / ``stride`` in slide mode; the
+    zero-shot family adds ``logit_scale``, and ``prob_thd`` / ``area_thd`` when the protocol
+    has a background class (both assign pixels to class 0); the ReCLIP family adds
+    ``pd_threshold``.
+
+    Args:
+        method: a method name or Method.
+        protocol: a reclip.data.datasets.Protocol (anything with ``zero_shot`` / ``reclip``
+            settings and ``background``).
+        overrides: InferenceConfig fields; ``None`` values are ignored so CLI flags that
+            were not given leave the protocol's value.
+    Raises:
+        ValueError: an override that is not an InferenceConfig field (lists the allowed
+            ones), or settings InferenceConfig rejects.
     """
     method = method if isinstance(method, Method) else get_method(method)
+    unknown = set(overrides) - _INFERENCE_KEYS
+    if unknown:
+        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}")
     settings = getattr(protocol, method.family)
     values: dict[str, Any] = {
         "mode": settings.mode,
         "short_side": settings.short_side,
         "max_long_side": settings.max_long_side,
-        "window": settings.window,
-        "stride": settings.stride,
     }
-    if settings.mode == "whole":
-        values.pop("window"), values.pop("stride")
+    if settings.mode == "slide":
+        values["window"], values["stride"] = settings.window, settings.stride
     if method.family == "zero_shot":
         values["logit_scale"] = settings.logit_scale
         values["prob_thd"] = settings.prob_thd if protocol.background else None
+        values["area_thd"] = settings.area_thd if protocol.background else None
     else:
         values["pd_threshold"] = settings.pd_threshold
-    unknown = set(overrides) - _INFERENCE_KEYS
-    if unknown:
-        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceConfig(**values)

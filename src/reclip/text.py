@@ -18,7 +18,6 @@ import os
 import tempfile
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -524,10 +523,10 @@ def _encode_names(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="text embeddings", unit="batch")
-    # bf16 autocast on CUDA (as the dense-CLIP repos run fp16/bf16); exact fp32 on CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # fp32 even on a GPU: encoded once per vocabulary and cached, so precision costs nothing
+    # later, and a cached W_q must not depend on the device that happened to write it.
     chunks = []
-    with autocast:
+    with torch.autocast(device.type, enabled=False):
         for start in starts:
             emb = clip.encode_text(tokens[start : start + batch_size].to(device))  # (b, D)
             chunks.append(F.normalize(emb.float(), dim=-1))

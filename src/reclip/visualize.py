@@ -1,4 +1,8 @@
-"""Visual outputs: colour palettes, palette-mode label PNGs, overlays and legends.
+"""Visual outputs: colour palettes, label PNGs, overlays and legends.
+
+Label maps of up to 256 classes are palette-mode PNGs (pixel value = class index, shown
+in the class colours); larger vocabularies (ADE-847, PASCAL Context-459) are 16-bit
+grayscale PNGs, whose pixel values are still the class indices.
 
 All writers are atomic (temporary file in the target folder, then ``os.replace``), so a
 killed run never leaves a half-written image behind.
@@ -14,9 +18,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["palette", "save_label_png", "overlay", "legend_image", "save_segmentation"]
+__all__ = ["palette", "save_label_png", "overlay", "legend_image", "save_legend", "save_segmentation"]
 
 IGNORE_INDEX = 255  # mmseg / VOC "ignore" label value
+PALETTE_SIZE = 256  # entries of a palette-mode ("P") PNG: indices 0..255
+UINT16_MAX = 65535  # largest index of a 16-bit grayscale PNG
 
 
 def palette(num_classes: int = 256) -> np.ndarray:
@@ -62,30 +68,45 @@ def _labels_array(labels) -> np.ndarray:
     return array
 
 
-def save_label_png(path: str | os.PathLike, labels, colours: np.ndarray | None = None) -> Path:
-    """Write an (H, W) label map as a palette-mode ("P") PNG; pixel values are the indices.
+def save_label_png(
+    path: str | os.PathLike,
+    labels,
+    colours: np.ndarray | None = None,
+    num_classes: int | None = None,
+) -> Path:
+    """Write an (H, W) label map as a PNG whose pixel values are the indices.
 
-    Values must lie in 0..255 (255 = ignore is allowed). Entries the palette lacks are
-    filled from the VOC palette. Reading back with ``np.asarray(Image.open(path))``
-    returns the same indices.
+    Palette mode ("P", shown in the class colours) when the indices fit in 0..255;
+    16-bit grayscale ("I;16", values 0..65535, no colours) when the vocabulary has more
+    than 256 classes or, if ``num_classes`` is not given, when some label exceeds 255.
+    Give ``num_classes`` so that every mask of a vocabulary gets the same format. In
+    palette mode 255 is VOC's ignore colour; entries the palette lacks are filled from
+    the VOC palette. Reading back with ``np.asarray(Image.open(path))`` returns the same
+    indices (uint8 or uint16).
 
     Args:
         path: output .png path.
-        labels: (H, W) integer array or tensor.
-        colours: (N, 3) uint8 palette; default :func:`palette` (256).
+        labels: (H, W) integer array or tensor, values >= 0.
+        colours: (N, 3) uint8 palette for palette mode; default :func:`palette` (256).
+        num_classes: size of the vocabulary the labels index; more than 256 selects 16-bit.
     """
     array = _labels_array(labels)
-    if array.size and (array.min() < 0 or array.max() > 255):
+    if array.size and (array.min() < 0 or array.max() > UINT16_MAX):
         raise ValueError(
-            f"labels span {array.min()}..{array.max()} but a palette PNG holds 0..255; "
-            "save more than 256 classes as a 16-bit PNG or .npy instead"
+            f"labels span {array.min()}..{array.max()} but a label PNG holds 0..{UINT16_MAX}; "
+            "save such maps as .npy instead"
         )
-    full = palette(256)
-    if colours is not None:
-        colours = np.asarray(colours, dtype=np.uint8)[:256]
-        full[: len(colours)] = colours
-    image = Image.fromarray(array.astype(np.uint8), mode="P")
-    image.putpalette(full.reshape(-1).tolist())
+    sixteen_bit = (num_classes is not None and num_classes > PALETTE_SIZE) or bool(
+        array.size and array.max() >= PALETTE_SIZE)
+    if sixteen_bit:
+        image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint16))  # mode "I;16"
+    else:
+        full = palette(PALETTE_SIZE)
+        if colours is not None:
+            colours = np.asarray(colours, dtype=np.uint8)[:PALETTE_SIZE]
+            full[: len(colours)] = colours
+        image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="P")
+        image.putpalette(full.reshape(-1).tolist())
     return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -169,6 +190,16 @@ def legend_image(
     return np.asarray(canvas)
 
 
+def save_legend(
+    path: str | os.PathLike,
+    class_names: Sequence[str],
+    colours: np.ndarray | None = None,
+) -> Path:
+    """Write :func:`legend_image` of all classes to ``path`` (PNG, atomic, overwriting)."""
+    image = Image.fromarray(legend_image(class_names, colours))
+    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def save_segmentation(
     out_dir: str | os.PathLike,
     stem: str,
@@ -177,26 +208,38 @@ def save_segmentation(
     class_names: Sequence[str],
     colours: np.ndarray | None = None,
     alpha: float = 0.5,
-) -> dict[str, Path]:
-    """Write ``{stem}.png`` (palette mask), ``{stem}_overlay.jpg`` and, once per folder,
-    ``legend.png`` (all classes) into ``out_dir``.
+    write_legend: bool = True,
+) -> dict[str, Path | None]:
+    """Write ``{stem}.png`` (label PNG), ``{stem}_overlay.jpg`` and ``legend.png`` into ``out_dir``.
+
+    The legend lists all classes of ``class_names`` and is (over)written on every call
+    with ``write_legend`` (cheap), so a legend left in the folder by a run with other
+    classes never survives: a caller that writes many masks into one folder passes
+    ``write_legend=True`` for its first image (or calls :func:`save_legend` once) and
+    False afterwards.
 
     Args:
-        image: (H, W, 3) uint8 RGB; labels: (H, W) integer map in 0..255 (255 = ignore).
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer map of class indices. With at most 255 classes, 255 is
+            ignore (left uncoloured in the overlay); larger vocabularies have no ignore
+            value and are written as 16-bit PNGs (see :func:`save_label_png`).
+        class_names: name per class index (C).
+        write_legend: write ``legend.png``.
     Returns:
-        {"mask": path, "overlay": path, "legend": path}.
+        {"mask": path, "overlay": path, "legend": path, or None when not written}.
     """
     out_dir = Path(out_dir)
-    colours = palette(max(len(class_names), 256)) if colours is None else np.asarray(colours, dtype=np.uint8)
-    paths = {
-        "mask": save_label_png(out_dir / f"{stem}.png", labels, colours),
+    num_classes = len(class_names)
+    colours = (palette(max(num_classes, PALETTE_SIZE)) if colours is None
+               else np.asarray(colours, dtype=np.uint8))
+    ignore_index = IGNORE_INDEX if num_classes <= IGNORE_INDEX else None  # else 255 is a class
+    paths: dict[str, Path | None] = {
+        "mask": save_label_png(out_dir / f"{stem}.png", labels, colours, num_classes=num_classes),
         "overlay": _atomic_save(
             out_dir / f"{stem}_overlay.jpg",
-            lambda tmp: Image.fromarray(overlay(image, labels, colours, alpha)).save(tmp, format="JPEG", quality=90),
+            lambda tmp: Image.fromarray(overlay(image, labels, colours, alpha, ignore_index)).save(
+                tmp, format="JPEG", quality=90),
         ),
+        "legend": save_legend(out_dir / "legend.png", class_names, colours) if write_legend else None,
     }
-    legend = out_dir / "legend.png"
-    if not legend.exists():
-        _atomic_save(legend, lambda tmp: Image.fromarray(legend_image(class_names, colours)).save(tmp, format="PNG"))
-    paths["legend"] = legend
     return paths

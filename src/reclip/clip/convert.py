@@ -105,6 +105,11 @@ def from_open_clip(sd: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
+# open_clip towers whose head width is not 64 (model_configs/ViT-{H,g,bigG}-14.json:
+# head_width 80 / 88 / 104); shapes alone cannot tell, and width // 64 would be wrong.
+_VISION_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
 def infer_config(
     sd: Mapping[str, torch.Tensor],
     vision_heads: int | None = None,
@@ -113,9 +118,10 @@ def infer_config(
 ) -> CLIPConfig:
     """Architecture from tensor shapes, as OpenAI's ``build_model``.
 
-    Heads default to width // 64 (true for every OpenAI and open_clip ViT); pass them when
-    a checkpoint uses another head width (``vision_heads`` equal to the default is stored
-    as None). ``quick_gelu`` cannot be read from shapes.
+    Heads default to width // 64 (every OpenAI ViT and most open_clip ones), except the
+    open_clip ViT-H/g/bigG-14 vision widths (1280/1408/1664: 16 heads); pass them when a
+    checkpoint uses another head width (``vision_heads`` equal to width // 64 is stored as
+    None). ``quick_gelu`` cannot be read from shapes.
     """
     if any(k.startswith("visual.layer1.") for k in sd):
         raise CheckpointError("this is a ResNet CLIP (visual.layer1.*); only ViT CLIPs are supported")
@@ -141,6 +147,8 @@ def infer_config(
         return len({m.group(1) for k in sd if (m := pattern.match(k))})
 
     text_width = sd["ln_final.weight"].shape[0]
+    if vision_heads is None:
+        vision_heads = _VISION_HEADS_BY_WIDTH.get(vision_width)
     if vision_heads == max(vision_width // 64, 1):
         vision_heads = None  # canonical: None means OpenAI's width // 64, so configs compare equal
     return CLIPConfig(

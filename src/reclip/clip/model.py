@@ -311,7 +311,10 @@ class CLIP(nn.Module):
 
 
 def weights_fingerprint(model: nn.Module, refresh: bool = False) -> str:
-    """sha256 (hex, 16 chars) of a model's parameter names, shapes and float32 values.
+    """sha256 (hex, 16 chars) of a model's architecture config, parameter names, shapes and float32 values.
+
+    The config counts because some of it cannot be read from the weights (QuickGELU vs
+    GELU, heads): the same tensors with another activation are another model.
 
     Caches key derived data (text embeddings, hypotheses, trained heads) to the exact
     weights. Computed once and cached on the module; pass ``refresh=True`` after the
@@ -321,6 +324,9 @@ def weights_fingerprint(model: nn.Module, refresh: bool = False) -> str:
     if cached is not None and not refresh:
         return cached
     digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(repr(config).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

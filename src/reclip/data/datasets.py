@@ -34,6 +34,8 @@ YAML schema (``?`` = optional, defaults in brackets)::
       stride: int | null
       logit_scale: float
       prob_thd: float | null        # background probability threshold; needs background
+      area_thd?: float | null [null]  # SCLIP area filter (fraction of the foreground area);
+                                    # needs background; null = off
     reclip:                         # ReCLIP / ReCLIP++ test settings
       short_side: int
       max_long_side?: int [2048]
@@ -44,8 +46,17 @@ YAML schema (``?`` = optional, defaults in brackets)::
       pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
 
 Class files: one class per line; synonyms on the same line separated by commas (the
-class's score is the max over its synonyms); ``#`` starts a comment; blank lines ignored.
-They are parsed by ``reclip.text.read_class_file`` (one parser for the whole package).
+class's score is the max over its synonyms); ``label: word, word`` gives a display label
+that is not itself a prompt (SCLIP's background words: ``background: sky, wall, ...``);
+``#`` starts a comment; blank lines ignored. They are parsed by
+``reclip.text.read_class_file`` (one parser for the whole package).
+
+The shipped protocols use ONE training-free protocol for every zero-shot method (MaskCLIP,
+SCLIP, ClearCLIP, NACLIP, raw CLIP): ClearCLIP's official configs and class files
+(mc-lan/ClearCLIP configs/cfg_*.py, cls_*.txt), so that all methods are measured the same
+way. SCLIP's own settings are documented in each YAML and its differing class files ship
+as ``<name>_sclip.txt``; reproduce SCLIP by overriding the inference settings and the class
+file (see voc21.yaml).
 """
 
 from __future__ import annotations
@@ -164,13 +175,16 @@ class ZeroShotSettings:
     logit_scale: float
     prob_thd: float | None
     max_long_side: int = 2048  # mmseg Resize(scale=(2048, short_side), keep_ratio=True)
+    area_thd: float | None = None  # SCLIP area filter (wangf3014/SCLIP clip_segmentor.py); None = off
 
     def __post_init__(self) -> None:
         _check_inference(self, "zero_shot")
         if self.logit_scale <= 0:
             raise ProtocolError(f"zero_shot.logit_scale must be > 0, got {self.logit_scale}")
-        if self.prob_thd is not None and not 0.0 <= self.prob_thd <= 1.0:
-            raise ProtocolError(f"zero_shot.prob_thd must be in [0, 1] or null, got {self.prob_thd}")
+        for name in ("prob_thd", "area_thd"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ProtocolError(f"zero_shot.{name} must be in [0, 1] or null, got {v}")
 
 
 @dataclass(frozen=True)
@@ -207,9 +221,7 @@ def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
             raise ProtocolError(f"{family}: stride {s.stride} > window {s.window} would skip pixels")
 
 
-# Flat override keys -> where they go (Protocol.with_overrides).
-_FAMILY_KEYS = ("short_side", "max_long_side", "mode", "window", "stride", "logit_scale", "prob_thd",
-                "pd_threshold", "pd_threshold_v1")
+# Flat override keys applied to every split (Protocol.with_overrides).
 _SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file")
 
 
@@ -240,8 +252,12 @@ class Protocol:
             raise ProtocolError(f"{where}: splits must define 'val' (got {sorted(self.splits)})")
         if self.classes_file is None and self.layout != "folder":
             raise ProtocolError(f"{where}: classes_file is required for layout {self.layout!r}")
-        if self.prob_thd_needs_background():
-            raise ProtocolError(f"{where}: zero_shot.prob_thd needs a background class (background: true)")
+        needs_bg = self.background_settings_without_background()
+        if needs_bg:
+            raise ProtocolError(
+                f"{where}: {', '.join('zero_shot.' + n for n in needs_bg)} assign pixels to class 0 and need "
+                "a background class (background: true); set them to null"
+            )
         if isinstance(self.label_map, str) and self.label_map not in LABEL_MAPS:
             raise ProtocolError(f"{where}: label_map {self.label_map!r} unknown; available: {sorted(LABEL_MAPS)}")
         if isinstance(self.label_map, dict):
@@ -258,8 +274,11 @@ class Protocol:
                     f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
                 )
 
-    def prob_thd_needs_background(self) -> bool:
-        return self.zero_shot.prob_thd is not None and not self.background
+    def background_settings_without_background(self) -> list[str]:
+        """zero_shot settings that are on although the protocol has no background class."""
+        if self.background:
+            return []
+        return [n for n in ("prob_thd", "area_thd") if getattr(self.zero_shot, n) is not None]
 
     # -- classes ---------------------------------------------------------------------
     def classes_path(self) -> Path:
@@ -317,34 +336,41 @@ class Protocol:
 
         Keys: any top-level field (``classes_file``, ``num_classes``, ``background``,
         ``ignore_index``, ...; ``zero_shot`` / ``reclip`` / ``splits`` as dicts that are
-        merged into the current values); the flat test-setting keys ``short_side``,
-        ``max_long_side``, ``mode``, ``window``, ``stride``, ``logit_scale``, ``prob_thd``,
-        ``pd_threshold``, ``pd_threshold_v1``, applied to every family that has the field;
-        and the flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
-        ``split_file``, applied to every split. None is a value (e.g. prob_thd=None turns
-        the threshold off): pass only the options the user set. Changing classes_file on a
-        protocol with a fixed num_classes is checked against it; set num_classes too when
-        evaluating a different label set.
+        merged into the current values, e.g. ``zero_shot={"prob_thd": None}``); and the
+        flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
+        ``split_file``, applied to every split. None is a value (e.g.
+        ``zero_shot={"prob_thd": None}`` turns the threshold off): pass only what the user
+        set. Changing classes_file on a protocol with a fixed num_classes is checked against
+        it; set num_classes too when evaluating a different label set.
+
+        Per-run inference settings (short side, window, logit scale, thresholds, ...) are
+        not overridden here: ``reclip.methods.inference_config(method, protocol, **overrides)``
+        is the one place that turns a protocol plus user options into an InferenceConfig.
         """
         top = {f.name for f in dataclasses.fields(self) if f.name != "source"}
-        unknown = sorted(set(kw) - top - set(_FAMILY_KEYS) - set(_SPLIT_KEYS))
+        unknown = sorted(set(kw) - top - set(_SPLIT_KEYS))
         if unknown:
+            hint = ""
+            fam = {f.name for c in (ZeroShotSettings, ReclipSettings) for f in dataclasses.fields(c)}
+            if set(unknown) & fam:
+                hint = ("; test settings go in zero_shot={...} / reclip={...}, or per run through "
+                        "reclip.methods.inference_config(..., **overrides)")
             raise ProtocolError(
-                f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_FAMILY_KEYS) | set(_SPLIT_KEYS))}"
+                f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_SPLIT_KEYS))}{hint}"
             )
         data = _to_dict(self)
         for key, value in kw.items():
+            if key in ("zero_shot", "reclip", "splits") and not isinstance(value, dict):
+                raise ProtocolError(f"with_overrides: {key} must be a dict of fields to replace, got {value!r}")
             if key in ("zero_shot", "reclip"):
                 data[key].update(copy.deepcopy(value))
             elif key == "splits":
                 for split, spec in value.items():
+                    if not isinstance(spec, dict):
+                        raise ProtocolError(f"with_overrides: splits.{split} must be a dict, got {spec!r}")
                     data["splits"].setdefault(split, {}).update(copy.deepcopy(spec))
             elif key in top:
                 data[key] = copy.deepcopy(value)
-            elif key in _FAMILY_KEYS:
-                for fam, cls in (("zero_shot", ZeroShotSettings), ("reclip", ReclipSettings)):
-                    if key in {f.name for f in dataclasses.fields(cls)}:
-                        data[fam][key] = value
             else:
                 for spec in data["splits"].values():
                     spec[key] = value

@@ -3,7 +3,13 @@
 The training-free methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP) differ only in the
 dense-feature strategy (:mod:`reclip.features`); the head is the same for all of them:
 raw cosine similarity between each patch feature and each L2-normalised query
-embedding, and a class's score is the max over its synonyms (METHODS.md section 1).
+embedding (METHODS.md section 1). The head returns these per-QUERY logits, one channel
+per synonym, and says how they reduce to classes (``class_index``): the official
+SCLIP / ClearCLIP / NACLIP code averages query logits over sliding windows and applies
+the softmax over all queries BEFORE taking each class's max over its synonyms, so the
+reduction belongs to post-processing (:func:`reclip.inference.postprocess`), not to the
+head. DESIGN.md's "class logits" of the segmentor interface are, here, query logits
+reduced to classes by ``class_index``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from torch import Tensor, nn
 
 from reclip.clip.model import CLIP
 from reclip.features import LastBlock, dense_features_with_grid, get_strategy
-from reclip.text import QueryEmbeddings, max_over_synonyms
+from reclip.text import QueryEmbeddings
 
 __all__ = ["ZeroShotSegmentor"]
 
@@ -29,9 +35,22 @@ class ZeroShotSegmentor(nn.Module):
         strategy: last-block strategy, a preset name of ``reclip.features.STRATEGIES``
             or a ``LastBlock``.
 
+    Attributes:
+        class_index: (S,) int64 buffer, the class of each query channel (synonyms share
+            a class); ``reclip.inference.segment`` reads it.
+        num_classes: C.
+        text_weights: (S, D) buffer, the L2-normalised query embeddings.
+
     Output contract of ``forward(images)``, images (B, 3, H, W) normalised:
-        logits (B, C, h', w') of raw cosine similarities (no temperature), a class's
-        score being the max over its synonyms, aligned with the UNPADDED input:
+        query logits (B, S, h', w') of raw cosine similarities (no temperature), one
+        channel per query (synonym), reduced to classes by ``class_index`` in
+        post-processing (softmax over queries, then max over each class's synonyms;
+        for class scores without a softmax use
+        ``reclip.text.max_over_synonyms(logits, head.class_index, head.num_classes)``).
+        S == C when every class has one name. The cosines are computed in float32 even
+        under autocast (bf16 cosines are off by ~1e-3, which a logit scale of 50 turns
+        into flipped labels between close classes). They are aligned with the UNPADDED
+        input:
 
         - H and W multiples of the patch: the logits of the patch grid as they are,
           (h', w') = (H / patch, W / patch); the inference layer upsamples them;
@@ -59,7 +78,6 @@ class ZeroShotSegmentor(nn.Module):
         self.strategy = get_strategy(strategy)
         self.register_buffer("text_weights", queries.weights.detach().clone())
         self.register_buffer("class_index", queries.class_index.detach().clone())
-        self.one_per_class = queries.is_one_per_class
 
     @property
     def patch_size(self) -> int:
@@ -68,23 +86,24 @@ class ZeroShotSegmentor(nn.Module):
     def query_logits(self, images: Tensor) -> Tensor:
         """Per-query cosine similarities on the patch grid: (B, 3, H, W) -> (B, S, h, w).
 
-        Not yet reduced over synonyms and not cropped; the official SCLIP-family code
-        averages these over sliding windows and applies softmax before the synonym max.
+        float32 whatever the autocast state; not cropped (``forward`` applies the crop
+        contract of the class docstring).
         """
         feats = dense_features_with_grid(self.clip, images, self.strategy).features  # (B, D, h, w)
-        return torch.einsum("bdhw,sd->bshw", feats, self.text_weights.to(feats.dtype))
+        # Under autocast the einsum would run in bf16/fp16; cosines need float32.
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            return torch.einsum("bdhw,sd->bshw", feats.float(), self.text_weights.float())
 
     def forward(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) normalised -> logits (B, C, h', w'); see the class docstring."""
+        """images (B, 3, H, W) normalised -> query logits (B, S, h', w') float32; see the class docstring."""
         H, W = images.shape[-2:]
         logits = self.query_logits(images)  # (B, S, h, w)
-        if not self.one_per_class:
-            logits = max_over_synonyms(logits, self.class_index, self.num_classes, dim=1)  # (B, C, h, w)
         h, w = logits.shape[-2:]
         p = self.patch_size
         if (h * p, w * p) != (H, W):
             # Padding happened: resample to the padded pixel grid, where each patch covers
             # exactly its pixels, then drop the padded bottom/right border.
-            logits = F.interpolate(logits, size=(h * p, w * p), mode="bilinear", align_corners=False)
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                logits = F.interpolate(logits, size=(h * p, w * p), mode="bilinear", align_corners=False)
             logits = logits[..., :H, :W]
         return logits

@@ -1,0 +1,15 @@
+"""The benchmark code runs (on a tiny model) so `reclip bench` cannot rot; its figures are not asserted."""
+
+import torch
+
+from reclip.bench import bench_vs_hf, bench_zero_shot
+from reclip.clip.model import CLIP
+
+
+def test_bench_functions_run_and_report_positive_figures():
+    torch.manual_seed(0)
+    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval().requires_grad_(False)
+    zs = bench_zero_shot(clip, torch.device("cpu"), images=1, num_classes=3)
+    assert zs["images_per_s"] > 0 and zs["peak_mib"] > 0
+    hf = bench_vs_hf(clip, batch=1, repeats=1)
+    assert hf is not None and hf["image_ratio"] > 0 and hf["text_ratio"] > 0

@@ -1,0 +1,136 @@
+"""methods.inference_config: a protocol's published test settings + per-run overrides -> InferenceConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from reclip.data.datasets import ZeroShotSettings, list_protocols, load_protocol
+from reclip.inference import InferenceConfig
+from reclip.methods import METHODS, Method, get_method, inference_config
+
+ZERO_SHOT = [name for name, m in METHODS.items() if m.family == "zero_shot"]
+# No ReCLIP-family method is registered yet; a Method object exercises that branch.
+RECLIP_PROBE = Method("reclip-probe", "reclip", "maskclip", "reclip85", "test: reads the protocol's reclip section")
+ALL_METHODS = [*METHODS.values(), RECLIP_PROBE]
+DEFAULTS = InferenceConfig()
+
+
+def test_every_registered_method_has_a_known_family():
+    assert ZERO_SHOT and {m.family for m in METHODS.values()} <= {"zero_shot", "reclip"}
+
+
+@pytest.mark.parametrize("method", ZERO_SHOT)
+def test_zero_shot_family_reads_the_zero_shot_settings(method):
+    p = load_protocol("voc21").with_overrides(zero_shot={"area_thd": 0.1, "max_long_side": 1333})
+    cfg = inference_config(method, p)
+    zs = p.zero_shot
+    assert (cfg.mode, cfg.short_side, cfg.max_long_side) == ("slide", zs.short_side, 1333)
+    assert (cfg.window, cfg.stride, cfg.logit_scale) == (zs.window, zs.stride, zs.logit_scale)
+    assert (cfg.prob_thd, cfg.area_thd) == (0.5, 0.1)
+    assert cfg.pd_threshold is None  # the ReCLIP section is not read
+    assert inference_config(get_method(method), p) == cfg  # a Method object works like its name
+
+
+def test_reclip_family_reads_the_reclip_settings():
+    p = load_protocol("context59")
+    cfg = inference_config(RECLIP_PROBE, p)
+    rc = p.reclip
+    assert (cfg.mode, cfg.short_side, cfg.max_long_side, cfg.pd_threshold) == ("whole", 448, 2048, 0.85)
+    assert rc.mode == "whole" and (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)
+    # zero-shot-only settings stay at the InferenceConfig defaults (trained heads: scale 1, no thresholds)
+    assert (cfg.logit_scale, cfg.prob_thd, cfg.area_thd) == (DEFAULTS.logit_scale, None, None)
+    bg = inference_config(RECLIP_PROBE, load_protocol("voc21"))
+    assert bg.prob_thd is None and bg.area_thd is None and bg.pd_threshold == 1.0
+
+
+def test_whole_mode_protocol_does_not_pass_window():
+    p = load_protocol("voc20").with_overrides(zero_shot={"mode": "whole", "window": None, "stride": None})
+    cfg = inference_config("clearclip", p)
+    assert cfg.mode == "whole" and (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)
+
+
+@pytest.mark.parametrize("method", [*ZERO_SHOT, RECLIP_PROBE])
+def test_overrides_apply_and_none_is_ignored(method):
+    p = load_protocol("cocoobject")
+    base = inference_config(method, p)
+    cfg = inference_config(method, p, short_side=336, window=224, stride=112, max_long_side=1024, batch_size=3,
+                           pamr=True)
+    assert (cfg.short_side, cfg.window, cfg.stride, cfg.max_long_side) == (336, 224, 112, 1024)
+    assert cfg.batch_size == 3 and cfg.pamr
+    assert cfg.logit_scale == base.logit_scale and cfg.prob_thd == base.prob_thd  # untouched keys kept
+    # None = "flag not given": the protocol's value stays
+    unset = {f.name: None for f in dataclasses.fields(InferenceConfig)}
+    assert inference_config(method, p, **unset) == base
+
+
+def test_sclip_settings_as_overrides():
+    """SCLIP's VOC21 protocol on top of the shipped (ClearCLIP) one, as documented in voc21.yaml."""
+    cfg = inference_config("sclip", load_protocol("voc21"), short_side=336, window=224, stride=112, logit_scale=65,
+                           prob_thd=0.1, area_thd=0.1)
+    assert (cfg.short_side, cfg.window, cfg.stride, cfg.logit_scale, cfg.prob_thd, cfg.area_thd) == (
+        336, 224, 112, 65, 0.1, 0.1)
+    assert cfg.max_long_side == 2048
+
+
+def test_unknown_override_lists_allowed_keys():
+    with pytest.raises(ValueError, match="unknown inference settings") as err:
+        inference_config("maskclip", load_protocol("voc21"), shortside=336, prob_thd=0.1)
+    msg = str(err.value)
+    assert "shortside" in msg and "allowed" in msg
+    for name in ("short_side", "window", "stride", "logit_scale", "prob_thd", "area_thd", "max_long_side"):
+        assert name in msg
+    with pytest.raises(ValueError, match="unknown inference settings"):
+        inference_config("maskclip", load_protocol("voc21"), shortside=None)  # checked even when None
+
+
+def test_unknown_method_lists_methods():
+    with pytest.raises(ValueError, match="available") as err:
+        inference_config("clear-clip", load_protocol("voc21"))
+    assert all(name in str(err.value) for name in METHODS)
+
+
+def test_invalid_override_values_are_rejected():
+    with pytest.raises(ValueError, match="stride"):
+        inference_config("clearclip", load_protocol("voc21"), window=112, stride=224)
+    with pytest.raises(ValueError, match="area_thd"):
+        inference_config("clearclip", load_protocol("voc21"), area_thd=2.0)
+
+
+def test_prob_and_area_thd_only_with_a_background_class():
+    # real protocols: on for VOC21 (background), off for VOC20 (none)
+    assert inference_config("sclip", load_protocol("voc21")).prob_thd == 0.5
+    assert inference_config("sclip", load_protocol("voc20")).prob_thd is None
+    # a protocol object whose zero_shot settings carry thresholds but has no background class
+    # (Protocol itself refuses this; inference_config must not pass them on either)
+    zs = ZeroShotSettings(short_side=448, mode="slide", window=448, stride=224, logit_scale=50, prob_thd=0.5,
+                          area_thd=0.1)
+    no_bg = SimpleNamespace(zero_shot=zs, background=False)
+    cfg = inference_config("clearclip", no_bg)
+    assert cfg.prob_thd is None and cfg.area_thd is None
+    with_bg = inference_config("clearclip", SimpleNamespace(zero_shot=zs, background=True))
+    assert (with_bg.prob_thd, with_bg.area_thd) == (0.5, 0.1)
+    # an explicit override still applies (e.g. `reclip segment --background --prob-thd 0.3`)
+    assert inference_config("clearclip", load_protocol("folder"), prob_thd=0.3).prob_thd == 0.3
+
+
+@pytest.mark.parametrize("name", list_protocols())
+@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m.name)
+def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
+    p = load_protocol(name)
+    cfg = inference_config(method, p)
+    assert isinstance(cfg, InferenceConfig)
+    settings = getattr(p, method.family)
+    assert (cfg.mode, cfg.short_side, cfg.max_long_side) == (settings.mode, settings.short_side, settings.max_long_side)
+    if settings.mode == "slide":
+        assert (cfg.window, cfg.stride) == (settings.window, settings.stride)
+    if method.family == "zero_shot":
+        assert cfg.logit_scale == settings.logit_scale
+        assert cfg.prob_thd == (settings.prob_thd if p.background else None)
+        assert cfg.area_thd == (settings.area_thd if p.background else None)
+        assert cfg.pd_threshold is None
+    else:
+        assert cfg.pd_threshold == settings.pd_threshold
+        assert cfg.prob_thd is None and cfg.area_thd is None
