@@ -12,15 +12,8 @@ from torch.utils.data import DataLoader
 
 from layouts import write_cocostuff, write_folder, write_for_layout, write_voc
 from reclip.data import cocostuff
-from reclip.data.datasets import (
-    DatasetError,
-    Protocol,
-    ProtocolError,
-    SegmentationDataset,
-    collate_items,
-    list_protocols,
-    load_protocol,
-)
+from reclip.data.datasets import DatasetError, SegmentationDataset, collate_items
+from reclip.data.protocol import Protocol, ProtocolError, list_protocols, load_protocol
 
 SHIPPED = ["ade150", "cityscapes19", "cocoobject", "cocostuff171", "cocostuff27", "context59", "context60",
            "folder", "voc20", "voc21"]

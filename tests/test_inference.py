@@ -1,4 +1,4 @@
-"""Tests for reclip.inference: whole / sliding-window inference and post-processing."""
+"""Tests for reclip.inference (whole / sliding-window inference) and reclip.postprocess."""
 
 from __future__ import annotations
 
@@ -12,18 +12,15 @@ from torch import nn
 
 import reclip.inference as inference
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, to_tensor_normalized
-from reclip.inference import (
-    InferenceConfig,
+from reclip.inference import InferenceConfig, infer_logits, segment, slide_windows
+from reclip.postprocess import (
     background_threshold,
     class_logits,
-    infer_logits,
     pamr,
     postprocess,
     predict_labels,
     probabilities,
     prompt_denoise,
-    segment,
-    slide_windows,
 )
 from reclip.text import max_over_synonyms
 

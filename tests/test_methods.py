@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from reclip.data.datasets import ZeroShotSettings, list_protocols, load_protocol
+from reclip.data.protocol import ZeroShotSettings, list_protocols, load_protocol
 from reclip.inference import InferenceConfig
 from reclip.methods import METHODS, Method, get_method, inference_config
 

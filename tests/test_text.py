@@ -1,4 +1,4 @@
-"""Templates, class vocabularies and cached query embeddings (reclip.text)."""
+"""Templates (reclip.templates), class vocabularies and cached query embeddings (reclip.text)."""
 
 import pytest
 import torch
@@ -6,16 +6,13 @@ import torch.nn.functional as F
 
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.clip.tokenizer import tokenize
+from reclip.templates import IMAGENET_TEMPLATES, RECLIP_TEMPLATES, TEMPLATE_SETS, resolve_templates
 from reclip.text import (
-    IMAGENET_TEMPLATES,
-    RECLIP_TEMPLATES,
-    TEMPLATE_SETS,
     QueryEmbeddings,
     Vocabulary,
     default_cache_dir,
     query_embeddings,
     read_class_file,
-    resolve_templates,
 )
 
 

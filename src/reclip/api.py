@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
-from reclip.data.datasets import Protocol, SegmentationDataset, load_protocol
+from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import ImageReadError, iter_images, read_image
+from reclip.data.protocol import Protocol, load_protocol
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import build_segmentor, get_method, inference_config
 from reclip.metrics import ConfusionMatrix

@@ -18,10 +18,10 @@ import torch
 
 from reclip import api
 from reclip.clip.convert import CheckpointError
-from reclip.data.datasets import list_protocols, load_protocol
+from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS
 from reclip.methods import METHODS
-from reclip.text import TEMPLATE_SETS
+from reclip.templates import TEMPLATE_SETS
 
 
 def _device(name: str) -> torch.device:

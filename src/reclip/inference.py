@@ -11,22 +11,10 @@ channel per class (trained heads). This module knows nothing about which method 
 - :func:`infer_logits` runs it on the whole image or with mmseg-style sliding windows
   (all windows batched) and returns logits at the original image size; it does not
   care what the channels are;
-- :func:`postprocess` / :func:`predict_labels` turn query logits into class
-  probabilities and labels in the official SCLIP / ClearCLIP / NACLIP order
-  (``postprocess_result``): the query logits, already averaged over windows, go
-  through softmax(logit_scale * logits) over all S queries; a class's probability is
-  the max over its synonyms (:func:`probabilities`); everything after that works on
-  class probabilities (B, C, H, W). The steps are small pure functions:
-  :func:`prompt_denoise` (ReCLIP/ReCLIP++ "PD"), :func:`pamr` (pixel-adaptive mask
-  refinement, Araslanov & Roth, CVPR 2020), :func:`area_filter` and
-  :func:`background_threshold` (SCLIP family);
 - :func:`segment` is the predictor-style convenience: uint8 image in, label map out.
 
-Why the order matters: with a synonym-heavy class (SCLIP's VOC21 background is 26
-background words) the softmax spreads over all its words, so the class's probability
-(the max over its words) is much lower than a softmax over per-class max logits would
-give; the ``prob_thd`` background threshold is defined on the former. The argmax is
-the same either way (softmax is monotone and shares one denominator per pixel).
+Turning query logits into class probabilities and labels (synonym reduction, prompt
+denoising, PAMR, the SCLIP-family filters) is :mod:`reclip.postprocess`.
 """
 
 from __future__ import annotations
@@ -38,11 +26,10 @@ from typing import Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_short_side, to_tensor_normalized
-from reclip.text import max_over_synonyms
+from reclip.postprocess import PAMR_DILATIONS, PAMR_ITERATIONS, _resize, postprocess
 
 __all__ = [
     "AUTOCAST_MODES",
@@ -50,25 +37,11 @@ __all__ = [
     "Segmentation",
     "slide_windows",
     "infer_logits",
-    "class_logits",
-    "probabilities",
-    "prompt_denoise",
-    "pamr",
-    "area_filter",
-    "background_threshold",
-    "postprocess",
-    "predict_labels",
     "segment",
 ]
 
 Segmentor = Callable[[Tensor], Tensor]
 
-# ReCLIP++ official test script: removed classes get this logit (dogehhh/ReCLIP tools/test.py).
-PD_SUPPRESSED_LOGIT = -100.0
-# PAMR defaults of the official implementation (visinf/1-stage-wseg, core/config.py:
-# PAMR_ITER = 10, PAMR_KERNEL = [1, 2, 4, 8, 12, 24]).
-PAMR_ITERATIONS = 10
-PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
 # InferenceConfig.autocast values (besides True = "bf16" and False = off) and their dtypes.
 AUTOCAST_MODES = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}
 
@@ -234,13 +207,6 @@ def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:
     return logits.float()
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False, no antialias: like cv2 INTER_LINEAR / mmseg)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def _infer_whole(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig, size: tuple[int, int]) -> Tensor:
     """Whole-image inference, ``batch_size`` images per call; logits resized to ``size``."""
     chunks = [_resize(_call(segmentor, images[i : i + cfg.batch_size], cfg), size)
@@ -283,7 +249,8 @@ def infer_logits(
     """Run ``segmentor`` on a normalised image batch and return logits at full size.
 
     Channel-agnostic: the S channels (query logits, or class logits when S == C) are
-    resized and averaged over windows as they are; reduce them with :func:`postprocess`.
+    resized and averaged over windows as they are; reduce them with
+    :func:`reclip.postprocess.postprocess`.
 
     Args:
         segmentor: callable (B, 3, H, W) -> (B, S, h, w) raw scores.
@@ -313,281 +280,19 @@ def infer_logits(
         return _resize(_infer_slide(segmentor, image, cfg), out_size)
 
 
-# --------------------------------------------------------------------------- post-processing
-
-
-def _num_classes(class_index: Tensor | None, num_queries: int) -> int:
-    """C of a query-to-class map (S,), checked against the S logit channels."""
-    if class_index is None:
-        return num_queries
-    if not isinstance(class_index, Tensor) or class_index.dtype != torch.long or class_index.shape != (num_queries,):
-        what = f"{class_index.dtype} {tuple(class_index.shape)}" if isinstance(class_index, Tensor) else repr(class_index)
-        raise ValueError(
-            f"class_index must be an int64 tensor (S,) = ({num_queries},), the class of each logit channel, "
-            f"got {what}; pass segmentor.class_index, or None when channels are classes"
-        )
-    counts = torch.bincount(class_index.cpu().clamp_min(0)).tolist()
-    if num_queries and (int(class_index.min()) < 0 or 0 in counts):
-        raise ValueError(f"class_index must map queries onto classes 0..C-1, each class at least once; "
-                         f"got class counts {counts} (min index {int(class_index.min())})")
-    return len(counts)
-
-
-def _is_identity(class_index: Tensor | None) -> bool:
-    """True when channel c is class c (no reduction needed)."""
-    return class_index is None or bool(
-        (class_index.cpu() == torch.arange(class_index.numel())).all())
-
-
-def class_logits(logits: Tensor, class_index: Tensor | None = None) -> Tensor:
-    """Class logits: the max over each class's synonyms of the query logits.
-
-    (B, S, H, W) -> (B, C, H, W); the identity when ``class_index`` is None or maps
-    channel c to class c (S == C). Used by :func:`prompt_denoise`; labels and
-    probabilities come from :func:`probabilities`, which reduces after the softmax.
-    """
-    num_classes = _num_classes(class_index, logits.shape[1])
-    if _is_identity(class_index):
-        return logits
-    return max_over_synonyms(logits, class_index, num_classes, dim=1)
-
-
-def probabilities(logits: Tensor, logit_scale: float = 1.0, class_index: Tensor | None = None) -> Tensor:
-    """Class probabilities from query logits, in the official SCLIP-family order.
-
-    softmax(logit_scale * logits) over all S queries (B, S, H, W), then a class's
-    probability is the max over its synonyms (``reclip.text.max_over_synonyms``):
-    (B, C, H, W). With several synonyms per class the class probabilities need not sum
-    to 1 (SCLIP / ClearCLIP / NACLIP ``postprocess_result``). Without ``class_index``
-    (or with one query per class) this is the softmax over classes.
-
-    Args:
-        logits: (B, S, H, W) query logits (averaged over windows).
-        logit_scale: temperature applied before the softmax.
-        class_index: (S,) int64 class of each query, or None when S == C.
-    Returns:
-        (B, C, H, W) float32.
-    """
-    num_classes = _num_classes(class_index, logits.shape[1])
-    probs = torch.softmax(logits.float() * logit_scale, dim=1)  # (B, S, H, W)
-    if _is_identity(class_index):
-        return probs
-    return max_over_synonyms(probs, class_index, num_classes, dim=1)  # (B, C, H, W)
-
-
-def prompt_denoise(logits: Tensor, threshold: float, scale: float = 10.0,
-                   class_index: Tensor | None = None) -> Tensor:
-    """ReCLIP prompt denoising: drop classes that are nowhere confident.
-
-    PD is defined on class logits (ReCLIP has one query per class): with synonyms the
-    class logits are the max over each class's synonyms of the query logits
-    (:func:`class_logits`; the identity when S == C). A class whose spatial max of
-    softmax(scale * class logits) is below ``threshold`` gets the logit -100 everywhere,
-    on every one of its queries (ReCLIP++ official test script: scale 10; ReCLIP: 100).
-    Unlike the official code, the most confident class(es) of an image are never
-    removed, so at least one class always survives (officially, with VOC's threshold
-    1.0 every class can be removed and argmax then silently returns class 0). The fill
-    is -100, or lower when a logit is already below -100, so a removed class never wins
-    an argmax. The official code applies PD on the head's grid before upsampling; here
-    it applies to whatever resolution it is given.
-
-    Args:
-        logits: (B, S, H, W) raw query logits.
-        class_index: (S,) int64 class of each query, or None when S == C.
-    Returns:
-        (B, S, H, W) query logits with the queries of removed classes filled.
-    """
-    scores = class_logits(logits, class_index)  # (B, C, H, W)
-    conf = torch.softmax(scores.float() * scale, dim=1).flatten(2).amax(-1)  # (B, C)
-    remove = (conf < threshold) & (conf < conf.amax(dim=1, keepdim=True))  # keep the best
-    if not _is_identity(class_index):
-        remove = remove[:, class_index.to(remove.device)]  # (B, S)
-    fill = min(PD_SUPPRESSED_LOGIT, float(logits.detach().amin()) - 1.0)
-    return logits.masked_fill(remove[:, :, None, None], fill)
-
-
-def _shift(x: Tensor, padded: Tensor, pad: int, dy: int, dx: int) -> Tensor:
-    """x shifted so that out[y, x] = x[y + dy, x + dx], borders replicated."""
-    height, width = x.shape[-2:]
-    return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
-
-
-def _neighbours(dilations: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(dilation, dy, dx) of the 8 neighbours at each dilation."""
-    return [(d, dy * d, dx * d) for d in dilations
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-
-
-def pamr(
-    image: Tensor,
-    probs: Tensor,
-    num_iter: int = PAMR_ITERATIONS,
-    dilations: Sequence[int] = PAMR_DILATIONS,
-) -> Tensor:
-    """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020; visinf/1-stage-wseg).
-
-    Affinity to each of the 8 neighbours at every dilation:
-    softmax over neighbours of mean over image channels of -|I(p) - I(q)| / (1e-8 + 0.1 sigma),
-    where sigma is the per-channel std of the 9 x len(dilations) local values (unbiased,
-    borders replicated). The masks are then averaged over neighbours with these weights
-    ``num_iter`` times. Weights sum to 1, so each refined value is a convex combination
-    of neighbouring values: probabilities stay in [0, 1] and per-pixel sums are kept
-    (1 for a softmax over classes; at most 1 for synonym-reduced class probabilities).
-    Because sigma scales with the image, a per-channel affine normalisation does not change the
-    result: raw or normalised images give the same refinement.
-    SCLIP applies PAMR to the query logits; here it refines class probabilities, which
-    keeps them valid.
-
-    Args:
-        image: (B, 3, H', W') image (any per-channel scale); resized to the masks' size.
-        probs: (B, C, H, W) class probabilities (or any masks).
-    Returns:
-        (B, C, H, W) refined masks, float32.
-    """
-    size = tuple(probs.shape[-2:])
-    image = _resize(image.float(), size)  # (B, K, H, W)
-    masks = probs.float()
-    neighbours = _neighbours(dilations)
-    pads = {d: F.pad(image, [d] * 4, mode="replicate") for d in dilations}
-    # std over centre + 8 neighbours per dilation, all dilations pooled (two passes, exact)
-    n_values = 9 * len(dilations)
-    total = image * len(dilations)
-    for d, dy, dx in neighbours:
-        total = total + _shift(image, pads[d], d, dy, dx)
-    mean = total / n_values
-    sq = (image - mean).square() * len(dilations)
-    for d, dy, dx in neighbours:
-        sq = sq + (_shift(image, pads[d], d, dy, dx) - mean).square()
-    sigma = (sq / (n_values - 1)).sqrt()  # (B, K, H, W)
-    denom = 1e-8 + 0.1 * sigma
-    affinity = torch.stack([(-(image - _shift(image, pads[d], d, dy, dx)).abs() / denom).mean(1)
-                            for d, dy, dx in neighbours], dim=1)  # (B, P, H, W)
-    affinity = torch.softmax(affinity, dim=1)
-    del pads
-    for _ in range(num_iter):
-        padded = {d: F.pad(masks, [d] * 4, mode="replicate") for d in dilations}
-        refined = torch.zeros_like(masks)
-        for p, (d, dy, dx) in enumerate(neighbours):
-            refined += affinity[:, p : p + 1] * _shift(masks, padded[d], d, dy, dx)
-        masks = refined
-    return masks
-
-
-def area_filter(probs: Tensor, area_thd: float, background_index: int = 0) -> Tensor:
-    """SCLIP area filter: zero classes predicted on too small a share of the foreground.
-
-    For each image, the argmax area of every non-background class is compared with
-    ``area_thd`` x the total non-background argmax area; classes at or below it get
-    probability 0 (SCLIP ``postprocess_result``, area_thd 0.1 for VOC21/COCO-Object).
-
-    Args:
-        probs: (B, C, H, W) probabilities.
-    Returns:
-        (B, C, H, W) probabilities, filtered classes zeroed (not renormalised, as SCLIP).
-    """
-    num_classes = probs.shape[1]
-    area = F.one_hot(probs.argmax(1), num_classes).flatten(1, 2).sum(1).float()  # (B, C)
-    foreground = torch.ones(num_classes, dtype=torch.bool, device=probs.device)
-    foreground[background_index] = False
-    area = area * foreground
-    keep = (area > area_thd * area.sum(1, keepdim=True)) | ~foreground  # (B, C)
-    return probs * keep[:, :, None, None]
-
-
-def background_threshold(
-    labels: Tensor, probs: Tensor, prob_thd: float, background_index: int = 0
-) -> Tensor:
-    """SCLIP background threshold: pixels whose max probability is below ``prob_thd``
-    become ``background_index``.
-
-    As in SCLIP, ``probs`` are class probabilities from :func:`probabilities`: the
-    softmax over all queries (every background word included), then the max over each
-    class's synonyms.
-
-    Args:
-        labels: (B, H, W) int64; probs: (B, C, H, W).
-    Returns:
-        (B, H, W) int64.
-    """
-    return labels.masked_fill(probs.amax(1) < prob_thd, background_index)
+# --------------------------------------------------------------------------- predictor
 
 
 class Segmentation(NamedTuple):
     """Result of :func:`segment`: labels (H, W) int64; probs (C, H, W) float32 or None.
 
-    ``probs`` are class probabilities (:func:`probabilities`), after PAMR and the area
-    filter when configured; with synonyms they need not sum to 1 per pixel.
+    ``probs`` are class probabilities (:func:`reclip.postprocess.probabilities`), after
+    PAMR and the area filter when configured; with synonyms they need not sum to 1 per
+    pixel.
     """
 
     labels: np.ndarray
     probs: np.ndarray | None
-
-
-def postprocess(
-    logits: Tensor,
-    cfg: InferenceConfig,
-    class_index: Tensor | None = None,
-    *,
-    background_index: int | None = 0,
-    image: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Query logits -> (labels, class probabilities) with the configured post-processing.
-
-    Order: prompt denoising on class logits (ReCLIP; removes whole classes), then the
-    official SCLIP-family order: softmax(logit_scale * logits) over all S queries, class
-    probability = max over each class's synonyms (:func:`probabilities`); then, on class
-    probabilities: PAMR, SCLIP area filter, argmax, SCLIP background threshold.
-
-    Args:
-        logits: (B, S, H, W) query logits at full resolution (S == C without synonyms).
-        cfg: logit_scale, pd_threshold/pd_scale, pamr*, area_thd, prob_thd.
-        class_index: (S,) int64 class of each logit channel (``segmentor.class_index``),
-            or None when channel c is class c.
-        background_index: index of the background class, or None when the vocabulary
-            has none (then ``prob_thd`` and ``area_thd`` must be off).
-        image: (B, 3, H', W') image, needed only when ``cfg.pamr``.
-    Returns:
-        labels (B, H, W) int64 and class probabilities (B, C, H, W) float32.
-    """
-    if logits.ndim != 4:
-        raise ValueError(f"logits must be (B, S, H, W), got {tuple(logits.shape)}")
-    num_classes = _num_classes(class_index, logits.shape[1])
-    if _is_identity(class_index):
-        class_index = None  # channel c is class c: skip the reductions
-    needs_bg = [n for n in ("prob_thd", "area_thd") if getattr(cfg, n) is not None]
-    if needs_bg and background_index is None:
-        raise ValueError(f"{needs_bg} assign pixels to background but background_index is None; "
-                         "pass the background class index or set them to None")
-    if background_index is not None and not 0 <= background_index < num_classes:
-        raise ValueError(f"background_index {background_index} is outside the classes 0..{num_classes - 1}")
-    if cfg.pamr and image is None:
-        raise ValueError("cfg.pamr is on but no image was given; pass image=(B, 3, H, W) or set pamr=False")
-    if cfg.pd_threshold is not None:
-        logits = prompt_denoise(logits, cfg.pd_threshold, cfg.pd_scale, class_index)
-    probs = probabilities(logits, cfg.logit_scale, class_index)  # (B, C, H, W)
-    if cfg.pamr:
-        probs = pamr(image.to(probs.device), probs, cfg.pamr_iter, cfg.pamr_dilations)
-    if cfg.area_thd is not None:
-        probs = area_filter(probs, cfg.area_thd, background_index)
-    labels = probs.argmax(1)
-    if cfg.prob_thd is not None:
-        labels = background_threshold(labels, probs, cfg.prob_thd, background_index)
-    return labels, probs
-
-
-def predict_labels(
-    logits: Tensor,
-    cfg: InferenceConfig,
-    class_index: Tensor | None = None,
-    *,
-    background_index: int | None = 0,
-    image: Tensor | None = None,
-) -> Tensor:
-    """Label map (B, H, W) int64 from query logits (B, S, H, W); see :func:`postprocess`."""
-    return postprocess(logits, cfg, class_index, background_index=background_index, image=image)[0]
-
-
-# --------------------------------------------------------------------------- predictor
 
 
 def _device_of(segmentor: Segmentor) -> torch.device:
@@ -612,9 +317,9 @@ def segment(
 
     Normalises with ``mean``/``std`` (0-1 units, applied to image / 255; default CLIP's),
     resizes to ``cfg.short_side`` for inference, runs :func:`infer_logits` and
-    :func:`postprocess` with the segmentor's ``class_index`` (None when it has none:
-    one channel per class) and returns results at the original (H, W). The raw image
-    goes to the device only when PAMR needs it.
+    :func:`reclip.postprocess.postprocess` with the segmentor's ``class_index`` (None
+    when it has none: one channel per class) and returns results at the original (H, W).
+    The raw image goes to the device only when PAMR needs it.
 
     Returns:
         Segmentation(labels (H, W) int64, class probs (C, H, W) float32 if

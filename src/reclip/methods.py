@@ -28,7 +28,7 @@ class Method:
         name: CLI / API name.
         family: protocol section its test settings come from ("zero_shot" | "reclip").
         strategy: the dense-feature preset (features.STRATEGIES) it reads CLIP with.
-        templates: the prompt template set its paper uses (text.TEMPLATE_SETS).
+        templates: the prompt template set its paper uses (templates.TEMPLATE_SETS).
         summary: one line for listings.
     """
 
@@ -105,7 +105,7 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
 
     Args:
         method: a method name or Method.
-        protocol: a reclip.data.datasets.Protocol (anything with ``zero_shot`` / ``reclip``
+        protocol: a reclip.data.protocol.Protocol (anything with ``zero_shot`` / ``reclip``
             settings and ``background``).
         overrides: InferenceConfig fields; ``None`` values are ignored so CLI flags that
             were not given leave the protocol's value.

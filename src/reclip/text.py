@@ -1,9 +1,10 @@
-"""The text side: prompt templates, class vocabularies and cached query embeddings W_q.
+"""The text side: class vocabularies and cached query embeddings W_q.
 
 A class is a tuple of synonyms (the first is its display name). The query embedding of a
 synonym is CLIP's prompt ensemble (Radford et al. 2021, section 3.1.4; METHODS.md
 section 1): encode every template filled with the name, L2-normalise each, average,
 re-normalise. A class scores the max over its synonyms (SCLIP / ClearCLIP class files).
+The templates themselves are in :mod:`reclip.templates`.
 
     vocab = read_class_file("my_classes.txt")
     queries = query_embeddings(clip, vocab, templates="reclip85")  # cached on disk
@@ -27,149 +28,19 @@ import torch
 import torch.nn.functional as F
 
 from reclip.clip.tokenizer import tokenize
+from reclip.templates import RECLIP_TEMPLATES, resolve_templates
 
 if TYPE_CHECKING:
     from reclip.clip.model import CLIP
 
 __all__ = [
-    "IMAGENET_TEMPLATES",
-    "RECLIP_TEMPLATES",
-    "TEMPLATE_SETS",
+    "RECLIP_TEMPLATES",  # re-exported from reclip.templates for reclip.toy.world
     "QueryEmbeddings",
     "Vocabulary",
     "default_cache_dir",
     "query_embeddings",
     "read_class_file",
-    "resolve_templates",
 ]
-
-# -- templates --------------------------------------------------------------------------
-
-# CLIP's 80 ImageNet prompt templates, in the order of openai/CLIP
-# notebooks/Prompt_Engineering_for_ImageNet.ipynb (used by SCLIP and ClearCLIP as
-# `openai_imagenet_template`).
-IMAGENET_TEMPLATES: tuple[str, ...] = (
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-)
-
-# MaskCLIP / ReCLIP: the 80 above followed by five scene prompts, in this order
-# (chongzhou96/MaskCLIP tools/maskclip_utils/prompt_engineering.py,
-# dogehhh/ReCLIP utils/prompt_engineering.py `prompt_templates`).
-RECLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + (
-    "there is a {} in the scene.",
-    "there is the {} in the scene.",
-    "this is a {} in the scene.",
-    "this is the {} in the scene.",
-    "this is one {} in the scene.",
-)
-
-# Registry of named template sets; `resolve_templates` looks names up here.
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "imagenet80": IMAGENET_TEMPLATES,
-    "reclip85": RECLIP_TEMPLATES,
-    "single": ("a photo of a {}.",),
-}
-
-
-def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """Template strings from a registry name or an explicit list.
-
-    Every template must contain exactly one ``{}`` where the class name goes.
-    """
-    if isinstance(templates, str):
-        if templates not in TEMPLATE_SETS:
-            raise KeyError(
-                f"unknown template set {templates!r}; available: {sorted(TEMPLATE_SETS)} "
-                "(or pass a list of strings with one '{}' each)"
-            )
-        return TEMPLATE_SETS[templates]
-    out = tuple(templates)
-    if not out:
-        raise ValueError("empty template list; pass at least one template such as 'a photo of a {}.'")
-    for t in out:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must be a str with exactly one '{{}}' for the class name")
-    return out
-
 
 # -- vocabularies -----------------------------------------------------------------------
 
@@ -560,7 +431,8 @@ def query_embeddings(
     Args:
         clip: a CLIP with ``encode_text((N, L) long) -> (N, D)`` and ``context_length``.
         vocabulary: a :class:`Vocabulary` or anything ``Vocabulary.from_names`` accepts.
-        templates: a name in :data:`TEMPLATE_SETS` or a list of templates with one ``{}``.
+        templates: a name in :data:`reclip.templates.TEMPLATE_SETS` or a list of templates
+            with one ``{}``.
         cache_dir: cache folder, None for the default, False for no cache.
         batch_size: prompts per ``encode_text`` call.
         device: where to encode and return; default the model's device.

@@ -7,7 +7,7 @@ embedding (METHODS.md section 1). The head returns these per-QUERY logits, one c
 per synonym, and says how they reduce to classes (``class_index``): the official
 SCLIP / ClearCLIP / NACLIP code averages query logits over sliding windows and applies
 the softmax over all queries BEFORE taking each class's max over its synonyms, so the
-reduction belongs to post-processing (:func:`reclip.inference.postprocess`), not to the
+reduction belongs to post-processing (:func:`reclip.postprocess.postprocess`), not to the
 head. DESIGN.md's "class logits" of the segmentor interface are, here, query logits
 reduced to classes by ``class_index``.
 """

@@ -1,0 +1,413 @@
+"""Dataset protocols (data, in YAML): the schema, its strict validation and the registry.
+
+A protocol is one YAML file in ``reclip/configs/datasets/`` (or any path): the folder
+layout, the class file, the label conventions and the published test settings of each
+method family. ``load_protocol`` validates it strictly (unknown keys are errors);
+``reclip.data.datasets.SegmentationDataset`` turns a protocol + a data root into items.
+
+YAML schema (``?`` = optional, defaults in brackets)::
+
+    name: str                       # registry name (file stem for shipped protocols)
+    description?: str
+    layout: voc | context | ade | cityscapes | cocostuff | cocoobject | folder
+    classes_file: str | null        # class list; null only for `folder` (given at run time)
+    num_classes?: int | null        # expected number of classes; checked against the file
+    background: bool                # class 0 is a background class
+    reduce_zero_label?: bool [false]  # 0 -> ignore, others - 1 (mmseg)
+    ignore_index?: int [255]
+    label_map?: str | {raw: train} | null  # raw id -> train id before reduce_zero_label;
+                                    # str = a table of reclip.data.cocostuff.LABEL_MAPS;
+                                    # ids missing from a dict map to ignore_index
+    prepare?: str                   # how to obtain the layout; shown with missing paths
+    splits:                         # at least `val`
+      <split>:
+        img_dir: str                # relative to the data root
+        img_suffix?: str | null     # e.g. ".jpg"; null = any image extension
+        label_dir?: str | null      # null = no labels
+        label_suffix?: str [".png"]
+        split_file?: str | null     # list of image ids; null = every image in img_dir
+    zero_shot:                      # MaskCLIP / SCLIP / ClearCLIP / NACLIP test settings
+      short_side: int
+      max_long_side?: int [2048]
+      mode: slide | whole
+      window: int | null            # slide window (px), required for slide
+      stride: int | null
+      logit_scale: float
+      prob_thd: float | null        # background probability threshold; needs background
+      area_thd?: float | null [null]  # SCLIP area filter (fraction of the foreground area);
+                                    # needs background; null = off
+    reclip:                         # ReCLIP / ReCLIP++ test settings
+      short_side: int
+      max_long_side?: int [2048]
+      mode?: slide | whole [whole]
+      window?: int | null
+      stride?: int | null
+      pd_threshold: float | null    # prompt denoising, softmax(10 * logits) (ReCLIP++)
+      pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
+
+Class files: one class per line; synonyms on the same line separated by commas (the
+class's score is the max over its synonyms); ``label: word, word`` gives a display label
+that is not itself a prompt (SCLIP's background words: ``background: sky, wall, ...``);
+``#`` starts a comment; blank lines ignored. They are parsed by
+``reclip.text.read_class_file`` (one parser for the whole package).
+
+The shipped protocols use ONE training-free protocol for every zero-shot method (MaskCLIP,
+SCLIP, ClearCLIP, NACLIP, raw CLIP): ClearCLIP's official configs and class files
+(mc-lan/ClearCLIP configs/cfg_*.py, cls_*.txt), so that all methods are measured the same
+way. SCLIP's own settings are documented in each YAML and its differing class files ship
+as ``<name>_sclip.txt``; reproduce SCLIP by overriding the inference settings and the class
+file (see voc21.yaml).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import yaml
+
+from reclip.data.cocostuff import LABEL_MAPS, label_lut
+from reclip.text import Vocabulary, read_class_file
+
+__all__ = [
+    "LAYOUTS", "ProtocolError", "SplitSpec", "ZeroShotSettings", "ReclipSettings",
+    "Protocol", "list_protocols", "load_protocol",
+]
+
+LAYOUTS = ("voc", "context", "ade", "cityscapes", "cocostuff", "cocoobject", "folder")
+MODES = ("slide", "whole")
+
+
+class ProtocolError(ValueError):
+    """A protocol YAML or class file is invalid, or a protocol name is unknown."""
+
+
+def _package_dir(sub: str) -> Path:
+    return Path(str(resources.files("reclip") / "configs" / sub))
+
+
+# ---------------------------------------------------------------------------- schema
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+    """Construct dataclass ``cls`` from a YAML mapping, rejecting unknown/missing keys and bad types."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProtocolError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}")
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ProtocolError(f"{where}: missing required key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in ("splits", "zero_shot", "reclip"):
+            continue  # nested, built by the caller
+        if not _type_ok(value, hints[key]):
+            raise ProtocolError(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {hints[key]}")
+    return data
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Where one split's images and labels live, relative to the data root."""
+
+    img_dir: str
+    img_suffix: str | None = None
+    label_dir: str | None = None
+    label_suffix: str = ".png"
+    split_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split_file is not None and self.img_suffix is None:
+            raise ProtocolError(f"split with split_file {self.split_file!r} needs an img_suffix (e.g. '.jpg')")
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """Published test settings of the training-free family (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."""
+
+    short_side: int
+    mode: str
+    window: int | None
+    stride: int | None
+    logit_scale: float
+    prob_thd: float | None
+    max_long_side: int = 2048  # mmseg Resize(scale=(2048, short_side), keep_ratio=True)
+    area_thd: float | None = None  # SCLIP area filter (wangf3014/SCLIP clip_segmentor.py); None = off
+
+    def __post_init__(self) -> None:
+        _check_inference(self, "zero_shot")
+        if self.logit_scale <= 0:
+            raise ProtocolError(f"zero_shot.logit_scale must be > 0, got {self.logit_scale}")
+        for name in ("prob_thd", "area_thd"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ProtocolError(f"zero_shot.{name} must be in [0, 1] or null, got {v}")
+
+
+@dataclass(frozen=True)
+class ReclipSettings:
+    """Published test settings of ReCLIP / ReCLIP++ (official dogehhh/ReCLIP configs)."""
+
+    short_side: int
+    pd_threshold: float | None
+    mode: str = "whole"
+    window: int | None = None
+    stride: int | None = None
+    pd_threshold_v1: float | None = None
+    max_long_side: int = 2048  # ReCLIP configs: SCALE [2048, short_side]
+
+    def __post_init__(self) -> None:
+        _check_inference(self, "reclip")
+        for name in ("pd_threshold", "pd_threshold_v1"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ProtocolError(f"reclip.{name} must be in [0, 1] or null, got {v}")
+
+
+def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
+    if s.mode not in MODES:
+        raise ProtocolError(f"{family}.mode must be one of {list(MODES)}, got {s.mode!r}")
+    for name in ("short_side", "max_long_side", "window", "stride"):
+        v = getattr(s, name)
+        if v is not None and v <= 0:
+            raise ProtocolError(f"{family}.{name} must be a positive integer, got {v}")
+    if s.mode == "slide":
+        if s.window is None or s.stride is None:
+            raise ProtocolError(f"{family}: mode 'slide' needs window and stride (got {s.window}, {s.stride})")
+        if s.stride > s.window:
+            raise ProtocolError(f"{family}: stride {s.stride} > window {s.window} would skip pixels")
+
+
+# Flat override keys applied to every split (Protocol.with_overrides).
+_SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A validated dataset protocol. Build with load_protocol(); change with with_overrides()."""
+
+    name: str
+    layout: str
+    classes_file: str | None
+    background: bool
+    splits: dict[str, SplitSpec]
+    zero_shot: ZeroShotSettings
+    reclip: ReclipSettings
+    description: str = ""
+    num_classes: int | None = None
+    reduce_zero_label: bool = False
+    ignore_index: int = 255
+    label_map: str | dict | None = None
+    prepare: str = ""
+    source: str | None = field(default=None, compare=False)  # YAML file it came from
+
+    def __post_init__(self) -> None:
+        where = f"protocol {self.name!r}" + (f" ({self.source})" if self.source else "")
+        if self.layout not in LAYOUTS:
+            raise ProtocolError(f"{where}: layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if "val" not in self.splits:
+            raise ProtocolError(f"{where}: splits must define 'val' (got {sorted(self.splits)})")
+        if self.classes_file is None and self.layout != "folder":
+            raise ProtocolError(f"{where}: classes_file is required for layout {self.layout!r}")
+        needs_bg = self.background_settings_without_background()
+        if needs_bg:
+            raise ProtocolError(
+                f"{where}: {', '.join('zero_shot.' + n for n in needs_bg)} assign pixels to class 0 and need "
+                "a background class (background: true); set them to null"
+            )
+        if isinstance(self.label_map, str) and self.label_map not in LABEL_MAPS:
+            raise ProtocolError(f"{where}: label_map {self.label_map!r} unknown; available: {sorted(LABEL_MAPS)}")
+        if isinstance(self.label_map, dict):
+            for k, v in self.label_map.items():
+                if not (_type_ok(k, int) and _type_ok(v, int)) or k < 0 or v < 0:
+                    raise ProtocolError(f"{where}: label_map entries must be non-negative int: int, got {k!r}: {v!r}")
+        if self.num_classes is not None and self.num_classes <= 0:
+            raise ProtocolError(f"{where}: num_classes must be positive, got {self.num_classes}")
+        if self.classes_file is not None:
+            n = len(self.classes())
+            if self.num_classes is not None and n != self.num_classes:
+                raise ProtocolError(
+                    f"{where}: class file {self.classes_path()} has {n} classes but the protocol's labels "
+                    f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
+                )
+
+    def background_settings_without_background(self) -> list[str]:
+        """zero_shot settings that are on although the protocol has no background class."""
+        if self.background:
+            return []
+        return [n for n in ("prob_thd", "area_thd") if getattr(self.zero_shot, n) is not None]
+
+    # -- classes ---------------------------------------------------------------------
+    def classes_path(self) -> Path:
+        """Resolve classes_file: as given (absolute or from the cwd), next to the YAML, then
+        in the package's configs/classes/."""
+        if self.classes_file is None:
+            raise ProtocolError(
+                f"protocol {self.name!r} has no class list; pass one (classes_file=... / --classes-file)"
+            )
+        given = Path(self.classes_file).expanduser()
+        candidates = [given]
+        if not given.is_absolute():
+            if self.source:
+                candidates.append(Path(self.source).parent / given)
+            candidates.append(_package_dir("classes") / given)
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ProtocolError(
+            f"protocol {self.name!r}: class file {self.classes_file!r} not found; looked in: "
+            + ", ".join(str(c) for c in candidates)
+        )
+
+    def vocabulary(self) -> Vocabulary:
+        """The class list in train-id order (reclip.text.read_class_file of classes_file)."""
+        return read_class_file(self.classes_path())
+
+    def classes(self) -> list[list[str]]:
+        """Class list in train-id order: one list of synonyms per class (first = display name)."""
+        return self.vocabulary().to_list()
+
+    # -- labels ----------------------------------------------------------------------
+    def convert_label(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label ids (H, W) -> train ids (H, W) int64 (label_map, then reduce_zero_label)."""
+        lab = raw.astype(np.int64)
+        ign = self.ignore_index
+        if self.label_map is not None:
+            if isinstance(self.label_map, str):
+                lut = label_lut(self.label_map)
+            else:
+                lut = np.full(max(256, max(self.label_map, default=0) + 1), ign, dtype=np.int64)
+                for k, v in self.label_map.items():
+                    lut[k] = v
+            inside = (lab >= 0) & (lab < len(lut))  # ids beyond the table -> ignore
+            lab = np.where(inside, lut[np.clip(lab, 0, len(lut) - 1)], ign)
+        if self.reduce_zero_label:
+            out = lab - 1
+            out[(lab == 0) | (lab == ign)] = ign
+            lab = out
+        return lab
+
+    # -- copies ----------------------------------------------------------------------
+    def with_overrides(self, **kw: Any) -> Protocol:
+        """A validated copy with some values replaced (e.g. from command-line options).
+
+        Keys: any top-level field (``classes_file``, ``num_classes``, ``background``,
+        ``ignore_index``, ...; ``zero_shot`` / ``reclip`` / ``splits`` as dicts that are
+        merged into the current values, e.g. ``zero_shot={"prob_thd": None}``); and the
+        flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
+        ``split_file``, applied to every split. None is a value (e.g.
+        ``zero_shot={"prob_thd": None}`` turns the threshold off): pass only what the user
+        set. Changing classes_file on a protocol with a fixed num_classes is checked against
+        it; set num_classes too when evaluating a different label set.
+
+        Per-run inference settings (short side, window, logit scale, thresholds, ...) are
+        not overridden here: ``reclip.methods.inference_config(method, protocol, **overrides)``
+        is the one place that turns a protocol plus user options into an InferenceConfig.
+        """
+        top = {f.name for f in dataclasses.fields(self) if f.name != "source"}
+        unknown = sorted(set(kw) - top - set(_SPLIT_KEYS))
+        if unknown:
+            hint = ""
+            fam = {f.name for c in (ZeroShotSettings, ReclipSettings) for f in dataclasses.fields(c)}
+            if set(unknown) & fam:
+                hint = ("; test settings go in zero_shot={...} / reclip={...}, or per run through "
+                        "reclip.methods.inference_config(..., **overrides)")
+            raise ProtocolError(
+                f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_SPLIT_KEYS))}{hint}"
+            )
+        data = _to_dict(self)
+        for key, value in kw.items():
+            if key in ("zero_shot", "reclip", "splits") and not isinstance(value, dict):
+                raise ProtocolError(f"with_overrides: {key} must be a dict of fields to replace, got {value!r}")
+            if key in ("zero_shot", "reclip"):
+                data[key].update(copy.deepcopy(value))
+            elif key == "splits":
+                for split, spec in value.items():
+                    if not isinstance(spec, dict):
+                        raise ProtocolError(f"with_overrides: splits.{split} must be a dict, got {spec!r}")
+                    data["splits"].setdefault(split, {}).update(copy.deepcopy(spec))
+            elif key in top:
+                data[key] = copy.deepcopy(value)
+            else:
+                for spec in data["splits"].values():
+                    spec[key] = value
+        return _protocol_from_dict(data, source=self.source, where=f"protocol {self.name!r} (overrides {sorted(kw)})")
+
+
+def _to_dict(p: Protocol) -> dict[str, Any]:
+    d = {f.name: copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "source"}
+    d["splits"] = {k: dataclasses.asdict(v) for k, v in p.splits.items()}
+    d["zero_shot"] = dataclasses.asdict(p.zero_shot)
+    d["reclip"] = dataclasses.asdict(p.reclip)
+    return d
+
+
+def _protocol_from_dict(data: Any, source: str | None, where: str) -> Protocol:
+    _build(Protocol, data, where, skip=("source",))
+    splits_raw = data["splits"]
+    if not isinstance(splits_raw, dict) or not splits_raw:
+        raise ProtocolError(f"{where}: splits must be a non-empty mapping of split name -> folders")
+    splits = {str(name): SplitSpec(**_build(SplitSpec, spec, f"{where}: splits.{name}"))
+              for name, spec in splits_raw.items()}
+    zs = ZeroShotSettings(**_build(ZeroShotSettings, data["zero_shot"], f"{where}: zero_shot"))
+    rc = ReclipSettings(**_build(ReclipSettings, data["reclip"], f"{where}: reclip"))
+    rest = {k: v for k, v in data.items() if k not in ("splits", "zero_shot", "reclip")}
+    return Protocol(splits=splits, zero_shot=zs, reclip=rc, source=source, **rest)
+
+
+# -------------------------------------------------------------------------- registry
+
+def list_protocols() -> list[str]:
+    """Names of the shipped protocols (YAML files in reclip/configs/datasets/)."""
+    return sorted(p.stem for p in _package_dir("datasets").glob("*.yaml"))
+
+
+def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
+    """Load and validate a protocol by shipped name ("voc21") or YAML path.
+
+    Raises:
+        ProtocolError: unknown name (lists the available ones) or an invalid file.
+    """
+    s = str(name_or_path)
+    path = Path(s).expanduser()
+    if not (s.endswith((".yaml", ".yml")) or path.is_file()):
+        path = _package_dir("datasets") / f"{s}.yaml"
+        if not path.is_file():
+            raise ProtocolError(f"unknown dataset protocol {s!r}; available: {list_protocols()} "
+                                "(or pass the path of a protocol YAML file)")
+    if not path.is_file():
+        raise ProtocolError(f"protocol file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ProtocolError(f"{path}: invalid YAML: {e}") from e
+    return _protocol_from_dict(data, source=str(path), where=str(path))
