@@ -194,3 +194,24 @@ def test_segment_keeps_equal_names_apart_and_ignores_its_own_outputs(tmp_path, c
         assert len(summary.written) == 4
     masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.name != "legend.png")
     assert masks == ["img.png", "img_png.png", "x/img.png", "y/img.png"]
+
+
+def test_evaluate_bias_uses_instance_masks_and_writes_plots(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=2)
+    ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    # VOC SegmentationObject: one instance per labelled region here (ids 1.., 255 kept).
+    (root / "SegmentationObject").mkdir()
+    for image_id in ids:
+        label = read_label(root / "SegmentationClass" / f"{image_id}.png")
+        Image.fromarray(np.where(label == 255, 255, (label > 0) * 1).astype(np.uint8)).save(
+            root / "SegmentationObject" / f"{image_id}.png")
+    data = SegmentationDataset("voc21", root, "val")
+    assert data[0]["instances"] is not None and data[0]["instances"].shape == data[0]["label"].shape
+    out, plots = tmp_path / "r.json", tmp_path / "plots"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc21",
+                 "--data-root", str(root), "--json", str(out), "--bias", "--plots", str(plots), *COMMON]) == 0
+    assert "class-preference score" in capsys.readouterr().out
+    bias = json.loads(out.read_text())["bias"]
+    assert -1.0 <= bias["class_preference"] <= 1.0
+    assert len(bias["space_curve"]["mIoU"]) == 5
+    assert (plots / "confusion.png").is_file() and (plots / "space_preference.png").is_file()

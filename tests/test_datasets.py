@@ -98,7 +98,7 @@ def test_dataset_on_synthetic_layout(name, written):
     for i in range(len(ds)):
         item = ds[i]
         assert item["error"] is None, item["error"]
-        assert set(item) == {"image_id", "path", "image", "label", "error"}
+        assert set(item) == {"image_id", "path", "image", "label", "instances", "error"}
         img, lab = item["image"], item["label"]
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
         assert lab.dtype == np.int64 and lab.shape == img.shape[:2]

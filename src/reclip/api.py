@@ -33,6 +33,7 @@ from reclip.data.io import ImageReadError, iter_images, read_image
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import build_segmentor, get_method, inference_config
+from reclip.bias import SpacePreference, class_preference
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import save_legend, save_segmentation
@@ -71,6 +72,7 @@ class EvaluationResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    bias: dict[str, Any] | None = None  # {"class_preference": ..., "space_preference": ...}
 
     @property
     def miou(self) -> float:
@@ -92,7 +94,7 @@ class EvaluationResult:
         def clean(v: float) -> float | None:
             return None if math.isnan(v) else round(100 * v, 4)
 
-        return {
+        out = {
             "method": self.method,
             "protocol": self.protocol,
             "split": self.split,
@@ -106,6 +108,23 @@ class EvaluationResult:
             "settings": self.settings,
             "confusion": self.confusion.tolist(),
         }
+        if self.bias is not None:
+            cp, sp = self.bias["class_preference"], self.bias["space_preference"]
+            out["bias"] = {
+                "class_preference": _finite(cp["score"]),
+                "class_preference_per_class": {n: _finite(v) for n, v in zip(self.class_names, cp["per_class"])},
+                "space_preference": _finite(sp["score"]),
+                "space_curve": {"distance": sp["centres"].tolist(), "mIoU": [_finite(v) for v in sp["miou"]],
+                                "objects": sp["counts"].tolist()},
+            }
+        return out
+
+    def bias_summary(self) -> str:
+        """One line with both bias scores (higher = less bias), or '' without diagnostics."""
+        if self.bias is None:
+            return ""
+        return (f"class-preference score {self.bias['class_preference']['score']:.3f}, "
+                f"space-preference score {self.bias['space_preference']['score']:+.3f} (higher = less bias)")
 
     def save_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -128,6 +147,7 @@ def evaluate(
     strategy_overrides: Mapping[str, Any] | None = None,
     templates: str | None = None,
     absent_as_zero: bool = False,
+    bias: bool = False,
     limit: int | None = None,
     label_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
@@ -142,6 +162,7 @@ def evaluate(
         inference: InferenceConfig fields overriding the protocol's published settings
             (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...).
         absent_as_zero: the official ReCLIP mean (classes that never occur count as 0).
+        bias: also compute the bias diagnostics (``reclip.bias``) in the same pass.
         limit: evaluate only the first ``limit`` images (a quick look, not a result).
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
@@ -156,15 +177,46 @@ def evaluate(
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, text_cache=text_cache)
     mean, std = _image_stats(clip)
+    result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
+                                bias=bias, limit=limit, num_workers=num_workers, progress=progress,
+                                description=f"{method} on {protocol.name}/{split}")
+    result.method = method
+    result.settings.update({
+        "strategy": dataclasses.asdict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
+        "templates": templates or get_method(method).templates,
+        "clip": getattr(clip, "spec", None),
+        "clip_fingerprint": weights_fingerprint(clip),
+    })
+    return result
+
+
+def evaluate_segmentor(
+    segmentor: Any,
+    data: SegmentationDataset,
+    cfg: InferenceConfig,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    absent_as_zero: bool = False,
+    bias: bool = False,
+    limit: int | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+    description: str = "evaluate",
+) -> EvaluationResult:
+    """Run any segmentor over a labelled dataset: confusion matrix, mIoU and, with
+    ``bias``, the class- and space-preference diagnostics in the same pass."""
+    protocol = data.protocol
     background = 0 if protocol.background else None
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
+    space = SpacePreference(data.num_classes, background_index=background, ignore_index=protocol.ignore_index)
     skipped: list[tuple[str, str]] = []
     count = len(data) if limit is None else min(limit, len(data))
     # Workers decode the next images while the model runs on this one.
     loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
                         collate_fn=_identity)
     start = time.perf_counter()
-    bar = tqdm(loader, total=count, desc=f"{method} on {protocol.name}/{split}", unit="img", disable=not progress)
+    bar = tqdm(loader, total=count, desc=description, unit="img", disable=not progress)
     for item in bar:
         if item["error"] is not None:
             skipped.append((item["path"], item["error"]))
@@ -173,30 +225,32 @@ def evaluate(
         with torch.inference_mode():
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
         confusion.update(result.labels, item["label"])
+        if bias:
+            space.update(result.labels, item["label"], item.get("instances"))
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
-    seconds = time.perf_counter() - start
+    diagnostics = None
+    if bias:
+        # Background is not an object: left out of both scores.
+        diagnostics = {"class_preference": class_preference(confusion.matrix, exclude=(0,) if background == 0 else ()),
+                       "space_preference": space.compute()}
     return EvaluationResult(
-        method=method,
+        method=type(segmentor).__name__,
         protocol=protocol.name,
-        split=split,
+        split=data.split,
         class_names=data.class_names,
         metrics=confusion.compute(absent_as_zero=absent_as_zero),
         confusion=confusion.matrix.copy(),
         num_images=count - len(skipped),
         skipped=skipped,
-        seconds=seconds,
-        settings={
-            "inference": _jsonable(vars(cfg)),
-            "strategy": dataclasses.asdict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
-            "templates": templates or get_method(method).templates,
-            "classes": data.vocabulary.to_lines(),
-            "data_root": str(data.root),
-            "clip": getattr(clip, "spec", None),
-            "clip_fingerprint": weights_fingerprint(clip),
-            "absent_as_zero": absent_as_zero,
-            "limit": limit,
-        },
+        seconds=time.perf_counter() - start,
+        settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
+                  "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit},
+        bias=diagnostics,
     )
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 4)
 
 
 def _identity(item: Any) -> Any:

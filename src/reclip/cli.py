@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         clip, args.method, args.dataset, args.data_root, args.split,
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
-        absent_as_zero=args.absent_as_zero, limit=args.limit, label_dir=args.label_dir,
+        absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, progress=not args.quiet,
     )
     print(result.table())
@@ -116,6 +117,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
     for path, reason in result.skipped:
         print(f"  skipped {path}: {reason}")
+    if result.bias is not None:
+        print(result.bias_summary())
+        if args.plots:
+            from reclip.report import plot_confusion, plot_space_curves
+
+            title = f"{result.method} on {result.protocol}"
+            for path in (plot_confusion(result.confusion, result.class_names, Path(args.plots) / "confusion.png", title),
+                         plot_space_curves({result.method: result.bias["space_preference"]},
+                                           Path(args.plots) / "space_preference.png", title)):
+                print(f"wrote {path}")
     if args.json:
         print(f"wrote {result.save_json(args.json)}")
     return 0
@@ -171,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
     p.add_argument("--absent-as-zero", action="store_true",
                    help="official ReCLIP mean: classes that never occur count as 0")
+    p.add_argument("--bias", action="store_true",
+                   help="also the class- and space-preference bias scores (ReCLIP++ Table VII)")
+    p.add_argument("--plots", help="with --bias: write the confusion-matrix and space-preference plots here")
     p.add_argument("--label-dir", help="label folder replacing the protocol's (required to score `folder`)")
     p.add_argument("--limit", type=int, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=int, default=1, help="processes reading images ahead (0: none)")

@@ -41,6 +41,7 @@ class SegmentationDataset(Dataset):
          "path": str,                     # image file
          "image": (H, W, 3) uint8 | None, # RGB, EXIF orientation applied
          "label": (H, W) int64 | None,    # train ids, ignore_index for unlabeled pixels
+         "instances": (H, W) | None,      # object ids where the protocol has instance masks
          "error": str | None}             # why the item could not be read
 
     Unreadable files (missing at read time, corrupt, truncated, label/image size
@@ -171,7 +172,8 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, path = self.image_ids[index], self.image_paths[index]
-        item: dict[str, Any] = {"image_id": image_id, "path": str(path), "image": None, "label": None, "error": None}
+        item: dict[str, Any] = {"image_id": image_id, "path": str(path), "image": None, "label": None,
+                                "instances": None, "error": None}
         try:
             image = read_image(path)
             label = None
@@ -186,7 +188,24 @@ class SegmentationDataset(Dataset):
             item["error"] = str(e)
             return item
         item["image"], item["label"] = image, label
+        item["instances"] = self._instances(index, image.shape[:2])
         return item
+
+    def _instances(self, index: int, size: tuple[int, int]) -> np.ndarray | None:
+        """Object ids (H, W) (0 = none, 255 = boundary) where the protocol has instance masks.
+
+        Optional data: a missing or unreadable file gives None (callers fall back to
+        connected components), never a skipped image.
+        """
+        spec = self.protocol.splits[self.split]
+        if spec.instance_dir is None:
+            return None
+        path = self.root / spec.instance_dir / f"{self.image_ids[index]}.png"
+        try:
+            instances = read_label(path) if path.is_file() else None
+        except ImageReadError:
+            return None
+        return instances if instances is not None and instances.shape == size else None
 
     def _check_values(self, label: np.ndarray, raw: np.ndarray, path: Path) -> None:
         ign = self.protocol.ignore_index

@@ -144,6 +144,7 @@ class SplitSpec:
     label_dir: str | None = None
     label_suffix: str = ".png"
     split_file: str | None = None
+    instance_dir: str | None = None  # per-object id PNGs (VOC SegmentationObject), optional
 
     def __post_init__(self) -> None:
         if self.split_file is not None and self.img_suffix is None:
@@ -208,7 +209,7 @@ def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
 
 
 # Flat override keys applied to every split (Protocol.with_overrides).
-_SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file")
+_SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file", "instance_dir")
 
 
 @dataclass(frozen=True)
