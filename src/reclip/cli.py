@@ -2,6 +2,7 @@
 
     reclip segment  --clip SPEC --method maskclip --classes "cat,dog" --out DIR IMAGES...
     reclip evaluate --clip SPEC --method clearclip --dataset voc20 --data-root DIR --json OUT.json
+    reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip demo     [--out DIR]
     reclip bench
     reclip methods | datasets
@@ -132,6 +133,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hypotheses(args: argparse.Namespace) -> int:
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.hypotheses import config_for_protocol, generate_hypotheses
+    from reclip.text import query_embeddings
+
+    data = SegmentationDataset(args.dataset, args.data_root, args.split, classes_file=args.classes_file,
+                               check_sizes=False)
+    config = config_for_protocol(data.protocol.name, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
+                                 top_k=args.top_k, batch_size=args.batch_size, resize=args.resize)
+    clip = _load(args)
+    queries = query_embeddings(clip, data.vocabulary, templates=args.templates, progress=not args.quiet)
+    summary = generate_hypotheses(clip, data, queries, config=config, out_path=args.out, progress=not args.quiet,
+                                  resume=args.resume, templates=args.templates, save_every=args.save_every)
+    print(f"wrote hypotheses of {summary.num_images} images ({summary.computed} computed now; rule {config.rule}, "
+          f"r {config.r:.4g}, t {config.t:.4g}) to {summary.path} in {summary.seconds:.1f} s "
+          f"({len(summary.skipped)} skipped)")
+    for image_id, reason in summary.skipped:
+        print(f"  skipped {image_id}: {reason}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from reclip.demo import run_demo
 
@@ -191,6 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("hypotheses", parents=[common],
+                       help="image-level class hypotheses of a training split (ReCLIP++ eq. 6)")
+    p.add_argument("--clip", required=True, metavar="SPEC", help="CLIP weights (as for segment / evaluate)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation of open_clip checkpoints without a config (default: inferred)")
+    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes-file", help="class list replacing the protocol's")
+    p.add_argument("--templates", default="reclip85", choices=sorted(TEMPLATE_SETS),
+                   help="query prompt templates (default: ReCLIP's 85)")
+    p.add_argument("--out", required=True, help="hypotheses JSON file (resumed if it exists)")
+    p.add_argument("--rule", default="windows", choices=("windows", "any_vote", "whole_image"),
+                   help="windows: paper eq. 6 (f > t); any_vote: official code (>= 1 vote); "
+                        "whole_image: ReCLIP conference rule")
+    p.add_argument("--r", type=float, help="window / image side (default 1/6, paper IV-A)")
+    p.add_argument("--t", type=float,
+                   help="vote-frequency threshold (default: 0.07 for VOC / Cityscapes, 0 otherwise, paper IV-A)")
+    p.add_argument("--threshold", type=float,
+                   help="whole_image: threshold on logit_scale x cosine (100 x cosine for OpenAI weights; "
+                        "default: the official config's)")
+    p.add_argument("--top-k", type=int, help="whole_image: classes kept when none passes (default: official)")
+    p.add_argument("--resize", choices=("clip", "squash"),
+                   help="crop -> CLIP input: clip = short side + centre crop (default), squash = to a square")
+    p.add_argument("--batch-size", type=int, help="crops per CLIP forward pass (default 64)")
+    p.add_argument("--save-every", type=int, default=16, help="images between atomic rewrites of --out")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an existing --out (default) or overwrite it (--no-resume)")
+    p.set_defaults(func=cmd_hypotheses)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder")
