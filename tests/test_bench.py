@@ -13,3 +13,14 @@ def test_bench_functions_run_and_report_positive_figures():
     assert zs["images_per_s"] > 0 and zs["peak_mib"] > 0
     hf = bench_vs_hf(clip, batch=1, repeats=1)
     assert hf is not None and hf["image_ratio"] > 0 and hf["text_ratio"] > 0
+
+
+def test_rectification_benches_run_on_a_tiny_model():
+    from reclip.bench_rectify import bench_hypotheses, bench_reference
+
+    torch.manual_seed(0)
+    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval().requires_grad_(False)
+    reference = bench_reference(clip, num_classes=(3,), repeats=1)
+    assert set(reference) == {3} and all(v > 0 for v in reference[3].values())
+    hypotheses = bench_hypotheses(clip, images=1, height=48, width=64, num_classes=3)
+    assert hypotheses
