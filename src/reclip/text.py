@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from reclip.clip.tokenizer import tokenize
-from reclip.templates import RECLIP_TEMPLATES, resolve_templates
+from reclip.templates import resolve_templates
 
 if TYPE_CHECKING:
     from reclip.clip.model import CLIP
 
 __all__ = [
-    "RECLIP_TEMPLATES",  # re-exported from reclip.templates for reclip.toy.world
     "QueryEmbeddings",
     "Vocabulary",
     "default_cache_dir",
