@@ -131,6 +131,9 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert cfg.prob_thd == (settings.prob_thd if p.background else None)
         assert cfg.area_thd == (settings.area_thd if p.background else None)
         assert cfg.pd_threshold is None
+    elif method.name == "reclip":  # the conference version's own PD threshold and scale
+        v1 = settings.pd_threshold_v1
+        assert cfg.pd_threshold == (v1 if v1 is not None else settings.pd_threshold) and cfg.pd_scale == 100.0
     else:
-        assert cfg.pd_threshold == settings.pd_threshold
+        assert cfg.pd_threshold == settings.pd_threshold and cfg.pd_scale == 10.0
         assert cfg.prob_thd is None and cfg.area_thd is None

@@ -151,6 +151,7 @@ def evaluate(
     limit: int | None = None,
     label_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
+    checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
 ) -> EvaluationResult:
@@ -166,6 +167,7 @@ def evaluate(
         limit: evaluate only the first ``limit`` images (a quick look, not a result).
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
+        checkpoint: run directory of a trained head (methods "reclip++", "reclip").
     """
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
@@ -175,7 +177,7 @@ def evaluate(
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
     cfg = inference_config(method, protocol, **dict(inference or {}))
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
-                                templates=templates, text_cache=text_cache)
+                                templates=templates, checkpoint=checkpoint, text_cache=text_cache)
     mean, std = _image_stats(clip)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
@@ -186,6 +188,7 @@ def evaluate(
         "templates": templates or get_method(method).templates,
         "clip": getattr(clip, "spec", None),
         "clip_fingerprint": weights_fingerprint(clip),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
     })
     return result
 
@@ -316,6 +319,7 @@ def segment_files(
     background: bool = False,
     strategy_overrides: Mapping[str, Any] | None = None,
     templates: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
 ) -> SegmentSummary:
@@ -336,7 +340,7 @@ def segment_files(
     else:
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
-                                templates=templates, text_cache=text_cache)
+                                templates=templates, checkpoint=checkpoint, text_cache=text_cache)
     mean, std = _image_stats(clip)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)

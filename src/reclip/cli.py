@@ -3,6 +3,9 @@
     reclip segment  --clip SPEC --method maskclip --classes "cat,dog" --out DIR IMAGES...
     reclip evaluate --clip SPEC --method clearclip --dataset voc20 --data-root DIR --json OUT.json
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
+    reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
+    reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
+    reclip evaluate --clip SPEC --method reclip++ --checkpoint RUN_DIR --dataset voc20 --data-root DIR
     reclip demo     [--out DIR]
     reclip bench
     reclip methods | datasets
@@ -22,6 +25,7 @@ from reclip import api
 from reclip.clip.convert import CheckpointError
 from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS
+from reclip.heads.rectify import ABLATIONS
 from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
 
@@ -42,6 +46,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--templates", choices=sorted(TEMPLATE_SETS), help="prompt templates (default: the method's)")
     g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="activation of open_clip checkpoints without a config (default: inferred)")
+    g.add_argument("--checkpoint", metavar="RUN_DIR", help="trained head of reclip++ / reclip (from `reclip rectify`)")
     s = p.add_argument_group("last-block strategy overrides (ClearCLIP's decomposition)")
     s.add_argument("--attention", choices=ATTENTIONS, help="last-block attention")
     s.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
@@ -95,7 +100,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         clip, args.method, classes, args.inputs, args.out,
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
-        progress=not args.quiet,
+        checkpoint=args.checkpoint, progress=not args.quiet,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -111,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
-        num_workers=args.workers, progress=not args.quiet,
+        num_workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -151,6 +156,28 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
           f"({len(summary.skipped)} skipped)")
     for image_id, reason in summary.skipped:
         print(f"  skipped {image_id}: {reason}")
+    return 0
+
+
+def cmd_rectify(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from reclip.heads.rectify import ABLATIONS, PRESETS
+    from reclip.rectification import rectify
+
+    config = ABLATIONS[args.ablation] if args.ablation else PRESETS[args.method]
+    if args.features:
+        config = dataclasses.replace(config, strategy=args.features)
+    train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
+                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
+             if v is not None}
+    result = rectify(
+        _load(args), args.dataset, args.data_root, args.hypotheses, args.out, method=args.method, config=config,
+        classes_file=args.classes_file, split=args.split, max_steps=args.max_steps, train_overrides=train,
+        base_short_side=args.base_short_side, crop=args.crop, resume=args.resume, progress=not args.quiet,
+    )
+    print(f"trained {args.method} for {result.step} steps: {args.out}/model.safetensors + config.json")
+    print(f"use it with: reclip evaluate --method {args.method} --checkpoint {args.out} --clip {args.clip} ...")
     return 0
 
 
@@ -244,6 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an existing --out (default) or overwrite it (--no-resume)")
     p.set_defaults(func=cmd_hypotheses)
+
+    p = sub.add_parser("rectify", parents=[common], help="train the ReCLIP++ rectifier on unlabelled images")
+    p.add_argument("--clip", required=True, metavar="SPEC", help="CLIP weights (as for segment)")
+    p.add_argument("--method", default="reclip++", choices=("reclip++", "reclip"))
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="a row of the paper's ablation tables")
+    p.add_argument("--features", help="dense strategy of Z (default maskclip, the paper)")
+    p.add_argument("--dataset", required=True, help="protocol name or YAML (its train split is used)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes-file", help="class list replacing the protocol's")
+    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (default: the official epochs)")
+    p.add_argument("--batch-size", type=int, help="global batch (default: the dataset's official one)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--crop", type=int, help="training crop (default: the dataset's official one)")
+    p.add_argument("--base-short-side", type=int, help="augmentation base scale (default: official)")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_rectify)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder")

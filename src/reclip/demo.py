@@ -35,7 +35,7 @@ from reclip.visualize import overlay, palette
 # Every preset plus the variant that the tiny CLIP favours (see reclip.toy): on a tiny
 # CLIP the residual stream dominates the last block, so MaskCLIP's readout needs it off.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{name: (name, {}) for name in METHODS},
+    **{name: (name, {}) for name, method in METHODS.items() if method.family == "zero_shot"},
     "maskclip-nores": ("maskclip", {"residual": False, "ffn": False}),
 }
 

@@ -7,8 +7,11 @@ evaluated with. Inference, evaluation, the CLI and reports only see the segmento
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -48,6 +51,9 @@ METHODS: dict[str, Method] = {
         Method("sclip", "zero_shot", "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
         Method("clearclip", "zero_shot", "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
         Method("naclip", "zero_shot", "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN"),
+        # Trained heads: `reclip rectify` makes the checkpoint (RUN_DIR) they need.
+        Method("reclip++", "reclip", "maskclip", "reclip85", "ReCLIP++ rectified CLIP (needs --checkpoint)"),
+        Method("reclip", "reclip", "maskclip", "reclip85", "ReCLIP, the conference version (needs --checkpoint)"),
     )
 }
 
@@ -68,6 +74,7 @@ def build_segmentor(
     strategy_overrides: Mapping[str, Any] | None = None,
     templates: str | None = None,
     queries: QueryEmbeddings | None = None,
+    checkpoint: str | os.PathLike | None = None,
     text_cache: Any = None,
     progress: bool = False,
 ) -> nn.Module:
@@ -78,14 +85,37 @@ def build_segmentor(
             ``{"residual": False}`` for "maskclip without residual".
         templates: template set name overriding the method's.
         queries: precomputed query embeddings (skips text encoding).
+        checkpoint: the run directory of a trained head (``reclip rectify``); required by
+            the "reclip" family, refused by the training-free one.
         text_cache: cache_dir for query embeddings (None: default, False: off).
     """
     method = method if isinstance(method, Method) else get_method(method)
+    if method.family == "reclip":
+        return _load_trained(method, clip, vocabulary, checkpoint, strategy_overrides, text_cache)
+    if checkpoint is not None:
+        raise ValueError(f"method {method.name!r} is training-free and takes no checkpoint; "
+                         f"trained methods: {[m.name for m in METHODS.values() if m.family != 'zero_shot']}")
     if queries is None:
         queries = query_embeddings(clip, vocabulary, templates or method.templates, cache_dir=text_cache,
                                    progress=progress)
     strategy = get_strategy(method.strategy, **dict(strategy_overrides or {}))
     return ZeroShotSegmentor(clip, queries, strategy).eval()
+
+
+def _load_trained(method: Method, clip: CLIP, vocabulary: Vocabulary, checkpoint: Any,
+                  strategy_overrides: Mapping[str, Any] | None, text_cache: Any) -> nn.Module:
+    from reclip.rectification import load_rectifier  # the training stack loads only when needed
+
+    if checkpoint is None:
+        raise ValueError(f"method {method.name!r} needs a trained head: pass --checkpoint RUN_DIR "
+                         f"(made by `reclip rectify`)")
+    if strategy_overrides:
+        raise ValueError("a trained head reads CLIP the way it was trained; strategy overrides do not apply")
+    model = load_rectifier(checkpoint, clip, vocabulary, text_cache=text_cache)
+    trained = json.loads((Path(checkpoint) / "config.json").read_text())["method"]
+    if trained != method.name:
+        raise ValueError(f"{checkpoint} holds a {trained!r} run, not {method.name!r}: use --method {trained}")
+    return model
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
@@ -129,6 +159,12 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
         values["logit_scale"] = settings.logit_scale
         values["prob_thd"] = settings.prob_thd if protocol.background else None
         values["area_thd"] = settings.area_thd if protocol.background else None
+    elif method.name == "reclip":
+        # The conference version's PD (official tools/test.py): its own threshold where the
+        # protocol has one (ReCLIP_PD), on softmax(100 * logits).
+        values["pd_threshold"] = settings.pd_threshold_v1 if settings.pd_threshold_v1 is not None \
+            else settings.pd_threshold
+        values["pd_scale"] = 100.0
     else:
         values["pd_threshold"] = settings.pd_threshold
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,83 @@
+"""The rectification stage end to end through the CLI: hypotheses -> rectify -> evaluate /
+segment with the trained head, on a tiny random CLIP and a synthetic VOC layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layouts import write_voc
+from reclip.cli import main
+from reclip.clip.load import load_clip, save_clip
+from reclip.clip.model import CLIP
+from reclip.rectification import load_rectifier
+from reclip.text import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(clip file, VOC root, run dir) after hypotheses + a few rectification steps."""
+    base = tmp_path_factory.mktemp("rect")
+    torch.manual_seed(0)
+    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1)
+    clip_file = save_clip(clip, base / "tiny.pt", format="openai")
+    root = write_voc(base / "voc", n_train=4, n_val=2)
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
+    assert main(["hypotheses", *common, "--split", "train", "--out", str(base / "hyp.json"), "--t", "0"]) == 0
+    assert main(["rectify", *common, "--hypotheses", str(base / "hyp.json"), "--out", str(base / "run"),
+                 "--max-steps", "3", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
+                 "--device", "cpu"]) == 0
+    return clip_file, root, base / "run"
+
+
+def test_run_directory_holds_config_and_trained_parameters_only(trained):
+    clip_file, _, run = trained
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "reclip++" and config["protocol"] == "voc20"
+    assert config["clip_fingerprint"] == load_clip(clip_file)._reclip_fingerprint
+    assert len(config["classes"]) == 20 and config["train"]["steps"] == 3
+    from safetensors.torch import load_file
+
+    keys = load_file(str(run / "model.safetensors")).keys()
+    assert keys and not any(k.startswith("clip.") for k in keys)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
+def test_evaluate_and_segment_with_the_trained_head(trained, tmp_path, capsys):
+    clip_file, root, run = trained
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "reclip++", "--checkpoint", str(run),
+                 "--dataset", "voc20", "--data-root", str(root), "--short-side", "40", "--json", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "reclip++" and result["num_images"] == 2
+    assert result["settings"]["inference"]["pd_threshold"] == 1.0  # the official VOC PD
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(photos / "a.png")
+    classes = [line for line in json.loads((run / "config.json").read_text())["classes"]]
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    assert main(["segment", "--clip", str(clip_file), "--method", "reclip++", "--checkpoint", str(run),
+                 "--classes-file", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "m"), str(photos),
+                 "--quiet"]) == 0
+    assert Image.open(tmp_path / "m" / "a.png").size == (44, 30)
+
+
+def test_a_run_refuses_another_clip_or_class_list(trained, tmp_path, capsys):
+    clip_file, root, run = trained
+    torch.manual_seed(1)
+    other = save_clip(CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1), tmp_path / "other.pt", format="openai")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_rectifier(run, load_clip(other))
+    with pytest.raises(ValueError, match="trained for the classes"):
+        load_rectifier(run, load_clip(clip_file), Vocabulary.from_names("cat,dog"))
+    code = main(["evaluate", "--clip", str(clip_file), "--method", "reclip++", "--dataset", "voc20",
+                 "--data-root", str(root), "--quiet"])
+    assert code == 2 and "--checkpoint" in capsys.readouterr().err
+    code = main(["evaluate", "--clip", str(clip_file), "--method", "reclip", "--checkpoint", str(run),
+                 "--dataset", "voc20", "--data-root", str(root), "--quiet"])
+    assert code == 2 and "use --method reclip++" in capsys.readouterr().err
