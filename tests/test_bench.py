@@ -16,7 +16,7 @@ def test_bench_functions_run_and_report_positive_figures():
 
 
 def test_rectification_benches_run_on_a_tiny_model():
-    from reclip.bench_rectify import bench_hypotheses, bench_reference
+    from reclip.bench_rectify import bench_hypotheses, bench_reference, bench_train_step
 
     torch.manual_seed(0)
     clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval().requires_grad_(False)
@@ -24,3 +24,5 @@ def test_rectification_benches_run_on_a_tiny_model():
     assert set(reference) == {3} and all(v > 0 for v in reference[3].values())
     hypotheses = bench_hypotheses(clip, images=1, height=48, width=64, num_classes=3)
     assert hypotheses
+    train = bench_train_step(clip, batch_size=2, crop=32, num_classes=3, steps=1)
+    assert train["steps_per_s"] > 0 and train["peak_mib"] > 0

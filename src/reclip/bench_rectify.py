@@ -4,8 +4,10 @@
   batches against the official one-crop-per-forward loop; goal >= 5x.
 - ``bench_reference``: the Reference prompt's text encoding with the shared prefix computed
   once against every class encoding its full 77 tokens, for C = 20, 59, 150; goal >= 10x.
+- ``bench_train_step``: rectification training steps/s and peak memory at crop 336,
+  batch 8 (bf16 features on a GPU).
 
-Run: ``python -m reclip.bench_rectify [--only hypotheses|reference]``.
+Run: ``python -m reclip.bench_rectify [--only hypotheses|reference|train]``.
 
 Random weights: the figures measure compute, not accuracy.
 """
@@ -23,7 +25,7 @@ from reclip.data.transforms import CLIP_MEAN, CLIP_STD
 from reclip.hypotheses import HypothesisConfig, crop_boxes, image_hypotheses
 from reclip.text import QueryEmbeddings
 
-__all__ = ["bench_hypotheses", "bench_reference"]
+__all__ = ["bench_hypotheses", "bench_reference", "bench_train_step"]
 
 
 def _sync(device: torch.device) -> None:
@@ -179,6 +181,63 @@ def bench_reference(
               f"speedup {full_s / shared_s:6.1f}x{goal}   max |diff| {diff:.2e}")
     return results
 
+def bench_train_step(
+    clip: CLIP | None = None,
+    *,
+    batch_size: int = 8,
+    crop: int = 336,
+    num_classes: int = 20,
+    steps: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """ReCLIP++ rectification training steps/s and peak memory (random ViT-B/16 by default).
+
+    One step = frozen CLIP features (no grad; bf16 autocast on CUDA), Reference encoding,
+    decoder, Gumbel masks, eq. 7, backward and an SGD update, on a (batch, 3, crop, crop)
+    batch with random hypotheses. Peak memory: CUDA allocated, or process RSS (weights
+    included) on CPU.
+    """
+    from reclip.bench import _peak_rss_mib, _reset_peak_rss
+    from reclip.heads.rectify import Rectifier, rectification_loss
+    from reclip.train import build_optimizer
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    if clip is None:
+        clip = CLIP(**VIT_B16)
+    clip = clip.to(device).eval().requires_grad_(False)
+    weights = torch.nn.functional.normalize(torch.randn(num_classes, clip.config.embed_dim), dim=-1)
+    queries = QueryEmbeddings(weights.to(device), torch.arange(num_classes, device=device), num_classes)
+    model = Rectifier(clip, queries, [f"class {i}" for i in range(num_classes)]).to(device).train()
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    images = torch.randn(batch_size, 3, crop, crop, device=device)
+    hypotheses = torch.rand(batch_size, num_classes, device=device) < 0.2
+    hypotheses[:, 0] = True
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = rectification_loss(model, model.forward_train(images), hypotheses)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mib()
+    print(f"rectification step, batch {batch_size}, crop {crop}, {num_classes} classes on {device}: "
+          f"{1 / seconds:.3f} steps/s ({batch_size / seconds:.2f} images/s), peak memory {peak:.0f} MiB")
+    return {"steps_per_s": 1 / seconds, "peak_mib": peak}
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -186,9 +245,11 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--only", choices=("hypotheses", "reference"))
+    parser.add_argument("--only", choices=("hypotheses", "reference", "train"))
     args = parser.parse_args()
     if args.only in (None, "reference"):
         bench_reference()
+    if args.only in (None, "train"):
+        bench_train_step(device=args.device)
     if args.only in (None, "hypotheses"):
         bench_hypotheses(images=args.images, batch_size=args.batch_size, device=args.device)
