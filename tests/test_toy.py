@@ -47,7 +47,7 @@ def test_shapes_and_dtypes() -> None:
 
 
 def test_scene_labels_match_rendered_objects() -> None:
-    world = ToyWorld(WorldConfig(noise_std=0.0))
+    world = ToyWorld(WorldConfig(noise_std=0.0, vignette=0.0))  # colours checked without the camera's darkening
     sc = world.scenes(64, np.random.default_rng(1))
     # labels and instances agree: an instance pixel carries its object's class, and only there.
     assert np.array_equal(sc.labels > 0, sc.instances > 0)
@@ -85,6 +85,29 @@ def test_captions_name_the_dominant_object_and_follow_position_priors() -> None:
     assert np.all(np.isin(named, np.arange(len(words))))
     counts = np.bincount(cap.labels, minlength=world.num_classes + 1)
     assert counts[1] > 2 * counts[2]  # apple is much more frequent than tomato
+
+
+def test_photos_centre_the_named_object_and_push_distractors_out() -> None:
+    # The space correlation of pre-training (default world): named objects near the
+    # centre, unnamed distractors towards the edges, corners darkened by the camera.
+    world = ToyWorld()
+    rng, size, n = np.random.default_rng(0), 96, 2000
+    cls = rng.integers(1, world.num_classes + 1, size=n)
+    cx, cy = world._prior_positions(rng, cls, np.full(n, 18.0), size)
+    named = np.maximum(np.abs(cx - size / 2), np.abs(cy - size / 2)) / (size / 2)
+    dx, dy = world._peripheral_positions(rng, np.full(n, 10.0), size)
+    distract = np.maximum(np.abs(dx - size / 2), np.abs(dy - size / 2)) / (size / 2 - 10.0)
+    assert np.mean(named < 0.5) > 0.9
+    assert distract.min() >= world.config.distractor_min_offset - 1e-9 and distract.max() <= 1 + 1e-9
+    # the vignette is the camera's: scenes get it too (it draws no random numbers, so the
+    # same stream gives the same layout without it)
+    flat = ToyWorld(WorldConfig(vignette=0.0, noise_std=0.0)).scenes(32, np.random.default_rng(1))
+    dark = ToyWorld(WorldConfig(noise_std=0.0)).scenes(32, np.random.default_rng(1))
+    assert np.array_equal(flat.labels, dark.labels)
+    ratio = dark.images[:, :6, :6].astype(float).mean() / flat.images[:, :6, :6].astype(float).mean()
+    assert abs(ratio - (1 - 0.9 * world.config.vignette)) < 0.08, ratio
+    centre = dark.images[:, 44:52, 44:52].astype(float).mean() / flat.images[:, 44:52, 44:52].astype(float).mean()
+    assert centre > 0.98
 
 
 def test_voc_layout_writes_and_reads_back(tmp_path) -> None:

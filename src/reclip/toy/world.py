@@ -8,12 +8,18 @@ Two kinds of data come out of one :class:`ToyWorld`:
   look-alike classes, a few empty images captioned as "background", and - the important
   part - class-position correlation: birds, moons and stars sit high in the frame, fish
   and balls low, apples, tomatoes and flowers near the centre (as sky is up and road is
-  down in real photos);
+  down in real photos); and a global space correlation: photographers centre what the
+  caption names (``photo_spread``), unnamed distractors sit towards the edges
+  (``distractor_min_offset``), and the camera darkens the corners (``vignette``), so the
+  named thing is almost never peripheral and dark-peripheral things are "not the named
+  thing" (empty photos with only peripheral distractors are captioned "background");
 - **segmentation scenes** (:meth:`ToyWorld.scenes`): 2-4 objects of similar size placed
   uniformly anywhere (fully inside the frame, little overlap), every class equally often,
   with exact per-pixel labels (0 = background, 1..K) and instance ids; no caption noise,
-  no position prior: a prediction that depends on where an object is, or that prefers one
-  class of a pair, shows the model's bias.
+  no position prior (the same camera, so the same vignette): a prediction that depends on
+  where an object is, or that prefers one class of a pair, shows the model's bias - the
+  space-preference bias of ReCLIP++ (central objects segmented better than peripheral ones)
+  and the class-preference bias.
 
 Classes come in look-alike pairs (same shape, close colours, told apart by a texture):
 apple/tomato, moon/ball, bird/fish, flower/star. Inside a pair the classes differ in
@@ -112,12 +118,21 @@ class WorldConfig:
     max_distractors: int = 2
     position_strength: float = 0.9  # share of photos that follow the class position prior
     caption_noise: float = 0.08  # share of captions naming the look-alike instead
-    empty_prob: float = 0.10  # share of photos with no object, captioned "background"
+    empty_prob: float = 0.15  # share of photos with no object, captioned "background"
     scene_objects: tuple[int, int] = (2, 4)  # objects per scene, inclusive
     scene_radius: tuple[float, float] = (13.0, 18.0)  # px at scene_size
     texture_period: tuple[float, float] = (4.5, 6.5)  # px
     texture_contrast: float = 0.35  # darkening of the texture's dark phase
     noise_std: float = 6.0  # per-pixel Gaussian noise, grey levels
+    # Space bias (photographers centre what they name): named objects' centres are pulled
+    # towards the image centre by this factor (1 = the priors' full ranges) ...
+    photo_spread: float = 0.5
+    # ... and distractors sit at least this far out (Chebyshev distance of the centre from
+    # the image centre, as a fraction of its largest possible value; 0 = anywhere).
+    distractor_min_offset: float = 0.6
+    # The camera: brightness falls to (1 - vignette) at the corners (quadratic in the
+    # distance from the centre), in photos and scenes alike.
+    vignette: float = 0.5
 
 
 class CaptionedBatch(NamedTuple):
@@ -267,8 +282,19 @@ def _paint(
     instances[img, py, px] = instance_id
 
 
-def _finish(canvas: np.ndarray, rng: np.random.Generator, noise_std: float) -> np.ndarray:
-    """Add sensor noise and quantise: float32 (n, H, W, 3) -> uint8 (canvas is consumed)."""
+def _vignette(canvas: np.ndarray, strength: float) -> None:
+    """Darken (n, H, W, 3) float32 in place: factor 1 - strength * (r / half diagonal)^2."""
+    if strength <= 0:
+        return
+    size = canvas.shape[1]
+    t = (np.arange(size, dtype=np.float32) - (size - 1) / 2) / (size / 2)
+    r2 = (t[:, None] ** 2 + t[None, :] ** 2) / 2  # (H, W), 1 at the corners
+    canvas *= (1 - np.float32(strength) * r2)[None, :, :, None]
+
+
+def _finish(canvas: np.ndarray, rng: np.random.Generator, noise_std: float, vignette: float = 0.0) -> np.ndarray:
+    """Vignette, add sensor noise and quantise: float32 (n, H, W, 3) -> uint8 (canvas is consumed)."""
+    _vignette(canvas, vignette)
     noise = rng.standard_normal(size=canvas.shape, dtype=np.float32)  # float32: 2x faster
     canvas += noise * np.float32(noise_std) + np.float32(0.5)  # + 0.5: round on the cast
     np.clip(canvas, 0, 255, out=canvas)
@@ -320,11 +346,24 @@ class ToyWorld:
             "anywhere": (0.0, 1.0, 0.0, 1.0),
         }
         box = np.array([ranges[p if f else "anywhere"] for p, f in zip(pos, follow)])  # (n, 4)
-        fx = rng.uniform(box[:, 0], box[:, 1])
-        fy = rng.uniform(box[:, 2], box[:, 3])
+        spread = self.config.photo_spread
+        fx = 0.5 + spread * (rng.uniform(box[:, 0], box[:, 1]) - 0.5)
+        fy = 0.5 + spread * (rng.uniform(box[:, 2], box[:, 3]) - 0.5)
         # Keep the object (mostly) inside the frame, as a photographer would.
         lo, hi = 0.8 * radius, size - 0.8 * radius
         return np.clip(fx * size, lo, hi), np.clip(fy * size, lo, hi)
+
+    def _peripheral_positions(self, rng: np.random.Generator, radius: np.ndarray, size: int):
+        """Distractor centres (cx, cy) in px: inside the frame, at Chebyshev offset
+        >= ``distractor_min_offset`` (as a fraction of the largest) from the centre."""
+        n, m = radius.size, self.config.distractor_min_offset
+        ux, uy = rng.uniform(-1, 1, size=n), rng.uniform(-1, 1, size=n)
+        if m > 0:  # push one coordinate (chosen at random) out to [m, 1] in absolute value
+            outer = rng.uniform(m, 1, size=n) * rng.choice((-1.0, 1.0), size=n)
+            which = rng.random(n) < 0.5
+            ux, uy = np.where(which, outer, ux), np.where(which, uy, outer)
+        half = size / 2 - radius
+        return size / 2 + ux * half, size / 2 + uy * half
 
     def captioned(self, n: int, rng: np.random.Generator) -> CaptionedBatch:
         """n pre-training pairs (web-photo imitation); see :class:`CaptionedBatch`."""
@@ -341,12 +380,12 @@ class ToyWorld:
         for j in range(cfg.max_distractors):
             dcls = np.where(n_distract > j, rng.integers(1, k + 1, size=n), 0)
             dr = rng.uniform(*cfg.distractor_radius, size=n) * scale
-            dcx, dcy = rng.uniform(dr, size - dr), rng.uniform(dr, size - dr)
+            dcx, dcy = self._peripheral_positions(rng, dr, size)
             _paint(canvas, labels, inst, rng, dcls, dcx, dcy, dr, j + 2, self.specs, cfg)
         radius = rng.uniform(*cfg.dominant_radius, size=n) * scale
         cx, cy = self._prior_positions(rng, cls, radius, size)
         _paint(canvas, labels, inst, rng, cls, cx, cy, radius, 1, self.specs, cfg)
-        images = _finish(canvas, rng, cfg.noise_std)
+        images = _finish(canvas, rng, cfg.noise_std, cfg.vignette)
 
         named = np.where(rng.random(n) < cfg.caption_noise, self.partner[cls], cls)
         templates = rng.integers(0, len(CAPTION_TEMPLATES), size=n)
@@ -385,7 +424,7 @@ class ToyWorld:
             placed.append((cx, cy, np.where(cls > 0, r, -1e3)))
             _paint(canvas, labels, inst, rng, cls, cx, cy, r, j + 1, self.specs, cfg)
             inst_cls[:, j] = cls
-        images = _finish(canvas, rng, cfg.noise_std)
+        images = _finish(canvas, rng, cfg.noise_std, cfg.vignette)
         return SceneBatch(images, labels, inst, inst_cls)
 
 
