@@ -209,7 +209,7 @@ def bench_train_step(
     clip = clip.to(device).eval().requires_grad_(False)
     weights = torch.nn.functional.normalize(torch.randn(num_classes, clip.config.embed_dim), dim=-1)
     queries = QueryEmbeddings(weights.to(device), torch.arange(num_classes, device=device), num_classes)
-    model = Rectifier(clip, queries, [f"class {i}" for i in range(num_classes)]).to(device).train()
+    model = Rectifier(clip, queries, [str(i) for i in range(num_classes)]).to(device).train()
     optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch_size, 3, crop, crop, device=device)
     hypotheses = torch.rand(batch_size, num_classes, device=device) < 0.2
