@@ -12,7 +12,6 @@ training-free method is evaluated on them through the same code paths as real da
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reclip.cache import cache_folder
 from reclip.api import EvaluationResult, evaluate_segmentor
 from reclip.clip.load import load_clip
 from reclip.data.datasets import SegmentationDataset
@@ -56,8 +56,8 @@ class DemoRow:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("RECLIP_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "reclip") / "toy"
+    """``$RECLIP_CACHE/toy`` or ``~/.cache/reclip/toy``."""
+    return cache_folder("toy")
 
 
 def run_demo(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from reclip.cache import cache_folder
 from reclip.clip.tokenizer import tokenize
 from reclip.templates import resolve_templates
 
@@ -318,10 +319,8 @@ class QueryEmbeddings:
 
 
 def default_cache_dir() -> Path:
-    """``$RECLIP_CACHE/text`` if RECLIP_CACHE is set, else ``~/.cache/reclip/text``."""
-    root = os.environ.get("RECLIP_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "reclip"
-    return base / "text"
+    """``$RECLIP_CACHE/text`` or ``~/.cache/reclip/text``."""
+    return cache_folder("text")
 
 
 _CACHE_VERSION = 1  # bump when the embedding recipe changes

@@ -60,6 +60,8 @@ from .convert import (
 from .model import CLIP, weights_fingerprint
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
+from reclip.cache import cache_folder
+
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "OPENAI_MODELS", "CheckpointError", "LoadedCheckpoint", "PretrainedWeights",
     "UnsafeCheckpointError", "available_models", "default_cache_dir", "download_weights", "load_clip",
@@ -111,9 +113,8 @@ def available_models() -> list[str]:
 
 
 def default_cache_dir() -> Path:
-    """``$RECLIP_CACHE/clip`` if RECLIP_CACHE (reclip's cache root) is set, else ``~/.cache/reclip/clip``."""
-    root = os.environ.get("RECLIP_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "reclip") / "clip"
+    """``$RECLIP_CACHE/clip`` or ``~/.cache/reclip/clip``."""
+    return cache_folder("clip")
 
 
 def _sha256(path: Path) -> str:
