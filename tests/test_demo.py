@@ -3,14 +3,20 @@
 import json
 import math
 
-from reclip.demo import VARIANTS, run_demo
+import dataclasses
+
+from reclip.demo import RECLIPPP_ROW, TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
+
+# ReCLIP++ on a few train scenes for a few steps: the pipeline, not its quality.
+SMALL_RECTIFICATION = dataclasses.replace(TOY_RECTIFICATION, num_train=8, steps=3, batch_size=4)
 
 
 def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     cache, _ = toy_ci_checkpoint
-    rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12, progress=False)
-    assert [r.name for r in rows] == list(VARIANTS)
+    rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12,
+                    rectification=SMALL_RECTIFICATION, progress=False)
+    assert [r.name for r in rows] == [*VARIANTS, RECLIPPP_ROW]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     report = (tmp_path / "out" / "report.html").read_text()
     for row in rows:
@@ -22,3 +28,18 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     assert report.count("data:image/png;base64") >= 2 + 4 * (2 + len(rows))  # plots + example grid
     assert results["pretraining"]["zero_shot_accuracy"] > 0.25  # above chance for 4 classes
     assert not math.isnan(rows[0].result.miou)
+
+
+def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint):
+    cache, _ = toy_ci_checkpoint
+    kwargs = dict(config=ToyConfig.ci(), cache_dir=cache, num_scenes=4, rectification=SMALL_RECTIFICATION,
+                  progress=False)
+    first = run_demo(tmp_path / "out", **kwargs)
+    weights = tmp_path / "out" / "reclip++" / "model.safetensors"
+    stamp = weights.read_bytes()
+    second = run_demo(tmp_path / "out", **kwargs)
+    assert weights.read_bytes() == stamp
+    assert second[-1].result.miou == first[-1].result.miou
+    config = json.loads((tmp_path / "out" / "reclip++" / "config.json").read_text())
+    assert config["rectifier"]["reference_length"] == SMALL_RECTIFICATION.reference_length
+    assert config["rectifier"]["strategy"]["residual"] is False  # MaskCLIP without residual, as a LastBlock

@@ -81,3 +81,18 @@ def test_a_run_refuses_another_clip_or_class_list(trained, tmp_path, capsys):
     code = main(["evaluate", "--clip", str(clip_file), "--method", "reclip", "--checkpoint", str(run),
                  "--dataset", "voc20", "--data-root", str(root), "--quiet"])
     assert code == 2 and "use --method reclip++" in capsys.readouterr().err
+
+
+def test_rectify_switches_reach_the_run_and_load_back(trained, tmp_path):
+    clip_file, root, _ = trained
+    run = tmp_path / "nores"
+    assert main(["rectify", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
+                 "--hypotheses", str(trained[2].parent / "hyp.json"), "--out", str(run), "--max-steps", "1",
+                 "--batch-size", "2", "--crop", "32", "--base-short-side", "40", "--device", "cpu",
+                 "--features", "maskclip", "--no-residual", "--no-ffn", "--reference-length", "5",
+                 "--gumbel-scale", "10"]) == 0
+    rect = json.loads((run / "config.json").read_text())["rectifier"]
+    assert rect["strategy"] == {"attention": "identity", "residual": False, "ffn": False, "gaussian_sigma": 5.0}
+    assert rect["reference_length"] == 5 and rect["gumbel_scale"] == 10.0
+    model = load_rectifier(run, load_clip(clip_file))
+    assert model.strategy.residual is False and model.reference.length == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import warnings
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from reclip.clip.model import CLIP
 from reclip.clip.tokenizer import EOT, SOT, get_tokenizer
-from reclip.features import dense_features
+from reclip.features import dense_features, get_strategy
 from reclip.heads.reference import ReferencePrompt
 from reclip.heads.rectify import (
     ABLATIONS,
@@ -321,6 +322,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown RectifierConfig"):
         RectifierConfig.from_dict({"decoderr": False})
     assert RectifierConfig.from_dict(RECLIP.to_dict()) == RECLIP
+    nores = RectifierConfig(strategy=get_strategy("maskclip", residual=False, ffn=False))
+    assert RectifierConfig.from_dict(json.loads(json.dumps(nores.to_dict()))) == nores  # as config.json keeps it
     clip = tiny_clip()
     with pytest.raises(ValueError, match="class names"):
         Rectifier(clip, queries_for(clip, 4), ["a", "b"])

@@ -24,7 +24,7 @@ import torch
 from reclip import api
 from reclip.clip.convert import CheckpointError
 from reclip.data.protocol import list_protocols, load_protocol
-from reclip.features import ATTENTIONS
+from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.rectify import ABLATIONS
 from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
@@ -166,8 +166,11 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     from reclip.rectification import rectify
 
     config = ABLATIONS[args.ablation] if args.ablation else PRESETS[args.method]
-    if args.features:
-        config = dataclasses.replace(config, strategy=args.features)
+    strategy = args.features or config.strategy
+    if _strategy_overrides(args):  # e.g. --features maskclip --no-residual --no-ffn
+        strategy = get_strategy(strategy, **_strategy_overrides(args))
+    switches = {"strategy": strategy, "reference_length": args.reference_length, "gumbel_scale": args.gumbel_scale}
+    config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
     train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
                                ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
              if v is not None}
@@ -277,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="reclip++", choices=("reclip++", "reclip"))
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="a row of the paper's ablation tables")
     p.add_argument("--features", help="dense strategy of Z (default maskclip, the paper)")
+    p.add_argument("--attention", choices=ATTENTIONS, help="override the last-block attention of --features")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep (or drop) the last block's residual in --features")
+    p.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep (or drop) the last block's FFN in --features")
+    p.add_argument("--reference-length", type=int,
+                   help="L learnable Reference words (default context length - 4 = 73, the paper)")
+    p.add_argument("--gumbel-scale", type=float, help="logit factor before the Gumbel-softmax (default 100, official)")
     p.add_argument("--dataset", required=True, help="protocol name or YAML (its train split is used)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")

@@ -129,6 +129,7 @@ def rectify(
         "clip_fingerprint": weights_fingerprint(clip),
         "classes": vocabulary.to_lines(),
         "query_templates": QUERY_TEMPLATES,
+        "train_images": len(trainset),
         "skipped_images": dict(trainset.skipped),
     }, model)
     return result

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reclip.clip.model import CLIP
-from reclip.features import dense_features_with_grid, get_strategy
+from reclip.features import LastBlock, dense_features_with_grid, get_strategy
 from reclip.heads.reference import REFERENCE_INITS, REFERENCE_NORMS, ReferencePrompt
 from reclip.text import QueryEmbeddings
 
@@ -75,8 +75,9 @@ class RectifierConfig:
     """Every switch of the rectification stage; the defaults are ReCLIP++ as published.
 
     Attributes:
-        strategy: dense-feature strategy for Z (``reclip.features.STRATEGIES`` name);
-            "maskclip" is the paper's.
+        strategy: dense-feature strategy for Z: a ``reclip.features.STRATEGIES`` name
+            ("maskclip" is the paper's) or a :class:`reclip.features.LastBlock` (e.g.
+            ``get_strategy("maskclip", residual=False, ffn=False)``).
         learnable_query: Table IV ablation: W_q becomes a parameter initialised from the
             fixed template ensemble (rows re-normalised at use), used in M_q and the loss.
         bias_op: "subtract" (eq. 3) or "add" (Table V ablation).
@@ -103,7 +104,7 @@ class RectifierConfig:
             itself always runs in float32).
     """
 
-    strategy: str = "maskclip"
+    strategy: str | LastBlock = "maskclip"
     learnable_query: bool = False
     bias_op: str = "subtract"
     decoder: bool = True
@@ -142,6 +143,9 @@ class RectifierConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown RectifierConfig field(s) {unknown}; available: {fields}")
+        values = dict(values)
+        if isinstance(values.get("strategy"), dict):  # a LastBlock, as to_dict wrote it
+            values["strategy"] = LastBlock(**values["strategy"])
         return cls(**values)
 
 
