@@ -167,8 +167,9 @@ def cmd_rectify(args: argparse.Namespace) -> int:
 
     config = ABLATIONS[args.ablation] if args.ablation else PRESETS[args.method]
     strategy = args.features or config.strategy
-    if _strategy_overrides(args):  # e.g. --features maskclip --no-residual --no-ffn
-        strategy = get_strategy(strategy, **_strategy_overrides(args))
+    overrides = _strategy_overrides(args)
+    if overrides:  # e.g. --features maskclip --no-residual --no-ffn
+        strategy = get_strategy(strategy, **overrides)
     switches = {"strategy": strategy, "reference_length": args.reference_length, "gumbel_scale": args.gumbel_scale}
     config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
     train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),

@@ -28,7 +28,7 @@ from reclip.cache import cache_folder
 from reclip.api import EvaluationResult, evaluate_segmentor
 from reclip.clip.load import load_clip
 from reclip.data.datasets import SegmentationDataset
-from reclip.features import LastBlock, get_strategy
+from reclip.features import get_strategy
 from reclip.heads.rectify import RECLIPPP, RectifierConfig
 from reclip.hypotheses import HypothesisConfig, generate_hypotheses
 from reclip.inference import InferenceConfig, segment
@@ -53,8 +53,8 @@ class ToyRectification:
     """ReCLIP++ (rec.) on the toy world: what differs from the paper, and why.
 
     Attributes:
-        features: Z's strategy: the one the toy world favours (MaskCLIP's value path
-            without the last block's residual and FFN; see ``VARIANTS``).
+        features: Z's strategy, a :data:`VARIANTS` name: the one the toy world favours
+            (MaskCLIP's value path without the last block's residual and FFN).
         reference_length: L = 8 Reference words, not 73: the tiny CLIP was pre-trained on
             captions of at most ~16 tokens, so later text positions are untrained, and with
             L = 73 training drove every class's Reference embedding to the same vector
@@ -70,7 +70,7 @@ class ToyRectification:
             (base scale and crop: the scene size).
     """
 
-    features: str | LastBlock = get_strategy("maskclip", residual=False, ffn=False)
+    features: str = "maskclip-nores"
     reference_length: int = 8
     gumbel_scale: float = 30.0
     r: float = 1 / 3
@@ -82,12 +82,17 @@ class ToyRectification:
 
     def rectifier_config(self) -> RectifierConfig:
         """ReCLIP++ as published, with the toy world's features, Reference length and Gumbel scale."""
-        return dataclasses.replace(RECLIPPP, strategy=self.features, reference_length=self.reference_length,
-                                   gumbel_scale=self.gumbel_scale)
+        preset, overrides = VARIANTS[self.features]
+        return dataclasses.replace(RECLIPPP, strategy=get_strategy(preset, **overrides),
+                                   reference_length=self.reference_length, gumbel_scale=self.gumbel_scale)
+
+    @property
+    def row_name(self) -> str:
+        return f"reclip++ ({self.features})"
 
 
 TOY_RECTIFICATION = ToyRectification()
-RECLIPPP_ROW = "reclip++ (maskclip-nores)"
+TEMPLATES = "reclip85"  # W_q of every method and of the hypotheses
 
 
 @dataclass
@@ -141,7 +146,7 @@ def run_demo(
     # Whole image at the scene size; the class file's "background" word is the background
     # class (a probability threshold did worse on the toy world).
     cfg = InferenceConfig(mode="whole", short_side=None, logit_scale=50.0)
-    queries = query_embeddings(clip, data.vocabulary, "reclip85", cache_dir=out / "text_cache")
+    queries = query_embeddings(clip, data.vocabulary, TEMPLATES, cache_dir=out / "text_cache")
 
     # One 96 px image at a time is too little work to share between threads: one thread
     # is several times faster here, and far faster when another process holds a core.
@@ -152,8 +157,9 @@ def run_demo(
         if rectification is not None:
             run_dir = _rectify(out, clip, voc, classes, queries, rectification, config.world.scene_size, progress)
             segmentor = build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run_dir)
-            rows.append(DemoRow(RECLIPPP_ROW, _evaluate(segmentor, data, cfg, clip, progress, RECLIPPP_ROW)))
-            segmentors[RECLIPPP_ROW] = segmentor
+            name = rectification.row_name
+            rows.append(DemoRow(name, _evaluate(segmentor, data, cfg, clip, progress, name)))
+            segmentors[name] = segmentor
         _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
@@ -190,7 +196,7 @@ def _rectify(out: Path, clip: Any, voc: Path, classes: Path, queries: Any, setti
     train_scenes = SegmentationDataset("voc21", voc, "train", classes_file=classes)
     hypotheses = out / "hypotheses.json"
     generate_hypotheses(clip, train_scenes, queries, config=HypothesisConfig(r=settings.r, t=settings.t),
-                        out_path=hypotheses, progress=progress, templates="reclip85")
+                        out_path=hypotheses, progress=progress, templates=TEMPLATES)
     run_dir = out / "reclip++"
     rectify(clip, "voc21", voc, hypotheses, run_dir, config=settings.rectifier_config(), classes_file=classes,
             max_steps=settings.steps, base_short_side=scene_size, crop=scene_size, resume=True,
@@ -243,11 +249,11 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         f"Demo run time {seconds:.0f} s.",
     ]
     run_config = out / "reclip++" / "config.json"
-    if RECLIPPP_ROW in segmentors and run_config.is_file():
+    if run_config.is_file() and rows[-1].name.startswith("reclip++"):
         run = json.loads(run_config.read_text())
         rect, train = run["rectifier"], run["train"]
         notes.insert(2, (
-            f"{RECLIPPP_ROW}: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
+            f"{rows[-1].name}: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
             f"(image-level hypotheses only, no masks) for {train['steps']} steps, batch {train['batch_size']}, "
             f"lr {train['lr']}; Reference length {rect['reference_length']}, Gumbel scale {rect['gumbel_scale']} "
             "(reclip.demo.ToyRectification says why these differ from the paper); no prompt denoising."))
