@@ -13,7 +13,6 @@ and report unreadable images instead of stopping: what was skipped is in the res
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -31,6 +30,7 @@ from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import ImageReadError, iter_images, read_image
 from reclip.data.protocol import Protocol, load_protocol
+from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import build_segmentor, get_method, inference_config
 from reclip.bias import SpacePreference, class_preference
@@ -127,12 +127,7 @@ class EvaluationResult:
                 f"space-preference score {self.bias['space_preference']['score']:+.3f} (higher = less bias)")
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
 
 def evaluate(

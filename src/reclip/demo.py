@@ -29,6 +29,7 @@ from reclip.api import EvaluationResult, evaluate_segmentor
 from reclip.clip.load import load_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.features import get_strategy
+from reclip.files import atomic_write_json
 from reclip.heads.rectify import RECLIPPP, RectifierConfig
 from reclip.hypotheses import HypothesisConfig, generate_hypotheses
 from reclip.inference import InferenceConfig, segment
@@ -265,7 +266,7 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         "methods": {row.name: row.result.to_dict() for row in rows},
         "seconds": seconds,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    atomic_write_json(out / "results.json", results, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

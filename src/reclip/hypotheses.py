@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reclip.files import atomic_write_json
 from reclip.text import QueryEmbeddings, Vocabulary
 
 if TYPE_CHECKING:
@@ -379,21 +379,6 @@ def _header(
     }
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_hypotheses(
     path: str | os.PathLike,
     images: Mapping[str, Sequence[int]],
@@ -406,7 +391,7 @@ def save_hypotheses(
     split: str | None = None,
     skipped: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a hypotheses file atomically (a temporary file, then ``os.replace``).
+    """Write a hypotheses file atomically (:func:`reclip.files.atomic_write`).
 
     JSON: {"version", "classes" (class-file lines), "rule", "r", "t", "threshold", "top_k",
     "resize", "clip_fingerprint", "templates", "dataset", "split",
@@ -417,7 +402,7 @@ def save_hypotheses(
                       templates=templates, dataset=dataset, split=split)
     payload["images"] = {str(k): [int(c) for c in v] for k, v in images.items()}
     payload["skipped"] = dict(skipped or {})
-    _write_json_atomic(path, payload)
+    atomic_write_json(path, payload, indent=1, ensure_ascii=False)
     return path
 
 

@@ -24,15 +24,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from reclip.files import atomic_write, atomic_write_text  # noqa: E402
+
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
@@ -136,9 +135,4 @@ def write_html_report(
                 f'width="{2 * img.shape[1]}"></td>' for _, img in images)
             parts.append(f"<tr><td>{esc(caption)}</td>{cells}</tr>")
         parts.append("</table>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(parts))

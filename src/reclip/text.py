@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from reclip.cache import cache_folder
 from reclip.clip.tokenizer import tokenize
+from reclip.files import atomic_write
 from reclip.templates import resolve_templates
 
 if TYPE_CHECKING:
@@ -357,22 +357,12 @@ def _read_cache(path: Path, key: str, rows: int) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, key: str, weights: torch.Tensor, names: Sequence[str]) -> None:
-    """Atomic write: a temporary file in the same folder, then os.replace."""
+    """Written atomically (:func:`reclip.files.atomic_write`)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            {"weights": weights.detach().to("cpu", torch.float32).contiguous()},
-            tmp,
-            metadata={"key": key, "names": json.dumps(list(names), ensure_ascii=False)},
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {"weights": weights.detach().to("cpu", torch.float32).contiguous()}
+    metadata = {"key": key, "names": json.dumps(list(names), ensure_ascii=False)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 @torch.no_grad()

@@ -72,6 +72,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from reclip.files import atomic_write
+
 __all__ = [
     "TrainConfig",
     "poly_lr",
@@ -252,29 +254,15 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 # -- files --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then fsync and rename over ``path``: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file renamed over ``path``."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def _save_weights(state: Mapping[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(dict(state), str(tmp), metadata={"format": "reclip-trainable"}))
+    atomic_write(path, lambda tmp: save_file(dict(state), str(tmp), metadata={"format": "reclip-trainable"}))
 
 
 class RunFiles(NamedTuple):
@@ -297,7 +285,7 @@ def save_run(run_dir: str | os.PathLike, config_dict: Mapping[str, Any], model: 
         return
     run_dir = Path(run_dir)
     text = json.dumps(dict(config_dict), indent=2) + "\n"
-    _atomic_write(run_dir / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(run_dir / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     _save_weights(trainable_state(model), run_dir / WEIGHTS_NAME)
 
 
@@ -512,7 +500,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by the kill
     text = "".join(line + "\n" for line in kept)
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _validate(model: nn.Module, validate: Callable[[nn.Module], Mapping[str, Any]]) -> dict[str, Any]:

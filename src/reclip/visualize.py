@@ -4,19 +4,20 @@ Label maps of up to 256 classes are palette-mode PNGs (pixel value = class index
 in the class colours); larger vocabularies (ADE-847, PASCAL Context-459) are 16-bit
 grayscale PNGs, whose pixel values are still the class indices.
 
-All writers are atomic (temporary file in the target folder, then ``os.replace``), so a
+All writers are atomic (:func:`reclip.files.atomic_write`), so a
 killed run never leaves a half-written image behind.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from reclip.files import atomic_write
 
 __all__ = ["palette", "save_label_png", "overlay", "legend_image", "save_legend", "save_segmentation"]
 
@@ -45,19 +46,6 @@ def palette(num_classes: int = 256) -> np.ndarray:
     return np.concatenate([colours, extra]).astype(np.uint8)
 
 
-def _atomic_save(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then atomically move the temporary file to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _labels_array(labels) -> np.ndarray:
@@ -107,7 +95,7 @@ def save_label_png(
             full[: len(colours)] = colours
         image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="P")
         image.putpalette(full.reshape(-1).tolist())
-    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _colourise(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -197,7 +185,7 @@ def save_legend(
 ) -> Path:
     """Write :func:`legend_image` of all classes to ``path`` (PNG, atomic, overwriting)."""
     image = Image.fromarray(legend_image(class_names, colours))
-    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_segmentation(
@@ -235,7 +223,7 @@ def save_segmentation(
     ignore_index = IGNORE_INDEX if num_classes <= IGNORE_INDEX else None  # else 255 is a class
     paths: dict[str, Path | None] = {
         "mask": save_label_png(out_dir / f"{stem}.png", labels, colours, num_classes=num_classes),
-        "overlay": _atomic_save(
+        "overlay": atomic_write(
             out_dir / f"{stem}_overlay.jpg",
             lambda tmp: Image.fromarray(overlay(image, labels, colours, alpha, ignore_index)).save(
                 tmp, format="JPEG", quality=90),

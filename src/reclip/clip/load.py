@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,6 +59,7 @@ from .model import CLIP, weights_fingerprint
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
+from reclip.files import atomic_write, atomic_write_json
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "OPENAI_MODELS", "CheckpointError", "LoadedCheckpoint", "PretrainedWeights",
@@ -149,13 +148,10 @@ def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
         f"check `sha256sum {weights.filename}` is {weights.sha256}, then pass the file with "
         f"--clip PATH/{weights.filename} (load_clip('PATH/{weights.filename}')) or copy it to {target}"
     )
-    tmp: Path | None = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{weights.filename}.", suffix=".part")
-        tmp = Path(tmp_name)
+
+    def fetch(tmp: Path) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(weights.url, timeout=60) as source:
+        with open(tmp, "wb") as out, urllib.request.urlopen(weights.url, timeout=60) as source:
             total = int(source.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"CLIP {name}") as bar:
                 while block := source.read(1 << 16):
@@ -167,12 +163,11 @@ def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
                 f"downloaded CLIP {name} from {weights.url} has sha256 {digest.hexdigest()}, expected "
                 f"{weights.sha256}; the download is corrupt or the file changed. {how_to}"
             )
-        os.replace(tmp, target)
+
+    try:  # interrupted, failed or corrupt: atomic_write never leaves a partial file
+        atomic_write(target, fetch)
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
         raise CheckpointError(f"could not download CLIP {name} from {weights.url} ({e}). {how_to}") from e
-    finally:  # interrupted, failed or corrupt: never leave a partial file
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
     return target
 
 
@@ -450,18 +445,6 @@ def _is_openai_convention(clip: CLIP) -> bool:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _write_sidecar(folder: Path, cfg: dict | None) -> None:
     """Write (or require absent) ``open_clip_config.json``; refuse to overwrite another model's."""
     sidecar = folder / OPEN_CLIP_CONFIG
@@ -474,7 +457,7 @@ def _write_sidecar(folder: Path, cfg: dict | None) -> None:
             "Save into an empty folder or delete that file"
         )
     if cfg is not None:
-        _atomic_write(sidecar, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8"))
+        atomic_write_json(sidecar, cfg)
 
 
 def _state_dict(clip: CLIP) -> dict[str, torch.Tensor]:
@@ -524,17 +507,17 @@ def save_clip(clip: CLIP, path: str | Path, format: str = "openai") -> Path:
     if format == "openai":
         _write_sidecar(path.parent, None if _is_openai_convention(clip) else cfg)
         sd = _state_dict(clip)
-        _atomic_write(path, lambda p: torch.save(sd, p))
+        atomic_write(path, lambda p: torch.save(sd, p))
     elif format == "openai-jit":
         traced = _trace(clip)
         extra = {OPEN_CLIP_CONFIG: json.dumps(cfg, indent=2)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            _atomic_write(path, lambda p: torch.jit.save(traced, str(p), _extra_files=extra))
+            atomic_write(path, lambda p: torch.jit.save(traced, str(p), _extra_files=extra))
     elif format == "open_clip":
         _write_sidecar(path.parent, cfg)
         sd = _state_dict(clip)
-        _atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+        atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     else:  # hf
         hf_sd, hf_config = to_hf(_state_dict(clip), clip.config)
         mean, std = _mean_std(clip)
@@ -546,7 +529,7 @@ def save_clip(clip: CLIP, path: str | Path, format: str = "openai") -> Path:
             "image_std": std, "do_convert_rgb": True,
         }
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "model.safetensors", lambda p: save_file(hf_sd, str(p), metadata={"format": "pt"}))
+        atomic_write(path / "model.safetensors", lambda p: save_file(hf_sd, str(p), metadata={"format": "pt"}))
         for name, data in (("config.json", hf_config), ("preprocessor_config.json", preprocessor)):
-            _atomic_write(path / name, lambda p, d=data: p.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8"))
+            atomic_write_json(path / name, data)
     return path

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from reclip.data.io import read_label
+from reclip.files import atomic_write
 
 __all__ = [
     "COCOSTUFF_UNUSED_RAW_IDS",
@@ -195,10 +196,8 @@ def convert_stuffthingmaps(
                 f"{f}: values {bad.tolist()} are not raw COCO-Stuff ids (0..181, 255); "
                 "pass the original stuffthingmaps, not converted files"
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        Image.fromarray(lut[raw]).save(tmp, format="PNG")  # uint8 (H, W) -> 8-bit grey PNG
-        os.replace(tmp, out)  # atomic: an interrupted run never leaves a half-written PNG
+        # uint8 (H, W) -> 8-bit grey PNG; atomic: an interrupted run never leaves a half-written PNG
+        atomic_write(out, lambda tmp: Image.fromarray(lut[raw]).save(tmp, format="PNG"))
         written += 1
     return written
 

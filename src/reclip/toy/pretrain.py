@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.clip.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, tokenize
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD
+from reclip.files import atomic_write_json
 from reclip.toy.world import ToyWorld, WorldConfig
 
 __all__ = [
@@ -241,22 +241,9 @@ def zero_shot_accuracy(
 
 def save_checkpoint(clip: CLIP, path: str | os.PathLike) -> Path:
     """Write an OpenAI-format state dict atomically (``save_clip(..., format="openai")`` if present)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        try:
-            from reclip.clip.load import save_clip
-        except ImportError:
-            torch.save({k: v.detach().clone() for k, v in clip.state_dict().items()}, tmp)
-        else:
-            save_clip(clip, tmp, format="openai")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from reclip.clip.load import save_clip
+
+    return save_clip(clip, path, format="openai")
 
 
 def load_checkpoint(path: str | os.PathLike) -> CLIP:
@@ -345,7 +332,7 @@ def pretrain_tiny_clip(
         "config_key": config.key(),
         "torch_threads": torch.get_num_threads(),
     }
-    Path(f"{out_path}.json").write_text(json.dumps({"config": config.to_dict(), "metrics": metrics}, indent=2))
+    atomic_write_json(f"{out_path}.json", {"config": config.to_dict(), "metrics": metrics})
     return metrics
 
 

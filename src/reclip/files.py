@@ -1,0 +1,86 @@
+"""Writing files safely: every file reclip writes goes through :func:`atomic_write`.
+
+A reader, a crash, a ``kill -9`` or a full disk sees the old file or the new one, never
+half of one: the content goes to a temporary file in the target's folder, is flushed to
+disk (fsync), then renamed over the target (``os.replace``, atomic on POSIX and Windows),
+and the folder itself is fsynced so that the rename survives a power cut. A failed write
+removes its temporary file and leaves the target as it was.
+
+The temporary file is created with mode 0o666 masked by the process umask, as any file
+opened for writing is, so outputs get the user's usual permissions (``tempfile.mkstemp``
+would make them 0600, unreadable to the user's group). Temporary names are
+``.<name>.<pid>-<random>.tmp``, recognisable as a killed writer's leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "temporary_name"]
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary path next to ``path`` (hidden, unique per process and call)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a rename in ``folder``; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders (EINVAL); the file itself is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file, which then replaces ``path``.
+
+    ``write`` receives the temporary file's path (it exists, empty, with umask
+    permissions) and may open it by name (``torch.save``, ``Image.save``, ...). Any
+    exception from it (or from the disk) propagates after the temporary file is removed;
+    ``path`` is then untouched. The folder is created if needed. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; removes the leftover of a failure
+    _fsync_folder(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **dumps_kwargs: Any) -> Path:
+    """``json.dumps(obj)`` plus a final newline to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
