@@ -417,3 +417,23 @@ def test_segment_reduces_synonyms_with_the_segmentors_class_index():
     expected = probabilities(logits, 10.0, torch.tensor(class_index))[0]
     np.testing.assert_allclose(result.probs, expected.numpy(), atol=1e-6)
     np.testing.assert_array_equal(result.labels, class_logits(logits, torch.tensor(class_index))[0].argmax(0).numpy())
+
+
+def test_postprocess_has_its_own_settings_and_no_import_cycle():
+    """post-processing needs only PostprocessConfig; reclip.postprocess does not import reclip.inference."""
+    import ast
+
+    import reclip.postprocess
+    from reclip.postprocess import PostprocessConfig
+
+    tree = ast.parse(open(reclip.postprocess.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "reclip.inference" not in imported
+    logits = torch.randn(1, 3, 5, 6)
+    post = PostprocessConfig(logit_scale=20.0, pd_threshold=0.5)
+    labels, probs = postprocess(logits, post, None, background_index=None)
+    full = InferenceConfig(mode="slide", logit_scale=20.0, pd_threshold=0.5)  # the same fields, inherited
+    torch.testing.assert_close(postprocess(logits, full, None, background_index=None)[1], probs)
+    with pytest.raises(ValueError, match="pd_threshold"):
+        PostprocessConfig(pd_threshold=1.5)

@@ -16,7 +16,6 @@ from reclip.data.io import ImageReadError, image_size, iter_images, read_image, 
 from reclip.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
-    pad_to_multiple,
     resize_short_side,
     short_side_size,
     to_tensor_normalized,
@@ -272,10 +271,12 @@ def test_to_tensor_normalized_values():
         to_tensor_normalized(img.astype(np.float32))
 
 
-def test_pad_to_multiple():
+def test_pad_to_patch():
+    from reclip.clip.model import pad_to_patch
+
     x = torch.ones(1, 3, 17, 32)
-    y = pad_to_multiple(x, 16)
+    y = pad_to_patch(x, 16)
     assert y.shape == (1, 3, 32, 32)
     torch.testing.assert_close(y[..., :17, :32], x)
     assert float(y[..., 17:, :].abs().sum()) == 0.0
-    assert pad_to_multiple(x[..., :16, :], 16) is not None and pad_to_multiple(x[..., :16, :], 16).shape[-2:] == (16, 32)
+    assert pad_to_patch(x[..., :16, :], 16).shape[-2:] == (16, 32)

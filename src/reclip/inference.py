@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_short_side, to_tensor_normalized
-from reclip.postprocess import PAMR_DILATIONS, PAMR_ITERATIONS, _resize, postprocess
+from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear, resize_short_side, to_tensor_normalized
+from reclip.postprocess import PostprocessConfig, postprocess
 
 __all__ = [
     "AUTOCAST_MODES",
@@ -55,8 +55,10 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 @dataclass
-class InferenceConfig:
-    """How to run a segmentor and post-process its logits.
+class InferenceConfig(PostprocessConfig):
+    """How to run a segmentor, and (inherited from :class:`~reclip.postprocess.PostprocessConfig`:
+    ``logit_scale``, ``prob_thd``, ``area_thd``, ``pd_threshold``, ``pd_scale``, ``pamr*``)
+    how to post-process its logits.
 
     Attributes:
         mode: "whole" (one forward per image) or "slide" (overlapping windows).
@@ -68,19 +70,6 @@ class InferenceConfig:
         window: sliding-window crop size, int or (h, w).
         stride: sliding-window stride, int or (h, w); must not exceed ``window``.
         batch_size: images (whole) or windows (slide) per segmentor call.
-        logit_scale: multiplies logits before the softmax of post-processing
-            (SCLIP 40-65 / ClearCLIP 50 on cosines; 1.0 for trained heads). Only
-            probabilities, ``prob_thd`` and PAMR depend on it; argmax does not.
-        prob_thd: SCLIP-family background threshold on the max softmax probability
-            (None = off).
-        area_thd: SCLIP-family area filter: a non-background class whose predicted area
-            is below this fraction of the predicted foreground area loses its pixels
-            (None = off).
-        pd_threshold: ReCLIP prompt denoising threshold (None = off); paper values VOC
-            1.0, Context 0.85, ADE 0.5, Cityscapes 0.5, COCO 0.95.
-        pd_scale: scale inside PD's softmax (ReCLIP++ 10; conference ReCLIP 100).
-        pamr: refine probabilities with PAMR at full resolution.
-        pamr_iter, pamr_dilations: PAMR iterations and dilations.
         autocast: mixed precision of the segmentor call: False = off, True or "bf16" =
             bfloat16 on any device, "fp16" = float16 on any device, "auto" = bfloat16 on
             CUDA and off elsewhere. Window accumulation and post-processing are always
@@ -94,17 +83,10 @@ class InferenceConfig:
     window: int | tuple[int, int] = 224
     stride: int | tuple[int, int] = 112
     batch_size: int = 16
-    logit_scale: float = 1.0
-    prob_thd: float | None = None
-    area_thd: float | None = None
-    pd_threshold: float | None = None
-    pd_scale: float = 10.0
-    pamr: bool = False
-    pamr_iter: int = PAMR_ITERATIONS
-    pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
     autocast: bool | Literal["auto", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {self.mode!r}")
         if self.short_side is not None and not (isinstance(self.short_side, int) and self.short_side > 0):
@@ -119,19 +101,6 @@ class InferenceConfig:
             )
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale!r}")
-        for name in ("prob_thd", "area_thd", "pd_threshold"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1] or None (off), got {value!r}")
-        if not self.pd_scale > 0:
-            raise ValueError(f"pd_scale must be > 0, got {self.pd_scale!r}")
-        if not (isinstance(self.pamr_iter, int) and self.pamr_iter > 0):
-            raise ValueError(f"pamr_iter must be a positive int, got {self.pamr_iter!r}")
-        self.pamr_dilations = tuple(self.pamr_dilations)
-        if not self.pamr_dilations or not all(isinstance(d, int) and d > 0 for d in self.pamr_dilations):
-            raise ValueError(f"pamr_dilations must be positive ints, got {self.pamr_dilations!r}")
         if not (isinstance(self.autocast, bool) or (isinstance(self.autocast, str) and self.autocast in AUTOCAST_MODES)):
             raise ValueError(
                 f"autocast must be False (off), True or 'bf16' (bfloat16), 'fp16' (float16) or 'auto' "
@@ -209,7 +178,7 @@ def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:
 
 def _infer_whole(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig, size: tuple[int, int]) -> Tensor:
     """Whole-image inference, ``batch_size`` images per call; logits resized to ``size``."""
-    chunks = [_resize(_call(segmentor, images[i : i + cfg.batch_size], cfg), size)
+    chunks = [resize_bilinear(_call(segmentor, images[i : i + cfg.batch_size], cfg), size)
               for i in range(0, images.shape[0], cfg.batch_size)]
     return torch.cat(chunks)  # (B, S, *size)
 
@@ -231,7 +200,7 @@ def _infer_slide(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> 
     for start in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[start : start + cfg.batch_size]
         crops = torch.stack([images[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in chunk])  # (n, 3, ch, cw)
-        logits = _resize(_call(segmentor, crops, cfg), tuple(crops.shape[-2:]))  # (n, S, ch, cw)
+        logits = resize_bilinear(_call(segmentor, crops, cfg), tuple(crops.shape[-2:]))  # (n, S, ch, cw)
         if preds is None:
             preds = images.new_zeros((batch, logits.shape[1], height, width), dtype=torch.float32)
         for logit, (b, (y1, y2, x1, x2)) in zip(logits, chunk):
@@ -277,7 +246,7 @@ def infer_logits(
     with torch.no_grad():
         if cfg.mode == "whole":
             return _infer_whole(segmentor, image, cfg, out_size)
-        return _resize(_infer_slide(segmentor, image, cfg), out_size)
+        return resize_bilinear(_infer_slide(segmentor, image, cfg), out_size)
 
 
 # --------------------------------------------------------------------------- predictor

@@ -20,18 +20,18 @@ the same either way (softmax is monotone and shares one denominator per pixel).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reclip.data.transforms import resize_bilinear
 from reclip.text import max_over_synonyms
 
-if TYPE_CHECKING:
-    from reclip.inference import InferenceConfig
-
 __all__ = [
+    "PostprocessConfig",
     "class_logits",
     "probabilities",
     "prompt_denoise",
@@ -48,6 +48,53 @@ PD_SUPPRESSED_LOGIT = -100.0
 # PAMR_ITER = 10, PAMR_KERNEL = [1, 2, 4, 8, 12, 24]).
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+@dataclass
+class PostprocessConfig:
+    """How query logits become class probabilities and labels (:func:`postprocess`).
+
+    :class:`reclip.inference.InferenceConfig` extends it with how the segmentor runs.
+
+    Attributes:
+        logit_scale: multiplies logits before the softmax (SCLIP 40-65 / ClearCLIP 50 on
+            cosines; 1.0 for trained heads). Only probabilities, ``prob_thd`` and PAMR
+            depend on it; argmax does not.
+        prob_thd: SCLIP-family background threshold on the max softmax probability
+            (None = off).
+        area_thd: SCLIP-family area filter: a non-background class whose predicted area
+            is below this fraction of the predicted foreground area loses its pixels
+            (None = off).
+        pd_threshold: ReCLIP prompt denoising threshold (None = off); paper values VOC
+            1.0, Context 0.85, ADE 0.5, Cityscapes 0.5, COCO 0.95.
+        pd_scale: scale inside PD's softmax (ReCLIP++ 10; conference ReCLIP 100).
+        pamr: refine probabilities with PAMR at full resolution.
+        pamr_iter, pamr_dilations: PAMR iterations and dilations.
+    """
+
+    logit_scale: float = 1.0
+    prob_thd: float | None = None
+    area_thd: float | None = None
+    pd_threshold: float | None = None
+    pd_scale: float = 10.0
+    pamr: bool = False
+    pamr_iter: int = PAMR_ITERATIONS
+    pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
+
+    def __post_init__(self) -> None:
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale!r}")
+        for name in ("prob_thd", "area_thd", "pd_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] or None (off), got {value!r}")
+        if not self.pd_scale > 0:
+            raise ValueError(f"pd_scale must be > 0, got {self.pd_scale!r}")
+        if not (isinstance(self.pamr_iter, int) and self.pamr_iter > 0):
+            raise ValueError(f"pamr_iter must be a positive int, got {self.pamr_iter!r}")
+        self.pamr_dilations = tuple(self.pamr_dilations)
+        if not self.pamr_dilations or not all(isinstance(d, int) and d > 0 for d in self.pamr_dilations):
+            raise ValueError(f"pamr_dilations must be positive ints, got {self.pamr_dilations!r}")
 
 
 def _num_classes(class_index: Tensor | None, num_queries: int) -> int:
@@ -140,13 +187,6 @@ def prompt_denoise(logits: Tensor, threshold: float, scale: float = 10.0,
     return logits.masked_fill(remove[:, :, None, None], fill)
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False, no antialias: like cv2 INTER_LINEAR / mmseg)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def _shift(x: Tensor, padded: Tensor, pad: int, dy: int, dx: int) -> Tensor:
     """x shifted so that out[y, x] = x[y + dy, x + dx], borders replicated."""
     height, width = x.shape[-2:]
@@ -186,7 +226,7 @@ def pamr(
         (B, C, H, W) refined masks, float32.
     """
     size = tuple(probs.shape[-2:])
-    image = _resize(image.float(), size)  # (B, K, H, W)
+    image = resize_bilinear(image.float(), size)  # (B, K, H, W)
     masks = probs.float()
     neighbours = _neighbours(dilations)
     pads = {d: F.pad(image, [d] * 4, mode="replicate") for d in dilations}
@@ -255,7 +295,7 @@ def background_threshold(
 
 def postprocess(
     logits: Tensor,
-    cfg: InferenceConfig,
+    cfg: PostprocessConfig,
     class_index: Tensor | None = None,
     *,
     background_index: int | None = 0,
@@ -307,7 +347,7 @@ def postprocess(
 
 def predict_labels(
     logits: Tensor,
-    cfg: InferenceConfig,
+    cfg: PostprocessConfig,
     class_index: Tensor | None = None,
     *,
     background_index: int | None = 0,

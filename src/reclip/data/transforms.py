@@ -7,7 +7,6 @@ training code).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ __all__ = [
     "short_side_size",
     "resize_short_side",
     "to_tensor_normalized",
-    "pad_to_multiple",
+    "resize_bilinear",
 ]
 
 # OpenAI CLIP preprocessing (clip/clip.py _transform), RGB in 0..1. ReCLIP's configs give
@@ -142,24 +141,9 @@ def to_tensor_normalized(
     return (t - m) / s
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
-    """Pad the last two dims (H, W) at the bottom/right up to multiples of ``multiple``.
-
-    Crop ``[..., :H, :W]`` restores the input.
-
-    Args:
-        x: (..., H, W) tensor.
-        multiple: e.g. the ViT patch size.
-        value: fill value.
-
-    Returns:
-        (..., ceil(H / multiple) * multiple, ceil(W / multiple) * multiple) tensor.
-    """
-    if multiple <= 0:
-        raise ValueError(f"pad_to_multiple: multiple must be positive, got {multiple}")
-    h, w = x.shape[-2:]
-    pad_h = math.ceil(h / multiple) * multiple - h
-    pad_w = math.ceil(w / multiple) * multiple - w
-    if pad_h == 0 and pad_w == 0:
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (..., H, W) maps to ``size`` (align_corners=False, no antialias:
+    cv2 INTER_LINEAR / mmseg's resize of logits); the input itself when the size matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.pad(x, (0, pad_w, 0, pad_h), value=value)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
