@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,14 @@ from torch.utils.data import DataLoader
 from layouts import write_cocostuff, write_folder, write_for_layout, write_voc
 from reclip.data import cocostuff
 from reclip.data.datasets import DatasetError, SegmentationDataset, collate_items
-from reclip.data.protocol import Protocol, ProtocolError, list_protocols, load_protocol
+from reclip.data.protocol import (
+    HypothesisSettings,
+    Protocol,
+    ProtocolError,
+    RectifySettings,
+    list_protocols,
+    load_protocol,
+)
 
 SHIPPED = ["ade150", "cityscapes19", "cocoobject", "cocostuff171", "cocostuff27", "context59", "context60",
            "folder", "voc20", "voc21"]
@@ -88,6 +97,88 @@ def test_published_values():
     assert pd == {"voc20": 1.0, "context59": 0.85, "ade150": 0.5, "cityscapes19": 0.5, "cocostuff27": 0.95}
     short = {n: load_protocol(n).reclip.short_side for n in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27")}
     assert short == {"voc20": 336, "context59": 448, "ade150": 512, "cityscapes19": 448, "cocostuff27": 512}
+
+
+# Training presets and hypothesis settings of the ReCLIP family, written independently of the
+# YAML files (METHODS.md section 2; dogehhh/ReCLIP config/*_train_ori_cfg.yaml; paper IV-A):
+# (base_short_side, crop, batch_size, lr, epochs, poly_epochs) and (r, t, threshold, top_k).
+VOC_PRESET = (336, 336, 1, 0.01, 50, 200)
+CONTEXT_PRESET = (448, 480, 1, 0.01, 50, 400)
+COCO_PRESET = (512, 512, 1, 0.01, 100, 800)
+EXPECTED_TRAINING = {
+    "voc20": (VOC_PRESET, (1 / 6, 0.07, 23.0, 2)),
+    "voc21": (VOC_PRESET, (1 / 6, 0.07, 23.0, 2)),
+    "context59": (CONTEXT_PRESET, (1 / 6, 0.0, 20.0, 6)),
+    "context60": (CONTEXT_PRESET, (1 / 6, 0.0, 20.0, 6)),
+    "ade150": ((512, 512, 1, 0.01, 100, 600), (1 / 6, 0.0, 21.0, 5)),
+    "cityscapes19": ((448, 512, 16, 0.16, 50, 300), (1 / 6, 0.07, 21.5, 2)),
+    "cocostuff27": (COCO_PRESET, (1 / 6, 0.0, 20.0, 8)),
+    "cocostuff171": (COCO_PRESET, (1 / 6, 0.0, 23.0, 2)),
+    "cocoobject": (COCO_PRESET, (1 / 6, 0.0, 23.0, 2)),
+    "folder": (VOC_PRESET, (1 / 6, 0.0, 23.0, 2)),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_training_sections_hold_the_official_values(name):
+    p = load_protocol(name)
+    preset, hyp = EXPECTED_TRAINING[name]
+    assert dataclasses.astuple(p.rectify) == preset
+    assert dataclasses.astuple(p.hypotheses) == hyp
+    data = yaml.safe_load(open(p.source))
+    assert "rectify" in data and "hypotheses" in data  # written out, not left to the defaults
+
+
+def _user_yaml(tmp_path, name="mine", **sections) -> Path:
+    """voc20's YAML as a user's own file, without the training sections unless given."""
+    data = yaml.safe_load(open(load_protocol("voc20").source))
+    data.pop("rectify")
+    data.pop("hypotheses")
+    data.update(name=name, **sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_training_sections_are_optional_with_documented_defaults(tmp_path):
+    p = load_protocol(_user_yaml(tmp_path))
+    assert dataclasses.astuple(p.rectify) == VOC_PRESET  # VOC's preset, as before the sections existed
+    assert dataclasses.astuple(p.hypotheses) == (1 / 6, 0.0, 23.0, 2)  # t = 0: paper's "the rest datasets"
+    assert p.rectify == RectifySettings() and p.hypotheses == HypothesisSettings()
+    q = load_protocol(_user_yaml(tmp_path, "given", rectify={"crop": 224, "epochs": 5, "poly_epochs": 20},
+                                 hypotheses={"t": 0.2}))
+    assert dataclasses.astuple(q.rectify) == (336, 224, 1, 0.01, 5, 20)  # missing keys take the defaults
+    assert dataclasses.astuple(q.hypotheses) == (1 / 6, 0.2, 23.0, 2)
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("rectify", "crops", 3, r"rectify: unknown key\(s\) \['crops'\]; allowed keys: .*'crop'"),
+    ("rectify", "crop", 0, r"rectify\.crop must be a positive integer, got 0"),
+    ("rectify", "batch_size", -2, r"rectify\.batch_size must be a positive integer"),
+    ("rectify", "base_short_side", 336.5, r"base_short_side = 336\.5 has type float"),
+    ("rectify", "lr", 0, r"rectify\.lr must be a finite number > 0, got 0"),
+    ("rectify", "lr", "0.01", r"lr = '0\.01' has type str"),
+    ("rectify", "poly_epochs", 0, r"rectify\.poly_epochs must be a positive integer"),
+    ("rectify", "epochs", 300, r"rectify\.poly_epochs 200 < epochs 300"),
+    ("hypotheses", "tt", 0.1, r"hypotheses: unknown key\(s\) \['tt'\]; allowed keys: .*'t'"),
+    ("hypotheses", "t", 1.0, r"hypotheses\.t .*must be in \[0, 1\), got 1\.0"),
+    ("hypotheses", "t", -0.1, r"hypotheses\.t .*must be in \[0, 1\)"),
+    ("hypotheses", "r", 0, r"hypotheses\.r .*must be in \(0, 1\], got 0"),
+    ("hypotheses", "r", 1.5, r"hypotheses\.r .*must be in \(0, 1\]"),
+    ("hypotheses", "top_k", 0, r"hypotheses\.top_k must be a positive integer, got 0"),
+    ("hypotheses", "top_k", 2.0, r"top_k = 2\.0 has type float"),
+    ("hypotheses", "threshold", float("nan"), r"hypotheses\.threshold must be a finite number"),
+])
+def test_training_sections_reject_unknown_keys_and_bad_values(tmp_path, section, key, value, match):
+    path = _user_yaml(tmp_path, **{section: {key: value}})
+    with pytest.raises(ProtocolError, match=match) as err:
+        load_protocol(path)
+    assert str(path) in str(err.value)  # names the YAML
+
+
+def test_training_sections_must_be_mappings(tmp_path):
+    with pytest.raises(ProtocolError, match=r"hypotheses: expected a mapping, got float"):
+        load_protocol(_user_yaml(tmp_path, hypotheses=0.07))
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "cocostuff27"])
@@ -291,6 +382,23 @@ def test_overrides_return_validated_copies():
         load_protocol("voc20").with_overrides(zero_shot={"prob_thd": 0.3})
     with pytest.raises(ProtocolError, match="dict"):
         p.with_overrides(zero_shot=336)
+
+
+def test_overrides_of_the_training_sections():
+    p = load_protocol("voc20")
+    q = p.with_overrides(hypotheses={"t": 0.1}, rectify={"batch_size": 4, "lr": 0.04})
+    assert dataclasses.astuple(q.hypotheses) == (1 / 6, 0.1, 23.0, 2)
+    assert dataclasses.astuple(q.rectify) == (336, 336, 4, 0.04, 50, 200)
+    assert p.hypotheses.t == 0.07 and p.rectify.batch_size == 1  # original untouched
+    assert q.zero_shot == p.zero_shot and q.reclip == p.reclip
+    with pytest.raises(ProtocolError, match=r"hypotheses\.t .*\[0, 1\), got 1\.5"):
+        p.with_overrides(hypotheses={"t": 1.5})
+    with pytest.raises(ProtocolError, match=r"rectify: unknown key\(s\) \['epoch'\]"):
+        p.with_overrides(rectify={"epoch": 3})
+    with pytest.raises(ProtocolError, match=r"unknown key\(s\) \['t'\].*hypotheses=\{\.\.\.\}"):
+        p.with_overrides(t=0.1)
+    with pytest.raises(ProtocolError, match="dict"):
+        p.with_overrides(hypotheses=0.1)
 
 
 @pytest.mark.parametrize("key", ["short_side", "max_long_side", "mode", "window", "stride", "logit_scale",

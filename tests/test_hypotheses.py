@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -15,6 +16,7 @@ from reclip.cli import main
 from reclip.clip.load import load_clip, save_clip
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.datasets import SegmentationDataset
+from reclip.data.protocol import ProtocolError, load_protocol
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD
 from reclip.hypotheses import (
     HypothesesFileError,
@@ -142,6 +144,30 @@ def test_config_for_protocol_uses_the_published_values():
     ctx = config_for_protocol("context59", rule="whole_image")
     assert (ctx.t, ctx.threshold, ctx.top_k, ctx.rule) == (0.0, 20.0, 6, "whole_image")
     assert config_for_protocol("folder", t=0.1, r=None).t == 0.1
+    city = config_for_protocol(load_protocol("cityscapes19"))  # a Protocol object
+    assert (city.r, city.t, city.threshold, city.top_k) == (1 / 6, 0.07, 21.5, 2)
+    mine = load_protocol("voc20").with_overrides(name="mine", hypotheses={"t": 0.2, "top_k": 3})
+    assert (config_for_protocol(mine).t, config_for_protocol(mine).top_k) == (0.2, 3)  # read from the protocol
+    with pytest.raises(ProtocolError, match="unknown dataset protocol 'voc'.*voc20"):
+        config_for_protocol("voc")
+
+
+def _user_yaml(tmp_path, **sections):
+    """voc20 as a user's own protocol file "mine", without its hypotheses section unless given."""
+    data = yaml.safe_load(open(load_protocol("voc20").source))
+    del data["hypotheses"]
+    data.update(name="mine", **sections)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_config_for_protocol_of_a_user_yaml(tmp_path):
+    default = config_for_protocol(_user_yaml(tmp_path))  # no section: the schema's defaults, t = 0
+    assert (default.r, default.t, default.threshold, default.top_k) == (1 / 6, 0.0, 23.0, 2)
+    given = config_for_protocol(str(_user_yaml(tmp_path, hypotheses={"t": 0.2, "threshold": 19.5})))
+    assert (given.r, given.t, given.threshold, given.top_k) == (1 / 6, 0.2, 19.5, 2)
+    assert config_for_protocol(_user_yaml(tmp_path, hypotheses={"t": 0.2}), t=0.3).t == 0.3  # overrides win
     with pytest.raises(ValueError, match="rule must be one of"):
         HypothesisConfig(rule="vote")
 
@@ -295,3 +321,17 @@ def test_cli_writes_a_file_with_the_protocol_threshold(tmp_path, monkeypatch, ca
     code = main(["hypotheses", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root),
                  "--out", str(out), "--templates", "single", "--r", "0.5", "--t", "0.3", "--quiet"])
     assert code == 2 and "--no-resume" in capsys.readouterr().err
+
+
+def test_cli_uses_the_hypotheses_section_of_a_user_yaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    clip_file = save_clip(tiny_clip(), tmp_path / "tiny.pt", format="openai")
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=1)
+    protocol = _user_yaml(tmp_path, hypotheses={"r": 0.5, "t": 0.2})
+    out = tmp_path / "hyp.json"
+    code = main(["hypotheses", "--clip", str(clip_file), "--dataset", str(protocol), "--data-root", str(root),
+                 "--out", str(out), "--templates", "single", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "r 0.5, t 0.2" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert (data["r"], data["t"], data["dataset"]) == (0.5, 0.2, "mine")

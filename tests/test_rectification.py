@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from layouts import write_voc
 from reclip.cli import main
 from reclip.clip.load import load_clip, save_clip
 from reclip.clip.model import CLIP
+from reclip.data.protocol import load_protocol
 from reclip.rectification import load_rectifier
 from reclip.text import Vocabulary
 
@@ -40,6 +42,10 @@ def test_run_directory_holds_config_and_trained_parameters_only(trained):
     assert config["method"] == "reclip++" and config["protocol"] == "voc20"
     assert config["clip_fingerprint"] == load_clip(clip_file)._reclip_fingerprint
     assert len(config["classes"]) == 20 and config["train"]["steps"] == 3
+    # the protocol's preset is recorded as read; the CLI's options replaced parts of it
+    assert config["preset"] == {"base_short_side": 336, "crop": 336, "batch_size": 1, "lr": 0.01, "epochs": 50,
+                                "poly_epochs": 200}
+    assert config["augment"] == {"base_short_side": 40, "crop": 32} and config["train"]["batch_size"] == 2
     from safetensors.torch import load_file
 
     keys = load_file(str(run / "model.safetensors")).keys()
@@ -96,3 +102,21 @@ def test_rectify_switches_reach_the_run_and_load_back(trained, tmp_path):
     assert rect["reference_length"] == 5 and rect["gumbel_scale"] == 10.0
     model = load_rectifier(run, load_clip(clip_file))
     assert model.strategy.residual is False and model.reference.length == 5
+
+
+def test_the_rectify_section_of_a_user_yaml_drives_training(trained, tmp_path):
+    """No training option on the command line: steps, batch, lr, horizon and scale come from the YAML."""
+    clip_file, root, run = trained
+    data = yaml.safe_load(open(load_protocol("voc20").source))
+    preset = {"base_short_side": 40, "crop": 32, "batch_size": 2, "lr": 0.05, "epochs": 1, "poly_epochs": 3}
+    data.update(name="mine", rectify=preset)
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "mine"
+    assert main(["rectify", "--clip", str(clip_file), "--dataset", str(tmp_path / "mine.yaml"), "--data-root",
+                 str(root), "--hypotheses", str(run.parent / "hyp.json"), "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == preset and config["protocol"] == "mine"
+    assert config["augment"] == {"base_short_side": 40, "crop": 32}
+    train = config["train"]  # 4 train images / batch 2 = 2 steps per epoch
+    assert (train["steps"], train["batch_size"], train["lr"], train["poly_horizon"]) == (2, 2, 0.05, 6)

@@ -145,7 +145,7 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
 
     data = SegmentationDataset(args.dataset, args.data_root, args.split, classes_file=args.classes_file,
                                check_sizes=False)
-    config = config_for_protocol(data.protocol.name, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
+    config = config_for_protocol(data.protocol, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
                                  top_k=args.top_k, batch_size=args.batch_size, resize=args.resize)
     clip = _load(args)
     queries = query_embeddings(clip, data.vocabulary, templates=args.templates, progress=not args.quiet)
@@ -261,13 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="windows", choices=("windows", "any_vote", "whole_image"),
                    help="windows: paper eq. 6 (f > t); any_vote: official code (>= 1 vote); "
                         "whole_image: ReCLIP conference rule")
-    p.add_argument("--r", type=float, help="window / image side (default 1/6, paper IV-A)")
+    p.add_argument("--r", type=float, help="window / image side (default: the protocol's hypotheses.r, 1/6)")
     p.add_argument("--t", type=float,
-                   help="vote-frequency threshold (default: 0.07 for VOC / Cityscapes, 0 otherwise, paper IV-A)")
+                   help="vote-frequency threshold (default: the protocol's hypotheses.t; paper IV-A: 0.07 for "
+                        "VOC / Cityscapes, 0 otherwise)")
     p.add_argument("--threshold", type=float,
                    help="whole_image: threshold on logit_scale x cosine (100 x cosine for OpenAI weights; "
-                        "default: the official config's)")
-    p.add_argument("--top-k", type=int, help="whole_image: classes kept when none passes (default: official)")
+                        "default: the protocol's hypotheses.threshold)")
+    p.add_argument("--top-k", type=int,
+                   help="whole_image: classes kept when none passes (default: the protocol's hypotheses.top_k)")
     p.add_argument("--resize", choices=("clip", "squash"),
                    help="crop -> CLIP input: clip = short side + centre crop (default), squash = to a square")
     p.add_argument("--batch-size", type=int, help="crops per CLIP forward pass (default 64)")

@@ -11,7 +11,7 @@ image, found without any label (paper section III-D, eq. 6):
 Three rules (``HypothesisConfig.rule``):
 
 - ``"windows"``: eq. 6 above (paper default r = 1/6; t = 7% for VOC and Cityscapes, 0
-  for the other datasets, section IV-A).
+  for the other datasets, section IV-A; each protocol's ``hypotheses:`` section).
 - ``"any_vote"``: the official code (dogehhh/ReCLIP tools/pseudo_class.py ``ReCLIPPP``):
   every class with at least one vote.
 - ``"whole_image"``: ReCLIP, the conference version (same file, ``ReCLIP``): the whole
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.text import QueryEmbeddings, Vocabulary
 
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_VERSION",
-    "PROTOCOL_T",
-    "PROTOCOL_WHOLE_IMAGE",
     "GenerationSummary",
     "HypothesesFileError",
     "HypothesisConfig",
@@ -73,23 +72,6 @@ RULES = ("windows", "any_vote", "whole_image")
 RESIZES = ("clip", "squash")
 FORMAT_VERSION = 1
 
-# Paper section IV-A: "We set t = 7% for VOC and Cityscapes, and t = 0 for the rest datasets."
-# Keyed by protocol name (src/reclip/configs/datasets); any other protocol gets 0.
-PROTOCOL_T: dict[str, float] = {"voc20": 0.07, "voc21": 0.07, "cityscapes19": 0.07}
-
-# ReCLIP's whole-image rule: (DATASET.THRESHOLD, DATASET.K) of dogehhh/ReCLIP
-# config/{voc,context,ade,cityscapes,coco}_train_ori_cfg.yaml. The threshold is on
-# logit_scale.exp() * cosine (100 x cosine for OpenAI's weights).
-PROTOCOL_WHOLE_IMAGE: dict[str, tuple[float, int]] = {
-    "voc20": (23.0, 2),
-    "voc21": (23.0, 2),  # the official VOC list has no background; same numbers assumed
-    "context59": (20.0, 6),
-    "context60": (20.0, 6),  # likewise, from Context-59
-    "ade150": (21.0, 5),
-    "cityscapes19": (21.5, 2),
-    "cocostuff27": (20.0, 8),
-}
-
 
 @dataclass(frozen=True)
 class HypothesisConfig:
@@ -101,9 +83,9 @@ class HypothesisConfig:
             fallback).
         r: window side as a fraction of the image side (paper IV-A: r = 1/6).
         t: frequency threshold of eq. 6, in [0, 1) (paper IV-A: 0.07 for VOC and
-            Cityscapes, 0 otherwise; see ``PROTOCOL_T``). Default: VOC's.
+            Cityscapes, 0 otherwise; each protocol's ``hypotheses.t``). Default: VOC's.
         threshold: "whole_image" only, on logit_scale.exp() * cosine (official
-            DATASET.THRESHOLD; default VOC's 23, see ``PROTOCOL_WHOLE_IMAGE``).
+            DATASET.THRESHOLD; default VOC's 23; each protocol's ``hypotheses.threshold``).
         top_k: "whole_image" only: classes kept when none reaches the threshold
             (official DATASET.K; default VOC's 2).
         batch_size: crops per CLIP forward pass.
@@ -135,15 +117,19 @@ class HypothesisConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def config_for_protocol(protocol: str, **overrides: Any) -> HypothesisConfig:
-    """The published settings for a protocol name (t, threshold, top_k), then ``overrides``.
+def config_for_protocol(protocol: Protocol | str | os.PathLike, **overrides: Any) -> HypothesisConfig:
+    """A protocol's hypothesis settings (its ``hypotheses:`` section: r, t, threshold, top_k),
+    then ``overrides`` (HypothesisConfig fields; those whose value is None are ignored).
 
-    Unknown protocols get t = 0 (paper: "0 for the rest datasets") and the dataclass
-    defaults for the whole-image rule. Overrides whose value is None are ignored.
+    Args:
+        protocol: a :class:`~reclip.data.protocol.Protocol`, or a shipped protocol name or
+            YAML path (:func:`~reclip.data.protocol.load_protocol`). A YAML without the
+            section gets the schema's defaults (t = 0, the paper's value for all datasets
+            but VOC and Cityscapes).
     """
-    values: dict[str, Any] = {"t": PROTOCOL_T.get(protocol, 0.0)}
-    if protocol in PROTOCOL_WHOLE_IMAGE:
-        values["threshold"], values["top_k"] = PROTOCOL_WHOLE_IMAGE[protocol]
+    if not isinstance(protocol, Protocol):
+        protocol = load_protocol(protocol)
+    values: dict[str, Any] = asdict(protocol.hypotheses)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return HypothesisConfig(**values)
 

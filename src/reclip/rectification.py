@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,40 +29,6 @@ from reclip.train import TrainConfig, TrainResult, load_run, save_run, train
 
 # The templates of W_q: ReCLIP/ReCLIP++ use the 85 (METHODS.md section 1).
 QUERY_TEMPLATES = "reclip85"
-
-
-@dataclass(frozen=True)
-class DatasetPreset:
-    """Official training settings of one dataset (dogehhh/ReCLIP config/*_train_ori_cfg.yaml).
-
-    The official schedule is counted in epochs with a poly horizon longer than the run
-    (the lr never reaches 0): ``epochs`` of training on a ``poly_epochs`` horizon.
-    """
-
-    base_short_side: int
-    crop: int
-    batch_size: int
-    lr: float
-    epochs: int
-    poly_epochs: int
-
-
-# METHODS.md section 2: VOC / Context / ADE / Cityscapes / COCO-27.
-DATASET_PRESETS: dict[str, DatasetPreset] = {
-    "voc": DatasetPreset(336, 336, 1, 0.01, 50, 200),
-    "context": DatasetPreset(448, 480, 1, 0.01, 50, 400),
-    "ade": DatasetPreset(512, 512, 1, 0.01, 100, 600),
-    "cityscapes": DatasetPreset(448, 512, 16, 0.16, 50, 300),
-    "cocostuff": DatasetPreset(512, 512, 1, 0.01, 100, 800),
-}
-# A folder of the user's images: VOC's settings (the smallest scale).
-DATASET_PRESETS["folder"] = DATASET_PRESETS["voc"]
-
-
-def dataset_preset(protocol: Protocol) -> DatasetPreset:
-    """The official preset for a protocol's folder layout (coco object / stuff share one)."""
-    layout = "cocostuff" if protocol.layout == "cocoobject" else protocol.layout
-    return DATASET_PRESETS[layout]
 
 
 def rectify(
@@ -99,7 +64,7 @@ def rectify(
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False)
     vocabulary = images.vocabulary
     config = config or PRESETS[method]
-    preset = dataset_preset(protocol)
+    preset = protocol.rectify  # the protocol YAML's `rectify:` section
     hyp = load_hypotheses(hypotheses, vocabulary=vocabulary, clip=clip)
     trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes,
                                  base_short_side=base_short_side or preset.base_short_side,
@@ -122,6 +87,7 @@ def rectify(
         "rectifier": config.to_dict(),
         "train": dataclasses.asdict(train_config),
         "augment": {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop},
+        "preset": dataclasses.asdict(preset),
         "protocol": protocol.name,
         "split": split,
         "hypotheses": str(hypotheses),

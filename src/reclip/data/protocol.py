@@ -44,6 +44,26 @@ YAML schema (``?`` = optional, defaults in brackets)::
       stride?: int | null
       pd_threshold: float | null    # prompt denoising, softmax(10 * logits) (ReCLIP++)
       pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
+    rectify?:                       # ReCLIP / ReCLIP++ rectification training preset
+                                    # (dogehhh/ReCLIP config/*_train_ori_cfg.yaml); absent = VOC's
+      base_short_side?: int [336]   # random scale 0.5-2.0 of this short side
+      crop?: int [336]              # random crop (px)
+      batch_size?: int [1]
+      lr?: float [0.01]             # SGD, poly power 0.9
+      epochs?: int [50]             # length of the run
+      poly_epochs?: int [200]       # poly horizon (>= epochs; the official lr never reaches 0)
+    hypotheses?:                    # image-level hypotheses of the rectification stage
+      r?: float [1/6]               # window / image side (paper IV-A)
+      t?: float [0]                 # vote-frequency threshold in [0, 1) (paper IV-A: 0.07 for
+                                    # VOC and Cityscapes, 0 for the rest)
+      threshold?: float [23]        # ReCLIP's whole-image rule: logit_scale x cosine threshold
+                                    # (official DATASET.THRESHOLD; default VOC's)
+      top_k?: int [2]               # ReCLIP's whole-image rule: classes kept when none passes
+                                    # (official DATASET.K; default VOC's)
+
+A YAML without ``rectify`` / ``hypotheses`` (e.g. a user's own dataset) gets the defaults
+in brackets: VOC's training preset (the smallest scale) and t = 0, the paper's value for
+every dataset but VOC and Cityscapes.
 
 Class files: one class per line; synonyms on the same line separated by commas (the
 class's score is the max over its synonyms); ``label: word, word`` gives a display label
@@ -63,6 +83,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -78,8 +99,8 @@ from reclip.data.cocostuff import LABEL_MAPS, label_lut
 from reclip.text import Vocabulary, read_class_file
 
 __all__ = [
-    "LAYOUTS", "ProtocolError", "SplitSpec", "ZeroShotSettings", "ReclipSettings",
-    "Protocol", "list_protocols", "load_protocol",
+    "LAYOUTS", "ProtocolError", "SplitSpec", "ZeroShotSettings", "ReclipSettings", "RectifySettings",
+    "HypothesisSettings", "Protocol", "list_protocols", "load_protocol",
 ]
 
 LAYOUTS = ("voc", "context", "ade", "cityscapes", "cocostuff", "cocoobject", "folder")
@@ -113,8 +134,11 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _build(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
-    """Construct dataclass ``cls`` from a YAML mapping, rejecting unknown/missing keys and bad types."""
+def _build(cls: type, data: Any, where: str, skip: tuple[str, ...] = (), nested: tuple[str, ...] = ()) -> Any:
+    """Check a YAML mapping for dataclass ``cls``: unknown/missing keys and bad types are errors.
+
+    ``nested`` keys hold mappings built by the caller; their types are not checked here.
+    """
     if not isinstance(data, dict):
         raise ProtocolError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and f.init}
@@ -128,8 +152,8 @@ def _build(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
         raise ProtocolError(f"{where}: missing required key(s) {missing}")
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        if key in ("splits", "zero_shot", "reclip"):
-            continue  # nested, built by the caller
+        if key in nested:
+            continue
         if not _type_ok(value, hints[key]):
             raise ProtocolError(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {hints[key]}")
     return data
@@ -208,6 +232,85 @@ def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
             raise ProtocolError(f"{family}: stride {s.stride} > window {s.window} would skip pixels")
 
 
+@dataclass(frozen=True)
+class RectifySettings:
+    """Training preset of the ReCLIP / ReCLIP++ rectification stage (METHODS.md section 2).
+
+    Official values: dogehhh/ReCLIP config/*_train_ori_cfg.yaml. The schedule is counted
+    in epochs with a poly horizon longer than the run (the lr never reaches 0):
+    ``epochs`` of training on a ``poly_epochs`` horizon. The defaults are VOC's (the
+    smallest scale), what a dataset without a ``rectify:`` section gets.
+    """
+
+    base_short_side: int = 336  # random scale 0.5-2.0 of this short side
+    crop: int = 336
+    batch_size: int = 1
+    lr: float = 0.01
+    epochs: int = 50
+    poly_epochs: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("base_short_side", "crop", "batch_size", "epochs", "poly_epochs"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ProtocolError(f"rectify.{name} must be a positive integer, got {v}")
+        if not 0.0 < self.lr < math.inf:
+            raise ProtocolError(f"rectify.lr must be a finite number > 0, got {self.lr} (official: 0.01 at batch 1)")
+        if self.poly_epochs < self.epochs:
+            raise ProtocolError(
+                f"rectify.poly_epochs {self.poly_epochs} < epochs {self.epochs}: the lr would be 0 for the last "
+                f"{self.epochs - self.poly_epochs} epochs; set poly_epochs >= epochs (official: 4 to 8 x epochs)"
+            )
+
+
+@dataclass(frozen=True)
+class HypothesisSettings:
+    """Image-level hypothesis settings of the rectification stage (``reclip.hypotheses``).
+
+    ``r`` and ``t`` are the paper's eq. 6 (section IV-A: r = 1/6; t = 0.07 for VOC and
+    Cityscapes, 0 for the rest); ``threshold`` and ``top_k`` are ReCLIP's whole-image
+    rule (official DATASET.THRESHOLD / DATASET.K, threshold on logit_scale x cosine). The
+    defaults are what a dataset without a ``hypotheses:`` section gets: t = 0 and VOC's
+    whole-image numbers.
+    """
+
+    r: float = 1 / 6
+    t: float = 0.0
+    threshold: float = 23.0
+    top_k: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.r <= 1.0:
+            raise ProtocolError(f"hypotheses.r (window / image side) must be in (0, 1], got {self.r}; paper: 1/6")
+        if not 0.0 <= self.t < 1.0:
+            raise ProtocolError(
+                f"hypotheses.t (vote-frequency threshold) must be in [0, 1), got {self.t}; the paper uses 0.07 or 0"
+            )
+        if not math.isfinite(self.threshold):
+            raise ProtocolError(f"hypotheses.threshold must be a finite number, got {self.threshold} (official: 20-23)")
+        if self.top_k < 1:
+            raise ProtocolError(f"hypotheses.top_k must be a positive integer, got {self.top_k}")
+
+
+# The nested sections of a protocol: YAML key -> settings dataclass. A section is
+# optional in the YAML when Protocol gives its field a default.
+_SECTIONS: dict[str, type] = {
+    "zero_shot": ZeroShotSettings,
+    "reclip": ReclipSettings,
+    "rectify": RectifySettings,
+    "hypotheses": HypothesisSettings,
+}
+
+
+def _section(cls: type, data: Any, where: str, key: str) -> Any:
+    """Build one section; its own checks (``__post_init__``) are prefixed with ``where``."""
+    kw = _build(cls, data, f"{where}: {key}")
+    try:
+        return cls(**kw)
+    except ProtocolError as err:
+        raise ProtocolError(f"{where}: {err}") from None
+
+
 # Flat override keys applied to every split (Protocol.with_overrides).
 _SPLIT_KEYS = ("img_dir", "img_suffix", "label_dir", "label_suffix", "split_file", "instance_dir")
 
@@ -223,6 +326,8 @@ class Protocol:
     splits: dict[str, SplitSpec]
     zero_shot: ZeroShotSettings
     reclip: ReclipSettings
+    rectify: RectifySettings = field(default_factory=RectifySettings)
+    hypotheses: HypothesisSettings = field(default_factory=HypothesisSettings)
     description: str = ""
     num_classes: int | None = None
     reduce_zero_label: bool = False
@@ -322,8 +427,9 @@ class Protocol:
         """A validated copy with some values replaced (e.g. from command-line options).
 
         Keys: any top-level field (``classes_file``, ``num_classes``, ``background``,
-        ``ignore_index``, ...; ``zero_shot`` / ``reclip`` / ``splits`` as dicts that are
-        merged into the current values, e.g. ``zero_shot={"prob_thd": None}``); and the
+        ``ignore_index``, ...; the sections ``zero_shot`` / ``reclip`` / ``rectify`` /
+        ``hypotheses`` and ``splits`` as dicts that are merged into the current values,
+        e.g. ``zero_shot={"prob_thd": None}``, ``hypotheses={"t": 0.1}``); and the
         flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
         ``split_file``, applied to every split. None is a value (e.g.
         ``zero_shot={"prob_thd": None}`` turns the threshold off): pass only what the user
@@ -342,14 +448,17 @@ class Protocol:
             if set(unknown) & fam:
                 hint = ("; test settings go in zero_shot={...} / reclip={...}, or per run through "
                         "reclip.methods.inference_config(..., **overrides)")
+            for sec in ("rectify", "hypotheses"):
+                if set(unknown) & {f.name for f in dataclasses.fields(_SECTIONS[sec])}:
+                    hint += f"; {sec} settings go in {sec}={{...}}"
             raise ProtocolError(
                 f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_SPLIT_KEYS))}{hint}"
             )
         data = _to_dict(self)
         for key, value in kw.items():
-            if key in ("zero_shot", "reclip", "splits") and not isinstance(value, dict):
+            if (key in _SECTIONS or key == "splits") and not isinstance(value, dict):
                 raise ProtocolError(f"with_overrides: {key} must be a dict of fields to replace, got {value!r}")
-            if key in ("zero_shot", "reclip"):
+            if key in _SECTIONS:
                 data[key].update(copy.deepcopy(value))
             elif key == "splits":
                 for split, spec in value.items():
@@ -367,22 +476,21 @@ class Protocol:
 def _to_dict(p: Protocol) -> dict[str, Any]:
     d = {f.name: copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "source"}
     d["splits"] = {k: dataclasses.asdict(v) for k, v in p.splits.items()}
-    d["zero_shot"] = dataclasses.asdict(p.zero_shot)
-    d["reclip"] = dataclasses.asdict(p.reclip)
+    for key in _SECTIONS:
+        d[key] = dataclasses.asdict(getattr(p, key))
     return d
 
 
 def _protocol_from_dict(data: Any, source: str | None, where: str) -> Protocol:
-    _build(Protocol, data, where, skip=("source",))
+    _build(Protocol, data, where, skip=("source",), nested=("splits", *_SECTIONS))
     splits_raw = data["splits"]
     if not isinstance(splits_raw, dict) or not splits_raw:
         raise ProtocolError(f"{where}: splits must be a non-empty mapping of split name -> folders")
     splits = {str(name): SplitSpec(**_build(SplitSpec, spec, f"{where}: splits.{name}"))
               for name, spec in splits_raw.items()}
-    zs = ZeroShotSettings(**_build(ZeroShotSettings, data["zero_shot"], f"{where}: zero_shot"))
-    rc = ReclipSettings(**_build(ReclipSettings, data["reclip"], f"{where}: reclip"))
-    rest = {k: v for k, v in data.items() if k not in ("splits", "zero_shot", "reclip")}
-    return Protocol(splits=splits, zero_shot=zs, reclip=rc, source=source, **rest)
+    sections = {key: _section(cls, data[key], where, key) for key, cls in _SECTIONS.items() if key in data}
+    rest = {k: v for k, v in data.items() if k != "splits" and k not in _SECTIONS}
+    return Protocol(splits=splits, source=source, **sections, **rest)
 
 
 # -------------------------------------------------------------------------- registry
