@@ -9,17 +9,19 @@ import pytest
 
 from reclip.data.protocol import ZeroShotSettings, list_protocols, load_protocol
 from reclip.inference import InferenceConfig
-from reclip.methods import METHODS, Method, get_method, inference_config
+from reclip.methods import FAMILIES, METHODS, Method, get_family, get_method, inference_config
 
 ZERO_SHOT = [name for name, m in METHODS.items() if m.family == "zero_shot"]
-# No ReCLIP-family method is registered yet; a Method object exercises that branch.
-RECLIP_PROBE = Method("reclip-probe", "reclip", "maskclip", "reclip85", "test: reads the protocol's reclip section")
+# A Method object of the rectified family that is not registered: it reads the family's section
+# with the family's default prompt denoising (ReCLIP++'s).
+RECLIP_PROBE = Method("reclip-probe", "rectified", "maskclip", "reclip85", "test: reads the protocol's reclip section")
 ALL_METHODS = [*METHODS.values(), RECLIP_PROBE]
 DEFAULTS = InferenceConfig()
 
 
 def test_every_registered_method_has_a_known_family():
-    assert ZERO_SHOT and {m.family for m in METHODS.values()} <= {"zero_shot", "reclip"}
+    assert ZERO_SHOT and {m.family for m in METHODS.values()} == set(FAMILIES) == {"zero_shot", "rectified"}
+    assert [FAMILIES[f].section for f in FAMILIES] == ["zero_shot", "reclip"]
 
 
 @pytest.mark.parametrize("method", ZERO_SHOT)
@@ -122,7 +124,7 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
     p = load_protocol(name)
     cfg = inference_config(method, p)
     assert isinstance(cfg, InferenceConfig)
-    settings = getattr(p, method.family)
+    settings = getattr(p, get_family(method).section)
     assert (cfg.mode, cfg.short_side, cfg.max_long_side) == (settings.mode, settings.short_side, settings.max_long_side)
     if settings.mode == "slide":
         assert (cfg.window, cfg.stride) == (settings.window, settings.stride)

@@ -101,7 +101,7 @@ def test_rectify_switches_reach_the_run_and_load_back(trained, tmp_path):
     assert rect["strategy"] == {"attention": "identity", "residual": False, "ffn": False, "gaussian_sigma": 5.0}
     assert rect["reference_length"] == 5 and rect["gumbel_scale"] == 10.0
     model = load_rectifier(run, load_clip(clip_file))
-    assert model.strategy.residual is False and model.reference.length == 5
+    assert model.strategy.residual is False and model.head.reference.length == 5
 
 
 def test_the_rectify_section_of_a_user_yaml_drives_training(trained, tmp_path):
@@ -119,4 +119,6 @@ def test_the_rectify_section_of_a_user_yaml_drives_training(trained, tmp_path):
     assert config["preset"] == preset and config["protocol"] == "mine"
     assert config["augment"] == {"base_short_side": 40, "crop": 32}
     train = config["train"]  # 4 train images / batch 2 = 2 steps per epoch
-    assert (train["steps"], train["batch_size"], train["lr"], train["poly_horizon"]) == (2, 2, 0.05, 6)
+    optimizer = config["optimizer"]
+    assert (train["steps"], train["batch_size"]) == (2, 2)
+    assert (optimizer["type"], optimizer["lr"], optimizer["schedule"]["horizon"]) == ("SGDConfig", 0.05, 6)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from reclip.clip.model import CLIP
 from reclip.clip.tokenizer import EOT, SOT, get_tokenizer
 from reclip.features import dense_features, get_strategy
+from reclip.heads.bias import DependentBias
 from reclip.heads.reference import ReferencePrompt
 from reclip.heads.rectify import (
     ABLATIONS,
@@ -23,10 +24,9 @@ from reclip.heads.rectify import (
     Rectifier,
     RectifierConfig,
     class_query_weights,
-    contrastive_loss,
-    gumbel_masks,
     rectification_loss,
 )
+from reclip.heads.losses import contrastive_loss, gumbel_masks
 from reclip.text import QueryEmbeddings
 
 NAMES = ["cat", "potted plant", "sky", "person"]  # 1, 2, 1, 1 BPE tokens
@@ -129,6 +129,32 @@ def test_long_names_keep_their_end_token_and_warn_naming_them():
         ReferencePrompt(clip, ["cat", "potted plant"])
 
 
+def test_official_name_tokens_reproduce_the_official_layout():
+    """dogehhh/ReCLIP: SOT + 73 context + tokenize(name)[1:4], read at 74 + argmax of those 3 ids."""
+    clip = tiny_clip()
+    names = ["cat", "potted plant", "pottedplant", "chest of drawers"]  # 1, 2, 3, 3 tokens
+    with pytest.warns(UserWarning, match="as official") as record:
+        ref = ReferencePrompt(clip, names, name_tokens="official", norm="row")
+    assert len(record) == 1 and ref.truncated == ("pottedplant", "chest of drawers")
+    tok = get_tokenizer()
+    tokens = torch.zeros(len(names), 77, dtype=torch.long)
+    read = []
+    for i, name in enumerate(names):
+        three = ([*tok.encode(name), EOT] + [0, 0])[:3]
+        tokens[i] = torch.tensor([SOT] + [0] * 73 + three)
+        read.append(74 + three.index(max(three)))
+    assert read[2] != 76  # "pottedplant" lost its EOT and is read at a name token
+    with torch.no_grad():
+        expected = F.normalize(clip.encode_token_embeddings(clip.token_embedding(tokens), torch.tensor(read)), dim=-1)
+        torch.testing.assert_close(ref(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ref.forward_full(), expected, rtol=1e-5, atol=1e-6)
+        # names that fit are encoded exactly as by default
+        torch.testing.assert_close(ref()[:2], ReferencePrompt(clip, names[:2], norm="row")(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="name_tokens"):
+        ReferencePrompt(clip, names, name_tokens="first3")
+    assert RectifierConfig(reference_name_tokens="official").reference_name_tokens == "official"
+
+
 def test_reference_norms_and_inits():
     clip = tiny_clip()
     w = ReferencePrompt(clip, NAMES)()
@@ -161,8 +187,9 @@ def test_only_rectifier_parameters_get_gradients_and_clip_is_unchanged_after_a_s
     loss.backward()
     opt.step()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"reference.context", "pe_proj.weight", "pe_proj.bias", "decoder_conv.weight",
-                         "decoder_conv.bias", "decoder_norm.weight", "decoder_norm.bias"}
+    assert trainable == {"head.reference.context", "head.bias.pe_proj.weight", "head.bias.pe_proj.bias",
+                         "head.decoder.conv.weight", "head.decoder.conv.bias", "head.decoder.norm.weight",
+                         "head.decoder.norm.bias"}
     for name, p in model.named_parameters():
         if name in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -222,12 +249,12 @@ def test_outputs_follow_the_paper_equations():
         out = model.forward_train(x)
         z = dense_features(clip, x, "maskclip")
         torch.testing.assert_close(out.features, z)
-        torch.testing.assert_close(out.query_logits, torch.einsum("bdhw,cd->bchw", z, model.fixed_query))
+        torch.testing.assert_close(out.query_logits, torch.einsum("bdhw,cd->bchw", z, model.head.fixed_query))
         pe = clip.visual.grid_positional_embedding(4, 6).t().reshape(1, -1, 4, 6)
-        w_p = model.pe_proj(pe).flatten(2)[0].t()  # (n, D)
-        m_b = (w_p @ model.reference().t()).t().reshape(1, 4, 4, 6)  # eq. 2, (1, C, h, w)
+        w_p = model.head.bias.pe_proj(pe).flatten(2)[0].t()  # (n, D)
+        m_b = (w_p @ model.head.reference().t()).t().reshape(1, 4, 4, 6)  # eq. 2, (1, C, h, w)
         torch.testing.assert_close(out.bias_logits, m_b.expand(2, -1, -1, -1))
-        m_o = model.decoder_norm(model.decoder_conv(torch.cat([z, out.rectified], 1)))
+        m_o = model.head.decoder.norm(model.head.decoder.conv(torch.cat([z, out.rectified], 1)))
         torch.testing.assert_close(out.decoded, m_o)
         torch.testing.assert_close(model(x), out.decoded)
 
@@ -236,13 +263,19 @@ def test_trainable_state_dict_has_no_clip_keys_and_round_trips():
     clip = tiny_clip()
     model = rectifier(clip)
     state = model.trainable_state_dict()
-    assert state and not any(k.startswith("clip.") for k in state)
-    assert "fixed_query" not in state and "decoder_norm.running_mean" in state
+    assert state and not any(k.startswith(("clip.", "backbone.")) for k in state)
+    assert "head.fixed_query" not in state and "head.decoder.norm.running_mean" in state
     other = rectifier(clip)
     with torch.no_grad():
-        model.reference.context.add_(1.0)
+        model.head.reference.context.add_(1.0)
     other.load_trainable_state_dict(model.trainable_state_dict())
-    torch.testing.assert_close(other.reference.context, model.reference.context)
+    torch.testing.assert_close(other.head.reference.context, model.head.reference.context)
+    # runs saved before the rectifier was split into parts load under their flat names
+    flat = {k.replace("head.reference.", "reference.").replace("head.bias.", "").replace("head.decoder.conv.",
+            "decoder_conv.").replace("head.decoder.norm.", "decoder_norm."): v for k, v in state.items()}
+    assert "pe_proj.weight" in flat and "decoder_conv.weight" in flat
+    other.load_trainable_state_dict(flat)
+    torch.testing.assert_close(other.head.bias.pe_proj.weight, model.head.bias.pe_proj.weight)
     with pytest.raises(ValueError, match="missing"):
         rectifier(clip, RECLIP).load_trainable_state_dict(state)
 
@@ -262,11 +295,11 @@ def test_nothing_hard_coded_other_widths_grid_and_context():
                      context_length=16, transformer_width=128, transformer_heads=2, transformer_layers=1)
     for config in (RECLIPPP, RECLIP):
         model = rectifier(clip, config, names=["cat", "dog", "grass"])
-        assert model.reference.length == 12  # context_length - 4
+        assert model.head.reference.length == 12  # context_length - 4
         out = model.forward_train(images(2, 3, 40, 28))
         assert out.decoded.shape == (2, 3, 10, 7) and out.features.shape == (2, 48, 10, 7)
         rectification_loss(model, out, torch.ones(2, 3, dtype=torch.bool)).backward()
-        torch.testing.assert_close(model.reference(), model.reference.forward_full())
+        torch.testing.assert_close(model.head.reference(), model.head.reference.forward_full())
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
@@ -281,15 +314,15 @@ def test_presets_and_ablations_construct_run_and_backprop(name):
     for pname, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, pname
-    assert (model.decoder_conv is not None) == config.decoder
+    assert (model.head.decoder is not None) == config.decoder
     if not config.decoder:
         assert out.decoded is out.rectified
-    assert (model.proj_net is not None) == (config.bias_mode == "dependent")
-    assert (model.query is not None) == config.learnable_query
+    assert isinstance(model.head.bias, DependentBias) == (config.bias_mode == "dependent")
+    assert (model.head.query is not None) == config.learnable_query
     assert out.features.requires_grad == config.finetune_image_encoder
     keys = model.trainable_state_dict()
-    assert any(k.startswith("clip.visual.") for k in keys) == config.finetune_image_encoder
-    assert not any(k.startswith("clip.") and not k.startswith("clip.visual.") for k in keys)
+    assert any(k.startswith("backbone.clip.visual.") for k in keys) == config.finetune_image_encoder
+    assert not any(k.startswith("backbone.") and not k.startswith("backbone.clip.visual.") for k in keys)
 
 
 def test_reclip_dependent_bias_is_class_bias_from_features_plus_projnet():
@@ -300,9 +333,10 @@ def test_reclip_dependent_bias_is_class_bias_from_features_plus_projnet():
     with torch.no_grad():
         out = model.forward_train(x)
         pe = clip.visual.grid_positional_embedding(4, 4).t().reshape(1, -1, 4, 4)
-        expected = torch.einsum("bdhw,cd->bchw", out.features, model.reference()) + model.proj_net(pe)
+        proj_net = model.head.bias.proj_net
+        expected = torch.einsum("bdhw,cd->bchw", out.features, model.head.reference()) + proj_net(pe)
     torch.testing.assert_close(out.bias_logits, expected)
-    assert model.proj_net[-3].out_channels == 4 and model.proj_net[0].in_channels == clip.visual.width
+    assert proj_net[-3].out_channels == 4 and proj_net[0].in_channels == clip.visual.width
 
 
 def test_synonym_queries_are_averaged_per_class():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import socket
 import time
@@ -17,6 +18,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from reclip.train import (
+    AdamWConfig,
+    PolySchedule,
+    SGDConfig,
     TrainConfig,
     atomic_torch_save,
     epoch_indices,
@@ -160,12 +164,13 @@ def test_poly_and_data_order():
 
 # -- one process ------------------------------------------------------------------------------------
 def test_loss_falls_and_files(tmp_path):
-    model = ToyNet()
-    frozen_before = {k: v.clone() for k, v in model.frozen.state_dict().items()}
-    cfg = TrainConfig(steps=60, batch_size=5, lr=0.05, checkpoint_every=20, log_every=10, weight_decay=0.0)
+    frozen_before = {k: v.clone() for k, v in ToyNet().frozen.state_dict().items()}
+    cfg = TrainConfig(steps=60, batch_size=5, checkpoint_every=20, log_every=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model that keeps its frozen part in eval: no warning
-        result = train(model, toy_loss, ToyData(n=10), cfg, tmp_path / "run", progress=False)
+        result = train(ToyNet, toy_loss, ToyData(n=10), cfg, tmp_path / "run", progress=False,
+                       optimizer=SGDConfig(lr=0.05, weight_decay=0.0))
+    model = result.model
     assert result.step == 60
     lines = _metrics(tmp_path / "run")
     assert [m["step"] for m in lines] == [10, 20, 30, 40, 50, 60]
@@ -183,7 +188,7 @@ def test_loss_falls_and_files(tmp_path):
     assert files.config == {"method": "toy", "steps": 60}
     _assert_same(trainable_state(fresh), trainable_state(model))
     with pytest.raises(FileExistsError, match="resume"):
-        train(ToyNet(), toy_loss, ToyData(n=10), cfg, tmp_path / "run", progress=False)
+        train(ToyNet, toy_loss, ToyData(n=10), cfg, tmp_path / "run", progress=False)
 
 
 def test_engine_warns_about_frozen_parts_in_train_mode(tmp_path):
@@ -192,7 +197,7 @@ def test_engine_warns_about_frozen_parts_in_train_mode(tmp_path):
             return nn.Module.train(self, mode)
 
     with pytest.warns(UserWarning, match="frozen module"):
-        train(Careless(), toy_loss, ToyData(n=4), TrainConfig(steps=1, batch_size=2), tmp_path / "r", progress=False)
+        train(Careless, toy_loss, ToyData(n=4), TrainConfig(steps=1, batch_size=2), tmp_path / "r", progress=False)
 
 
 def test_incomplete_trainable_state_is_refused(tmp_path):
@@ -201,25 +206,27 @@ def test_incomplete_trainable_state_is_refused(tmp_path):
             return {k: v for k, v in super().trainable_state_dict().items() if "running" not in k}
 
     with pytest.raises(ValueError, match="bn.running_mean"):
-        train(Forgetful(), toy_loss, ToyData(n=4), TrainConfig(steps=1, batch_size=2), tmp_path / "r", progress=False)
+        train(Forgetful, toy_loss, ToyData(n=4), TrainConfig(steps=1, batch_size=2), tmp_path / "r", progress=False)
 
 
-RESUME_CFG = dict(steps=14, batch_size=2, lr=0.05, checkpoint_every=3, log_every=4, seed=3)
+RESUME_CFG = dict(steps=14, batch_size=2, checkpoint_every=3, log_every=4, seed=3)
+LR = SGDConfig(lr=0.05)
+DROPOUT = functools.partial(ToyNet, dropout=0.3)
 
 
 def test_resume_is_exact(tmp_path):
     # BN buffers, dropout (global torch RNG), epoch-dependent data, momentum: all must be restored
     cfg = TrainConfig(**RESUME_CFG)
-    train(ToyNet(dropout=0.3), toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "full", progress=False)
+    train(DROPOUT, toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "full", progress=False, optimizer=LR)
     # 10 images / batch 2 = 5 steps per epoch; killed during step 9 -> the checkpoint of step 6 (epoch 1, offset 1)
     with pytest.raises(Killed):
-        train(ToyNet(dropout=0.3), KillAt(9), ToyData(n=10, noise=True), cfg, tmp_path / "cut", progress=False)
+        train(DROPOUT, KillAt(9), ToyData(n=10, noise=True), cfg, tmp_path / "cut", progress=False, optimizer=LR)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     # a new process: other trainable values, other global RNG state; resume overrides both
     torch.manual_seed(1234)
-    result = train(_scrambled(dropout=0.3), toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "cut",
-                   resume=True, progress=False)
+    result = train(functools.partial(_scrambled, dropout=0.3), toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "cut",
+                   resume=True, progress=False, optimizer=LR)
     assert result.step == 14
     _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
     full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
@@ -227,23 +234,23 @@ def test_resume_is_exact(tmp_path):
     # step 8's line averages steps 5-8 across the checkpoint at 6: the partial window is restored too
     assert [m["loss"] for m in cut] == [m["loss"] for m in full]
     # resuming a finished run is a no-op; other settings are refused
-    train(ToyNet(), toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "cut", resume=True, progress=False)
+    train(ToyNet, toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "cut", resume=True, progress=False, optimizer=LR)
     _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
     with pytest.raises(ValueError, match="lr"):
-        train(ToyNet(), toy_loss, ToyData(n=10), TrainConfig(**{**RESUME_CFG, "lr": 0.1}), tmp_path / "cut",
-              resume=True, progress=False)
+        train(ToyNet, toy_loss, ToyData(n=10), TrainConfig(**RESUME_CFG), tmp_path / "cut",
+              resume=True, progress=False, optimizer=SGDConfig(lr=0.1))
     with pytest.raises(ValueError, match="training images"):  # another image list: another data order
-        train(ToyNet(), toy_loss, ToyData(n=12), TrainConfig(**{**RESUME_CFG, "steps": 15, "poly_horizon": 14}),
-              tmp_path / "cut", resume=True, progress=False)
+        train(ToyNet, toy_loss, ToyData(n=12), TrainConfig(**{**RESUME_CFG, "steps": 15}),
+              tmp_path / "cut", resume=True, progress=False, optimizer=SGDConfig(lr=0.05, schedule=PolySchedule(horizon=14)))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = TrainConfig(**{**RESUME_CFG, "checkpoint_every": 4})
     run = tmp_path / "run"
-    train(ToyNet(), toy_loss, ToyData(n=10), TrainConfig(**{**RESUME_CFG, "checkpoint_every": 4, "steps": 14}),
-          tmp_path / "ref", progress=False)
+    train(ToyNet, toy_loss, ToyData(n=10), TrainConfig(**{**RESUME_CFG, "checkpoint_every": 4, "steps": 14}),
+          tmp_path / "ref", progress=False, optimizer=LR)
     with pytest.raises(Killed):
-        train(ToyNet(), KillAt(6), ToyData(n=10), cfg, run, progress=False)
+        train(ToyNet, KillAt(6), ToyData(n=10), cfg, run, progress=False, optimizer=LR)
     good = (run / "checkpoint.pt").read_bytes()
 
     real_save = torch.save
@@ -256,14 +263,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
-        train(ToyNet(), toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False)
+        train(ToyNet, toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False, optimizer=LR)
     assert (run / "checkpoint.pt").read_bytes() == good  # the previous checkpoint is intact
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary left
     with pytest.raises(OSError):
         atomic_torch_save({"x": 1}, run / "checkpoint.pt")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(torch, "save", real_save)
-    train(ToyNet(), toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False)
+    train(ToyNet, toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False, optimizer=LR)
     _assert_same(_weights(tmp_path / "ref"), _weights(run))
 
 
@@ -276,17 +283,64 @@ def test_validation_does_not_change_training(tmp_path):
         pred = model(data.x)
         return {"neg_loss": -((pred - data.y) ** 2).mean()}
 
-    train(ToyNet(dropout=0.3), toy_loss, data, TrainConfig(**RESUME_CFG), tmp_path / "plain", progress=False)
-    result = train(ToyNet(dropout=0.3), toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "val",
-                   progress=False, validate=validate)
+    train(DROPOUT, toy_loss, data, TrainConfig(**RESUME_CFG), tmp_path / "plain", progress=False, optimizer=LR)
+    result = train(DROPOUT, toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "val",
+                   progress=False, validate=validate, optimizer=LR)
     _assert_same(_weights(tmp_path / "plain"), _weights(tmp_path / "val"))
     vals = [m for m in _metrics(tmp_path / "val") if "validation" in m]
     assert [m["step"] for m in vals] == [5, 10, 14]
     assert result.best["step"] in (5, 10, 14) and (tmp_path / "val" / "best.safetensors").exists()
 
 
+class RandomInit(nn.Module):
+    """A model whose initial values come from the global RNG (no seed of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x).mean(dim=(2, 3))))
+
+
+def test_the_model_is_built_after_seeding(tmp_path):
+    """Same seed -> same initial parameters and the same run, whatever the RNG did before."""
+    built = []
+
+    def build():
+        built.append(RandomInit())
+        return built[-1]
+
+    cfg = TrainConfig(steps=3, batch_size=2, seed=5)
+    torch.manual_seed(1)
+    train(build, toy_loss, ToyData(n=4), cfg, tmp_path / "a", progress=False)
+    torch.randn(100)  # other global state before the second run
+    train(build, toy_loss, ToyData(n=4), cfg, tmp_path / "b", progress=False)
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    train(build, toy_loss, ToyData(n=4), TrainConfig(steps=3, batch_size=2, seed=6), tmp_path / "c", progress=False)
+    assert not torch.equal(_weights(tmp_path / "a")["conv.weight"], _weights(tmp_path / "c")["conv.weight"])
+
+
+def test_adamw_with_no_decay_groups_and_exact_resume(tmp_path):
+    adamw = AdamWConfig(lr=0.01, weight_decay=0.5, no_decay=("norm.",))
+    groups = adamw.build(RandomInit()).param_groups
+    assert [len(g["params"]) for g in groups] == [4, 2] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    cfg = TrainConfig(steps=8, batch_size=2, checkpoint_every=3, log_every=1, seed=2)
+    result = train(RandomInit, toy_loss, ToyData(n=6), cfg, tmp_path / "full", progress=False, optimizer=adamw)
+    assert isinstance(result.model, RandomInit)
+    assert {m["lr"] for m in _metrics(tmp_path / "full")} == {0.01}  # AdamW's default schedule is constant
+    with pytest.raises(Killed):
+        train(RandomInit, KillAt(5), ToyData(n=6), cfg, tmp_path / "cut", progress=False, optimizer=adamw)
+    train(RandomInit, toy_loss, ToyData(n=6), cfg, tmp_path / "cut", resume=True, progress=False, optimizer=adamw)
+    _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    with pytest.raises(ValueError, match="optimizer"):  # SGD cannot continue AdamW's run
+        train(RandomInit, toy_loss, ToyData(n=6), cfg, tmp_path / "cut", resume=True, progress=False)
+
+
 # -- two processes (gloo on CPU) ----------------------------------------------------------------------
-DDP_CFG = dict(steps=8, batch_size=4, lr=0.05, checkpoint_every=2, log_every=2, seed=1)
+DDP_CFG = dict(steps=8, batch_size=4, checkpoint_every=2, log_every=2, seed=1)  # with LR
 
 
 def _free_port() -> int:
@@ -304,21 +358,21 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         out_dir = Path(out)
         # 1. no batch-statistics layer: must match one process at the same global batch
-        train(ToyNet(bn=False), toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), out_dir / "ddp", progress=False)
+        train(functools.partial(ToyNet, bn=False), toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), out_dir / "ddp", progress=False, optimizer=LR)
         # 2. exact resume under DDP, with BN and dropout (per-rank RNG states restored)
         cfg = TrainConfig(**DDP_CFG)
-        train(ToyNet(dropout=0.3), toy_loss, ToyData(n=12, noise=True), cfg, out_dir / "full", progress=False)
+        train(DROPOUT, toy_loss, ToyData(n=12, noise=True), cfg, out_dir / "full", progress=False, optimizer=LR)
         try:
-            train(ToyNet(dropout=0.3), KillAt(5), ToyData(n=12, noise=True), cfg, out_dir / "cut", progress=False)
+            train(DROPOUT, KillAt(5), ToyData(n=12, noise=True), cfg, out_dir / "cut", progress=False, optimizer=LR)
         except Killed:
             pass
         torch.manual_seed(777 + rank)
-        train(_scrambled(dropout=0.3), toy_loss, ToyData(n=12, noise=True), cfg, out_dir / "cut", resume=True,
-              progress=False)
+        train(functools.partial(_scrambled, dropout=0.3), toy_loss, ToyData(n=12, noise=True), cfg, out_dir / "cut", resume=True,
+              progress=False, optimizer=LR)
         # 3. an error found by rank 0 (here: other settings) is raised on every rank, none waits forever
         try:
-            train(ToyNet(), toy_loss, ToyData(n=12), TrainConfig(**{**DDP_CFG, "lr": 0.5}), out_dir / "cut",
-                  resume=True, progress=False)
+            train(ToyNet, toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), out_dir / "cut",
+                  resume=True, progress=False, optimizer=SGDConfig(lr=0.5))
         except ValueError as e:
             (out_dir / f"error{rank}.txt").write_text(str(e))
     finally:
@@ -327,7 +381,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    train(ToyNet(bn=False), toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), tmp_path / "single", progress=False)
+    train(functools.partial(ToyNet, bn=False), toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), tmp_path / "single", progress=False, optimizer=LR)
     # fork: the workers inherit the imported torch (spawn re-imports it: ~20 s more on a busy CI machine);
     # they set one intra-op thread before any computation, so no OpenMP pool crosses the fork
     ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
@@ -351,8 +405,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
     assert all("lr" in (tmp_path / f"error{r}.txt").read_text() for r in range(2))
     # a 2-process checkpoint cannot be resumed by one process (RNG states, batch split)
     with pytest.raises(ValueError, match="2 process"):
-        train(ToyNet(), toy_loss, ToyData(n=12), TrainConfig(**{**DDP_CFG, "steps": 9, "poly_horizon": 8}),
-              tmp_path / "cut", resume=True, progress=False)
+        train(ToyNet, toy_loss, ToyData(n=12), TrainConfig(**{**DDP_CFG, "steps": 9}),
+              tmp_path / "cut", resume=True, progress=False, optimizer=SGDConfig(lr=0.05, schedule=PolySchedule(horizon=8)))
 
 
 # -- with the unlabelled training set -----------------------------------------------------------------
@@ -385,8 +439,8 @@ def test_unlabeled_set_through_the_engine_any_worker_count(tmp_path):
 
     def run(workers: int, name: str) -> dict:
         data = UnlabeledTrainSet(split, hyp, num_classes=21, base_short_side=24, crop=16, seed=2)
-        cfg = TrainConfig(steps=5, batch_size=2, lr=0.1, workers=workers, log_every=1)  # 3 steps per epoch
-        train(HypothesisNet(), hypothesis_loss, data, cfg, tmp_path / name, progress=False)
+        cfg = TrainConfig(steps=5, batch_size=2, workers=workers, log_every=1)  # 3 steps per epoch
+        train(HypothesisNet, hypothesis_loss, data, cfg, tmp_path / name, progress=False, optimizer=SGDConfig(lr=0.1))
         return _weights(tmp_path / name)
 
     _assert_same(run(0, "w0"), run(2, "w2"))

@@ -127,8 +127,8 @@ def test_buffers_and_validation(clip):
     W = text_weights(3)
     head = _head(clip, W, torch.tensor([0, 1, 1]), 2)
     buffers = dict(head.named_buffers())
-    assert set(buffers) == {"text_weights", "class_index"}
-    assert buffers["class_index"].dtype == torch.long
+    assert set(buffers) == {"head.text_weights", "head.class_index"}  # CLIP itself has none
+    assert buffers["head.class_index"].dtype == torch.long
     assert head.strategy == STRATEGIES["maskclip"]
     with pytest.raises(ValueError, match="L2-normalised"):
         _head(clip, 2 * W, torch.arange(3), 3)

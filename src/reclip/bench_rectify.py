@@ -200,7 +200,7 @@ def bench_train_step(
     """
     from reclip.bench import _peak_rss_mib, _reset_peak_rss
     from reclip.heads.rectify import Rectifier, rectification_loss
-    from reclip.train import build_optimizer
+    from reclip.train import SGDConfig
 
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -210,7 +210,7 @@ def bench_train_step(
     weights = torch.nn.functional.normalize(torch.randn(num_classes, clip.config.embed_dim), dim=-1)
     queries = QueryEmbeddings(weights.to(device), torch.arange(num_classes, device=device), num_classes)
     model = Rectifier(clip, queries, [str(i) for i in range(num_classes)]).to(device).train()
-    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = SGDConfig(lr=0.01, momentum=0.9, weight_decay=5e-4).build(model)
     images = torch.randn(batch_size, 3, crop, crop, device=device)
     hypotheses = torch.rand(batch_size, num_classes, device=device) < 0.2
     hypotheses[:, 0] = True

@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     for m in METHODS.values():
-        print(f"{m.name:<10} {m.family:<9} {m.summary}")
+        print(f"{m.name:<10} {m.family:<10} {m.summary}")
     return 0
 
 

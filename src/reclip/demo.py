@@ -33,7 +33,8 @@ from reclip.files import atomic_write_json
 from reclip.heads.rectify import RECLIPPP, RectifierConfig
 from reclip.hypotheses import HypothesisConfig, generate_hypotheses
 from reclip.inference import InferenceConfig, segment
-from reclip.methods import METHODS, build_segmentor
+from reclip.families import zero_shot
+from reclip.methods import build_segmentor
 from reclip.rectification import rectify
 from reclip.report import plot_confusion, plot_space_curves, write_html_report
 from reclip.text import query_embeddings
@@ -44,7 +45,7 @@ from reclip.visualize import overlay, palette
 # Every preset plus the variant that the tiny CLIP favours (see reclip.toy): on a tiny
 # CLIP the residual stream dominates the last block, so MaskCLIP's readout needs it off.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{name: (name, {}) for name, method in METHODS.items() if method.family == "zero_shot"},
+    **{method.name: (method.name, {}) for method in zero_shot.METHODS},
     "maskclip-nores": ("maskclip", {"residual": False, "ffn": False}),
 }
 
@@ -256,7 +257,7 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         notes.insert(2, (
             f"{rows[-1].name}: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
             f"(image-level hypotheses only, no masks) for {train['steps']} steps, batch {train['batch_size']}, "
-            f"lr {train['lr']}; Reference length {rect['reference_length']}, Gumbel scale {rect['gumbel_scale']} "
+            f"lr {run['optimizer']['lr']}; Reference length {rect['reference_length']}, Gumbel scale {rect['gumbel_scale']} "
             "(reclip.demo.ToyRectification says why these differ from the paper); no prompt denoising."))
     write_html_report(out / "report.html", "reclip demo: the toy world", table, notes, figures, examples)
     results = {

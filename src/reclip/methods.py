@@ -1,69 +1,57 @@
-"""Methods by name.
+"""Methods by name, grouped in families (:mod:`reclip.families`).
 
 A method builds a *segmentor* (normalised images (B, 3, H, W) -> class logits
-(B, C, h, w)) and names the protocol family whose published test settings it is
-evaluated with. Inference, evaluation, the CLI and reports only see the segmentor.
+(B, C, h, w)) and is evaluated with its family's section of a dataset protocol.
+Inference, evaluation, the CLI and reports only see the segmentor. A family is one file
+of :mod:`reclip.families` plus one line in :data:`FAMILIES`; trained runs load through
+the method their config.json names (:func:`load_trained`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
 from reclip.clip.model import CLIP
-from reclip.features import get_strategy
-from reclip.heads.zero_shot import ZeroShotSegmentor
+from reclip.families import rectified, zero_shot
+from reclip.families.spec import Family, Method
 from reclip.inference import InferenceConfig
-from reclip.text import QueryEmbeddings, Vocabulary, query_embeddings
+from reclip.text import QueryEmbeddings, Vocabulary
+from reclip.train import load_run
 
+__all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "get_family", "get_method",
+           "inference_config", "load_trained"]
 
-@dataclass(frozen=True)
-class Method:
-    """A registered method.
-
-    Attributes:
-        name: CLI / API name.
-        family: protocol section its test settings come from ("zero_shot" | "reclip").
-        strategy: the dense-feature preset (features.STRATEGIES) it reads CLIP with.
-        templates: the prompt template set its paper uses (templates.TEMPLATE_SETS).
-        summary: one line for listings.
-    """
-
-    name: str
-    family: str
-    strategy: str
-    templates: str
-    summary: str
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("raw", "zero_shot", "raw", "imagenet80", "CLIP's last block unchanged (lower bound)"),
-        # MaskCLIP / ReCLIP use the 85 templates; SCLIP / ClearCLIP / NACLIP the 80 (METHODS.md s.1).
-        Method("maskclip", "zero_shot", "maskclip", "reclip85", "MaskCLIP: value path of the last block"),
-        Method("sclip", "zero_shot", "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
-        Method("clearclip", "zero_shot", "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
-        Method("naclip", "zero_shot", "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN"),
-        # Trained heads: `reclip rectify` makes the checkpoint (RUN_DIR) they need.
-        Method("reclip++", "reclip", "maskclip", "reclip85", "ReCLIP++ rectified CLIP (needs --checkpoint)"),
-        Method("reclip", "reclip", "maskclip", "reclip85", "ReCLIP, the conference version (needs --checkpoint)"),
-    )
+# The registry: one line per family.
+FAMILIES: dict[str, Family] = {
+    zero_shot.FAMILY.name: zero_shot.FAMILY,
+    rectified.FAMILY.name: rectified.FAMILY,
 }
+METHODS: dict[str, Method] = {m.name: m for family in FAMILIES.values() for m in family.methods}
 
 
-def get_method(name: str) -> Method:
-    """The registered method ``name``; an unknown name raises listing the available ones."""
+def get_method(name: str | Method) -> Method:
+    """The registered method ``name`` (a Method as is); an unknown name raises listing the available ones."""
+    if isinstance(name, Method):
+        return name
     try:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+def get_family(method: str | Method) -> Family:
+    """The family of a method (a name or a Method)."""
+    method = get_method(method)
+    try:
+        return FAMILIES[method.family]
+    except KeyError:
+        raise ValueError(f"method {method.name!r} names an unknown family {method.family!r}; "
+                         f"available: {', '.join(FAMILIES)}") from None
 
 
 def build_segmentor(
@@ -82,40 +70,47 @@ def build_segmentor(
 
     Args:
         strategy_overrides: LastBlock fields replacing the method's preset, e.g.
-            ``{"residual": False}`` for "maskclip without residual".
-        templates: template set name overriding the method's.
-        queries: precomputed query embeddings (skips text encoding).
-        checkpoint: the run directory of a trained head (``reclip rectify``); required by
-            the "reclip" family, refused by the training-free one.
+            ``{"residual": False}`` for "maskclip without residual" (training-free only).
+        templates: template set name overriding the method's (training-free only).
+        queries: precomputed query embeddings (skips text encoding; training-free only).
+        checkpoint: the run directory of a trained method (``reclip rectify``); required
+            by trained families, refused by training-free ones.
         text_cache: cache_dir for query embeddings (None: default, False: off).
     """
-    method = method if isinstance(method, Method) else get_method(method)
-    if method.family == "reclip":
-        return _load_trained(method, clip, vocabulary, checkpoint, strategy_overrides, text_cache)
+    method = get_method(method)
+    family = get_family(method)
+    if family.trained:
+        if checkpoint is None:
+            raise ValueError(f"method {method.name!r} needs a trained head: pass --checkpoint RUN_DIR "
+                             f"(made by `reclip rectify`)")
+        if strategy_overrides:
+            raise ValueError("a trained head reads CLIP the way it was trained; strategy overrides do not apply")
+        return load_trained(checkpoint, clip, vocabulary, method=method.name, text_cache=text_cache)
     if checkpoint is not None:
-        raise ValueError(f"method {method.name!r} is training-free and takes no checkpoint; "
-                         f"trained methods: {[m.name for m in METHODS.values() if m.family != 'zero_shot']}")
-    if queries is None:
-        queries = query_embeddings(clip, vocabulary, templates or method.templates, cache_dir=text_cache,
-                                   progress=progress)
-    strategy = get_strategy(method.strategy, **dict(strategy_overrides or {}))
-    return ZeroShotSegmentor(clip, queries, strategy).eval()
+        trained = [m.name for m in METHODS.values() if get_family(m).trained]
+        raise ValueError(f"method {method.name!r} is training-free and takes no checkpoint; trained methods: {trained}")
+    return family.build(method, clip, vocabulary, strategy_overrides=strategy_overrides, templates=templates,
+                        queries=queries, text_cache=text_cache, progress=progress)
 
 
-def _load_trained(method: Method, clip: CLIP, vocabulary: Vocabulary, checkpoint: Any,
-                  strategy_overrides: Mapping[str, Any] | None, text_cache: Any) -> nn.Module:
-    from reclip.rectification import load_rectifier  # the training stack loads only when needed
-
-    if checkpoint is None:
-        raise ValueError(f"method {method.name!r} needs a trained head: pass --checkpoint RUN_DIR "
-                         f"(made by `reclip rectify`)")
-    if strategy_overrides:
-        raise ValueError("a trained head reads CLIP the way it was trained; strategy overrides do not apply")
-    model = load_rectifier(checkpoint, clip, vocabulary, text_cache=text_cache)
-    trained = json.loads((Path(checkpoint) / "config.json").read_text())["method"]
-    if trained != method.name:
-        raise ValueError(f"{checkpoint} holds a {trained!r} run, not {method.name!r}: use --method {trained}")
-    return model
+def load_trained(
+    run_dir: str | os.PathLike,
+    clip: CLIP,
+    vocabulary: Vocabulary | None = None,
+    *,
+    method: str | None = None,
+    text_cache: Any = None,
+) -> nn.Module:
+    """The segmentor of a finished training run, built by the family of the method its
+    config.json names; ``method`` (if given) must be that one."""
+    run = load_run(run_dir)
+    name = run.config.get("method")
+    if name not in METHODS or not get_family(name).trained:
+        raise ValueError(f"{run_dir}/config.json names method {name!r}, which is not a trained method of this "
+                         f"reclip; trained methods: {[m for m in METHODS if get_family(m).trained]}")
+    if method is not None and name != method:
+        raise ValueError(f"{run_dir} holds a {name!r} run, not {method!r}: use --method {name}")
+    return get_family(name).load_run(run, clip, vocabulary, text_cache)
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
@@ -125,47 +120,25 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
     """The published test settings of ``protocol`` for ``method``'s family, then overrides.
 
     This is the one place where a protocol's test settings and per-run options (CLI
-    flags, API ``inference=`` dicts) become an :class:`InferenceConfig`.
-
-    From the family section (``protocol.zero_shot`` or ``protocol.reclip``): ``mode``,
-    ``short_side``, ``max_long_side``, and ``window`` / ``stride`` in slide mode; the
-    zero-shot family adds ``logit_scale``, and ``prob_thd`` / ``area_thd`` when the protocol
-    has a background class (both assign pixels to class 0); the ReCLIP family adds
-    ``pd_threshold``.
+    flags, API ``inference=`` dicts) become an :class:`InferenceConfig`: the family
+    reads its section of the protocol (``Family.section``, e.g. ``zero_shot`` or
+    ``reclip``) with its ``test_settings``.
 
     Args:
         method: a method name or Method.
-        protocol: a reclip.data.protocol.Protocol (anything with ``zero_shot`` / ``reclip``
-            settings and ``background``).
+        protocol: a reclip.data.protocol.Protocol (anything with the family's section
+            and ``background``).
         overrides: InferenceConfig fields; ``None`` values are ignored so CLI flags that
             were not given leave the protocol's value.
     Raises:
         ValueError: an override that is not an InferenceConfig field (lists the allowed
             ones), or settings InferenceConfig rejects.
     """
-    method = method if isinstance(method, Method) else get_method(method)
+    method = get_method(method)
     unknown = set(overrides) - _INFERENCE_KEYS
     if unknown:
         raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}")
-    settings = getattr(protocol, method.family)
-    values: dict[str, Any] = {
-        "mode": settings.mode,
-        "short_side": settings.short_side,
-        "max_long_side": settings.max_long_side,
-    }
-    if settings.mode == "slide":
-        values["window"], values["stride"] = settings.window, settings.stride
-    if method.family == "zero_shot":
-        values["logit_scale"] = settings.logit_scale
-        values["prob_thd"] = settings.prob_thd if protocol.background else None
-        values["area_thd"] = settings.area_thd if protocol.background else None
-    elif method.name == "reclip":
-        # The conference version's PD (official tools/test.py): its own threshold where the
-        # protocol has one (ReCLIP_PD), on softmax(100 * logits).
-        values["pd_threshold"] = settings.pd_threshold_v1 if settings.pd_threshold_v1 is not None \
-            else settings.pd_threshold
-        values["pd_scale"] = 100.0
-    else:
-        values["pd_threshold"] = settings.pd_threshold
+    family = get_family(method)
+    values = family.test_settings(method, getattr(protocol, family.section), protocol)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceConfig(**values)

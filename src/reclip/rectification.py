@@ -25,10 +25,24 @@ from reclip.data.protocol import Protocol, load_protocol
 from reclip.heads.rectify import PRESETS, Rectifier, RectifierConfig, rectification_loss
 from reclip.hypotheses import load_hypotheses
 from reclip.text import Vocabulary, query_embeddings
-from reclip.train import TrainConfig, TrainResult, load_run, save_run, train
+from reclip.train import (
+    PolySchedule,
+    RunFiles,
+    SGDConfig,
+    TrainConfig,
+    TrainResult,
+    describe,
+    load_run,
+    save_run,
+    steps_per_epoch,
+    train,
+)
+
+__all__ = ["QUERY_TEMPLATES", "load_rectifier", "rectifier_from_run", "rectify", "save_rectifier_run"]
 
 # The templates of W_q: ReCLIP/ReCLIP++ use the 85 (METHODS.md section 1).
 QUERY_TEMPLATES = "reclip85"
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps"}
 
 
 def rectify(
@@ -52,52 +66,46 @@ def rectify(
 ) -> TrainResult:
     """Train the rectifier of ``method`` ("reclip++" or "reclip") on unlabelled images.
 
+    The rectifier is built after the seed is set (``train_overrides["seed"]``, default 0),
+    so the same call gives the same run; SGD with the official momentum and weight decay
+    and a per-step poly schedule whose horizon is the protocol's ``poly_epochs``.
+
     Args:
         hypotheses: the file of ``reclip hypotheses`` for the same CLIP and class list.
         config: rectifier settings (default: the method's preset; ablations are fields).
-        max_steps: stop after this many steps (default: the official epochs).
-        train_overrides: TrainConfig fields replacing the preset's (batch_size, lr, ...).
-        base_short_side, crop: augmentation scale and crop (default: the dataset's preset).
+        max_steps: stop after this many steps (default: the preset's epochs).
+        train_overrides: ``lr`` and :class:`~reclip.train.TrainConfig` fields (batch_size,
+            seed, device, workers, checkpoint_every, ...) replacing the protocol's
+            ``rectify:`` preset and the defaults.
+        base_short_side, crop: augmentation scale and crop (default: the protocol's preset).
         resume: continue an interrupted run in ``run_dir`` exactly.
     """
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
+    overrides = dict(train_overrides or {})
+    unknown = sorted(set(overrides) - _TRAIN_FIELDS - {"lr"})
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False)
     vocabulary = images.vocabulary
     config = config or PRESETS[method]
     preset = protocol.rectify  # the protocol YAML's `rectify:` section
+    augment = {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop}
     hyp = load_hypotheses(hypotheses, vocabulary=vocabulary, clip=clip)
-    trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes,
-                                 base_short_side=base_short_side or preset.base_short_side,
-                                 crop=crop or preset.crop, seed=(train_overrides or {}).get("seed", 0),
+    trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes, **augment, seed=overrides.get("seed", 0),
                                  mean=clip.image_mean, std=clip.image_std)
-    spe = max(1, len(trainset) // preset.batch_size)
-    settings = {
-        "steps": max_steps or preset.epochs * spe,
-        "batch_size": preset.batch_size,
-        "lr": preset.lr,
-        "poly_horizon": preset.poly_epochs * spe,
-        **(train_overrides or {}),
-    }
-    train_config = TrainConfig(**settings)
+    batch_size = overrides.pop("batch_size", preset.batch_size)
+    spe = steps_per_epoch(len(trainset), batch_size)  # at the batch size actually used
+    optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr), schedule=PolySchedule(horizon=preset.poly_epochs * spe))
+    train_config = TrainConfig(steps=max_steps or preset.epochs * spe, batch_size=batch_size, **overrides)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
-    model = Rectifier(clip, queries, vocabulary.names, config)
-    result = train(model, _loss, trainset, train_config, run_dir, resume=resume, progress=progress)
-    save_run(run_dir, {
-        "method": method,
-        "rectifier": config.to_dict(),
-        "train": dataclasses.asdict(train_config),
-        "augment": {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop},
-        "preset": dataclasses.asdict(preset),
-        "protocol": protocol.name,
-        "split": split,
-        "hypotheses": str(hypotheses),
-        "clip": getattr(clip, "spec", None),
-        "clip_fingerprint": weights_fingerprint(clip),
-        "classes": vocabulary.to_lines(),
-        "query_templates": QUERY_TEMPLATES,
-        "train_images": len(trainset),
-        "skipped_images": dict(trainset.skipped),
-    }, model)
+    result = train(lambda: Rectifier(clip, queries, vocabulary.names, config), _loss, trainset, train_config, run_dir,
+                   optimizer=optimizer, resume=resume, progress=progress)
+    save_rectifier_run(
+        run_dir, result.model, method, clip, vocabulary,
+        train=dataclasses.asdict(train_config), optimizer=describe(optimizer), augment=augment,
+        preset=dataclasses.asdict(preset), protocol=protocol.name, split=split, hypotheses=str(hypotheses),
+        train_images=len(trainset), skipped_images=dict(trainset.skipped),
+    )
     return result
 
 
@@ -108,28 +116,48 @@ def _loss(model: Rectifier, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[s
     return loss, {"loss": loss.detach()}
 
 
-def load_rectifier(run_dir: str | os.PathLike, clip: CLIP, vocabulary: Vocabulary | None = None,
-                   text_cache: Any = None) -> Rectifier:
-    """The trained rectifier of ``run_dir`` on ``clip``, in eval mode (a segmentor).
+def save_rectifier_run(run_dir: str | os.PathLike, model: Rectifier, method: str, clip: CLIP,
+                       vocabulary: Vocabulary, **extra: Any) -> None:
+    """RUN_DIR/config.json (what loading needs: method, rectifier settings, CLIP spec and
+    fingerprint, classes, query templates; plus ``extra``) and RUN_DIR/model.safetensors."""
+    save_run(run_dir, {
+        "method": method,
+        "rectifier": model.config.to_dict(),
+        "clip": getattr(clip, "spec", None),
+        "clip_fingerprint": weights_fingerprint(clip),
+        "classes": vocabulary.to_lines(),
+        "query_templates": QUERY_TEMPLATES,
+        **extra,
+    }, model)
+
+
+def rectifier_from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None = None,
+                       text_cache: Any = None) -> Rectifier:
+    """The trained rectifier of a finished run (``reclip.train.load_run``) on ``clip``, in eval mode.
 
     Refuses another CLIP (weights fingerprint) or another class list than the run's,
     naming both; ``vocabulary`` None means the run's own.
     """
-    run = load_run(run_dir)
     saved = run.config
     if saved.get("clip_fingerprint") != weights_fingerprint(clip):
         raise ValueError(
-            f"{run_dir} was trained on CLIP {saved.get('clip')!r} (fingerprint {saved.get('clip_fingerprint')}); "
+            f"{run.run_dir} was trained on CLIP {saved.get('clip')!r} (fingerprint {saved.get('clip_fingerprint')}); "
             f"the loaded CLIP {getattr(clip, 'spec', None)!r} has fingerprint {weights_fingerprint(clip)}: "
             "pass the same --clip as for training"
         )
     trained = Vocabulary.from_names(saved["classes"])
     if vocabulary is not None and vocabulary != trained:
         raise ValueError(
-            f"{run_dir} was trained for the classes {list(trained.names)}, not {list(vocabulary.names)}: "
+            f"{run.run_dir} was trained for the classes {list(trained.names)}, not {list(vocabulary.names)}: "
             "a rectifier's Reference prompt and decoder are per class; train one for this class list"
         )
     queries = query_embeddings(clip, trained, saved.get("query_templates", QUERY_TEMPLATES), cache_dir=text_cache)
     model = Rectifier(clip, queries, trained.names, RectifierConfig.from_dict(saved["rectifier"]))
-    load_run(run_dir, model)
+    model.load_trainable_state_dict(run.state_dict)
     return model.to(next(clip.parameters()).device).eval()
+
+
+def load_rectifier(run_dir: str | os.PathLike, clip: CLIP, vocabulary: Vocabulary | None = None,
+                   text_cache: Any = None) -> Rectifier:
+    """The trained rectifier of ``run_dir`` (see :func:`rectifier_from_run`)."""
+    return rectifier_from_run(load_run(run_dir), clip, vocabulary, text_cache)

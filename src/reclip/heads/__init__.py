@@ -1,6 +1,12 @@
-"""Heads: map dense CLIP features to class logits (B, C, h, w)."""
+"""Heads: map dense features Z (B, D, h, w) to logits (B, C, h, w); segmentors that use them.
 
-from reclip.heads.rectify import PRESETS, Rectifier, RectifierConfig
-from reclip.heads.zero_shot import ZeroShotSegmentor
+- :mod:`~reclip.heads.zero_shot`: cosines with text queries (the training-free family);
+- :mod:`~reclip.heads.rectify`: ReCLIP++'s rectification head, made of
+  :mod:`~reclip.heads.reference` (Reference prompt), :mod:`~reclip.heads.bias` (bias
+  logits), :mod:`~reclip.heads.decoder` (mask decoder) and :mod:`~reclip.heads.losses`.
+"""
 
-__all__ = ["PRESETS", "Rectifier", "RectifierConfig", "ZeroShotSegmentor"]
+from reclip.heads.rectify import PRESETS, Rectifier, RectifierConfig, RectifierHead
+from reclip.heads.zero_shot import QueryHead, ZeroShotSegmentor
+
+__all__ = ["PRESETS", "QueryHead", "Rectifier", "RectifierConfig", "RectifierHead", "ZeroShotSegmentor"]

@@ -1,30 +1,28 @@
 """ReCLIP++ rectification head (paper section III-B..III-D) and the ReCLIP conference variant.
 
-Per image, on CLIP's dense feature grid (h, w) with n = h * w patches:
+Per image, on the dense feature grid (h, w) with n = h * w cells:
 
-- Z (B, D, h, w): dense CLIP features, L2-normalised per patch (MaskCLIP value path by
-  default, any :mod:`reclip.features` strategy by choice), computed under ``no_grad``
-  while CLIP is frozen;
+- Z (B, D, h, w): dense features, L2-normalised per cell: CLIP's with a last-block
+  strategy (:class:`reclip.backbones.DenseCLIP`; MaskCLIP's value path by default),
+  computed under ``no_grad`` while CLIP is frozen;
 - query logits M_q = Z W_q^T (raw cosines; W_q the fixed template-ensemble queries);
-- bias logits M_b (eq. 2) = W_p W_r^T: W_r (C, D) from the learnable Reference prompt
-  (:class:`reclip.heads.reference.ReferencePrompt`), W_p (n, D) = Conv1x1(width -> D,
-  bias) on the interpolated, CLS-free positional embedding ("independent", ReCLIP++);
-  or M_b = Z W_r^T + ProjNet(PE) ("dependent", the ReCLIP conference version);
+- bias logits M_b (eq. 2) = W_p W_r^T (:class:`reclip.heads.bias.PositionalBias`; W_r
+  from the learnable Reference prompt, :class:`reclip.heads.reference.ReferencePrompt`),
+  or ReCLIP's M_b = Z W_r^T + ProjNet(PE) (:class:`reclip.heads.bias.DependentBias`);
 - rectified logits M = M_q - M_b (eq. 3; Table V: "add" as an ablation);
-- decoded logits M_o = BN(Conv5x5(concat(Z, M))) (eq. 4), or M_o = M without decoder;
-- training: hard Gumbel-softmax masks on M_o (eq. 5, :func:`gumbel_masks`) and the
-  contrastive loss of eq. 7 (:func:`contrastive_loss`) over each image's hypotheses.
+- decoded logits M_o = BN(Conv5x5(concat(Z, M))) (eq. 4, :class:`reclip.heads.decoder.MaskDecoder`),
+  or M_o = M without decoder;
+- training: hard Gumbel-softmax masks on M_o (eq. 5) and the contrastive loss of eq. 7
+  over each image's hypotheses (:mod:`reclip.heads.losses`, :func:`rectification_loss`).
+
+The parts are separate modules held by one :class:`RectifierHead` (Z -> the logits above),
+so a student (paper III-E) can inherit the query, bias and decoder frozen and run them on
+its own features; :class:`Rectifier` is CLIP's dense backbone + that head
+(:class:`reclip.segmentor.DenseSegmentor`). :func:`build_rectifier_head` turns a
+:class:`RectifierConfig` into the parts.
 
 Official code facts (dogehhh/ReCLIP ``model/model.py``, classes ``RECLIPPP`` and
-``ReCLIP``): ``pe_proj = nn.Conv2d(768, 512, 1)`` (default init); ``decoder_conv2 =
-nn.Conv2d(512 + C, C, 5, padding=2)`` kaiming-normal fan_out, ``decoder_norm2`` BN weight 1
-bias 0; ``gumbel_softmax(100 * M_o, tau=1, hard=True)`` (ReCLIP: ``1000 * M``); masked
-features pooled with ``AdaptiveAvgPool2d(1)`` (sum / n, no re-normalisation) and scored
-with ``exp(logit_scale) * pooled @ W_q^T`` (100 for released CLIPs); cross-entropy over
-the hypothesis classes of each image, summed over images and divided by the batch size.
-ReCLIP's ProjNet: three Conv3x3 + BN + ReLU layers 768 -> 512 -> 256 -> C (read here as
-width -> D -> D / 2 -> C so that nothing assumes ViT-B/16), applied to the positional
-embedding and added to Z W_r^T.
+``ReCLIP``) are cited in the part that implements them.
 """
 
 from __future__ import annotations
@@ -39,31 +37,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reclip.backbones.clip import DenseCLIP
 from reclip.clip.model import CLIP
-from reclip.features import LastBlock, dense_features_with_grid, get_strategy
-from reclip.heads.reference import REFERENCE_INITS, REFERENCE_NORMS, ReferencePrompt
+from reclip.features import LastBlock, get_strategy
+from reclip.heads.bias import DependentBias, PositionalBias
+from reclip.heads.decoder import MaskDecoder
+from reclip.heads.losses import POOLS, contrastive_loss, gumbel_masks
+from reclip.heads.reference import NAME_TOKENS, REFERENCE_INITS, REFERENCE_NORMS, ReferencePrompt
+from reclip.segmentor import DenseSegmentor
 from reclip.text import QueryEmbeddings
 
 __all__ = [
     "ABLATIONS",
     "BIAS_MODES",
     "BIAS_OPS",
-    "POOLS",
     "PRESETS",
     "RECLIP",
     "RECLIPPP",
     "Rectifier",
     "RectifierConfig",
+    "RectifierHead",
     "RectifierOutputs",
+    "build_rectifier_head",
     "class_query_weights",
-    "contrastive_loss",
-    "gumbel_masks",
     "rectification_loss",
 ]
 
 BIAS_OPS = ("subtract", "add")
 BIAS_MODES = ("independent", "dependent")
-POOLS = ("official", "mask_area", "cosine")
 HYPOTHESIS_RULES = ("windows", "any_vote", "whole_image")  # reclip.hypotheses.HypothesisConfig.rule
 
 
@@ -97,6 +98,10 @@ class RectifierConfig:
         reference_length: L context vectors; None = context_length - 4 (73 for 77).
         reference_norm: "frobenius" (official) or "row".
         reference_init: "token0" (official) or "normal" (CoOp).
+        reference_name_tokens: how a class name longer than the Reference's slots is
+            cut: "keep_eot" (default: EOT kept) or "official" (dogehhh/ReCLIP's exact
+            layout, EOT lost, read at the largest-id token; for reproducing published
+            numbers), see :mod:`reclip.heads.reference`.
         hypothesis_rule: the hypothesis rule this configuration was published with
             (read by the pipeline, not by the head): "windows" (paper eq. 6),
             "any_vote" (official code), "whole_image" (ReCLIP).
@@ -117,6 +122,7 @@ class RectifierConfig:
     reference_length: int | None = None
     reference_norm: str = "frobenius"
     reference_init: str = "token0"
+    reference_name_tokens: str = "keep_eot"
     hypothesis_rule: str = "windows"
     features_autocast: bool = True
 
@@ -124,7 +130,8 @@ class RectifierConfig:
         get_strategy(self.strategy)  # raises listing the strategies
         choices = {
             "bias_op": BIAS_OPS, "bias_mode": BIAS_MODES, "pool": POOLS, "reference_norm": REFERENCE_NORMS,
-            "reference_init": REFERENCE_INITS, "hypothesis_rule": HYPOTHESIS_RULES,
+            "reference_init": REFERENCE_INITS, "reference_name_tokens": NAME_TOKENS,
+            "hypothesis_rule": HYPOTHESIS_RULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -173,7 +180,7 @@ ABLATIONS: dict[str, RectifierConfig] = {
 }
 
 
-# -- pure functions ---------------------------------------------------------------------
+# -- the head ---------------------------------------------------------------------------
 
 
 def class_query_weights(queries: QueryEmbeddings) -> Tensor:
@@ -191,85 +198,8 @@ def class_query_weights(queries: QueryEmbeddings) -> Tensor:
     return F.normalize(sums, dim=-1)
 
 
-def gumbel_masks(
-    logits: Tensor, tau: float = 1.0, scale: float = 100.0, generator: torch.Generator | None = None
-) -> Tensor:
-    """Hard Gumbel-softmax over classes with a straight-through gradient (eq. 5).
-
-    Official: ``F.gumbel_softmax(100 * M_o, tau=1, hard=True)`` over the class axis; with
-    ``generator=None`` this draws the same noise as ``F.gumbel_softmax`` would from the
-    global RNG (same sampling call), so the two agree for the same seed.
-
-    Args:
-        logits: (B, C, h, w).
-        tau: temperature tau_1.
-        scale: factor applied to the logits first.
-        generator: optional RNG for reproducible noise.
-
-    Returns:
-        (B, C, h, w) one-hot over C in the forward pass; gradients of the soft sample.
-    """
-    scaled = logits * scale
-    # Gumbel(0, 1) noise exactly as F.gumbel_softmax draws it
-    noise = torch.empty_like(scaled, memory_format=torch.legacy_contiguous_format).exponential_(generator=generator)
-    noise = -noise.log()
-    soft = ((scaled + noise) / tau).softmax(dim=1)
-    hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
-    return hard - soft.detach() + soft
-
-
-def contrastive_loss(
-    features: Tensor,
-    masks: Tensor,
-    query_weights: Tensor,
-    hypotheses: Tensor,
-    scale: float = 100.0,
-    pool: str = "official",
-) -> Tensor:
-    """The contrastive loss of eq. 7 on masked, pooled features.
-
-    For image b and class k in its hypotheses H_b: Z_g[b, k] = pool(Z_b * mask_b[k]),
-    S[b, k, j] = scale * <Z_g[b, k], W_q[j]>, loss_b = mean over k in H_b of
-    CE(S[b, k, :], k). Loss = sum_b loss_b / B: an image without hypotheses adds 0 but
-    still counts in B (official ``loss / batch_size``).
-
-    Args:
-        features: Z (B, D, h, w).
-        masks: (B, C, h, w), one-hot over C (e.g. :func:`gumbel_masks`).
-        query_weights: W_q (C, D).
-        hypotheses: (B, C) bool, the classes each image may contain.
-        scale: 1 / tau (official ``exp(logit_scale)`` = 100).
-        pool: "official" (sum / n, the official AdaptiveAvgPool2d), "mask_area"
-            (sum / mask area) or "cosine" (cosine of the masked mean with W_q).
-
-    Returns:
-        Scalar loss.
-    """
-    if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}; available: {list(POOLS)}")
-    B, C = masks.shape[:2]
-    if hypotheses.shape != (B, C):
-        raise ValueError(f"hypotheses must be (B, C) = {(B, C)}, got {tuple(hypotheses.shape)}")
-    n = features.shape[-2] * features.shape[-1]
-    pooled = torch.einsum("bdhw,bchw->bcd", features, masks)  # (B, C, D) masked sums
-    if pool == "official":
-        pooled = pooled / n
-    elif pool == "mask_area":
-        pooled = pooled / masks.sum(dim=(2, 3)).clamp(min=1.0)[..., None]
-    else:
-        pooled = F.normalize(pooled, dim=-1)
-    logits = scale * pooled @ query_weights.t()  # (B, C, C): row k scores class k's region
-    ce = -logits.log_softmax(dim=-1).diagonal(dim1=1, dim2=2)  # (B, C): -log p(k | region k)
-    weights = hypotheses.to(ce.dtype)
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over H_b
-    return (ce * weights).sum() / B
-
-
-# -- the head ---------------------------------------------------------------------------
-
-
 class RectifierOutputs(NamedTuple):
-    """Everything :meth:`Rectifier.forward_train` computes, on the feature grid (h, w).
+    """Everything :meth:`RectifierHead.outputs` computes, on the feature grid (h, w).
 
     features: Z (B, D, h, w); query_logits: M_q (B, C, h, w); bias_logits: M_b
     (B, C, h, w); rectified: M (B, C, h, w); decoded: M_o (B, C, h, w) (= M without
@@ -283,22 +213,131 @@ class RectifierOutputs(NamedTuple):
     decoded: Tensor
 
 
-def _proj_net(in_channels: int, embed_dim: int, num_classes: int) -> nn.Sequential:
-    """ReCLIP's ProjNet: three Conv3x3 + BN + ReLU, width -> D -> D/2 -> C (official 768 -> 512 -> 256 -> C)."""
-    widths = (in_channels, embed_dim, embed_dim // 2, num_classes)
-    layers: list[nn.Module] = []
-    for cin, cout in zip(widths[:-1], widths[1:]):
-        conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
-        nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_out", nonlinearity="relu")
-        layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]  # BN weight 1, bias 0 by default
-    return nn.Sequential(*layers)
-
-
-class Rectifier(nn.Module):
-    """ReCLIP++ rectification head over a frozen CLIP.
+class RectifierHead(nn.Module):
+    """Z (B, D, h, w) -> M_o (B, C, h, w) through M_q, M_b and M (module docstring).
 
     Args:
-        clip: a CLIP with a ViT image tower; registered as ``self.clip`` and frozen
+        query_weights: W_q (C, D), unit rows (:func:`class_query_weights`).
+        reference: the Reference prompt (W_r = ``reference()``).
+        bias: :class:`~reclip.heads.bias.PositionalBias` or :class:`~reclip.heads.bias.DependentBias`.
+        decoder: the mask decoder, or None (M_o = M).
+        learnable_query: W_q becomes a parameter ``query`` initialised from ``query_weights``
+            (Table IV; rows re-normalised at use).
+        bias_op: "subtract" (eq. 3) or "add" (Table V).
+
+    The head always runs in float32, whatever the autocast state (cosines, BN).
+    """
+
+    def __init__(
+        self,
+        query_weights: Tensor,
+        reference: ReferencePrompt,
+        bias: nn.Module,
+        decoder: MaskDecoder | None = None,
+        *,
+        learnable_query: bool = False,
+        bias_op: str = "subtract",
+    ) -> None:
+        super().__init__()
+        if bias_op not in BIAS_OPS:
+            raise ValueError(f"bias_op={bias_op!r}; allowed: {list(BIAS_OPS)}")
+        w_q = query_weights.detach().float()
+        # Derived from CLIP + templates, recomputed at load time: not saved.
+        self.register_buffer("fixed_query", w_q.clone(), persistent=False)
+        self.query = nn.Parameter(w_q.clone()) if learnable_query else None
+        self.reference = reference
+        self.bias = bias
+        self.decoder = decoder
+        self.bias_op = bias_op
+
+    @property
+    def num_classes(self) -> int:
+        return self.fixed_query.shape[0]
+
+    @property
+    def query_weights(self) -> Tensor:
+        """W_q (C, D) unit rows: fixed, or the learnable query re-normalised."""
+        if self.query is None:
+            return self.fixed_query
+        return F.normalize(self.query, dim=-1)
+
+    def outputs(self, features: Tensor) -> RectifierOutputs:
+        """Z (B, D, h, w) -> :class:`RectifierOutputs` (float32)."""
+        z = features.float()
+        with torch.autocast(z.device.type, enabled=False):
+            m_q = torch.einsum("bdhw,cd->bchw", z, self.query_weights)  # (B, C, h, w)
+            m_b = self.bias(z, self.reference())  # (B, C, h, w)
+            m = m_q - m_b if self.bias_op == "subtract" else m_q + m_b
+            m_o = self.decoder(z, m) if self.decoder is not None else m
+        return RectifierOutputs(z, m_q, m_b, m, m_o)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Z (B, D, h, w) -> decoded logits M_o (B, C, h, w), float32."""
+        return self.outputs(features).decoded
+
+
+def build_rectifier_head(
+    clip: CLIP, queries: QueryEmbeddings, class_names: Sequence[str], config: RectifierConfig
+) -> RectifierHead:
+    """The parts of ``config`` for ``clip`` and the classes of ``queries`` / ``class_names``.
+
+    W_q: one row per class (:func:`class_query_weights`); W_r: a Reference prompt on
+    CLIP's text tower; the bias on CLIP's positional embedding. CLIP is held by the
+    parts, not registered (the caller registers it once).
+    """
+    visual = clip.visual
+    embed_dim = visual.output_dim
+    if queries.embed_dim != embed_dim:
+        raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {embed_dim}")
+    C = queries.num_classes
+    if len(class_names) != C:
+        raise ValueError(f"{len(class_names)} class names for {C} query classes; give one name per class")
+    reference = ReferencePrompt(
+        clip, class_names, length=config.reference_length, init=config.reference_init, norm=config.reference_norm,
+        name_tokens=config.reference_name_tokens,
+    )
+    if config.bias_mode == "independent":
+        bias: nn.Module = PositionalBias(visual, embed_dim)
+    else:
+        bias = DependentBias(visual, embed_dim, C)
+    decoder = MaskDecoder(embed_dim, C) if config.decoder else None
+    return RectifierHead(class_query_weights(queries), reference, bias, decoder,
+                         learnable_query=config.learnable_query, bias_op=config.bias_op)
+
+
+# -- the segmentor ----------------------------------------------------------------------
+
+# Parameter names of runs saved before the rectifier was split into parts (flat names).
+_LEGACY_PREFIXES = (
+    ("reference.", "head.reference."),
+    ("pe_proj.", "head.bias.pe_proj."),
+    ("proj_net.", "head.bias.proj_net."),
+    ("decoder_conv.", "head.decoder.conv."),
+    ("decoder_norm.", "head.decoder.norm."),
+    ("clip.visual.", "backbone.clip.visual."),
+)
+
+
+def _upgrade_legacy_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state saved with the flat names (``pe_proj.weight``, ...) under today's names."""
+    if any(k.startswith(("head.", "backbone.")) for k in state):
+        return state
+    upgraded = {}
+    for key, value in state.items():
+        key = "head.query" if key == "query" else key
+        for old, new in _LEGACY_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        upgraded[key] = value
+    return upgraded
+
+
+class Rectifier(DenseSegmentor):
+    """ReCLIP++ rectification over a frozen CLIP: :class:`~reclip.backbones.DenseCLIP` -> :class:`RectifierHead`.
+
+    Args:
+        clip: a CLIP with a ViT image tower; registered once (``backbone.clip``) and frozen
             (``requires_grad`` False, kept in eval mode) unless
             ``config.finetune_image_encoder`` trains its image tower.
         queries: W_q, :func:`reclip.text.query_embeddings` of the vocabulary; classes with
@@ -306,16 +345,14 @@ class Rectifier(nn.Module):
         class_names: one name per class (C,), the Reference prompt's [CLS] words.
         config: switches and hyper-parameters (:data:`RECLIPPP` by default).
 
-    Trainable parameters: ``reference.context`` (L, text width); ``pe_proj``
-    Conv1x1(visual width -> D) ("independent") or ``proj_net`` ("dependent");
-    ``decoder_conv`` Conv5x5(D + C -> C) and ``decoder_norm`` BN(C) (with decoder);
-    ``query`` (C, D) (learnable query).
+    Trainable parameters (``trainable_state_dict``): ``head.reference.context`` (L, text
+    width); ``head.bias.pe_proj`` Conv1x1(visual width -> D) ("independent") or
+    ``head.bias.proj_net`` ("dependent"); ``head.decoder.conv`` Conv5x5(D + C -> C) and
+    ``head.decoder.norm`` BN(C) (with decoder); ``head.query`` (C, D) (learnable query).
 
     ``forward(images)`` is the segmentor interface: images (B, 3, H, W) normalised ->
-    logits M_o (B, C, h', w'), one channel per class (no ``class_index``). Like the
-    zero-shot head, the logits cover exactly the input: the patch grid when H and W are
-    multiples of the patch, else upsampled (bilinear) to the padded size and cropped to
-    (H, W). ``forward_train`` returns every intermediate on the grid.
+    logits M_o (B, C, h', w') covering the input, one channel per class (no
+    ``class_index``). ``forward_train`` returns every intermediate on the grid.
     """
 
     def __init__(
@@ -325,49 +362,32 @@ class Rectifier(nn.Module):
         class_names: Sequence[str],
         config: RectifierConfig = RECLIPPP,
     ) -> None:
-        super().__init__()
-        visual = clip.visual
-        embed_dim = visual.output_dim
-        if queries.embed_dim != embed_dim:
-            raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {embed_dim}")
-        if len(class_names) != queries.num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names for {queries.num_classes} query classes; give one name per class"
-            )
+        head = build_rectifier_head(clip, queries, class_names, config)
+        super().__init__(DenseCLIP(clip, get_strategy(config.strategy)), head)
         self.config = config
-        self.num_classes = queries.num_classes
-        self.strategy = get_strategy(config.strategy)
-
-        self.clip = clip
         for p in clip.parameters():
             p.requires_grad_(False)
         if config.finetune_image_encoder:
-            for p in visual.parameters():
-                p.requires_grad_(True)
+            clip.visual.requires_grad_(True)
         clip.eval()
-
-        C = self.num_classes
-        w_q = class_query_weights(queries).to(clip.token_embedding.weight.device)  # (C, D)
-        # Derived from CLIP + templates, recomputed at load time: not saved.
-        self.register_buffer("fixed_query", w_q, persistent=False)
-        self.query = nn.Parameter(w_q.clone()) if config.learnable_query else None
-        self.reference = ReferencePrompt(
-            clip, class_names, length=config.reference_length, init=config.reference_init, norm=config.reference_norm,
-        )
-        if config.bias_mode == "independent":
-            # official RECLIPPP.pe_proj = nn.Conv2d(768, 512, kernel_size=1): default init, bias.
-            self.pe_proj = nn.Conv2d(visual.width, embed_dim, kernel_size=1)
-            self.proj_net = None
-        else:
-            self.pe_proj = None
-            self.proj_net = _proj_net(visual.width, embed_dim, C)
-        if config.decoder:
-            self.decoder_conv = nn.Conv2d(embed_dim + C, C, kernel_size=5, padding=2)
-            nn.init.kaiming_normal_(self.decoder_conv.weight, a=0, mode="fan_out", nonlinearity="relu")
-            self.decoder_norm = nn.BatchNorm2d(C)  # weight 1, bias 0 (official constant_ init)
-        else:
-            self.decoder_conv = self.decoder_norm = None
         self.to(clip.token_embedding.weight.device)
+
+    @property
+    def clip(self) -> CLIP:
+        return self.backbone.clip
+
+    @property
+    def strategy(self) -> LastBlock:
+        return self.backbone.strategy
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    @property
+    def query_weights(self) -> Tensor:
+        """W_q (C, D) as the head uses it."""
+        return self.head.query_weights
 
     # -- state ------------------------------------------------------------------------
 
@@ -378,17 +398,19 @@ class Rectifier(nn.Module):
         return self
 
     def _is_trainable_key(self, key: str) -> bool:
-        if not key.startswith("clip."):
+        if not key.startswith("backbone."):
             return True
-        return self.config.finetune_image_encoder and key.startswith("clip.visual.")
+        return self.config.finetune_image_encoder and key.startswith("backbone.clip.visual.")
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The rectifier's own parameters and BN buffers, never CLIP's (except its image
-        tower under ``finetune_image_encoder``). Detached tensors, as ``state_dict``."""
+        """The head's parameters and BN buffers, never CLIP's (except its image tower under
+        ``finetune_image_encoder``). Detached tensors, as ``state_dict``."""
         return {k: v for k, v in self.state_dict().items() if self._is_trainable_key(k)}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` saved; missing or extra keys raise."""
+        """Load what :meth:`trainable_state_dict` saved (also under the names of older runs);
+        missing or extra keys raise."""
+        state = _upgrade_legacy_keys(dict(state))
         expected = set(self.trainable_state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -398,14 +420,7 @@ class Rectifier(nn.Module):
             )
         self.load_state_dict(state, strict=False)
 
-    # -- building blocks ----------------------------------------------------------------
-
-    @property
-    def query_weights(self) -> Tensor:
-        """W_q (C, D) unit rows: fixed, or the learnable query re-normalised."""
-        if self.query is None:
-            return self.fixed_query
-        return F.normalize(self.query, dim=-1)
+    # -- forward ----------------------------------------------------------------------
 
     def features(self, images: Tensor) -> Tensor:
         """Z: images (B, 3, H, W) normalised -> (B, D, h, w) float32 unit rows.
@@ -414,50 +429,13 @@ class Rectifier(nn.Module):
         """
         grad = contextlib.nullcontext() if self.config.finetune_image_encoder else torch.no_grad()
         use_bf16 = images.is_cuda and self.config.features_autocast
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
-        with grad, autocast:
-            z = dense_features_with_grid(self.clip, images, self.strategy).features
+        with grad, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            z = self.backbone(images)
         return z.float()
-
-    def positional_embedding(self, h: int, w: int) -> Tensor:
-        """CLIP's CLS-free positional embedding resized to (h, w): (1, width, h, w) float32."""
-        grad = contextlib.nullcontext() if self.config.finetune_image_encoder else torch.no_grad()
-        with grad:
-            pe = self.clip.visual.grid_positional_embedding(h, w).float()  # (h * w, width)
-        return pe.t().reshape(1, -1, h, w)
-
-    def bias_logits(self, features: Tensor, reference: Tensor) -> Tensor:
-        """M_b (B, C, h, w) from Z (B, D, h, w) and W_r (C, D) (eq. 2, or ReCLIP's dependent bias)."""
-        B, _, h, w = features.shape
-        pe = self.positional_embedding(h, w)  # (1, width, h, w)
-        if self.pe_proj is not None:
-            w_p = self.pe_proj(pe)  # (1, D, h, w)
-            return torch.einsum("odhw,cd->ochw", w_p, reference).expand(B, -1, -1, -1)
-        # ReCLIP: class bias from image features + ProjNet(PE) (BN over the h*w positions of one PE).
-        return torch.einsum("bdhw,cd->bchw", features, reference) + self.proj_net(pe)
 
     def forward_train(self, images: Tensor) -> RectifierOutputs:
         """images (B, 3, H, W) normalised -> :class:`RectifierOutputs` on the feature grid."""
-        z = self.features(images)  # (B, D, h, w)
-        with torch.autocast(z.device.type, enabled=False):  # the head in float32 (cosines, BN)
-            m_q = torch.einsum("bdhw,cd->bchw", z, self.query_weights)  # (B, C, h, w)
-            m_b = self.bias_logits(z, self.reference())  # (B, C, h, w)
-            m = m_q - m_b if self.config.bias_op == "subtract" else m_q + m_b
-            if self.decoder_conv is not None:
-                m_o = self.decoder_norm(self.decoder_conv(torch.cat([z, m], dim=1)))
-            else:
-                m_o = m
-        return RectifierOutputs(z, m_q, m_b, m, m_o)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Segmentor interface: images (B, 3, H, W) -> logits M_o (B, C, h', w') float32 (class docstring)."""
-        H, W = images.shape[-2:]
-        logits = self.forward_train(images).decoded  # (B, C, h, w)
-        h, w = logits.shape[-2:]
-        p = self.clip.visual.patch_size
-        if (h * p, w * p) != (H, W):
-            logits = F.interpolate(logits, size=(h * p, w * p), mode="bilinear", align_corners=False)[..., :H, :W]
-        return logits
+        return self.head.outputs(self.features(images))
 
 
 def rectification_loss(

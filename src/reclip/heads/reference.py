@@ -9,10 +9,13 @@ Token layout (dogehhh/ReCLIP ``TextEncoder.forward`` + ``prepare_dataset_cls_tok
     [SOT] [v_1 ... v_L] [name_1 ... name_m] [EOT]      1 + L + m + 1 <= context_length
 
 The official code keeps the first 3 BPE tokens after SOT of ``clip.tokenize(name)``
-(``[0][1:4]``): a name of 3 or more tokens loses its EOT, and the embedding is then read
-at the position of the name token with the largest id (``argmax``). Here the name is cut
-to the slots left (``context_length - 2 - L``, 2 for the default L = 73) and EOT is always
-kept; the cut classes are named in one warning.
+(``[0][1:4]``, dogehhh/ReCLIP ``prepare_dataset_cls_tokens``) and reads the embedding at
+``74 + argmax`` of those 3 ids (``TextEncoder.forward``): a name of 3 or more tokens loses
+its EOT and is read at its name token with the largest id (for "pottedplant", the middle
+one). By default (``name_tokens="keep_eot"``) the name is cut to the slots left
+(``context_length - 2 - L``, 2 for the default L = 73) and EOT is always kept;
+``name_tokens="official"`` reproduces the official layout exactly, for reproducing the
+published numbers. Either way the names that lose tokens are named in one warning.
 
 Efficient encoding. The text transformer is causal, so the (1 + L)-token prefix
 ``[SOT; context]`` is the same for every class and no prefix token ever sees a name.
@@ -38,10 +41,11 @@ from torch import Tensor, nn
 from reclip.clip.model import CLIP, ResidualAttentionBlock
 from reclip.clip.tokenizer import EOT, SOT, get_tokenizer
 
-__all__ = ["REFERENCE_INITS", "REFERENCE_NORMS", "ReferencePrompt", "default_reference_length"]
+__all__ = ["NAME_TOKENS", "REFERENCE_INITS", "REFERENCE_NORMS", "ReferencePrompt", "default_reference_length"]
 
 REFERENCE_INITS = ("token0", "normal")
 REFERENCE_NORMS = ("frobenius", "row")
+NAME_TOKENS = ("keep_eot", "official")
 
 # Token id 0 ("!"): dogehhh/ReCLIP TextEncoder initialises every context vector to its
 # embedding (``token_embedding(torch.zeros((1, 73)))``).
@@ -111,11 +115,16 @@ class ReferencePrompt(nn.Module):
         norm: "frobenius" (official ``prompt / prompt.norm()``: W_r divided by the
             Frobenius norm of the whole (C, D) matrix) or "row" (each row unit length;
             METHODS.md reports it collapses VOC mIoU).
+        name_tokens: how a name longer than its slots is cut: "keep_eot" (the first
+            tokens that fit, then EOT, read at EOT) or "official" (the first
+            ``context_length - 1 - L`` tokens of ``[name, EOT, 0 ...]``, read at the
+            largest id among them, as dogehhh/ReCLIP; see the module docstring).
 
     Attributes:
         context: (L, width) learnable word embeddings, float32.
         suffix_tokens: (C, S) int64 buffer, ``[name ids; EOT; 0 padding]`` per class.
-        eot_index: (C,) int64 buffer, position of EOT inside each suffix.
+        eot_index: (C,) int64 buffer, the position read inside each suffix (EOT's; with
+            ``name_tokens="official"`` the largest id's, which is EOT's unless it was cut).
         truncated: the class names whose tokens were cut to fit (empty if none).
     """
 
@@ -126,6 +135,7 @@ class ReferencePrompt(nn.Module):
         length: int | None = None,
         init: Literal["token0", "normal"] = "token0",
         norm: Literal["frobenius", "row"] = "frobenius",
+        name_tokens: Literal["keep_eot", "official"] = "keep_eot",
     ) -> None:
         super().__init__()
         if isinstance(class_names, str) or not class_names:
@@ -134,6 +144,8 @@ class ReferencePrompt(nn.Module):
             raise ValueError(f"unknown reference init {init!r}; available: {list(REFERENCE_INITS)}")
         if norm not in REFERENCE_NORMS:
             raise ValueError(f"unknown reference norm {norm!r}; available: {list(REFERENCE_NORMS)}")
+        if name_tokens not in NAME_TOKENS:
+            raise ValueError(f"unknown name_tokens {name_tokens!r}; available: {list(NAME_TOKENS)}")
         context_length = clip.context_length
         length = default_reference_length(context_length) if length is None else int(length)
         slots = context_length - 1 - length - 1  # name tokens that fit between context and EOT
@@ -145,10 +157,11 @@ class ReferencePrompt(nn.Module):
         self.__dict__["clip"] = clip  # unregistered on purpose, see the docstring
         self.length = length
         self.norm = norm
+        self.name_tokens = name_tokens
         self.class_names = tuple(class_names)
 
         tokenizer = get_tokenizer()
-        suffixes: list[list[int]] = []
+        suffixes: list[list[int]] = []  # each ends at the token that is read
         truncated: list[str] = []
         for name in self.class_names:
             ids = tokenizer.encode(name)
@@ -156,18 +169,23 @@ class ReferencePrompt(nn.Module):
                 raise ValueError(f"class name {name!r} has no tokens; give it a word")
             if len(ids) > slots:
                 truncated.append(name)
-                ids = ids[:slots]
-            suffixes.append([*ids, EOT])
+            if name_tokens == "keep_eot":
+                suffixes.append([*ids[:slots], EOT])
+            else:  # official: the first slots + 1 ids of [name, EOT, 0, ...], read at their largest id
+                window = [*ids, EOT][: slots + 1]
+                suffixes.append(window[: window.index(max(window)) + 1])
         self.truncated = tuple(truncated)
         if truncated:
-            kept = {n: tokenizer.decode(tokenizer.encode(n)[:slots]) for n in truncated}
+            cut = "EOT kept" if name_tokens == "keep_eot" else "EOT lost, read at the largest-id token, as official"
+            kept = {n: tokenizer.decode(s[:-1] if s[-1] == EOT else s) for n, s in zip(self.class_names, suffixes)
+                    if n in truncated}
             warnings.warn(
                 f"{len(truncated)} class name(s) longer than the {slots} token slot(s) left by a reference "
-                f"length of {length} were cut (EOT kept): {kept}; shorten them or lower the reference length",
+                f"length of {length} were cut ({cut}): {kept}; shorten them or lower the reference length",
                 stacklevel=2,
             )
         S = max(len(s) for s in suffixes)
-        suffix_tokens = torch.zeros(len(suffixes), S, dtype=torch.long)  # 0 padding after EOT (causally unseen)
+        suffix_tokens = torch.zeros(len(suffixes), S, dtype=torch.long)  # 0 padding after the read token (unseen)
         for row, ids in enumerate(suffixes):
             suffix_tokens[row, : len(ids)] = torch.tensor(ids)
         self.register_buffer("suffix_tokens", suffix_tokens, persistent=False)
@@ -247,4 +265,4 @@ class ReferencePrompt(nn.Module):
         return self._normalise(self.clip.encode_token_embeddings(x, eot_index).float())
 
     def extra_repr(self) -> str:
-        return f"classes={self.num_classes}, length={self.length}, norm={self.norm!r}"
+        return f"classes={self.num_classes}, length={self.length}, norm={self.norm!r}, name_tokens={self.name_tokens!r}"

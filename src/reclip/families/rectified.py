@@ -1,0 +1,56 @@
+"""The rectified family: ReCLIP++ and its conference version ReCLIP, trained by ``reclip rectify``.
+
+A segmentor comes from a finished run (config.json + model.safetensors,
+:mod:`reclip.rectification`); it is tested with the protocol's ``reclip`` section.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from reclip.clip.model import CLIP
+from reclip.data.protocol import ReclipSettings
+from reclip.families.spec import Family, Method, common_test_settings
+from reclip.heads.rectify import PRESETS, Rectifier
+from reclip.rectification import QUERY_TEMPLATES, rectifier_from_run, save_rectifier_run
+from reclip.text import Vocabulary, query_embeddings
+
+__all__ = ["FAMILY"]
+
+NAME = "rectified"
+
+METHODS = (
+    Method("reclip++", NAME, "maskclip", "reclip85", "ReCLIP++ rectified CLIP (needs --checkpoint)"),
+    Method("reclip", NAME, "maskclip", "reclip85", "ReCLIP, the conference version (needs --checkpoint)"),
+)
+
+# Prompt denoising of each method (dogehhh/ReCLIP tools/test.py): the protocol fields that
+# may hold its threshold (the first one set wins) and the scale inside PD's softmax. The
+# conference version has its own threshold where the protocol gives one (ReCLIP_PD).
+PROMPT_DENOISING: dict[str, tuple[tuple[str, ...], float]] = {
+    "reclip++": (("pd_threshold",), 10.0),
+    "reclip": (("pd_threshold_v1", "pd_threshold"), 100.0),
+}
+
+
+def test_settings(method: Method, settings: ReclipSettings, protocol: Any) -> dict[str, Any]:
+    """The ``reclip`` section: whole image at the test short side, the method's prompt denoising."""
+    fields, scale = PROMPT_DENOISING.get(method.name, PROMPT_DENOISING["reclip++"])
+    threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
+    return {**common_test_settings(settings), "pd_threshold": threshold, "pd_scale": scale}
+
+
+def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: Any = None) -> Rectifier:
+    """An untrained rectifier with the method's published configuration."""
+    queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
+    return Rectifier(clip, queries, vocabulary.names, PRESETS[method.name])
+
+
+def save_run(run_dir: str | os.PathLike, model: Rectifier, method: Method, clip: CLIP, vocabulary: Vocabulary) -> None:
+    """A run that :func:`reclip.rectification.rectifier_from_run` loads."""
+    save_rectifier_run(run_dir, model, method.name, clip, vocabulary)
+
+
+FAMILY = Family(name=NAME, section="reclip", settings=ReclipSettings, methods=METHODS, test_settings=test_settings,
+                load_run=rectifier_from_run, new_model=new_model, save_run=save_run)

@@ -1,0 +1,89 @@
+"""What a method family is, as data: the two records every family file fills in.
+
+A family groups methods that are built, evaluated and (if trained) loaded the same way:
+the training-free dense-CLIP methods, the rectified (ReCLIP / ReCLIP++) heads, and later
+the distilled student and MAFT. :mod:`reclip.methods` holds the registry; adding a family
+is one file defining its :class:`Family` plus one line there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Family", "Method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: CLI / API name (also a trained run's config.json "method").
+        family: the name of its :class:`Family`.
+        strategy: the dense-feature preset (``reclip.features.STRATEGIES``) it reads CLIP with.
+        templates: the prompt template set its paper uses (``reclip.templates.TEMPLATE_SETS``).
+        summary: one line for listings.
+    """
+
+    name: str
+    family: str
+    strategy: str
+    templates: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the methods of one family are built, evaluated and loaded.
+
+    Attributes:
+        name: the family's name (``Method.family``).
+        section: the protocol YAML section holding its published test settings
+            (an attribute of :class:`reclip.data.protocol.Protocol`).
+        settings: that section's dataclass (``reclip.data.protocol``).
+        methods: the family's methods.
+        test_settings: ``(method, section settings, protocol) -> {InferenceConfig field: value}``,
+            the published test settings of one method on one protocol.
+        build: training-free families: ``build(method, clip, vocabulary, *, strategy_overrides,
+            templates, queries, text_cache, progress) -> segmentor``.
+        load_run: trained families: ``load_run(run, clip, vocabulary, text_cache) -> segmentor``
+            from a finished run (``reclip.train.RunFiles``: config.json + trainable state).
+        new_model: trained families: ``new_model(method, clip, vocabulary, text_cache) ->`` an
+            untrained model of the method's published configuration.
+        save_run: trained families: ``save_run(run_dir, model, method, clip, vocabulary)``
+            writes a run that ``load_run`` reads.
+    """
+
+    name: str
+    section: str
+    settings: type
+    methods: tuple[Method, ...]
+    test_settings: Callable[[Method, Any, Any], dict[str, Any]]
+    build: Callable[..., Any] | None = None
+    load_run: Callable[..., Any] | None = None
+    new_model: Callable[..., Any] | None = None
+    save_run: Callable[..., None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.build is None) == (self.load_run is None):
+            raise ValueError(f"family {self.name!r}: give build (training-free) or load_run (trained), not both")
+        if self.load_run is not None and (self.new_model is None or self.save_run is None):
+            raise ValueError(f"trained family {self.name!r} needs new_model and save_run too")
+        strangers = [m.name for m in self.methods if m.family != self.name]
+        if strangers:
+            raise ValueError(f"family {self.name!r} lists methods of another family: {strangers}")
+
+    @property
+    def trained(self) -> bool:
+        """Whether its segmentors come from a training run (``--checkpoint RUN_DIR``)."""
+        return self.load_run is not None
+
+
+def common_test_settings(settings: Any) -> dict[str, Any]:
+    """The settings every family's section has: mode, short side, long-side cap, windows in slide mode."""
+    values: dict[str, Any] = {"mode": settings.mode, "short_side": settings.short_side,
+                              "max_long_side": settings.max_long_side}
+    if settings.mode == "slide":
+        values["window"], values["stride"] = settings.window, settings.stride
+    return values

@@ -1,0 +1,57 @@
+"""A segmentor = a dense backbone followed by a head; one alignment step for every head.
+
+DESIGN.md's segmentor interface: normalised images (B, 3, H, W) -> logits (B, S, h', w')
+covering exactly the input's field of view, which :mod:`reclip.inference` resizes to the
+image. :class:`DenseSegmentor` composes any backbone (:mod:`reclip.backbones`: CLIP with a
+last-block strategy, later a student CNN) with any head (:mod:`reclip.heads`: Z -> logits
+on the backbone's grid) and applies :func:`align_to_input`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DenseSegmentor", "align_to_input"]
+
+
+def align_to_input(logits: Tensor, input_size: tuple[int, int], stride: int) -> Tensor:
+    """Grid logits (B, S, h, w) of an input of ``input_size`` (H, W) -> logits aligned with it.
+
+    - (h * stride, w * stride) == (H, W): the grid logits as they are (the inference
+      layer upsamples them);
+    - otherwise the backbone padded the input at the bottom/right to (h * stride,
+      w * stride): the logits are upsampled bilinearly (align_corners=False, float32) to
+      that padded size, where each cell covers exactly its pixels, and cropped to (H, W),
+      so pixel (i, j) of the logits is pixel (i, j) of the input.
+    """
+    h, w = logits.shape[-2:]
+    H, W = input_size
+    if (h * stride, w * stride) == (H, W):
+        return logits
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = F.interpolate(logits.float(), size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+    return logits[..., :H, :W]
+
+
+class DenseSegmentor(nn.Module):
+    """images -> ``backbone`` -> Z (B, D, h, w) -> ``head`` -> logits (B, S, h, w) -> aligned to the input.
+
+    Subclasses change how features are computed by overriding :meth:`features` (e.g. a
+    frozen backbone under no_grad).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, images: Tensor) -> Tensor:
+        """Z: images (B, 3, H, W) normalised -> (B, D, h, w)."""
+        return self.backbone(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) normalised -> logits (B, S, h', w') covering the input (:func:`align_to_input`)."""
+        logits = self.head(self.features(images))  # (B, S, h, w)
+        return align_to_input(logits, tuple(images.shape[-2:]), self.backbone.stride)

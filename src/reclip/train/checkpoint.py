@@ -1,0 +1,182 @@
+"""What a run writes: the trainable state, the resumable checkpoint, the finished run's files.
+
+A run directory holds ``checkpoint.pt`` (everything an exact resume needs, written
+atomically every ``checkpoint_every`` steps), ``metrics.jsonl`` and, when training ends,
+``model.safetensors`` (the trainable state only); its stage adds ``config.json``
+(:func:`save_run`). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from reclip.files import atomic_write, atomic_write_json, atomic_write_text
+from reclip.train.distributed import is_rank0
+
+__all__ = [
+    "BEST_NAME", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "CONFIG_NAME", "METRICS_NAME", "WEIGHTS_NAME",
+    "RunFiles", "atomic_torch_save", "load_run", "load_trainable_state", "read_checkpoint", "save_run",
+    "save_weights", "trainable_state", "truncate_metrics",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+WEIGHTS_NAME = "model.safetensors"
+BEST_NAME = "best.safetensors"
+CONFIG_NAME = "config.json"
+# 2: the optimiser is the caller's (its config is part of the trajectory), the model is built after seeding.
+CHECKPOINT_VERSION = 2
+
+
+# -- the trainable state ------------------------------------------------------------------------
+def _required_keys(model: nn.Module) -> set[str]:
+    """Trainable parameters + persistent buffers of modules that own a trainable parameter (BN stats)."""
+    persistent = set(model.state_dict().keys())
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    for mod_name, mod in model.named_modules():
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            for b, _ in mod.named_buffers(recurse=False):
+                key = f"{mod_name}.{b}" if mod_name else b
+                if key in persistent:
+                    keys.add(key)
+    return keys
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """CPU copies of ``model.trainable_state_dict()`` (or the full state dict without one).
+
+    Raises ValueError when that dict misses a trainable parameter or a buffer of a module
+    owning one (e.g. BN running statistics): resume would not be exact.
+    """
+    fn = getattr(model, "trainable_state_dict", None)
+    state = fn() if callable(fn) else model.state_dict()
+    missing = sorted(_required_keys(model) - set(state))
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__}.trainable_state_dict() misses {len(missing)} trainable tensor(s) "
+            f"{missing[:8]}: include every parameter with requires_grad and the buffers of their modules"
+        )
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a :func:`trainable_state` into ``model``; unknown or missing trainable keys raise.
+
+    Uses the model's own ``load_trainable_state_dict`` when it has one (its checks apply).
+    """
+    own = getattr(model, "load_trainable_state_dict", None)
+    if callable(own):
+        own(dict(state))
+        return
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = sorted(set(result.missing_keys) & _required_keys(model))
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"trainable state does not fit {type(model).__name__}: unexpected keys "
+            f"{sorted(result.unexpected_keys)[:8]}, missing trainable keys {missing[:8]}; was it saved from "
+            "another model or configuration?"
+        )
+
+
+# -- files --------------------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`reclip.files.atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """A trainable state as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(dict(state), str(tmp), metadata={"format": "reclip-trainable"}))
+
+
+def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], world_size: int
+                    ) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: start from scratch), after checking it fits this run.
+
+    ``trajectory``: the values an exact resume needs unchanged (batch size, seed,
+    optimiser, poly horizon, number of training images, ...), compared with the saved ones.
+    """
+    if not path.exists():
+        return None
+    if not resume:
+        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or use another run dir")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION} (written by another "
+            "version of reclip, which initialised and optimised differently); start a new run directory"
+        )
+    saved = ckpt["trajectory"]
+    changed = {k: (saved.get(k), v) for k, v in trajectory.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"{path}: cannot resume with other training settings {changed} (saved, now); an exact resume needs "
+            "the same values (set the poly horizon explicitly to extend a run's steps)"
+        )
+    if ckpt["world_size"] != world_size:
+        raise ValueError(
+            f"{path}: the run used {ckpt['world_size']} process(es), this one {world_size}; resume with the same "
+            "number (the per-process random states and batch split depend on it)"
+        )
+    return ckpt
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# -- a finished run -----------------------------------------------------------------------------
+class RunFiles(NamedTuple):
+    """A finished run: its config.json, its trainable state (model.safetensors) and its folder."""
+
+    config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    run_dir: Path
+
+
+def save_run(run_dir: str | os.PathLike, config_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """Write RUN_DIR/config.json (``config_dict``, JSON) and RUN_DIR/model.safetensors (trainable state).
+
+    Rank 0 only (a no-op on other ranks). Both files are written atomically.
+    """
+    if not is_rank0():
+        return
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / CONFIG_NAME, dict(config_dict))
+    save_weights(trainable_state(model), run_dir / WEIGHTS_NAME)
+
+
+def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunFiles:
+    """Read a run's config.json and model.safetensors; load the weights into ``model`` if given."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (run_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished training run: missing {missing} (a run writes model.safetensors when "
+            "it ends and its caller config.json; resume an interrupted run with --resume)"
+        )
+    config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    state = load_file(str(run_dir / WEIGHTS_NAME))
+    if model is not None:
+        load_trainable_state(model, state)
+    return RunFiles(config, state, run_dir)
