@@ -13,7 +13,7 @@ from PIL import Image
 from layouts import write_voc
 from reclip import api
 from reclip.cli import main
-from reclip.clip.load import load_clip, save_clip
+from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip, save_clip
 from reclip.clip.model import CLIP
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import read_label
@@ -67,6 +67,31 @@ def test_evaluate_writes_json_matching_an_independent_loop(tmp_path, clip_file, 
             union[c] += (p | g).sum()
     iou = inter[union > 0] / union[union > 0]
     assert result["mIoU"] == pytest.approx(100 * iou.mean(), abs=1e-3)
+
+
+def test_evaluate_and_segment_normalise_with_the_models_mean_and_std(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=1)
+    (val_id,) = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    other_mean, other_std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
+    whole = {"mode": "whole", "short_side": 32}
+    seen = {}
+    for name in ("file", "other"):
+        clip = load_clip(clip_file)
+        if name == "other":  # the same weights with another preprocessing
+            clip.image_mean, clip.image_std = other_mean, other_std
+        inputs = seen[name] = []
+        embed = clip.visual.embed
+        clip.visual.embed = lambda images, embed=embed, inputs=inputs: inputs.append(images) or embed(images)
+        api.evaluate(clip, "maskclip", "voc21", root, templates="single", inference=whole, progress=False)
+        api.segment_files(clip, "maskclip", "a,b", [root / "JPEGImages" / f"{val_id}.jpg"], tmp_path / name,
+                          templates="single", inference=whole, progress=False)
+    assert len(seen["file"]) == len(seen["other"]) == 2  # the val image, evaluated then segmented
+    for a, b in zip(seen["file"], seen["other"]):
+        assert not torch.allclose(a, b, atol=1e-2)
+        # the same pixels x, as (x - mean) / std with each model's own statistics
+        x_file = a * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        x_other = b * torch.tensor(other_std).view(1, 3, 1, 1) + torch.tensor(other_mean).view(1, 3, 1, 1)
+        torch.testing.assert_close(x_file, x_other, atol=1e-5, rtol=0)
 
 
 def test_evaluate_reports_and_skips_a_corrupt_image(tmp_path, clip_file, capsys):

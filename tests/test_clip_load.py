@@ -29,6 +29,7 @@ from reclip.clip.convert import (
 )
 from reclip.clip.load import (
     CLIP_MEAN,
+    CLIP_STD,
     OPENAI_MODELS,
     PretrainedWeights,
     available_models,
@@ -100,8 +101,8 @@ def test_roundtrip_every_format(tmp_path: Path, fmt: str, name: str) -> None:
 @pytest.mark.parametrize("fmt,name", FORMATS)
 def test_roundtrip_keeps_gelu_heads_and_preprocessing(tmp_path: Path, fmt: str, name: str) -> None:
     """What shapes cannot tell (activation, heads, mean / std) survives every format."""
-    model = tiny_clip(quick_gelu=False, vision_heads=4, transformer_heads=2)
-    model.image_mean, model.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    model = tiny_clip(quick_gelu=False, vision_heads=4, transformer_heads=2,
+                      image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
     save_clip(model, tmp_path / name, format=fmt)
     loaded = load_clip(tmp_path / name)
     assert loaded.config.quick_gelu is False
@@ -110,6 +111,36 @@ def test_roundtrip_keeps_gelu_heads_and_preprocessing(tmp_path: Path, fmt: str, 
     assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.image_std == (0.25, 0.25, 0.25)
     for a, b in zip(embeddings(loaded), embeddings(model)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocessing_belongs_to_the_model() -> None:
+    import reclip.clip.model
+    import reclip.data.transforms
+
+    # one home, the old import paths still work
+    assert reclip.data.transforms.CLIP_MEAN is CLIP_MEAN is reclip.clip.model.CLIP_MEAN
+    assert reclip.data.transforms.CLIP_STD is CLIP_STD is reclip.clip.model.CLIP_STD
+    model = tiny_clip()
+    assert model.image_mean == CLIP_MEAN and model.image_std == CLIP_STD
+    other = tiny_clip(image_mean=[0.5, 0.5, 0.5], image_std=(0.25, 0.25, 0.25))
+    assert other.image_mean == (0.5, 0.5, 0.5) and other.image_std == (0.25, 0.25, 0.25)
+    assert "image_mean" not in other.config.to_dict()
+    # caches are keyed by the fingerprint: the same weights with other preprocessing keep it
+    assert weights_fingerprint(other) == weights_fingerprint(model)
+    with pytest.raises(ValueError, match="divide by 255"):
+        tiny_clip(image_mean=(122.771, 116.746, 104.094))  # ReCLIP's configs give them in 0..255
+    with pytest.raises(ValueError, match="image_std"):
+        tiny_clip(image_std=(0.5, 0.0, 0.5))
+
+
+def test_loaded_model_keeps_the_files_mean_and_std(tmp_path: Path) -> None:
+    save_clip(tiny_clip(), tmp_path / "m.safetensors", format="open_clip")
+    sidecar = tmp_path / "open_clip_config.json"
+    cfg = json.loads(sidecar.read_text())
+    cfg["preprocess_cfg"] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # e.g. SigLIP-style
+    sidecar.write_text(json.dumps(cfg))
+    loaded = load_clip(tmp_path / "m.safetensors")
+    assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.image_std == (0.5, 0.5, 0.5)
 
 
 def test_openai_format_is_bare_for_openai_convention(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ from .convert import (
     to_hf,
     unwrap_state_dict,
 )
-from .model import CLIP, weights_fingerprint
+from .model import CLIP, CLIP_MEAN, CLIP_STD, weights_fingerprint
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
@@ -67,9 +67,6 @@ __all__ = [
     "open_clip_config", "read_checkpoint", "resolve_spec", "save_clip",
 ]
 
-# CLIP's normalisation (openai/CLIP clip.py _transform).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's hub config name (constants.HF_CONFIG_NAME)
 SAVE_FORMATS = ("openai", "openai-jit", "open_clip", "hf")
 
@@ -372,8 +369,9 @@ def load_clip(
 
     Returns the model in eval mode with ``requires_grad`` False, weights cast to
     ``dtype`` (OpenAI's fp16 releases become float32 by default) on ``device``, and
-    attributes ``spec`` (str), ``image_mean`` / ``image_std`` (3-tuples: the
-    normalisation these weights expect) and the weights fingerprint precomputed.
+    ``image_mean`` / ``image_std`` from the checkpoint (its preprocessing config, else
+    CLIP's), attributes ``spec`` (str) and ``checkpoint_format``, and the weights
+    fingerprint precomputed.
     ``quick_gelu`` overrides the activation the files imply. Any failure raises
     ``CheckpointError`` (``UnsafeCheckpointError`` for a pickle that could run code).
     """
@@ -389,7 +387,7 @@ def load_clip(
     config = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
     try:
         with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
-            model = CLIP.from_config(config)
+            model = CLIP.from_config(config, image_mean=ckpt.mean, image_std=ckpt.std)
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot build CLIP {config} ({e})") from e
     check_state_dict(ckpt.state_dict, model)
@@ -399,8 +397,6 @@ def load_clip(
     assert not left, f"tensors not in the state dict stayed on the meta device: {left}"  # a non-persistent buffer
     model = model.to(device).eval().requires_grad_(False)
     model.spec = str(spec)
-    model.image_mean = tuple(float(x) for x in ckpt.mean)
-    model.image_std = tuple(float(x) for x in ckpt.std)
     model.checkpoint_format = ckpt.format
     weights_fingerprint(model)
     return model
@@ -411,15 +407,10 @@ def load_clip(
 # ---------------------------------------------------------------------------------------
 
 
-def _mean_std(clip: CLIP) -> tuple[list[float], list[float]]:
-    return list(getattr(clip, "image_mean", CLIP_MEAN)), list(getattr(clip, "image_std", CLIP_STD))
-
-
 def open_clip_config(clip: CLIP) -> dict[str, Any]:
     """open_clip's hub config for this model: ``{"model_cfg": ..., "preprocess_cfg": ...}``."""
     c = clip.config
     vision_heads = c.vision_heads or max(c.vision_width // 64, 1)
-    mean, std = _mean_std(clip)
     return {
         "model_cfg": {
             "embed_dim": c.embed_dim,
@@ -429,19 +420,18 @@ def open_clip_config(clip: CLIP) -> dict[str, Any]:
             "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size,
                          "width": c.transformer_width, "heads": c.transformer_heads, "layers": c.transformer_layers},
         },
-        "preprocess_cfg": {"mean": mean, "std": std},
+        "preprocess_cfg": {"mean": list(clip.image_mean), "std": list(clip.image_std)},
     }
 
 
 def _is_openai_convention(clip: CLIP) -> bool:
     """True when a bare OpenAI file reloads exactly: QuickGELU, width // 64 heads, CLIP's mean / std."""
     c = clip.config
-    mean, std = _mean_std(clip)
     return (
         c.quick_gelu
         and (c.vision_heads or max(c.vision_width // 64, 1)) == max(c.vision_width // 64, 1)
         and c.transformer_heads == max(c.transformer_width // 64, 1)
-        and tuple(mean) == CLIP_MEAN and tuple(std) == CLIP_STD
+        and tuple(clip.image_mean) == CLIP_MEAN and tuple(clip.image_std) == CLIP_STD
     )
 
 
@@ -520,13 +510,12 @@ def save_clip(clip: CLIP, path: str | Path, format: str = "openai") -> Path:
         atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     else:  # hf
         hf_sd, hf_config = to_hf(_state_dict(clip), clip.config)
-        mean, std = _mean_std(clip)
         res = clip.config.image_resolution
         preprocessor = {  # transformers CLIPImageProcessor fields (resample 3 = bicubic)
             "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": res},
             "resample": 3, "do_center_crop": True, "crop_size": {"height": res, "width": res},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
-            "image_std": std, "do_convert_rgb": True,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(clip.image_mean), "image_std": list(clip.image_std), "do_convert_rgb": True,
         }
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / "model.safetensors", lambda p: save_file(hf_sd, str(p), metadata={"format": "pt"}))

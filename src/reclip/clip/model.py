@@ -16,6 +16,10 @@ all numerically neutral:
 
 Read top to bottom in build order: LayerNorm, attention, MLP, block, transformer,
 vision tower, CLIP.
+
+Preprocessing belongs to the weights: ``CLIP.image_mean`` / ``image_std`` (OpenAI's by
+default; ``load_clip`` sets a checkpoint's own) are plain attributes, outside
+``CLIPConfig`` and the state dict, so they never change ``weights_fingerprint``.
 """
 
 from __future__ import annotations
@@ -305,8 +309,30 @@ class CLIPConfig:
         return asdict(self)
 
 
+# OpenAI CLIP's normalisation (openai/CLIP clip.py _transform), RGB on the 0..1 scale.
+# ReCLIP's configs give the same numbers times 255: mean (122.771, 116.746, 104.094),
+# std (68.501, 66.632, 70.323).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _channel_stats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    """3 per-channel floats on the 0..1 scale (std > 0), or a ValueError naming the value."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3 or max(out) > 1 or (name == "image_std" and min(out) <= 0):
+        raise ValueError(
+            f"{name} {values!r}: expected 3 RGB values on the 0..1 scale"
+            f"{' (> 0)' if name == 'image_std' else ''}; from 0..255 statistics, divide by 255"
+        )
+    return out
+
+
 class CLIP(nn.Module):
-    """CLIP: a ViT image tower and a causal text transformer mapped to one embedding space."""
+    """CLIP: a ViT image tower and a causal text transformer mapped to one embedding space.
+
+    ``image_mean`` / ``image_std``: the normalisation these weights expect, RGB on the
+    0..1 scale ((x / 255 - mean) / std); not part of ``config`` (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -322,8 +348,13 @@ class CLIP(nn.Module):
         transformer_layers: int,
         vision_heads: int | None = None,
         quick_gelu: bool = True,
+        *,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
     ) -> None:
         super().__init__()
+        self.image_mean = _channel_stats("image_mean", image_mean)
+        self.image_std = _channel_stats("image_std", image_std)
         self.config = CLIPConfig(
             embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
             vocab_size, transformer_width, transformer_heads, transformer_layers, vision_heads, quick_gelu,
@@ -347,8 +378,10 @@ class CLIP(nn.Module):
         self._init_text()
 
     @classmethod
-    def from_config(cls, config: CLIPConfig) -> "CLIP":
-        return cls(**config.to_dict())
+    def from_config(
+        cls, config: CLIPConfig, *, image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD
+    ) -> "CLIP":
+        return cls(**config.to_dict(), image_mean=image_mean, image_std=image_std)
 
     def _init_text(self) -> None:
         # OpenAI's initialize_parameters for the text side (the vision side inits itself).
