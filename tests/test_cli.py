@@ -4,6 +4,7 @@ synthetic datasets in the real folder layouts, bad inputs mixed in."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from PIL import Image
 from layouts import write_voc
 from reclip import api
 from reclip.cli import main
-from reclip.clip.load import load_clip, save_clip
+from reclip.clip.convert import CheckpointError
+from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip, save_clip
 from reclip.clip.model import CLIP
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import read_label
@@ -67,6 +69,31 @@ def test_evaluate_writes_json_matching_an_independent_loop(tmp_path, clip_file, 
             union[c] += (p | g).sum()
     iou = inter[union > 0] / union[union > 0]
     assert result["mIoU"] == pytest.approx(100 * iou.mean(), abs=1e-3)
+
+
+def test_evaluate_and_segment_normalise_with_the_models_mean_and_std(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=1)
+    (val_id,) = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    other_mean, other_std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
+    whole = {"mode": "whole", "short_side": 32}
+    seen = {}
+    for name in ("file", "other"):
+        clip = load_clip(clip_file)
+        if name == "other":  # the same weights with another preprocessing
+            clip.image_mean, clip.image_std = other_mean, other_std
+        inputs = seen[name] = []
+        embed = clip.visual.embed
+        clip.visual.embed = lambda images, embed=embed, inputs=inputs: inputs.append(images) or embed(images)
+        api.evaluate(clip, "maskclip", "voc21", root, templates="single", inference=whole, progress=False)
+        api.segment_files(clip, "maskclip", "a,b", [root / "JPEGImages" / f"{val_id}.jpg"], tmp_path / name,
+                          templates="single", inference=whole, progress=False)
+    assert len(seen["file"]) == len(seen["other"]) == 2  # the val image, evaluated then segmented
+    for a, b in zip(seen["file"], seen["other"]):
+        assert not torch.allclose(a, b, atol=1e-2)
+        # the same pixels x, as (x - mean) / std with each model's own statistics
+        x_file = a * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        x_other = b * torch.tensor(other_std).view(1, 3, 1, 1) + torch.tensor(other_mean).view(1, 3, 1, 1)
+        torch.testing.assert_close(x_file, x_other, atol=1e-5, rtol=0)
 
 
 def test_evaluate_reports_and_skips_a_corrupt_image(tmp_path, clip_file, capsys):
@@ -161,6 +188,66 @@ def test_a_checkpoint_with_missing_tensors_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "visual.ln_post.weight" in err and "ln_final.bias" in err
+
+
+# The rest of each command's required arguments ({root}: a VOC-layout tree).
+CLIP_COMMANDS = {
+    "segment": ["--classes", "a,b", "--out", "o", "{root}"],
+    "evaluate": ["--dataset", "voc20", "--data-root", "{root}"],
+    "hypotheses": ["--dataset", "voc20", "--data-root", "{root}", "--out", "h.json"],
+    "rectify": ["--dataset", "voc20", "--data-root", "{root}", "--hypotheses", "h.json", "--out", "o"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(CLIP_COMMANDS))
+def test_every_command_taking_clip_passes_clip_config_to_load_clip(tmp_path, monkeypatch, capsys, command):
+    import reclip.clip
+
+    root = write_voc(tmp_path / "voc", n_train=1, n_val=1)
+    seen = {}
+
+    def load_clip_stub(spec, **kwargs):
+        seen.update(kwargs, spec=spec)
+        raise CheckpointError("stub: stop after load_clip")
+
+    monkeypatch.setattr(reclip.clip, "load_clip", load_clip_stub)
+    argv = [a.format(root=root) for a in CLIP_COMMANDS[command]]
+    code = main([command, "--clip", "m.safetensors", "--clip-config", "ViT-tiny.json", "--quiet", *argv])
+    assert code == 2 and "stub: stop after load_clip" in capsys.readouterr().err
+    assert seen["spec"] == "m.safetensors" and seen["config"] == "ViT-tiny.json"
+
+
+def test_segment_with_clip_config_loads_the_heads_it_gives(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2,
+                 transformer_layers=1, vision_heads=4, quick_gelu=False).eval()  # head widths 16 and 32
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))  # no config beside it
+    config = tmp_path / "ViT-tiny.json"  # open_clip's model_configs/<name>.json form
+    config.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(photos / "a.png")
+    argv = ["segment", "--clip", str(weights), "--method", "maskclip", "--classes", "cat,dog,grass"]
+    with pytest.warns(UserWarning, match="heads"):  # guessed without the config
+        assert main([*argv, "--out", str(tmp_path / "guessed"), str(photos), *COMMON]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main([*argv, "--clip-config", str(config), "--out", str(tmp_path / "given"), str(photos), *COMMON])
+    assert code == 0, capsys.readouterr().err
+    api.segment_files(model, "maskclip", "cat,dog,grass", [photos], tmp_path / "original", templates="single",
+                      inference={"short_side": 48, "mode": "slide", "window": 32, "stride": 16}, progress=False)
+    given, guessed, original = (np.asarray(Image.open(tmp_path / d / "a.png")) for d in ("given", "guessed",
+                                                                                          "original"))
+    assert np.array_equal(given, original)
+    assert not np.array_equal(guessed, original)  # the guessed heads are another model
 
 
 def test_folder_protocol_scores_a_user_folder_with_labels(tmp_path, clip_file):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -29,6 +30,7 @@ from reclip.clip.convert import (
 )
 from reclip.clip.load import (
     CLIP_MEAN,
+    CLIP_STD,
     OPENAI_MODELS,
     PretrainedWeights,
     available_models,
@@ -100,8 +102,8 @@ def test_roundtrip_every_format(tmp_path: Path, fmt: str, name: str) -> None:
 @pytest.mark.parametrize("fmt,name", FORMATS)
 def test_roundtrip_keeps_gelu_heads_and_preprocessing(tmp_path: Path, fmt: str, name: str) -> None:
     """What shapes cannot tell (activation, heads, mean / std) survives every format."""
-    model = tiny_clip(quick_gelu=False, vision_heads=4, transformer_heads=2)
-    model.image_mean, model.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    model = tiny_clip(quick_gelu=False, vision_heads=4, transformer_heads=2,
+                      image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
     save_clip(model, tmp_path / name, format=fmt)
     loaded = load_clip(tmp_path / name)
     assert loaded.config.quick_gelu is False
@@ -110,6 +112,36 @@ def test_roundtrip_keeps_gelu_heads_and_preprocessing(tmp_path: Path, fmt: str, 
     assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.image_std == (0.25, 0.25, 0.25)
     for a, b in zip(embeddings(loaded), embeddings(model)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocessing_belongs_to_the_model() -> None:
+    import reclip.clip.model
+    import reclip.data.transforms
+
+    # one home, the old import paths still work
+    assert reclip.data.transforms.CLIP_MEAN is CLIP_MEAN is reclip.clip.model.CLIP_MEAN
+    assert reclip.data.transforms.CLIP_STD is CLIP_STD is reclip.clip.model.CLIP_STD
+    model = tiny_clip()
+    assert model.image_mean == CLIP_MEAN and model.image_std == CLIP_STD
+    other = tiny_clip(image_mean=[0.5, 0.5, 0.5], image_std=(0.25, 0.25, 0.25))
+    assert other.image_mean == (0.5, 0.5, 0.5) and other.image_std == (0.25, 0.25, 0.25)
+    assert "image_mean" not in other.config.to_dict()
+    # caches are keyed by the fingerprint: the same weights with other preprocessing keep it
+    assert weights_fingerprint(other) == weights_fingerprint(model)
+    with pytest.raises(ValueError, match="divide by 255"):
+        tiny_clip(image_mean=(122.771, 116.746, 104.094))  # ReCLIP's configs give them in 0..255
+    with pytest.raises(ValueError, match="image_std"):
+        tiny_clip(image_std=(0.5, 0.0, 0.5))
+
+
+def test_loaded_model_keeps_the_files_mean_and_std(tmp_path: Path) -> None:
+    save_clip(tiny_clip(), tmp_path / "m.safetensors", format="open_clip")
+    sidecar = tmp_path / "open_clip_config.json"
+    cfg = json.loads(sidecar.read_text())
+    cfg["preprocess_cfg"] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # e.g. SigLIP-style
+    sidecar.write_text(json.dumps(cfg))
+    loaded = load_clip(tmp_path / "m.safetensors")
+    assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.image_std == (0.5, 0.5, 0.5)
 
 
 def test_openai_format_is_bare_for_openai_convention(tmp_path: Path) -> None:
@@ -285,12 +317,14 @@ def test_open_clip_training_checkpoint(tmp_path: Path) -> None:
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
     sd["module.attn_mask"] = torch.zeros(8, 8)  # old open_clip saved the causal mask
     torch.save({"epoch": 3, "name": "run", "state_dict": sd}, tmp_path / "epoch_3.pt")
-    loaded = load_clip(tmp_path / "epoch_3.pt")
+    with pytest.warns(UserWarning, match="heads"):  # no config beside it: the heads are guessed
+        loaded = load_clip(tmp_path / "epoch_3.pt")
     assert loaded.config.quick_gelu is False  # open_clip's default activation
     assert loaded.checkpoint_format == "open_clip"
     for a, b in zip(embeddings(loaded), embeddings(model)):
         torch.testing.assert_close(a, b)
-    assert load_clip(tmp_path / "epoch_3.pt", quick_gelu=True).config.quick_gelu is True
+    with pytest.warns(UserWarning, match="heads"):
+        assert load_clip(tmp_path / "epoch_3.pt", quick_gelu=True).config.quick_gelu is True
 
 
 def test_open_clip_config_beside_file_sets_quick_gelu(tmp_path: Path) -> None:
@@ -314,6 +348,133 @@ def test_open_clip_hub_folder(tmp_path: Path) -> None:
     save_clip(model, tmp_path / "open_clip_model.safetensors", format="open_clip")
     loaded = load_clip(tmp_path)
     assert loaded.config == model.config
+
+
+# A model whose head widths are not 64 (vision 128 / 4 heads = 32, text 64 / 2 heads = 32):
+# width // 64 guesses 2 and 1 heads, which load the same tensors as another model.
+HEAD_WIDTH_32 = dict(vision_heads=4, transformer_heads=2, quick_gelu=False)
+# Its open_clip model config, as open_clip's model_configs/<name>.json writes one.
+OPEN_CLIP_MODEL_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 64, "heads": 2, "layers": 2},
+}
+# The same as open_clip's hub open_clip_config.json.
+OPEN_CLIP_HUB_CFG = {"model_cfg": OPEN_CLIP_MODEL_CFG,
+                     "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+
+
+def save_bare_open_clip(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """safetensors with OpenAI names and no open_clip_config.json: what a user may download alone."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_open_clip_without_config_warns_once_and_guesses_heads(tmp_path: Path) -> None:
+    model = tiny_clip(**HEAD_WIDTH_32)
+    path = save_bare_open_clip(model.state_dict(), tmp_path / "m.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_clip(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message and "--clip-config" in message
+    assert "2 vision heads for width 128, 1 text heads for width 64" in message
+    assert loaded.visual.transformer.resblocks[0].attn.heads == 2 and loaded.transformer.resblocks[0].attn.heads == 1
+    for a, b in zip(embeddings(loaded), embeddings(model)):  # same tensors, another model
+        assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["model_configs", "hub"])
+@pytest.mark.parametrize("as_file", [True, False], ids=["file", "dict"])
+def test_open_clip_config_gives_the_heads(tmp_path: Path, form: str, as_file: bool) -> None:
+    model = tiny_clip(**HEAD_WIDTH_32)
+    path = save_bare_open_clip(model.state_dict(), tmp_path / "m.safetensors")
+    cfg = OPEN_CLIP_MODEL_CFG if form == "model_configs" else OPEN_CLIP_HUB_CFG
+    if as_file:
+        (tmp_path / "ViT-tiny.json").write_text(json.dumps(cfg))
+        cfg = tmp_path / "ViT-tiny.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # heads given: no warning
+        loaded = load_clip(path, config=cfg)
+    assert_same_model(loaded, model)
+
+
+def test_given_config_wins_over_the_one_beside_the_file(tmp_path: Path) -> None:
+    model = tiny_clip(**HEAD_WIDTH_32)
+    path = save_bare_open_clip(model.state_dict(), tmp_path / "m.safetensors")
+    stale = {"model_cfg": {**OPEN_CLIP_MODEL_CFG, "vision_cfg": {"width": 128, "head_width": 64}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(stale))
+    assert load_clip(path).visual.transformer.resblocks[0].attn.heads == 2  # the sidecar's
+    assert_same_model(load_clip(path, config=OPEN_CLIP_MODEL_CFG), model)
+
+
+def test_openai_formats_keep_their_convention_without_a_warning(tmp_path: Path) -> None:
+    model = tiny_clip()
+    save_clip(model, tmp_path / "flat.pt", format="openai")
+    save_clip(model, tmp_path / "jit.pt", format="openai-jit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("flat.pt", "jit.pt"):
+            assert_same_model(load_clip(tmp_path / name), model)
+
+
+def test_build_errors_say_the_heads_were_guessed(tmp_path: Path) -> None:
+    sd = tiny_clip().state_dict()
+    del sd["visual.ln_post.bias"]
+    path = save_bare_open_clip(sd, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as info:
+        load_clip(path)
+    assert "visual.ln_post.bias" in str(info.value) and "heads were guessed" in str(info.value)
+
+
+def _with(cfg: dict, section: str | None, key: str, value) -> dict:
+    out = json.loads(json.dumps(cfg))
+    (out if section is None else out[section])[key] = value
+    return out
+
+
+@pytest.mark.parametrize("cfg, field", [
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "layers", 3), "vision_cfg.layers = 3 but the weights have 2"),
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "patch_size", 14), "vision_cfg.patch_size = 14"),
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "image_size", 224), "vision_cfg.image_size = 224"),
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "width", 768), "vision_cfg.width = 768"),
+    (_with(OPEN_CLIP_MODEL_CFG, "text_cfg", "width", 512), "text_cfg.width = 512"),
+    (_with(OPEN_CLIP_MODEL_CFG, "text_cfg", "layers", 12), "text_cfg.layers = 12"),
+    (_with(OPEN_CLIP_MODEL_CFG, "text_cfg", "context_length", 77), "text_cfg.context_length = 77"),
+    (_with(OPEN_CLIP_MODEL_CFG, None, "embed_dim", 512), "embed_dim = 512"),
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "head_width", "32"), "vision_cfg.head_width = '32'"),
+    (_with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "head_width", 48), "vision_cfg.head_width = 48 does not divide"),
+    (_with(OPEN_CLIP_MODEL_CFG, "text_cfg", "heads", 0), "text_cfg.heads = 0"),
+    (_with(OPEN_CLIP_MODEL_CFG, None, "quick_gelu", "yes"), "quick_gelu = 'yes'"),
+    (_with(OPEN_CLIP_MODEL_CFG, None, "vision_cfg", [128]), "vision_cfg = [128]"),
+    ({"model_cfg": _with(OPEN_CLIP_MODEL_CFG, "vision_cfg", "layers", 3)}, "model_cfg.vision_cfg.layers = 3"),
+    ({**OPEN_CLIP_HUB_CFG, "preprocess_cfg": {"mean": [0.5, 0.5]}}, "preprocess_cfg.mean = [0.5, 0.5]"),
+    ({"architecture": "ViT-B-16"}, "not an open_clip config"),
+])
+def test_a_config_that_does_not_fit_is_refused_naming_file_and_field(tmp_path: Path, cfg: dict, field: str) -> None:
+    path = save_bare_open_clip(tiny_clip(**HEAD_WIDTH_32).state_dict(), tmp_path / "m.safetensors")
+    (tmp_path / "ViT-tiny.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=re.escape(field)) as info:
+        load_clip(path, config=tmp_path / "ViT-tiny.json")
+    assert str(tmp_path / "ViT-tiny.json") in str(info.value)
+
+
+def test_a_config_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    path = save_bare_open_clip(tiny_clip().state_dict(), tmp_path / "m.safetensors")
+    (tmp_path / "bad.json").write_text("embed_dim: 64\n")  # YAML, not JSON
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read {tmp_path / 'bad.json'} as JSON")):
+        load_clip(path, config=tmp_path / "bad.json")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_clip(path, config=tmp_path / "missing.json")
+
+
+def test_an_open_clip_config_is_refused_for_a_hf_folder(tmp_path: Path) -> None:
+    folder = save_clip(tiny_clip(), tmp_path / "hf", format="hf")
+    with pytest.raises(CheckpointError, match="Hugging Face"):
+        load_clip(folder, config=OPEN_CLIP_MODEL_CFG)
 
 
 def test_hf_roundtrip_pure() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reclip.clip.model import CLIP
+from reclip.clip.model import CLIP, QuickGELU
 from reclip.features import (
     ATTENTIONS,
     STRATEGIES,
@@ -220,13 +220,23 @@ def test_maskclip_equals_official_reclip(clip, size):
 
 
 def test_reclip_official_numerics(clip):
+    """Only the blocks' LayerNorm eps changes: at dogehhh/ReCLIP HEAD (d2bf59c) the blocks
+    keep OpenAI's QuickGELU (``self.mlp[1] = nn.GELU()`` is commented out)."""
     x = images(2, 3, 27, 41)
+    vis = clip.visual
+    blocks = vis.transformer.resblocks
     before = dense_features(clip, x, "maskclip")
     with reclip_official_numerics(clip):
         quirky = dense_features(clip, x, "maskclip")
-    ref = reclip_official_features(clip, x, block_eps=1e-6, act=lambda t: F.gelu(t))
+        assert all(b.ln_1.eps == b.ln_2.eps == 1e-6 for b in blocks)
+        assert vis.ln_pre.eps == vis.ln_post.eps == 1e-5
+        assert all(isinstance(b.mlp.gelu, QuickGELU) for b in blocks)
+    # A reference with exact GELU differs by ~1e-3 here, far outside the tolerance.
+    ref = reclip_official_features(clip, x, block_eps=1e-6, act=quick_gelu)
     torch.testing.assert_close(quirky, ref, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(quirky, before, atol=1e-6)  # the quirks do change the numbers
+    # eps 1e-6 vs 1e-5 moves features by ~1e-6 on unit-variance tokens: small but not nothing.
+    assert not torch.equal(quirky, before)
+    assert all(b.ln_1.eps == b.ln_2.eps == 1e-5 for b in blocks)
     torch.testing.assert_close(dense_features(clip, x, "maskclip"), before, rtol=0, atol=0)  # restored
 
 

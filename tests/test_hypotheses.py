@@ -34,9 +34,9 @@ from reclip.text import QueryEmbeddings, Vocabulary
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
-def tiny_clip(seed: int = 0) -> CLIP:
+def tiny_clip(seed: int = 0, **preprocessing) -> CLIP:
     torch.manual_seed(seed)
-    return CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval()
+    return CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, **preprocessing).eval()
 
 
 def random_queries(num_classes: int, dim: int = 32, seed: int = 0) -> QueryEmbeddings:
@@ -265,6 +265,22 @@ def test_file_is_refused_for_another_class_list_or_clip(tmp_path):
         load_hypotheses(summary.path, vocabulary=Vocabulary.from_names("sky,tree,road,bus"), clip=clip)
     with pytest.raises(HypothesesFileError, match="CLIP weights"):
         load_hypotheses(summary.path, vocabulary=data.vocabulary, clip=tiny_clip(seed=1))
+
+
+def test_crops_are_normalised_with_the_models_mean_and_std(tmp_path):
+    data = write_folder_dataset(tmp_path / "d", n=2)
+    other_mean = (0.5, 0.4, 0.3)
+    seen = {}
+    for name, clip in (("openai", tiny_clip()), ("other", tiny_clip(image_mean=other_mean))):
+        batches = seen[name] = []
+        encode = clip.encode_image
+        clip.encode_image = lambda images, encode=encode, batches=batches: batches.append(images) or encode(images)
+        generate_hypotheses(clip, data, random_queries(4), config=CFG, out_path=tmp_path / f"{name}.json",
+                            progress=False)
+    shift = ((torch.tensor(other_mean) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
+    assert len(seen["openai"]) == len(seen["other"]) > 0
+    for a, b in zip(seen["openai"], seen["other"]):
+        torch.testing.assert_close(a - b, shift.expand_as(a), atol=1e-5, rtol=0)
 
 
 def test_resume_after_interruption_writes_the_same_file(tmp_path, monkeypatch):

@@ -48,13 +48,6 @@ def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vo
     return Vocabulary.from_names(classes)
 
 
-def _image_stats(clip: CLIP) -> tuple[Sequence[float], Sequence[float]]:
-    """Preprocessing belongs to the weights: the loader records mean/std on the model."""
-    from reclip.data.transforms import CLIP_MEAN, CLIP_STD
-
-    return getattr(clip, "image_mean", CLIP_MEAN), getattr(clip, "image_std", CLIP_STD)
-
-
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -173,7 +166,7 @@ def evaluate(
     cfg = inference_config(method, protocol, **dict(inference or {}))
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, text_cache=text_cache)
-    mean, std = _image_stats(clip)
+    mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
                                 description=f"{method} on {protocol.name}/{split}")
@@ -336,7 +329,7 @@ def segment_files(
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, text_cache=text_cache)
-    mean, std = _image_stats(clip)
+    mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_legend(out_dir / "legend.png", names)  # one per run, replacing a stale one

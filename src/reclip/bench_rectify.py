@@ -21,7 +21,6 @@ import torch
 
 from reclip.bench import VIT_B16
 from reclip.clip.model import CLIP
-from reclip.data.transforms import CLIP_MEAN, CLIP_STD
 from reclip.hypotheses import HypothesisConfig, crop_boxes, image_hypotheses
 from reclip.text import QueryEmbeddings
 
@@ -75,7 +74,7 @@ def bench_hypotheses(
     rng = np.random.default_rng(seed)
     imgs = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(images)]
     crops = images * len(crop_boxes(height, width, r))
-    kw = dict(mean=getattr(clip, "image_mean", CLIP_MEAN), std=getattr(clip, "image_std", CLIP_STD))
+    kw = dict(mean=clip.image_mean, std=clip.image_std)
 
     def run(bs: int) -> tuple[float, list[list[int]]]:
         cfg = HypothesisConfig(r=r, t=0.0, batch_size=bs)

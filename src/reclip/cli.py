@@ -30,6 +30,13 @@ from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
 
 
+CLIP_CONFIG_HELP = (
+    "open_clip config of the --clip weights: open_clip's model_configs/<name>.json or a hub open_clip_config.json. "
+    "open_clip checkpoints do not record their attention heads; without it they are guessed (width // 64). "
+    "Wins over an open_clip_config.json beside the weights"
+)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,6 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--templates", choices=sorted(TEMPLATE_SETS), help="prompt templates (default: the method's)")
     g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="activation of open_clip checkpoints without a config (default: inferred)")
+    g.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     g.add_argument("--checkpoint", metavar="RUN_DIR", help="trained head of reclip++ / reclip (from `reclip rectify`)")
     s = p.add_argument_group("last-block strategy overrides (ClearCLIP's decomposition)")
     s.add_argument("--attention", choices=ATTENTIONS, help="last-block attention")
@@ -88,7 +96,7 @@ def _strategy_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     from reclip.clip import load_clip
 
-    return load_clip(args.clip, device=_device(args.device), quick_gelu=args.quick_gelu)
+    return load_clip(args.clip, device=_device(args.device), quick_gelu=args.quick_gelu, config=args.clip_config)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -181,7 +189,9 @@ def cmd_rectify(args: argparse.Namespace) -> int:
         base_short_side=args.base_short_side, crop=args.crop, resume=args.resume, progress=not args.quiet,
     )
     print(f"trained {args.method} for {result.step} steps: {args.out}/model.safetensors + config.json")
-    print(f"use it with: reclip evaluate --method {args.method} --checkpoint {args.out} --clip {args.clip} ...")
+    clip_config = f" --clip-config {args.clip_config}" if args.clip_config else ""
+    print(f"use it with: reclip evaluate --method {args.method} --checkpoint {args.out} --clip {args.clip}"
+          f"{clip_config} ...")
     return 0
 
 
@@ -251,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="activation of open_clip checkpoints without a config (default: inferred)")
+    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="train")
@@ -308,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     p.set_defaults(func=cmd_rectify)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")

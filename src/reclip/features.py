@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from reclip.clip.model import CLIP, ResidualAttentionBlock
 
@@ -321,24 +321,24 @@ def dense_features(clip: CLIP, images: Tensor, strategy: str | LastBlock = "mask
 
 @contextlib.contextmanager
 def reclip_official_numerics(clip: CLIP) -> Iterator[CLIP]:
-    """Temporarily run the vision blocks with the official ReCLIP code's numerics.
+    """Temporarily run the vision blocks with the official ReCLIP code's LayerNorm eps.
 
-    dogehhh/ReCLIP (model/model.py, ``_initialize_weights`` of both block classes), a
-    MaskCLIP-mmseg inheritance, changes two things in all vision blocks of the CLIP it
-    loads: ``ln_1``/``ln_2`` eps 1e-5 -> 1e-6, and the MLP activation QuickGELU -> exact
-    ``nn.GELU()``; ln_pre and ln_post keep 1e-5. OpenAI's weights were trained with
-    QuickGELU and 1e-5, so this is off by default; use it only to reproduce the official
-    numbers. The model is modified in place inside the ``with`` and restored after.
-    (Not reproduced: ReCLIP also replaces the class embedding by a tensor read from
-    ``utils/cls_token.pt``.)
+    dogehhh/ReCLIP at its HEAD (model/model.py, commit d2bf59c, ``_initialize_weights``
+    of both block classes), a MaskCLIP-mmseg inheritance, sets ``ln_1``/``ln_2`` eps
+    1e-5 -> 1e-6 in all vision blocks of the CLIP it loads; ln_pre and ln_post keep
+    1e-5. The blocks reuse OpenAI's MLP, so the activation stays QuickGELU: the line
+    ``self.mlp[1] = nn.GELU()`` is commented out there (it was active in the earlier
+    commit 04c806c). OpenAI's weights were trained with 1e-5, so this is off by default;
+    use it only to reproduce the official numbers. The model is modified in place inside
+    the ``with`` and restored after. (Not reproduced: ReCLIP also replaces the class
+    embedding by a tensor read from ``utils/cls_token.pt``.)
     """
     blocks = clip.visual.transformer.resblocks
-    saved = [(b.ln_1.eps, b.ln_2.eps, b.mlp.gelu) for b in blocks]
+    saved = [(b.ln_1.eps, b.ln_2.eps) for b in blocks]
     try:
         for b in blocks:
             b.ln_1.eps = b.ln_2.eps = MMSEG_LAYERNORM_EPS
-            b.mlp.gelu = nn.GELU()
         yield clip
     finally:
-        for b, (eps_1, eps_2, act) in zip(blocks, saved):
-            b.ln_1.eps, b.ln_2.eps, b.mlp.gelu = eps_1, eps_2, act
+        for b, (eps_1, eps_2) in zip(blocks, saved):
+            b.ln_1.eps, b.ln_2.eps = eps_1, eps_2

@@ -515,15 +515,14 @@ def generate_hypotheses(
     """
     from reclip.clip.model import weights_fingerprint
     from reclip.data.io import read_image
-    from reclip.data.transforms import CLIP_MEAN, CLIP_STD
 
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
     vocab = vocabulary if vocabulary is not None else dataset.vocabulary
     if queries.num_classes != vocab.num_classes:
         raise ValueError(f"queries have {queries.num_classes} classes but the vocabulary {vocab.num_classes}")
-    mean = mean if mean is not None else getattr(clip, "image_mean", CLIP_MEAN)
-    std = std if std is not None else getattr(clip, "image_std", CLIP_STD)
+    mean = mean if mean is not None else clip.image_mean
+    std = std if std is not None else clip.image_std
     protocol = getattr(dataset, "protocol", None)
     header_kw = dict(vocabulary=vocab, config=config, clip_fingerprint=weights_fingerprint(clip),
                      templates=templates, dataset=getattr(protocol, "name", None),

@@ -105,6 +105,12 @@ def from_open_clip(sd: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
+def count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of transformer blocks ``prefix``N``.*`` in a state dict (``visual.transformer.resblocks.``)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in sd if (m := pattern.match(k))})
+
+
 # open_clip towers whose head width is not 64 (model_configs/ViT-{H,g,bigG}-14.json:
 # head_width 80 / 88 / 104); shapes alone cannot tell, and width // 64 would be wrong.
 _VISION_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
@@ -142,10 +148,6 @@ def infer_config(
             f"visual.positional_embedding has {n_pos} rows, expected grid ** 2 + 1 for a square patch grid"
         )
 
-    def count_blocks(prefix: str) -> int:
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-        return len({m.group(1) for k in sd if (m := pattern.match(k))})
-
     text_width = sd["ln_final.weight"].shape[0]
     if vision_heads is None:
         vision_heads = _VISION_HEADS_BY_WIDTH.get(vision_width)
@@ -154,14 +156,14 @@ def infer_config(
     return CLIPConfig(
         embed_dim=sd["text_projection"].shape[1],
         image_resolution=patch * grid,
-        vision_layers=count_blocks("visual.transformer.resblocks."),
+        vision_layers=count_blocks(sd, "visual.transformer.resblocks."),
         vision_width=vision_width,
         vision_patch_size=patch,
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=text_width,
         transformer_heads=transformer_heads or max(text_width // 64, 1),
-        transformer_layers=count_blocks("transformer.resblocks."),
+        transformer_layers=count_blocks(sd, "transformer.resblocks."),
         vision_heads=vision_heads,
         quick_gelu=quick_gelu,
     )

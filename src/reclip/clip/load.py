@@ -18,24 +18,30 @@
      state dict with OpenAI names, a training checkpoint ``{"state_dict": ...}``
      (open_clip), or HF names with ``config.json`` beside.
 
-The activation (QuickGELU or GELU) cannot be read from tensor shapes. It is decided by,
-in order: the ``quick_gelu`` argument; HF ``hidden_act``; ``open_clip_config.json``
-beside the file (or inside a TorchScript archive written by ``save_clip``):
-``model_cfg.quick_gelu``, default False as in open_clip; then the format: OpenAI's
+The activation (QuickGELU or GELU) and the attention heads cannot be read from tensor
+shapes. The activation is decided by, in order: the ``quick_gelu`` argument; HF
+``hidden_act``; an open_clip config: the ``config`` argument (``--clip-config``), else
+``open_clip_config.json`` beside the file (or inside a TorchScript archive written by
+``save_clip``): ``quick_gelu``, default False as in open_clip; then the format: OpenAI's
 (TorchScript archive, flat ``.pt`` state dict, a model name) -> True, open_clip's
 (``.safetensors``, training checkpoint) -> False. Most open_clip models (LAION,
 DataComp) use GELU; their ``-quickgelu`` variants and all OpenAI models use QuickGELU.
-The same files give the attention heads (default width // 64) and the normalisation
-mean / std (default CLIP's).
+The same files give the heads and the normalisation mean / std (default CLIP's).
+Without them, heads are width // 64: OpenAI's fixed convention for its formats, a guess
+for an open_clip checkpoint (``load_clip`` warns, naming the guess), right for most
+open_clip models but not all: pass the model's config (open_clip's
+``model_configs/<name>.json`` or a hub ``open_clip_config.json``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ from tqdm import tqdm
 from .convert import (
     CheckpointError,
     check_state_dict,
+    count_blocks,
     from_hf,
     from_open_clip,
     from_openai,
@@ -55,7 +62,7 @@ from .convert import (
     to_hf,
     unwrap_state_dict,
 )
-from .model import CLIP, weights_fingerprint
+from .model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, weights_fingerprint
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
@@ -67,9 +74,6 @@ __all__ = [
     "open_clip_config", "read_checkpoint", "resolve_spec", "save_clip",
 ]
 
-# CLIP's normalisation (openai/CLIP clip.py _transform).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's hub config name (constants.HF_CONFIG_NAME)
 SAVE_FORMATS = ("openai", "openai-jit", "open_clip", "hf")
 
@@ -181,7 +185,8 @@ class LoadedCheckpoint:
     """A checkpoint read into OpenAI names, with what shapes cannot tell.
 
     ``quick_gelu`` / heads are None when the files do not say (``load_clip`` then uses
-    the format's default, ``default_quick_gelu``, and width // 64).
+    the format's default, ``default_quick_gelu``, and width // 64). ``config_source``
+    names the config that said them (None: no config was read).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -193,6 +198,7 @@ class LoadedCheckpoint:
     transformer_heads: int | None = None
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
+    config_source: str | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -205,33 +211,134 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: dict, source: str) -> None:
-    """Fill activation, heads and mean/std from an ``open_clip_config.json`` dict, checking it fits."""
-    model_cfg = cfg.get("model_cfg") or {}
-    vision_cfg = model_cfg.get("vision_cfg") or {}
-    text_cfg = model_cfg.get("text_cfg") or {}
+def _given_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
+    """(config dict, its name in messages) from ``load_clip``'s ``config`` argument."""
+    if isinstance(config, Mapping):
+        return dict(config), "load_clip(config=...)"
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config is {type(config).__name__}; give an open_clip config file path or its dict")
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"open_clip config {path} does not exist; give open_clip's model_configs/<name>.json of the model "
+            f"or its hub {OPEN_CLIP_CONFIG}"
+        )
+    return _read_json(path), str(path)
+
+
+def _section(parent: Mapping[str, Any], key: str, field: str, source: str) -> dict:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{source}: {field} = {value!r} is {type(value).__name__}, expected a JSON object")
+    return dict(value)
+
+
+def _positive_int(
+    section: Mapping[str, Any], key: str, field: str, source: str, default: int | None = None
+) -> int | None:
+    value = section.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise CheckpointError(f"{source}: {field} = {value!r}, expected a positive integer")
+    return value
+
+
+def _channel_values(section: Mapping[str, Any], key: str, field: str, source: str) -> tuple[float, ...] | None:
+    """preprocess_cfg mean / std: 3 numbers, or one for all channels (open_clip accepts both)."""
+    value = section.get(key)
+    if value is None:
+        return None
+    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not (isinstance(values, list) and len(values) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)):
+        raise CheckpointError(f"{source}: {field} = {value!r}, expected 3 numbers (RGB on the 0..1 scale)")
+    return tuple(float(x) for x in values)
+
+
+def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], source: str) -> None:
+    """Fill activation, heads and mean / std from an open_clip config, checking it fits the tensors.
+
+    Either of open_clip's forms: its hub ``open_clip_config.json`` (``{"model_cfg": {...},
+    "preprocess_cfg": {"mean", "std"}}``) or a model config ``model_configs/<name>.json``
+    (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu`` at the top). As open_clip
+    builds the model: vision heads = ``vision_cfg.width // head_width`` (default 64), text
+    heads ``text_cfg.heads`` (default 8), ``quick_gelu`` default False (nn.GELU). A field
+    of the wrong type, or one the tensors contradict (widths, layers, patch and image
+    size, context length, vocabulary), raises ``CheckpointError`` naming ``source`` and
+    the field.
+    """
+    if "model_cfg" in cfg:
+        top = "model_cfg."
+        model_cfg = _section(cfg, "model_cfg", "model_cfg", source)
+        pre = _section(cfg, "preprocess_cfg", "preprocess_cfg", source)
+    elif cfg.keys() & {"embed_dim", "vision_cfg", "text_cfg"}:
+        top, model_cfg, pre = "", dict(cfg), {}
+    else:
+        raise CheckpointError(
+            f"{source} is not an open_clip config (keys: {sorted(cfg)[:10]}); expected open_clip's model config "
+            f"(model_configs/<name>.json: embed_dim, vision_cfg, text_cfg) or its hub config ({OPEN_CLIP_CONFIG}: "
+            "model_cfg, preprocess_cfg)"
+        )
+    vision_cfg = _section(model_cfg, "vision_cfg", f"{top}vision_cfg", source)
+    text_cfg = _section(model_cfg, "text_cfg", f"{top}text_cfg", source)
     sd = ckpt.state_dict
+
+    def weights(key: str, dim: int) -> int | None:
+        return sd[key].shape[dim] if key in sd else None
+
+    patch, n_pos = weights("visual.conv1.weight", -1), weights("visual.positional_embedding", 0)
+    resolution = patch * round((n_pos - 1) ** 0.5) if patch and n_pos else None
+    image_size = vision_cfg.get("image_size")
+    if isinstance(image_size, list) and len(image_size) == 2 and image_size[0] == image_size[1]:
+        vision_cfg["image_size"] = image_size[0]  # open_clip also takes [H, W]; our grid is square
+    # (section, its field prefix, key, what the weights say, where they say it)
     checks = [
-        ("model_cfg.embed_dim", model_cfg.get("embed_dim"), "text_projection", 1),
-        ("model_cfg.vision_cfg.width", vision_cfg.get("width"), "visual.conv1.weight", 0),
-        ("model_cfg.text_cfg.width", text_cfg.get("width"), "ln_final.weight", 0),
+        (model_cfg, top, "embed_dim", weights("text_projection", 1), "text_projection"),
+        (vision_cfg, f"{top}vision_cfg.", "width", weights("visual.conv1.weight", 0), "visual.conv1.weight"),
+        (vision_cfg, f"{top}vision_cfg.", "patch_size", patch, "visual.conv1.weight"),
+        (vision_cfg, f"{top}vision_cfg.", "image_size", resolution, "visual.positional_embedding"),
+        (vision_cfg, f"{top}vision_cfg.", "layers", count_blocks(sd, "visual.transformer.resblocks."),
+         "visual.transformer.resblocks.N"),
+        (text_cfg, f"{top}text_cfg.", "width", weights("ln_final.weight", 0), "ln_final.weight"),
+        (text_cfg, f"{top}text_cfg.", "layers", count_blocks(sd, "transformer.resblocks."), "transformer.resblocks.N"),
+        (text_cfg, f"{top}text_cfg.", "context_length", weights("positional_embedding", 0), "positional_embedding"),
+        (text_cfg, f"{top}text_cfg.", "vocab_size", weights("token_embedding.weight", 0), "token_embedding.weight"),
     ]
-    for what, value, key, dim in checks:
-        if value is not None and key in sd and sd[key].shape[dim] != value:
+    for section, prefix, key, actual, where in checks:
+        value = _positive_int(section, key, prefix + key, source)
+        if value is not None and actual is not None and value != actual:
             raise CheckpointError(
-                f"{source}: {what} = {value} but the weights have {sd[key].shape[dim]} ({key}); the config belongs "
-                f"to another model. Keep each open_clip model in its own folder with its own {OPEN_CLIP_CONFIG}"
+                f"{source}: {prefix}{key} = {value} but the weights have {actual} ({where}); the config describes "
+                "another model. Give the config of these weights (open_clip's model_configs/<name>.json of the "
+                f"model they were trained as), or keep each open_clip model in its own folder with its own "
+                f"{OPEN_CLIP_CONFIG}"
             )
-    ckpt.quick_gelu = bool(model_cfg.get("quick_gelu", False))  # open_clip's default is nn.GELU
-    width = vision_cfg.get("width") or (sd["visual.conv1.weight"].shape[0] if "visual.conv1.weight" in sd else None)
+
+    quick_gelu = model_cfg.get("quick_gelu", False)  # open_clip's default is nn.GELU
+    if not isinstance(quick_gelu, bool):
+        raise CheckpointError(f"{source}: {top}quick_gelu = {quick_gelu!r}, expected true or false")
+    ckpt.quick_gelu = quick_gelu
+    width = vision_cfg.get("width") or weights("visual.conv1.weight", 0)
+    head_width = _positive_int(vision_cfg, "head_width", f"{top}vision_cfg.head_width", source, default=64)
     if width:
-        # open_clip: heads = width // head_width
-        ckpt.vision_heads = int(width) // int(vision_cfg.get("head_width", 64))
+        if width % head_width:
+            raise CheckpointError(
+                f"{source}: {top}vision_cfg.head_width = {head_width} does not divide the vision width {width}; "
+                "open_clip builds width // head_width heads"
+            )
+        ckpt.vision_heads = width // head_width
     if text_cfg:
-        ckpt.transformer_heads = int(text_cfg.get("heads", 8))  # open_clip CLIPTextCfg default
-    pre = cfg.get("preprocess_cfg") or {}
-    ckpt.mean = tuple(float(x) for x in pre.get("mean", ckpt.mean))
-    ckpt.std = tuple(float(x) for x in pre.get("std", ckpt.std))
+        heads = _positive_int(text_cfg, "heads", f"{top}text_cfg.heads", source, default=8)  # CLIPTextCfg default
+        text_width = text_cfg.get("width") or weights("ln_final.weight", 0)
+        if text_width and text_width % heads:
+            raise CheckpointError(
+                f"{source}: {top}text_cfg.heads = {heads} does not divide the text width {text_width}"
+            )
+        ckpt.transformer_heads = heads
+    ckpt.mean = _channel_values(pre, "mean", "preprocess_cfg.mean", source) or ckpt.mean
+    ckpt.std = _channel_values(pre, "std", "preprocess_cfg.std", source) or ckpt.std
+    ckpt.config_source = source
 
 
 def _is_hf_state_dict(sd: dict) -> bool:
@@ -285,7 +392,8 @@ def _read_hf(folder: Path, sd: dict[str, torch.Tensor], source: Path) -> LoadedC
     options = hf_options(hf_config)
     ckpt = LoadedCheckpoint(from_hf(sd, hf_config), "hf", source, default_quick_gelu=options["quick_gelu"],
                             quick_gelu=options["quick_gelu"], vision_heads=options["vision_heads"],
-                            transformer_heads=options["transformer_heads"])
+                            transformer_heads=options["transformer_heads"],
+                            config_source=str(folder / "config.json"))
     if (folder / "preprocessor_config.json").is_file():
         pre = _read_json(folder / "preprocessor_config.json")
         ckpt.mean = tuple(float(x) for x in pre.get("image_mean", CLIP_MEAN))
@@ -293,26 +401,45 @@ def _read_hf(folder: Path, sd: dict[str, torch.Tensor], source: Path) -> LoadedC
     return ckpt
 
 
-def _read_open_clip_file(path: Path, obj: Any, default_quick_gelu: bool, fmt: str) -> LoadedCheckpoint:
+def _read_open_clip_file(
+    path: Path, obj: Any, default_quick_gelu: bool, fmt: str, given: tuple[dict, str] | None
+) -> LoadedCheckpoint:
     sd = from_open_clip(obj)
     ckpt = LoadedCheckpoint(sd, fmt, path, default_quick_gelu=default_quick_gelu)
     sidecar = path.parent / OPEN_CLIP_CONFIG
-    if sidecar.is_file():
+    if given is not None:  # a given config wins over the one beside the file (which may be stale)
+        _apply_open_clip_config(ckpt, *given)
+    elif sidecar.is_file():
         _apply_open_clip_config(ckpt, _read_json(sidecar), str(sidecar))
     return ckpt
 
 
-def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint file or folder into OpenAI names (see the module docstring for the rules)."""
+def _refuse_config_for_hf(path: Path, given: tuple[dict, str] | None) -> None:
+    if given is not None:
+        raise CheckpointError(
+            f"{path} is a Hugging Face CLIP, whose config.json gives heads and activation; the open_clip config "
+            f"{given[1]} does not apply to it. Drop --clip-config (config=)"
+        )
+
+
+def read_checkpoint(path: str | Path, config: str | os.PathLike | Mapping[str, Any] | None = None) -> LoadedCheckpoint:
+    """Read a checkpoint file or folder into OpenAI names (see the module docstring for the rules).
+
+    ``config``: an open_clip config (either form, file or dict; see
+    ``_apply_open_clip_config``) for an open_clip or OpenAI checkpoint; it replaces any
+    ``open_clip_config.json`` beside the file or inside the archive.
+    """
     path = Path(path).expanduser()
+    given = _given_config(config) if config is not None else None
     if path.is_dir():
         if (path / "config.json").is_file() and any(
             (path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
         ):
+            _refuse_config_for_hf(path, given)
             return _read_hf(path, _hf_weights(path), path)
         for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if (path / OPEN_CLIP_CONFIG).is_file() and (path / name).is_file():
-                return read_checkpoint(path / name)
+            if ((path / OPEN_CLIP_CONFIG).is_file() or given is not None) and (path / name).is_file():
+                return read_checkpoint(path / name, config)
         raise CheckpointError(
             f"folder {path} is not a CLIP checkpoint: expected config.json + model.safetensors (Hugging Face) or "
             f"{OPEN_CLIP_CONFIG} + open_clip_model.safetensors (open_clip); it has "
@@ -325,26 +452,30 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         sd, extra = read_torchscript(path)
         ckpt = LoadedCheckpoint(from_openai(sd), "openai-jit", path, default_quick_gelu=True)
         cfg = read_extra_json(extra, OPEN_CLIP_CONFIG)  # written by save_clip, absent in OpenAI's archives
-        if cfg is not None:
+        if given is not None:
+            _apply_open_clip_config(ckpt, *given)
+        elif cfg is not None:
             _apply_open_clip_config(ckpt, cfg, f"{path}:extra/{OPEN_CLIP_CONFIG}")
         return ckpt
 
     if path.suffix == ".safetensors":
         obj: Any = _load_safetensors(path)
         if _is_hf_state_dict(obj):
+            _refuse_config_for_hf(path, given)
             return _read_hf(path.parent, obj, path)
-        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip")
+        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip", given=given)
 
     obj = _torch_load(path)
     sd = unwrap_state_dict(obj)
     if _is_hf_state_dict(sd):
+        _refuse_config_for_hf(path, given)
         return _read_hf(path.parent, sd, path)
     # A training checkpoint ({"state_dict": ...} or DDP names) comes from open_clip's trainer;
     # a flat state dict with OpenAI names is OpenAI's convention (clip.load(jit=False)).
     wrapped = not (isinstance(obj, dict) and len(obj) == len(sd) and all(k in obj for k in sd))
     if wrapped or path.name.startswith("open_clip"):
-        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip")
-    return _read_open_clip_file(path, sd, default_quick_gelu=True, fmt="openai")
+        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip", given=given)
+    return _read_open_clip_file(path, sd, default_quick_gelu=True, fmt="openai", given=given)
 
 
 def resolve_spec(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -361,46 +492,73 @@ def resolve_spec(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
     )
 
 
+def _warn_guessed_heads(path: Path, arch: CLIPConfig) -> str:
+    """Warn (once per load) that an open_clip checkpoint's heads were guessed; returns the note
+    that errors building the model carry."""
+    vision_heads = arch.vision_heads or max(arch.vision_width // 64, 1)
+    guess = (f"{vision_heads} vision heads for width {arch.vision_width}, {arch.transformer_heads} text heads "
+             f"for width {arch.transformer_width}")
+    fix = (f"pass the model's open_clip config with --clip-config FILE (load_clip(..., config=FILE)): "
+           f"open_clip's model_configs/<name>.json or its {OPEN_CLIP_CONFIG}")
+    warnings.warn(
+        f"{path}: an open_clip checkpoint does not record its attention heads and no config was given (no "
+        f"{OPEN_CLIP_CONFIG} beside it, no --clip-config); guessed {guess}. A model with another head width "
+        f"loads with wrong embeddings: {fix}",
+        stacklevel=3,  # the caller of load_clip
+    )
+    return f"; note: the attention heads were guessed ({guess}), no open_clip config was given: {fix}"
+
+
 def load_clip(
     spec: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     quick_gelu: bool | None = None,
     cache_dir: str | Path | None = None,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> CLIP:
     """Load a frozen CLIP from a model name, file or folder (formats: module docstring).
 
     Returns the model in eval mode with ``requires_grad`` False, weights cast to
     ``dtype`` (OpenAI's fp16 releases become float32 by default) on ``device``, and
-    attributes ``spec`` (str), ``image_mean`` / ``image_std`` (3-tuples: the
-    normalisation these weights expect) and the weights fingerprint precomputed.
-    ``quick_gelu`` overrides the activation the files imply. Any failure raises
-    ``CheckpointError`` (``UnsafeCheckpointError`` for a pickle that could run code).
+    ``image_mean`` / ``image_std`` from the checkpoint (its preprocessing config, else
+    CLIP's), attributes ``spec`` (str) and ``checkpoint_format``, and the weights
+    fingerprint precomputed.
+    ``quick_gelu`` overrides the activation the files imply. ``config``: the model's
+    open_clip config, a file or its dict, either open_clip's ``model_configs/<name>.json``
+    or a hub ``open_clip_config.json``; it gives the heads (and activation, mean / std)
+    and wins over an ``open_clip_config.json`` beside the file. An open_clip checkpoint
+    with no config at all loads with guessed heads (width // 64) and a warning. Any
+    failure raises ``CheckpointError`` (``UnsafeCheckpointError`` for a pickle that
+    could run code).
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype {dtype!r} is not a floating point torch.dtype; use torch.float32, float16 or bfloat16")
     path = resolve_spec(spec, cache_dir)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, config)
     if isinstance(spec, str) and spec in OPENAI_MODELS:
         ckpt.mean, ckpt.std = OPENAI_MODELS[spec].mean, OPENAI_MODELS[spec].std
     gelu = quick_gelu if quick_gelu is not None else (
         ckpt.quick_gelu if ckpt.quick_gelu is not None else ckpt.default_quick_gelu
     )
-    config = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
+    arch = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
+    # open_clip state dicts do not record heads; OpenAI's formats have a fixed convention instead.
+    guessed = _warn_guessed_heads(path, arch) if ckpt.format == "open_clip" and ckpt.config_source is None else ""
     try:
         with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
-            model = CLIP.from_config(config)
+            model = CLIP.from_config(arch, image_mean=ckpt.mean, image_std=ckpt.std)
     except ValueError as e:
-        raise CheckpointError(f"{path}: cannot build CLIP {config} ({e})") from e
-    check_state_dict(ckpt.state_dict, model)
+        raise CheckpointError(f"{path}: cannot build CLIP {arch} ({e}){guessed}") from e
+    try:
+        check_state_dict(ckpt.state_dict, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}{guessed}") from e
     state = {k: v.to(dtype).contiguous() for k, v in ckpt.state_dict.items()}  # fp16 releases -> float32
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors not in the state dict stayed on the meta device: {left}"  # a non-persistent buffer
     model = model.to(device).eval().requires_grad_(False)
     model.spec = str(spec)
-    model.image_mean = tuple(float(x) for x in ckpt.mean)
-    model.image_std = tuple(float(x) for x in ckpt.std)
     model.checkpoint_format = ckpt.format
     weights_fingerprint(model)
     return model
@@ -411,15 +569,10 @@ def load_clip(
 # ---------------------------------------------------------------------------------------
 
 
-def _mean_std(clip: CLIP) -> tuple[list[float], list[float]]:
-    return list(getattr(clip, "image_mean", CLIP_MEAN)), list(getattr(clip, "image_std", CLIP_STD))
-
-
 def open_clip_config(clip: CLIP) -> dict[str, Any]:
     """open_clip's hub config for this model: ``{"model_cfg": ..., "preprocess_cfg": ...}``."""
     c = clip.config
     vision_heads = c.vision_heads or max(c.vision_width // 64, 1)
-    mean, std = _mean_std(clip)
     return {
         "model_cfg": {
             "embed_dim": c.embed_dim,
@@ -429,19 +582,18 @@ def open_clip_config(clip: CLIP) -> dict[str, Any]:
             "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size,
                          "width": c.transformer_width, "heads": c.transformer_heads, "layers": c.transformer_layers},
         },
-        "preprocess_cfg": {"mean": mean, "std": std},
+        "preprocess_cfg": {"mean": list(clip.image_mean), "std": list(clip.image_std)},
     }
 
 
 def _is_openai_convention(clip: CLIP) -> bool:
     """True when a bare OpenAI file reloads exactly: QuickGELU, width // 64 heads, CLIP's mean / std."""
     c = clip.config
-    mean, std = _mean_std(clip)
     return (
         c.quick_gelu
         and (c.vision_heads or max(c.vision_width // 64, 1)) == max(c.vision_width // 64, 1)
         and c.transformer_heads == max(c.transformer_width // 64, 1)
-        and tuple(mean) == CLIP_MEAN and tuple(std) == CLIP_STD
+        and tuple(clip.image_mean) == CLIP_MEAN and tuple(clip.image_std) == CLIP_STD
     )
 
 
@@ -520,13 +672,12 @@ def save_clip(clip: CLIP, path: str | Path, format: str = "openai") -> Path:
         atomic_write(path, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     else:  # hf
         hf_sd, hf_config = to_hf(_state_dict(clip), clip.config)
-        mean, std = _mean_std(clip)
         res = clip.config.image_resolution
         preprocessor = {  # transformers CLIPImageProcessor fields (resample 3 = bicubic)
             "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": res},
             "resample": 3, "do_center_crop": True, "crop_size": {"height": res, "width": res},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
-            "image_std": std, "do_convert_rgb": True,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(clip.image_mean), "image_std": list(clip.image_std), "do_convert_rgb": True,
         }
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / "model.safetensors", lambda p: save_file(hf_sd, str(p), metadata={"format": "pt"}))

@@ -11,17 +11,24 @@ all numerically neutral:
   patch grid of each input, so any input size works; sizes that are not a multiple of
   the patch are padded at the bottom/right (``pad_to_patch``);
 - the building blocks expose what dense-CLIP methods need (``Attention.qkv``,
-  ``VisionTransformer.embed`` / ``forward_blocks``) instead of returning ad-hoc lists.
+  ``VisionTransformer.embed`` / ``forward_blocks`` / ``forward_intermediates``) instead
+  of returning ad-hoc lists.
 
 Read top to bottom in build order: LayerNorm, attention, MLP, block, transformer,
 vision tower, CLIP.
+
+Preprocessing belongs to the weights: ``CLIP.image_mean`` / ``image_std`` (OpenAI's by
+default; ``load_clip`` sets a checkpoint's own) are plain attributes, outside
+``CLIPConfig`` and the state dict, so they never change ``weights_fingerprint``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +107,19 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_with_qkv(
+        self, x: torch.Tensor, causal: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``forward`` (same operations, same numbers), also returning the attention's inputs.
+
+        x (B, N, D) -> (block output (B, N, D), (q, k, v) each (B, heads, N, D // heads)
+        of ``attn.qkv(ln_1(x))``).
+        """
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, N, hd)
+        x = x + self.attn.merge_heads(out)
+        return x + self.mlp(self.ln_2(x)), (q, k, v)
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool) -> None:
@@ -122,6 +142,45 @@ def pad_to_patch(images: torch.Tensor, patch: int) -> torch.Tensor:
     if pad_h or pad_w:
         images = F.pad(images, (0, pad_w, 0, pad_h))
     return images
+
+
+def block_indices(indices: int | Sequence[int], depth: int) -> list[int]:
+    """Block numbers 0..depth-1, sorted and unique, from timm-style ``indices``.
+
+    An int n means the last n blocks; a sequence holds block numbers, negative ones
+    counted from the end (-1 is the last block). Anything out of range raises.
+    """
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= depth:
+            raise ValueError(
+                f"indices={indices} asks for the last {indices} of {depth} blocks; give a count 1..{depth}, "
+                f"or a list of block numbers 0..{depth - 1} (negative from the end)"
+            )
+        return list(range(depth - indices, depth))
+    valid = f"block numbers 0..{depth - 1} or -{depth}..-1 (-1 = the last block), or a count 1..{depth}"
+    if not isinstance(indices, Sequence):
+        raise TypeError(f"indices={indices!r}; give a list of {valid}")
+    chosen = list(indices)
+    if not chosen:
+        raise ValueError(f"indices is empty; give {valid}")
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"block indices {bad} are not blocks of this {depth}-block tower; give {valid}")
+    return sorted({i % depth for i in chosen})
+
+
+class Intermediates(NamedTuple):
+    """What ``VisionTransformer.forward_intermediates`` returns; keys are block numbers 0..L-1.
+
+    tokens: block -> its output (B, 1 + h * w, width), CLS first.
+    qkv: block -> (q, k, v) each (B, heads, 1 + h * w, width // heads), from ``ln_1`` of
+        the block's input as ``Attention.qkv`` splits them; empty unless asked for.
+    grid: the patch grid (h, w).
+    """
+
+    tokens: dict[int, torch.Tensor]
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    grid: tuple[int, int]
 
 
 class VisionTransformer(nn.Module):
@@ -188,6 +247,37 @@ class VisionTransformer(nn.Module):
         x, grid = self.embed(images)
         return self.transformer(x, end=end), grid
 
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | Sequence[int],
+        *,
+        qkv: bool = False,
+        stop_early: bool = True,
+    ) -> Intermediates:
+        """Tokens after chosen blocks, and their q/k/v if asked (timm's name; DINOv2's
+        ``get_intermediate_layers``), so a method reading e.g. block 8's attention does
+        not rewrite the forward.
+
+        images (B, 3, H, W) normalised, padded to the patch as in ``embed``. ``indices``:
+        block numbers 0..L-1 (negative from the end, -1 = last), or an int n = the last n
+        blocks. ``stop_early`` runs no block after the highest chosen one (False runs the
+        whole tower, e.g. to time it); the values are the same either way.
+        """
+        blocks = self.transformer.resblocks
+        chosen = block_indices(indices, len(blocks))
+        x, grid = self.embed(images)
+        tokens: dict[int, torch.Tensor] = {}
+        qkvs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for i, block in enumerate(blocks[: chosen[-1] + 1] if stop_early else blocks):
+            if qkv and i in chosen:
+                x, qkvs[i] = block.forward_with_qkv(x)
+            else:
+                x = block(x)
+            if i in chosen:
+                tokens[i] = x  # (B, 1 + h * w, width)
+        return Intermediates(tokens, qkvs, grid)
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """ln_post then the projection: (..., width) -> (..., output_dim)."""
         return self.ln_post(tokens) @ self.proj
@@ -219,8 +309,30 @@ class CLIPConfig:
         return asdict(self)
 
 
+# OpenAI CLIP's normalisation (openai/CLIP clip.py _transform), RGB on the 0..1 scale.
+# ReCLIP's configs give the same numbers times 255: mean (122.771, 116.746, 104.094),
+# std (68.501, 66.632, 70.323).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _channel_stats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    """3 per-channel floats on the 0..1 scale (std > 0), or a ValueError naming the value."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3 or max(out) > 1 or (name == "image_std" and min(out) <= 0):
+        raise ValueError(
+            f"{name} {values!r}: expected 3 RGB values on the 0..1 scale"
+            f"{' (> 0)' if name == 'image_std' else ''}; from 0..255 statistics, divide by 255"
+        )
+    return out
+
+
 class CLIP(nn.Module):
-    """CLIP: a ViT image tower and a causal text transformer mapped to one embedding space."""
+    """CLIP: a ViT image tower and a causal text transformer mapped to one embedding space.
+
+    ``image_mean`` / ``image_std``: the normalisation these weights expect, RGB on the
+    0..1 scale ((x / 255 - mean) / std); not part of ``config`` (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -236,8 +348,13 @@ class CLIP(nn.Module):
         transformer_layers: int,
         vision_heads: int | None = None,
         quick_gelu: bool = True,
+        *,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
     ) -> None:
         super().__init__()
+        self.image_mean = _channel_stats("image_mean", image_mean)
+        self.image_std = _channel_stats("image_std", image_std)
         self.config = CLIPConfig(
             embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
             vocab_size, transformer_width, transformer_heads, transformer_layers, vision_heads, quick_gelu,
@@ -261,8 +378,10 @@ class CLIP(nn.Module):
         self._init_text()
 
     @classmethod
-    def from_config(cls, config: CLIPConfig) -> "CLIP":
-        return cls(**config.to_dict())
+    def from_config(
+        cls, config: CLIPConfig, *, image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD
+    ) -> "CLIP":
+        return cls(**config.to_dict(), image_mean=image_mean, image_std=image_std)
 
     def _init_text(self) -> None:
         # OpenAI's initialize_parameters for the text side (the vision side inits itself).

@@ -13,6 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Defaults of the functions below: OpenAI CLIP's normalisation (one home, with the model;
+# re-exported here). A loaded model's own is clip.image_mean / image_std.
+from reclip.clip.model import CLIP_MEAN, CLIP_STD
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -21,11 +25,6 @@ __all__ = [
     "to_tensor_normalized",
     "resize_bilinear",
 ]
-
-# OpenAI CLIP preprocessing (clip/clip.py _transform), RGB in 0..1. ReCLIP's configs give
-# the same numbers times 255: mean (122.771, 116.746, 104.094), std (68.501, 66.632, 70.323).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 def short_side_size(
