@@ -43,7 +43,9 @@ def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, m
     monkeypatch.setattr(reclip.rectification, "_loss", no_training_step)
     second = run_demo(tmp_path / "out", **kwargs)
     assert second[-1].result.miou == first[-1].result.miou
-    config = json.loads((tmp_path / "out" / "reclip++" / "config.json").read_text())
+    runs = sorted((tmp_path / "out").glob("reclip++-*"))
+    assert len(runs) == 1  # the second demo reused the first one's run
+    config = json.loads((runs[0] / "config.json").read_text())
     assert config["rectifier"]["reference_length"] == SMALL_RECTIFICATION.reference_length
     assert config["rectifier"]["strategy"]["residual"] is False  # MaskCLIP without residual, as a LastBlock
     assert config["train_images"] == SMALL_RECTIFICATION.num_train

@@ -122,3 +122,17 @@ def test_the_rectify_section_of_a_user_yaml_drives_training(trained, tmp_path):
     optimizer = config["optimizer"]
     assert (train["steps"], train["batch_size"]) == (2, 2)
     assert (optimizer["type"], optimizer["lr"], optimizer["schedule"]["horizon"]) == ("SGDConfig", 0.05, 6)
+
+
+def test_a_resume_with_other_rectifier_settings_is_refused(trained, tmp_path, capsys):
+    """--resume continues only the same run: another Gumbel scale (or feature strategy) is refused."""
+    clip_file, root, run = trained
+    common = ["rectify", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--hypotheses",
+              str(run.parent / "hyp.json"), "--out", str(run), "--max-steps", "3", "--batch-size", "2", "--crop", "32",
+              "--base-short-side", "40", "--device", "cpu", "--quiet", "--resume"]
+    before = (run / "model.safetensors").read_bytes()
+    assert main([*common, "--gumbel-scale", "30"]) == 2
+    assert "rectifier" in capsys.readouterr().err
+    assert main([*common, "--no-residual"]) == 2
+    assert main(common) == 0  # the same settings: the finished run, untouched
+    assert (run / "model.safetensors").read_bytes() == before

@@ -15,6 +15,7 @@ unlabelled train scenes, ``rectify``, and ``--method reclip++ --checkpoint`` eva
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from reclip.report import plot_confusion, plot_space_curves, write_html_report
 from reclip.text import query_embeddings
 from reclip.toy.pretrain import ToyConfig, get_or_train
 from reclip.toy.world import write_voc_layout
+from reclip.train.checkpoint import CHECKPOINT_VERSION
 from reclip.visualize import overlay, palette
 
 # Every preset plus the variant that the tiny CLIP favours (see reclip.toy): on a tiny
@@ -156,13 +158,17 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         rows, segmentors = _evaluate_all(clip, data, cfg, queries, progress)
+        run_dir = None
         if rectification is not None:
-            run_dir = _rectify(out, clip, voc, classes, queries, rectification, config.world.scene_size, progress)
+            world = f"{config.key()}-s{seed}"  # the tiny CLIP and the scenes
+            run_dir = _rectify(out, clip, voc, classes, queries, rectification, world, config.world.scene_size,
+                               progress)
             segmentor = build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run_dir)
             name = rectification.row_name
             rows.append(DemoRow(name, _evaluate(segmentor, data, cfg, clip, progress, name)))
             segmentors[name] = segmentor
-        _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, time.perf_counter() - start)
+        _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, run_dir,
+                       time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     _print_table(rows, pretrain)
@@ -190,16 +196,21 @@ def _evaluate(segmentor: Any, data: SegmentationDataset, cfg: InferenceConfig, c
 
 
 def _rectify(out: Path, clip: Any, voc: Path, classes: Path, queries: Any, settings: ToyRectification,
-             scene_size: int, progress: bool) -> Path:
+             world: str, scene_size: int, progress: bool) -> Path:
     """Hypotheses on the unlabelled train scenes, then the rectifier; returns its run directory.
 
-    Both steps resume: a finished run is reused, an interrupted one continued.
+    Both steps resume: a finished run is reused, an interrupted one continued. Their files
+    are named by a key of everything they depend on (the toy world ``world``, the
+    rectification settings, the training engine's version), so a run made with other
+    settings or by another reclip is never resumed: it stays beside the new one.
     """
+    key = hashlib.sha256(json.dumps({"world": world, "settings": dataclasses.asdict(settings),
+                                     "engine": CHECKPOINT_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
     train_scenes = SegmentationDataset("voc21", voc, "train", classes_file=classes)
-    hypotheses = out / "hypotheses.json"
+    hypotheses = out / f"hypotheses-{key}.json"
     generate_hypotheses(clip, train_scenes, queries, config=HypothesisConfig(r=settings.r, t=settings.t),
                         out_path=hypotheses, progress=progress, templates=TEMPLATES)
-    run_dir = out / "reclip++"
+    run_dir = out / f"reclip++-{key}"
     rectify(clip, "voc21", voc, hypotheses, run_dir, config=settings.rectifier_config(), classes_file=classes,
             max_steps=settings.steps, base_short_side=scene_size, crop=scene_size, resume=True,
             train_overrides={"batch_size": settings.batch_size, "lr": settings.lr, "device": "cpu",
@@ -219,7 +230,7 @@ def _print_table(rows: list[DemoRow], pretrain: dict[str, Any]) -> None:
 
 def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], data: SegmentationDataset,
                    cfg: InferenceConfig, clip: Any, pretrain: dict[str, Any], checkpoint: Path,
-                   seconds: float) -> None:
+                   run_dir: Path | None, seconds: float) -> None:
     best = max(rows, key=lambda r: r.result.miou)
     figures = [
         ("space preference: mIoU against object distance from the centre",
@@ -250,15 +261,14 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         "slope of mIoU against object distance from the centre. Higher = less bias; background excluded.",
         f"Demo run time {seconds:.0f} s.",
     ]
-    run_config = out / "reclip++" / "config.json"
-    if run_config.is_file() and rows[-1].name.startswith("reclip++"):
-        run = json.loads(run_config.read_text())
+    if run_dir is not None:
+        run = json.loads((run_dir / "config.json").read_text())
         rect, train = run["rectifier"], run["train"]
         notes.insert(2, (
             f"{rows[-1].name}: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
             f"(image-level hypotheses only, no masks) for {train['steps']} steps, batch {train['batch_size']}, "
             f"lr {run['optimizer']['lr']}; Reference length {rect['reference_length']}, Gumbel scale {rect['gumbel_scale']} "
-            "(reclip.demo.ToyRectification says why these differ from the paper); no prompt denoising."))
+            f"(reclip.demo.ToyRectification says why these differ from the paper); no prompt denoising. Run: {run_dir}."))
     write_html_report(out / "report.html", "reclip demo: the toy world", table, notes, figures, examples)
     results = {
         "pretraining": pretrain,

@@ -98,8 +98,11 @@ def rectify(
     optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr), schedule=PolySchedule(horizon=preset.poly_epochs * spe))
     train_config = TrainConfig(steps=max_steps or preset.epochs * spe, batch_size=batch_size, **overrides)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
+    # a resumed run must be this run: same rectifier, classes, CLIP, augmentation
+    identity = {"method": method, "rectifier": config.to_dict(), "classes": vocabulary.to_lines(),
+                "clip_fingerprint": weights_fingerprint(clip), "augment": augment}
     result = train(lambda: Rectifier(clip, queries, vocabulary.names, config), _loss, trainset, train_config, run_dir,
-                   optimizer=optimizer, resume=resume, progress=progress)
+                   optimizer=optimizer, run_settings=identity, resume=resume, progress=progress)
     save_rectifier_run(
         run_dir, result.model, method, clip, vocabulary,
         train=dataclasses.asdict(train_config), optimizer=describe(optimizer), augment=augment,

@@ -262,6 +262,7 @@ def train(
     run_dir: str | Path,
     *,
     optimizer: Any = SGDConfig(),
+    run_settings: Mapping[str, Any] | None = None,
     resume: bool = False,
     progress: bool = True,
     validate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
@@ -278,6 +279,9 @@ def train(
         run_dir: where metrics.jsonl, checkpoint.pt and model.safetensors go.
         optimizer: an optimiser config of :mod:`reclip.train.optim` (``build(model)`` and a
             ``schedule``); default SGD + poly, the official ReCLIP++ settings.
+        run_settings: what else defines the run (the model's configuration, the classes,
+            the CLIP, the augmentation: plain values): recorded in the checkpoint, and a
+            resume with other values is refused like one with another optimiser.
         resume: continue from RUN_DIR/checkpoint.pt (start from scratch when there is
             none). Without it an existing checkpoint is an error (no silent overwrite).
         progress: tqdm bar on rank 0.
@@ -304,6 +308,10 @@ def train(
         resolved = dataclasses.replace(optimizer, schedule=dataclasses.replace(optimizer.schedule, horizon=horizon))
         trajectory = {**{f: getattr(config, f) for f in _TRAJECTORY_FIELDS}, "optimizer": describe(resolved),
                       "training images": len(dataset)}
+        clash = sorted(set(trajectory) & set(run_settings or {}))
+        if clash:
+            raise ValueError(f"run_settings may not redefine the engine's own settings {clash}")
+        trajectory.update(run_settings or {})
         # rank 0 reads the checkpoint and sends it to the others (no shared file system needed)
         ckpt = on_rank0(lambda: read_checkpoint(ckpt_path, resume=resume, trajectory=trajectory,
                                                 world_size=procs.world_size), procs)
