@@ -3,12 +3,11 @@
 import torch
 
 from reclip.bench import bench_vs_hf, bench_zero_shot
-from reclip.clip.model import CLIP
+from tiny import tiny_clip
 
 
 def test_bench_functions_run_and_report_positive_figures():
-    torch.manual_seed(0)
-    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval().requires_grad_(False)
+    clip = tiny_clip().requires_grad_(False)
     zs = bench_zero_shot(clip, torch.device("cpu"), images=1, num_classes=3)
     assert zs["images_per_s"] > 0 and zs["peak_mib"] > 0
     hf = bench_vs_hf(clip, batch=1, repeats=1)
@@ -18,8 +17,7 @@ def test_bench_functions_run_and_report_positive_figures():
 def test_rectification_benches_run_on_a_tiny_model():
     from reclip.bench_rectify import bench_hypotheses, bench_reference, bench_train_step
 
-    torch.manual_seed(0)
-    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).eval().requires_grad_(False)
+    clip = tiny_clip().requires_grad_(False)
     reference = bench_reference(clip, num_classes=(3,), repeats=1)
     assert set(reference) == {3} and all(v > 0 for v in reference[3].values())
     hypotheses = bench_hypotheses(clip, images=1, height=48, width=64, num_classes=3)

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from layouts import write_voc
+from tiny import tiny_clip
 from reclip import api
 from reclip.cli import main
 from reclip.clip.convert import CheckpointError
 from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip, save_clip
-from reclip.clip.model import CLIP
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import read_label
 from reclip.inference import segment
@@ -25,11 +25,7 @@ from reclip.methods import build_segmentor, inference_config
 
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=1)
-    return save_clip(model, tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
+    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
 
 
 @pytest.fixture(autouse=True)
@@ -178,8 +174,7 @@ def test_listings(capsys):
 
 
 def test_a_checkpoint_with_missing_tensors_is_refused_by_name(tmp_path, capsys):
-    torch.manual_seed(0)
-    sd = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1).state_dict()
+    sd = tiny_clip().state_dict()
     del sd["visual.ln_post.weight"]
     sd["ln_final.bias"] = torch.zeros(3)
     torch.save(sd, tmp_path / "broken.pt")
@@ -220,10 +215,7 @@ def test_every_command_taking_clip_passes_clip_config_to_load_clip(tmp_path, mon
 def test_segment_with_clip_config_loads_the_heads_it_gives(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2,
-                 transformer_layers=1, vision_heads=4, quick_gelu=False).eval()  # head widths 16 and 32
+    model = tiny_clip(vision_heads=4, transformer_heads=2, quick_gelu=False)  # head widths 16 and 32
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))  # no config beside it
     config = tmp_path / "ViT-tiny.json"  # open_clip's model_configs/<name>.json form

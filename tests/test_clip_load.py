@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_clip as shared_tiny_clip
 from reclip.clip.convert import (
     CheckpointError,
     check_state_dict,
@@ -48,12 +49,8 @@ TINY = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128
 
 
 def tiny_clip(seed: int = 0, **overrides) -> CLIP:
-    torch.manual_seed(seed)
-    model = CLIP(**{**TINY, **overrides}).eval()
-    with torch.no_grad():  # non-trivial values everywhere (biases and LayerNorms start at 0 / 1)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    """This file's shape (a short vocabulary and context: small checkpoint files), noisy everywhere."""
+    return shared_tiny_clip(seed, perturb=0.02, **{**TINY, **overrides})
 
 
 def inputs(model: CLIP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -628,9 +625,8 @@ def test_unreadable_files_raise_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_fingerprint_tells_apart_the_activation_of_identical_weights(tmp_path):
-    torch.manual_seed(0)
-    quick = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, quick_gelu=True)
-    gelu = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, quick_gelu=False)
+    quick = shared_tiny_clip(quick_gelu=True)
+    gelu = shared_tiny_clip(quick_gelu=False)
     gelu.load_state_dict(quick.state_dict())
     assert weights_fingerprint(quick) != weights_fingerprint(gelu)
     path = save_clip(quick, tmp_path / "w.pt", format="openai")

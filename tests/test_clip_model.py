@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import tiny_clip
 from reclip.clip.model import CLIP, Intermediates, block_indices
 
 LAYERS = 3
@@ -14,14 +15,8 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def clip() -> CLIP:
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=LAYERS, vision_width=64, vision_patch_size=8,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=1, vision_heads=4)
-    with torch.no_grad():  # non-zero biases and LayerNorm affines, so a skipped one shows
-        for p in model.visual.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    # non-zero biases and LayerNorm affines, so a skipped one shows
+    return tiny_clip(vision_layers=LAYERS, vision_heads=4, perturb=0.05)
 
 
 def images(*size: int) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """`reclip demo` end to end on the small toy world (the session's ci() tiny CLIP)."""
 
-import json
-import math
-
 import dataclasses
+import json
+
+import numpy as np
+import pytest
 
 import reclip.rectification
+from reclip.bias import class_preference
+from reclip.metrics import ConfusionMatrix
 from reclip.demo import TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
 
@@ -22,13 +25,27 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     report = (tmp_path / "out" / "report.html").read_text()
     for row in rows:
         summary = row.summary()
-        assert 0.0 <= summary["mIoU"] <= 100.0
-        assert -1.0 <= summary["class-preference"] <= 1.0
+        confusion = ConfusionMatrix(len(row.result.class_names))
+        confusion.matrix[...] = np.array(results["methods"][row.name]["confusion"])
+        # the table, the JSON and the report say what the confusion matrix counted
+        assert summary["mIoU"] == pytest.approx(100 * confusion.compute()["mIoU"])
         assert results["methods"][row.name]["mIoU"] == round(summary["mIoU"], 4)
+        assert summary["class-preference"] == pytest.approx(class_preference(confusion.matrix, exclude=(0,))["score"])
+        curve = results["methods"][row.name]["bias"]["space_curve"]  # the mean slope of the plotted curve
+        kept = [(d, m) for d, m in zip(curve["distance"], curve["mIoU"]) if m is not None]
+        slopes = [(m1 - m0) / (d1 - d0) for (d0, m0), (d1, m1) in zip(kept, kept[1:])]
+        assert summary["space-preference"] == pytest.approx(np.mean(slopes), abs=1e-3)
         assert f"<td>{row.name}</td>" in report
+    # segmentation that means something: the best training-free row classifies object pixels
+    # well above chance among the object classes (background is the tiny CLIP's weakest word)
+    def object_accuracy(row) -> float:
+        objects = np.array(results["methods"][row.name]["confusion"])[1:]  # rows: ground-truth objects
+        return objects[:, 1:].trace() / objects.sum()
+
+    chance = 1 / (len(rows[0].result.class_names) - 1)
+    assert max(object_accuracy(r) for r in rows[:-1]) > chance + 0.2
     assert report.count("data:image/png;base64") >= 2 + 4 * (2 + len(rows))  # plots + example grid
     assert results["pretraining"]["zero_shot_accuracy"] > 0.25  # above chance for 4 classes
-    assert not math.isnan(rows[0].result.miou)
 
 
 def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, monkeypatch):

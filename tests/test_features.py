@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import tiny_clip
 from reclip.clip.model import CLIP, QuickGELU
 from reclip.features import (
     ATTENTIONS,
@@ -20,7 +21,6 @@ from reclip.features import (
     attention_bias,
     attention_weights,
     dense_features,
-    dense_features_with_grid,
     gaussian_window,
     get_strategy,
     reclip_official_numerics,
@@ -36,27 +36,15 @@ CUSTOM = {
 ALL = {**STRATEGIES, **CUSTOM}
 
 
-def tiny_clip(vision_heads: int | None = None, seed: int = 0) -> CLIP:
-    torch.manual_seed(seed)
-    model = CLIP(
-        embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-        transformer_layers=1, vision_heads=vision_heads,
-    )
-    # Random non-trivial LayerNorm affine parameters and biases, so a skipped/duplicated
-    # ln or bias shows up in the comparisons.
-    with torch.no_grad():
-        for name, p in model.visual.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_post.weight", "ln_pre.weight")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
+def noisy_clip(vision_heads: int | None = None, seed: int = 0) -> CLIP:
+    """Two vision blocks; non-trivial LayerNorm affines and biases, so a skipped/duplicated ln or
+    bias shows up in the comparisons."""
+    return tiny_clip(seed, perturb=0.1, vision_layers=2, vision_heads=vision_heads)
 
 
 @pytest.fixture(scope="module", params=[None, 4], ids=["1head", "4heads"])
 def clip(request) -> CLIP:
-    return tiny_clip(request.param)
+    return noisy_clip(request.param)
 
 
 def images(*size: int, seed: int = 1) -> torch.Tensor:
@@ -106,16 +94,15 @@ def test_maskclip_without_residual_is_identity_no_residual_with_ffn(clip):
 def test_battery(clip, name):
     strategy = ALL[name]
     x = images(2, 3, 27, 41)  # not square, not multiples of the patch (8)
-    out = dense_features_with_grid(clip, x, strategy)
-    assert out.features.shape == (2, 32, 4, 6)
-    assert out.features.dtype == torch.float32
-    assert out.grid == (4, 6) and out.padded_size == (32, 48) and out.input_size == (27, 41) and out.padded
-    assert torch.isfinite(out.features).all()
-    torch.testing.assert_close(out.features.norm(dim=1), torch.ones(2, 4, 6))
+    out = dense_features(clip, x, strategy)
+    assert out.shape == (2, 32, 4, 6)  # the grid of the input padded to (32, 48)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2, 4, 6))
     # batch elements are independent
-    torch.testing.assert_close(dense_features(clip, x[1:], strategy), out.features[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_features(clip, x[1:], strategy), out[1:], atol=1e-5, rtol=1e-5)
     # multiple of the patch: no padding
-    assert not dense_features_with_grid(clip, images(1, 3, 16, 32), strategy).padded
+    assert dense_features(clip, images(1, 3, 16, 32), strategy).shape == (1, 32, 2, 4)
 
 
 @pytest.mark.parametrize("name", list(ALL))

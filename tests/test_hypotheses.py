@@ -12,9 +12,10 @@ from PIL import Image
 from torch import nn
 
 from layouts import write_voc
+from tiny import tiny_clip
 from reclip.cli import main
 from reclip.clip.load import load_clip, save_clip
-from reclip.clip.model import CLIP, weights_fingerprint
+from reclip.clip.model import weights_fingerprint
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.protocol import ProtocolError, load_protocol
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD
@@ -32,11 +33,6 @@ from reclip.hypotheses import (
 from reclip.text import QueryEmbeddings, Vocabulary
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-def tiny_clip(seed: int = 0, **preprocessing) -> CLIP:
-    torch.manual_seed(seed)
-    return CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1, **preprocessing).eval()
 
 
 def random_queries(num_classes: int, dim: int = 32, seed: int = 0) -> QueryEmbeddings:

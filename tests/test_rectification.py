@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from layouts import write_voc
+from tiny import tiny_clip
 from reclip.cli import main
 from reclip.clip.load import load_clip, save_clip
-from reclip.clip.model import CLIP
 from reclip.data.protocol import load_protocol
 from reclip.rectification import load_rectifier
 from reclip.text import Vocabulary
@@ -24,9 +23,7 @@ from reclip.text import Vocabulary
 def trained(tmp_path_factory):
     """(clip file, VOC root, run dir) after hypotheses + a few rectification steps."""
     base = tmp_path_factory.mktemp("rect")
-    torch.manual_seed(0)
-    clip = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1)
-    clip_file = save_clip(clip, base / "tiny.pt", format="openai")
+    clip_file = save_clip(tiny_clip(), base / "tiny.pt", format="openai")
     root = write_voc(base / "voc", n_train=4, n_val=2)
     common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
     assert main(["hypotheses", *common, "--split", "train", "--out", str(base / "hyp.json"), "--t", "0"]) == 0
@@ -75,8 +72,7 @@ def test_evaluate_and_segment_with_the_trained_head(trained, tmp_path, capsys):
 
 def test_a_run_refuses_another_clip_or_class_list(trained, tmp_path, capsys):
     clip_file, root, run = trained
-    torch.manual_seed(1)
-    other = save_clip(CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1), tmp_path / "other.pt", format="openai")
+    other = save_clip(tiny_clip(1), tmp_path / "other.pt", format="openai")
     with pytest.raises(ValueError, match="fingerprint"):
         load_rectifier(run, load_clip(other))
     with pytest.raises(ValueError, match="trained for the classes"):
@@ -96,12 +92,13 @@ def test_rectify_switches_reach_the_run_and_load_back(trained, tmp_path):
                  "--hypotheses", str(trained[2].parent / "hyp.json"), "--out", str(run), "--max-steps", "1",
                  "--batch-size", "2", "--crop", "32", "--base-short-side", "40", "--device", "cpu",
                  "--features", "maskclip", "--no-residual", "--no-ffn", "--reference-length", "5",
-                 "--gumbel-scale", "10"]) == 0
+                 "--gumbel-scale", "10", "--reference-name-tokens", "official"]) == 0
     rect = json.loads((run / "config.json").read_text())["rectifier"]
     assert rect["strategy"] == {"attention": "identity", "residual": False, "ffn": False, "gaussian_sigma": 5.0}
-    assert rect["reference_length"] == 5 and rect["gumbel_scale"] == 10.0
+    assert rect["reference_length"] == 5 and rect["gumbel_scale"] == 10.0 and rect["reference_name_tokens"] == "official"
     model = load_rectifier(run, load_clip(clip_file))
     assert model.strategy.residual is False and model.head.reference.length == 5
+    assert model.head.reference.name_tokens == "official"
 
 
 def test_the_rectify_section_of_a_user_yaml_drives_training(trained, tmp_path):

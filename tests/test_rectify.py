@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import dataclasses
 import warnings
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import tiny_clip as shared_tiny_clip
 from reclip.clip.model import CLIP
 from reclip.clip.tokenizer import EOT, SOT, get_tokenizer
 from reclip.features import dense_features, get_strategy
@@ -42,12 +44,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_clip(seed: int = 0, **overrides) -> CLIP:
-    torch.manual_seed(seed)
-    cfg = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
-               context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2, transformer_layers=2)
-    cfg.update(overrides)
-    return CLIP(**cfg).eval()
+# Two text heads and layers: the Reference prompt's shared-prefix encoding is per head and layer.
+tiny_clip = functools.partial(shared_tiny_clip, transformer_heads=2, transformer_layers=2)
 
 
 def queries_for(clip: CLIP, num_classes: int, seed: int = 1) -> QueryEmbeddings:

@@ -1,9 +1,11 @@
 """Templates (reclip.templates), class vocabularies and cached query embeddings (reclip.text)."""
 
+import functools
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import tiny_clip as shared_tiny_clip
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.clip.tokenizer import tokenize
 from reclip.templates import IMAGENET_TEMPLATES, RECLIP_TEMPLATES, TEMPLATE_SETS, resolve_templates
@@ -16,13 +18,7 @@ from reclip.text import (
 )
 
 
-def tiny_clip(seed: int = 0) -> CLIP:
-    torch.manual_seed(seed)
-    model = CLIP(
-        embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
-        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2, transformer_layers=2,
-    )
-    return model.eval()
+tiny_clip = functools.partial(shared_tiny_clip, transformer_heads=2, transformer_layers=2)
 
 
 class CountingCLIP(torch.nn.Module):

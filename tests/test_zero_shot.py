@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import tiny_clip
 from reclip.clip.model import CLIP, pad_to_patch
 from reclip.features import STRATEGIES, dense_features
 from reclip.heads.zero_shot import ZeroShotSegmentor
@@ -20,11 +21,7 @@ def _head(clip, weights, class_index, num_classes, strategy="maskclip"):
 
 @pytest.fixture(scope="module")
 def clip() -> CLIP:
-    torch.manual_seed(0)
-    return CLIP(
-        embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1,
-    ).eval()
+    return tiny_clip(vision_layers=2)
 
 
 def text_weights(rows: int, seed: int = 5) -> torch.Tensor:

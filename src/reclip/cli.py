@@ -25,6 +25,7 @@ from reclip import api
 from reclip.clip.convert import CheckpointError
 from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS, get_strategy
+from reclip.heads.reference import NAME_TOKENS
 from reclip.heads.rectify import ABLATIONS
 from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
@@ -178,7 +179,8 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     overrides = _strategy_overrides(args)
     if overrides:  # e.g. --features maskclip --no-residual --no-ffn
         strategy = get_strategy(strategy, **overrides)
-    switches = {"strategy": strategy, "reference_length": args.reference_length, "gumbel_scale": args.gumbel_scale}
+    switches = {"strategy": strategy, "reference_length": args.reference_length, "gumbel_scale": args.gumbel_scale,
+                "reference_name_tokens": args.reference_name_tokens}
     config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
     train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
                                ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
@@ -302,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-length", type=int,
                    help="L learnable Reference words (default context length - 4 = 73, the paper)")
     p.add_argument("--gumbel-scale", type=float, help="logit factor before the Gumbel-softmax (default 100, official)")
+    p.add_argument("--reference-name-tokens", choices=NAME_TOKENS,
+                   help="class names longer than the Reference's slots: keep_eot (default) or official (the "
+                        "official code's layout: EOT lost, read at the largest-id token; to reproduce its numbers)")
     p.add_argument("--dataset", required=True, help="protocol name or YAML (its train split is used)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")

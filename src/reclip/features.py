@@ -60,8 +60,6 @@ __all__ = [
     "attention_bias",
     "attention_weights",
     "apply_last_block",
-    "DenseFeatures",
-    "dense_features_with_grid",
     "dense_features",
     "reclip_official_numerics",
 ]
@@ -249,49 +247,17 @@ def apply_last_block(
     return out
 
 
-@dataclass(frozen=True)
-class DenseFeatures:
-    """Dense features and where they sit on the input.
-
-    Attributes:
-        features: (B, D, h, w) float32, L2-normalised over D per patch; (h, w) is the
-            patch grid of the input padded at the bottom/right to a multiple of the patch.
-        input_size: (H, W) of the unpadded input.
-        patch_size: the ViT patch size in pixels.
-    """
-
-    features: Tensor
-    input_size: tuple[int, int]
-    patch_size: int
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(h, w) patch grid."""
-        return tuple(self.features.shape[-2:])  # type: ignore[return-value]
-
-    @property
-    def padded_size(self) -> tuple[int, int]:
-        """(h * patch, w * patch): the input size after ``pad_to_patch``."""
-        h, w = self.grid
-        return h * self.patch_size, w * self.patch_size
-
-    @property
-    def padded(self) -> bool:
-        """Whether the input was padded (H or W not a multiple of the patch)."""
-        return self.padded_size != self.input_size
-
-
-def dense_features_with_grid(clip: CLIP, images: Tensor, strategy: str | LastBlock = "maskclip") -> DenseFeatures:
-    """Dense CLIP features of normalised images, with their grid and padding.
+def dense_features(clip: CLIP, images: Tensor, strategy: str | LastBlock = "maskclip") -> Tensor:
+    """Dense CLIP features of normalised images: (B, 3, H, W) -> (B, D, h, w), unit L2 norm per patch.
 
     Args:
         clip: a CLIP with a ViT image tower.
         images: (B, 3, H, W) CLIP-normalised; padded by the model at the bottom/right
-            when H or W is not a multiple of the patch.
+            when H or W is not a multiple of the patch, so (h, w) = ceil((H, W) / patch).
         strategy: a preset name of :data:`STRATEGIES` or a :class:`LastBlock`.
 
     Returns:
-        :class:`DenseFeatures` with features (B, D, h, w), float32, unit L2 norm per patch.
+        float32 features (B, D, h, w).
 
     Runs under the caller's grad mode and autocast: nothing here forces ``no_grad``
     (ReCLIP++ training calls it under ``torch.no_grad()``; a gradient check can enable
@@ -300,23 +266,13 @@ def dense_features_with_grid(clip: CLIP, images: Tensor, strategy: str | LastBlo
     """
     strategy = get_strategy(strategy)
     visual = clip.visual
-    H, W = images.shape[-2:]
     tokens, grid = visual.forward_blocks(images, end=-1)  # (B, 1 + h*w, width)
     tokens = apply_last_block(visual.transformer.resblocks[-1], tokens, grid, strategy)
     # ln_post and proj act per token, so dropping CLS first is exact.
     patches = visual.project(tokens[:, 1:])  # (B, h*w, D)
     patches = F.normalize(patches.float(), dim=-1)
     B, _, D = patches.shape
-    features = patches.transpose(1, 2).reshape(B, D, *grid)  # (B, D, h, w)
-    return DenseFeatures(features=features, input_size=(H, W), patch_size=visual.patch_size)
-
-
-def dense_features(clip: CLIP, images: Tensor, strategy: str | LastBlock = "maskclip") -> Tensor:
-    """Dense CLIP features: images (B, 3, H, W) normalised -> (B, D, h, w), unit norm per patch.
-
-    See :func:`dense_features_with_grid` (same computation, plus grid/padding info).
-    """
-    return dense_features_with_grid(clip, images, strategy).features
+    return patches.transpose(1, 2).reshape(B, D, *grid)  # (B, D, h, w)
 
 
 @contextlib.contextmanager

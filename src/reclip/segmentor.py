@@ -47,6 +47,11 @@ class DenseSegmentor(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    @property
+    def num_classes(self) -> int:
+        """C, the head's classes."""
+        return self.head.num_classes
+
     def features(self, images: Tensor) -> Tensor:
         """Z: images (B, 3, H, W) normalised -> (B, D, h, w)."""
         return self.backbone(images)

@@ -381,10 +381,6 @@ class Rectifier(DenseSegmentor):
         return self.backbone.strategy
 
     @property
-    def num_classes(self) -> int:
-        return self.head.num_classes
-
-    @property
     def query_weights(self) -> Tensor:
         """W_q (C, D) as the head uses it."""
         return self.head.query_weights

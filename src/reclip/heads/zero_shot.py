@@ -99,10 +99,6 @@ class ZeroShotSegmentor(DenseSegmentor):
         """(S,) int64, the class of each query channel; ``reclip.inference.segment`` reads it."""
         return self.head.class_index
 
-    @property
-    def num_classes(self) -> int:
-        return self.head.num_classes
-
     def query_logits(self, images: Tensor) -> Tensor:
         """Per-query cosines on the patch grid: (B, 3, H, W) -> (B, S, h, w), not aligned to the input."""
         return self.head(self.features(images))

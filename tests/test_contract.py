@@ -1,0 +1,101 @@
+"""One battery for every registered method and every dense strategy, driven by the registries:
+a new method or strategy gets these checks without a new test.
+
+Every method: build (trained families: an untrained model saved as a run and loaded back
+through the registry, by its config.json's "method") -> forward on a tiny random CLIP ->
+logits (B, S, H, W) covering the input, finite, one channel per query; published test
+settings on every shipped protocol. Every strategy: dense features of the right shape,
+finite, unit norm, and a whole segmentation through the inference layer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reclip.data.protocol import list_protocols, load_protocol
+from reclip.features import STRATEGIES, dense_features
+from reclip.inference import InferenceConfig, segment
+from reclip.methods import FAMILIES, METHODS, build_segmentor, get_family, inference_config, load_trained
+from reclip.text import Vocabulary
+from tiny import tiny_clip
+
+VOCABULARY = Vocabulary.from_names(["background", "cat", "dog, puppy", "sky"])  # a synonym: S = 5 > C = 4
+IMAGES = torch.randn(2, 3, 30, 45, generator=torch.Generator().manual_seed(0))  # not a multiple of the patch
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip(perturb=0.02)
+
+
+@pytest.fixture(scope="module")
+def segmentors(clip, tmp_path_factory):
+    """name -> (segmentor from the registry, the model it was saved from or None)."""
+    out = {}
+    for name, method in METHODS.items():
+        family = get_family(method)
+        if family.trained:
+            model = family.new_model(method, clip, VOCABULARY, text_cache=False).eval()
+            run = tmp_path_factory.mktemp(name.replace("+", "p"))
+            family.save_run(run, model, method, clip, VOCABULARY)
+            out[name] = (build_segmentor(name, clip, VOCABULARY, checkpoint=run, text_cache=False), model, run)
+        else:
+            out[name] = (build_segmentor(name, clip, VOCABULARY, text_cache=False), None, None)
+    return out
+
+
+def test_every_family_is_complete():
+    for family in FAMILIES.values():
+        assert family.methods and all(m.family == family.name for m in family.methods)
+        assert all(hasattr(p, family.section) for p in map(load_protocol, list_protocols()))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_forward_contract(name, segmentors):
+    segmentor, _, _ = segmentors[name]
+    assert not segmentor.training
+    with torch.no_grad():
+        logits = segmentor(IMAGES)
+    class_index = getattr(segmentor, "class_index", None)
+    channels = VOCABULARY.num_classes if class_index is None else len(class_index)
+    assert logits.shape == (2, channels, 30, 45) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    if class_index is not None:
+        assert class_index.tolist() == [0, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if get_family(m).trained])
+def test_trained_families_round_trip_through_the_registry(name, segmentors, clip):
+    segmentor, model, run = segmentors[name]
+    assert json.loads((run / "config.json").read_text())["method"] == name
+    with torch.no_grad():
+        torch.testing.assert_close(segmentor(IMAGES), model(IMAGES))
+    assert torch.equal(load_trained(run, clip)(IMAGES[:1]), segmentor(IMAGES[:1]))  # no method given: config.json's
+    other = next(n for n, m in METHODS.items() if n != name and get_family(m).trained)
+    with pytest.raises(ValueError, match=f"--method {name}"):
+        build_segmentor(other, clip, VOCABULARY, checkpoint=run, text_cache=False)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_published_settings_and_a_whole_segmentation(name, segmentors):
+    segmentor, _, _ = segmentors[name]
+    for protocol in map(load_protocol, list_protocols()):
+        assert isinstance(inference_config(name, protocol), InferenceConfig)
+    image = np.random.default_rng(0).integers(0, 256, (27, 38, 3), dtype=np.uint8)
+    cfg = inference_config(name, load_protocol("folder"), short_side=40, window=32, stride=16)
+    result = segment(segmentor, image, cfg, background_index=None, return_probs=True)
+    assert result.labels.shape == (27, 38) and result.labels.max() < VOCABULARY.num_classes
+    assert result.probs.shape == (4, 27, 38) and np.isfinite(result.probs).all()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_gives_unit_dense_features(name, clip):
+    with torch.no_grad():
+        z = dense_features(clip, IMAGES, name)
+    assert z.shape == (2, clip.visual.output_dim, 4, 6)  # ceil(30 / 8), ceil(45 / 8)
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 6))
