@@ -4,8 +4,8 @@ a new method or strategy gets these checks without a new test.
 Every method: build (trained families: an untrained model saved as a run and loaded back
 through the registry, by its config.json's "method") -> forward on a tiny random CLIP ->
 logits (B, S, H, W) covering the input, finite, one channel per query; published test
-settings on every shipped protocol. Every strategy: dense features of the right shape,
-finite, unit norm, and a whole segmentation through the inference layer.
+settings on every shipped protocol and a whole segmentation through the inference layer.
+Every strategy: dense features of the right shape, finite, unit norm.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def segmentors(clip, tmp_path_factory):
         if family.trained:
             model = family.new_model(method, clip, VOCABULARY, text_cache=False).eval()
             run = tmp_path_factory.mktemp(name.replace("+", "p"))
-            family.save_run(run, model, method, clip, VOCABULARY)
+            family.write_run(run, model, method, clip, VOCABULARY)
             out[name] = (build_segmentor(name, clip, VOCABULARY, checkpoint=run, text_cache=False), model, run)
         else:
             out[name] = (build_segmentor(name, clip, VOCABULARY, text_cache=False), None, None)
@@ -51,7 +51,8 @@ def segmentors(clip, tmp_path_factory):
 def test_every_family_is_complete():
     for family in FAMILIES.values():
         assert family.methods and all(m.family == family.name for m in family.methods)
-        assert all(hasattr(p, family.section) for p in map(load_protocol, list_protocols()))
+        # every shipped protocol gives the family's section, as the family's settings dataclass
+        assert all(isinstance(getattr(p, family.section), family.settings) for p in map(load_protocol, list_protocols()))
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -99,3 +100,26 @@ def test_every_strategy_gives_unit_dense_features(name, clip):
     assert z.shape == (2, clip.visual.output_dim, 4, 6)  # ceil(30 / 8), ceil(45 / 8)
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 6))
+
+
+def test_a_backbone_must_give_the_input_over_its_stride():
+    from torch import nn
+
+    from reclip.segmentor import DenseSegmentor
+
+    class Halving(nn.Module):  # claims stride 4 but pools by 8
+        stride = 4
+
+        def forward(self, images):
+            return nn.functional.avg_pool2d(images, 8)
+
+    class Identity(nn.Module):
+        num_classes = 3
+
+        def forward(self, z):
+            return z
+
+    with pytest.raises(RuntimeError, match="stride 4"):
+        DenseSegmentor(Halving(), Identity())(torch.zeros(1, 3, 30, 45))
+    Halving.stride = 8
+    assert DenseSegmentor(Halving(), Identity())(torch.zeros(1, 3, 30, 45)).shape == (1, 3, 30, 45)

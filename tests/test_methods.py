@@ -12,10 +12,8 @@ from reclip.inference import InferenceConfig
 from reclip.methods import FAMILIES, METHODS, Method, get_family, get_method, inference_config
 
 ZERO_SHOT = [name for name, m in METHODS.items() if m.family == "zero_shot"]
-# A Method object of the rectified family that is not registered: it reads the family's section
-# with the family's default prompt denoising (ReCLIP++'s).
-RECLIP_PROBE = Method("reclip-probe", "rectified", "maskclip", "reclip85", "test: reads the protocol's reclip section")
-ALL_METHODS = [*METHODS.values(), RECLIP_PROBE]
+RECLIPPP = get_method("reclip++")  # the rectified family's published method
+ALL_METHODS = list(METHODS.values())
 DEFAULTS = InferenceConfig()
 
 
@@ -38,13 +36,13 @@ def test_zero_shot_family_reads_the_zero_shot_settings(method):
 
 def test_reclip_family_reads_the_reclip_settings():
     p = load_protocol("context59")
-    cfg = inference_config(RECLIP_PROBE, p)
+    cfg = inference_config(RECLIPPP, p)
     rc = p.reclip
     assert (cfg.mode, cfg.short_side, cfg.max_long_side, cfg.pd_threshold) == ("whole", 448, 2048, 0.85)
     assert rc.mode == "whole" and (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)
     # zero-shot-only settings stay at the InferenceConfig defaults (trained heads: scale 1, no thresholds)
     assert (cfg.logit_scale, cfg.prob_thd, cfg.area_thd) == (DEFAULTS.logit_scale, None, None)
-    bg = inference_config(RECLIP_PROBE, load_protocol("voc21"))
+    bg = inference_config(RECLIPPP, load_protocol("voc21"))
     assert bg.prob_thd is None and bg.area_thd is None and bg.pd_threshold == 1.0
 
 
@@ -54,7 +52,7 @@ def test_whole_mode_protocol_does_not_pass_window():
     assert cfg.mode == "whole" and (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)
 
 
-@pytest.mark.parametrize("method", [*ZERO_SHOT, RECLIP_PROBE])
+@pytest.mark.parametrize("method", [*ZERO_SHOT, "reclip++", "reclip"])
 def test_overrides_apply_and_none_is_ignored(method):
     p = load_protocol("cocoobject")
     base = inference_config(method, p)
@@ -139,3 +137,9 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
     else:
         assert cfg.pd_threshold == settings.pd_threshold and cfg.pd_scale == 10.0
         assert cfg.prob_thd is None and cfg.area_thd is None
+
+
+def test_a_rectified_method_without_prompt_denoising_settings_is_refused():
+    stranger = Method("reclip-x", "rectified", "maskclip", "reclip85", "not registered")
+    with pytest.raises(ValueError, match="PROMPT_DENOISING"):
+        inference_config(stranger, load_protocol("voc20"))

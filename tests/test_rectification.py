@@ -133,3 +133,15 @@ def test_a_resume_with_other_rectifier_settings_is_refused(trained, tmp_path, ca
     assert main([*common, "--no-residual"]) == 2
     assert main(common) == 0  # the same settings: the finished run, untouched
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_a_resume_with_other_hypotheses_is_refused(trained, tmp_path, capsys):
+    clip_file, root, run = trained
+    hyp = json.loads((run.parent / "hyp.json").read_text())
+    first = next(iter(hyp["images"]))
+    hyp["images"][first] = [0] if hyp["images"][first] != [0] else [1]  # one image's classes differ
+    (tmp_path / "other.json").write_text(json.dumps(hyp))
+    assert main(["rectify", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--hypotheses",
+                 str(tmp_path / "other.json"), "--out", str(run), "--max-steps", "3", "--batch-size", "2", "--crop",
+                 "32", "--base-short-side", "40", "--device", "cpu", "--quiet", "--resume"]) == 2
+    assert "hypotheses" in capsys.readouterr().err

@@ -444,3 +444,14 @@ def test_unlabeled_set_through_the_engine_any_worker_count(tmp_path):
         return _weights(tmp_path / name)
 
     _assert_same(run(0, "w0"), run(2, "w2"))
+
+
+def test_a_model_instance_is_refused_and_rank_comes_from_the_environment(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="builds the model"):
+        train(ToyNet(), toy_loss, ToyData(n=4), TrainConfig(steps=1, batch_size=2), tmp_path / "r", progress=False)
+    from reclip.train.distributed import is_rank0
+
+    monkeypatch.setenv("RANK", "1")  # a torchrun process after its group was destroyed
+    assert not is_rank0()
+    monkeypatch.setenv("RANK", "0")
+    assert is_rank0()

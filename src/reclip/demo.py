@@ -132,7 +132,7 @@ def run_demo(
     """Run the demo into ``out``; returns one row per method (mIoU and bias scores).
 
     ``rectification`` None leaves ReCLIP++ out; its training run lives in
-    ``out/reclip++`` and a finished one is reused (an interrupted one is resumed).
+    ``out/reclip++-<key>`` (a key of its settings) and a finished one is reused (an interrupted one is resumed).
     """
     start = time.perf_counter()
     out = Path(out)

@@ -1,4 +1,5 @@
-"""Writing files safely: every file reclip writes goes through :func:`atomic_write`.
+"""Writing files safely: every file reclip writes whole goes through :func:`atomic_write`
+(logs that grow line by line, such as a run's metrics.jsonl, are appended instead).
 
 A reader, a crash, a ``kill -9`` or a full disk sees the old file or the new one, never
 half of one: the content goes to a temporary file in the target's folder, is flushed to

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reclip.data.protocol import Protocol, load_protocol
+from reclip.data.protocol import HypothesisSettings, Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.text import QueryEmbeddings, Vocabulary
 
@@ -83,7 +83,7 @@ class HypothesisConfig:
             fallback).
         r: window side as a fraction of the image side (paper IV-A: r = 1/6).
         t: frequency threshold of eq. 6, in [0, 1) (paper IV-A: 0.07 for VOC and
-            Cityscapes, 0 otherwise; each protocol's ``hypotheses.t``). Default: VOC's.
+            Cityscapes, 0 otherwise; each protocol's ``hypotheses.t``).
         threshold: "whole_image" only, on logit_scale.exp() * cosine (official
             DATASET.THRESHOLD; default VOC's 23; each protocol's ``hypotheses.threshold``).
         top_k: "whole_image" only: classes kept when none reaches the threshold
@@ -94,11 +94,12 @@ class HypothesisConfig:
             centre crop R x R) or "squash" (bicubic resize to R x R, aspect not kept).
     """
 
+    # r, t, threshold and top_k: the defaults and checks of a protocol's `hypotheses:` section
     rule: str = "windows"
-    r: float = 1 / 6
-    t: float = 0.07
-    threshold: float = 23.0
-    top_k: int = 2
+    r: float = HypothesisSettings.r
+    t: float = HypothesisSettings.t
+    threshold: float = HypothesisSettings.threshold
+    top_k: int = HypothesisSettings.top_k
     batch_size: int = 64
     resize: str = "clip"
 
@@ -107,12 +108,7 @@ class HypothesisConfig:
             raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {list(RESIZES)}, got {self.resize!r}")
-        if not 0.0 < self.r <= 1.0:
-            raise ValueError(f"r (window / image side) must be in (0, 1], got {self.r}; the paper uses 1/6")
-        if not 0.0 <= self.t < 1.0:
-            raise ValueError(f"t (vote frequency threshold) must be in [0, 1), got {self.t}; the paper uses 0.07 or 0")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        HypothesisSettings(r=self.r, t=self.t, threshold=self.threshold, top_k=self.top_k)  # raises naming the value
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

@@ -54,7 +54,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InferenceConfig(PostprocessConfig):
     """How to run a segmentor, and (inherited from :class:`~reclip.postprocess.PostprocessConfig`:
     ``logit_scale``, ``prob_thd``, ``area_thd``, ``pd_threshold``, ``pd_scale``, ``pamr*``)

@@ -110,7 +110,7 @@ def load_trained(
                          f"reclip; trained methods: {[m for m in METHODS if get_family(m).trained]}")
     if method is not None and name != method:
         raise ValueError(f"{run_dir} holds a {name!r} run, not {method!r}: use --method {name}")
-    return get_family(name).load_run(run, clip, vocabulary, text_cache)
+    return get_family(name).from_run(run, clip, vocabulary, text_cache)
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}

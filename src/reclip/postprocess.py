@@ -50,7 +50,7 @@ PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PostprocessConfig:
     """How query logits become class probabilities and labels (:func:`postprocess`).
 

@@ -13,6 +13,8 @@ vocabulary) and ``model.safetensors`` (trained parameters only), plus the engine
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -58,6 +60,7 @@ def rectify(
     split: str = "train",
     max_steps: int | None = None,
     train_overrides: dict[str, Any] | None = None,
+    optimizer: Any = None,
     base_short_side: int | None = None,
     crop: int | None = None,
     resume: bool = False,
@@ -67,16 +70,19 @@ def rectify(
     """Train the rectifier of ``method`` ("reclip++" or "reclip") on unlabelled images.
 
     The rectifier is built after the seed is set (``train_overrides["seed"]``, default 0),
-    so the same call gives the same run; SGD with the official momentum and weight decay
-    and a per-step poly schedule whose horizon is the protocol's ``poly_epochs``.
+    so the same call gives the same run. The optimiser is SGD with the official momentum
+    and weight decay, the protocol's lr and a per-step poly schedule whose horizon is the
+    protocol's ``poly_epochs`` (at the batch size used), unless ``optimizer`` is given.
 
     Args:
         hypotheses: the file of ``reclip hypotheses`` for the same CLIP and class list.
         config: rectifier settings (default: the method's preset; ablations are fields).
         max_steps: stop after this many steps (default: the preset's epochs).
-        train_overrides: ``lr`` and :class:`~reclip.train.TrainConfig` fields (batch_size,
-            seed, device, workers, checkpoint_every, ...) replacing the protocol's
-            ``rectify:`` preset and the defaults.
+        train_overrides: :class:`~reclip.train.TrainConfig` fields (batch_size, seed,
+            device, workers, checkpoint_every, ...) and ``lr`` (of the default optimiser)
+            replacing the protocol's ``rectify:`` preset and the defaults.
+        optimizer: an optimiser config of :mod:`reclip.train.optim` used as it is (its
+            horizon None = the run's length), instead of the default SGD + poly.
         base_short_side, crop: augmentation scale and crop (default: the protocol's preset).
         resume: continue an interrupted run in ``run_dir`` exactly.
     """
@@ -85,6 +91,8 @@ def rectify(
     unknown = sorted(set(overrides) - _TRAIN_FIELDS - {"lr"})
     if unknown:
         raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
+    if optimizer is not None and "lr" in overrides:
+        raise ValueError("give the learning rate in the optimizer config, not as a training override as well")
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False)
     vocabulary = images.vocabulary
     config = config or PRESETS[method]
@@ -95,12 +103,15 @@ def rectify(
                                  mean=clip.image_mean, std=clip.image_std)
     batch_size = overrides.pop("batch_size", preset.batch_size)
     spe = steps_per_epoch(len(trainset), batch_size)  # at the batch size actually used
-    optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr), schedule=PolySchedule(horizon=preset.poly_epochs * spe))
+    if optimizer is None:
+        optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr),
+                              schedule=PolySchedule(horizon=preset.poly_epochs * spe))
     train_config = TrainConfig(steps=max_steps or preset.epochs * spe, batch_size=batch_size, **overrides)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
-    # a resumed run must be this run: same rectifier, classes, CLIP, augmentation
+    # a resumed run must be this run: same rectifier, classes, CLIP, images, hypotheses, augmentation
     identity = {"method": method, "rectifier": config.to_dict(), "classes": vocabulary.to_lines(),
-                "clip_fingerprint": weights_fingerprint(clip), "augment": augment}
+                "clip_fingerprint": weights_fingerprint(clip), "protocol": protocol.name, "split": split,
+                "hypotheses": _digest(hyp), "augment": augment}
     result = train(lambda: Rectifier(clip, queries, vocabulary.names, config), _loss, trainset, train_config, run_dir,
                    optimizer=optimizer, run_settings=identity, resume=resume, progress=progress)
     save_rectifier_run(
@@ -110,6 +121,11 @@ def rectify(
         train_images=len(trainset), skipped_images=dict(trainset.skipped),
     )
     return result
+
+
+def _digest(hypotheses: dict[str, list[int]]) -> str:
+    """sha256 of image-level hypotheses (image id -> classes), whatever the file's formatting."""
+    return hashlib.sha256(json.dumps(hypotheses, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _loss(model: Rectifier, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

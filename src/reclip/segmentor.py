@@ -1,10 +1,12 @@
-"""A segmentor = a dense backbone followed by a head; one alignment step for every head.
+"""A segmentor = a dense backbone followed by a head; one pad-and-align step for every head.
 
-DESIGN.md's segmentor interface: normalised images (B, 3, H, W) -> logits (B, S, h', w')
-covering exactly the input's field of view, which :mod:`reclip.inference` resizes to the
-image. :class:`DenseSegmentor` composes any backbone (:mod:`reclip.backbones`: CLIP with a
-last-block strategy, later a student CNN) with any head (:mod:`reclip.heads`: Z -> logits
-on the backbone's grid) and applies :func:`align_to_input`.
+The segmentor interface (README, Design): normalised images (B, 3, H, W) -> logits
+(B, S, h', w') covering exactly the input's field of view, which :mod:`reclip.inference`
+resizes to the image. :class:`DenseSegmentor` composes any backbone (:mod:`reclip.backbones`:
+CLIP with a last-block strategy, later a student CNN) with any head (:mod:`reclip.heads`:
+Z -> logits on the backbone's grid): it pads the input at the bottom/right to a multiple
+of the backbone's stride, so the grid is exactly (H, W) / stride rounded up, and
+:func:`align_to_input` maps the grid logits back onto the unpadded input.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from reclip.clip.model import pad_to_patch
 
 __all__ = ["DenseSegmentor", "align_to_input"]
 
@@ -58,5 +62,11 @@ class DenseSegmentor(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) normalised -> logits (B, S, h', w') covering the input (:func:`align_to_input`)."""
-        logits = self.head(self.features(images))  # (B, S, h, w)
-        return align_to_input(logits, tuple(images.shape[-2:]), self.backbone.stride)
+        stride = self.backbone.stride
+        padded = pad_to_patch(images, stride)  # bottom/right, zeros (CLIP's own rule)
+        logits = self.head(self.features(padded))  # (B, S, h, w)
+        grid = (padded.shape[-2] // stride, padded.shape[-1] // stride)
+        if tuple(logits.shape[-2:]) != grid:
+            raise RuntimeError(f"{type(self.backbone).__name__} with stride {stride} gave a {tuple(logits.shape[-2:])} "
+                               f"grid for a {tuple(padded.shape[-2:])} input; a backbone must give input / stride")
+        return align_to_input(logits, tuple(images.shape[-2:]), stride)

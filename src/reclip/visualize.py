@@ -46,8 +46,6 @@ def palette(num_classes: int = 256) -> np.ndarray:
     return np.concatenate([colours, extra]).astype(np.uint8)
 
 
-
-
 def _labels_array(labels) -> np.ndarray:
     """(H, W) integer label map as a numpy array (accepts torch tensors)."""
     array = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)

@@ -100,7 +100,7 @@ from reclip.text import Vocabulary, read_class_file
 
 __all__ = [
     "LAYOUTS", "ProtocolError", "SplitSpec", "ZeroShotSettings", "ReclipSettings", "RectifySettings",
-    "HypothesisSettings", "Protocol", "list_protocols", "load_protocol",
+    "HypothesisSettings", "Protocol", "SECTIONS", "list_protocols", "load_protocol",
 ]
 
 LAYOUTS = ("voc", "context", "ade", "cityscapes", "cocostuff", "cocoobject", "folder")
@@ -292,9 +292,10 @@ class HypothesisSettings:
             raise ProtocolError(f"hypotheses.top_k must be a positive integer, got {self.top_k}")
 
 
-# The nested sections of a protocol: YAML key -> settings dataclass. A section is
-# optional in the YAML when Protocol gives its field a default.
-_SECTIONS: dict[str, type] = {
+# The nested sections of a protocol: YAML key (= Protocol field) -> settings dataclass. A
+# section is optional in the YAML when Protocol gives its field a default. A method family
+# reads its test settings from one of them (reclip.families.spec.Family.section).
+SECTIONS: dict[str, type] = {
     "zero_shot": ZeroShotSettings,
     "reclip": ReclipSettings,
     "rectify": RectifySettings,
@@ -449,16 +450,16 @@ class Protocol:
                 hint = ("; test settings go in zero_shot={...} / reclip={...}, or per run through "
                         "reclip.methods.inference_config(..., **overrides)")
             for sec in ("rectify", "hypotheses"):
-                if set(unknown) & {f.name for f in dataclasses.fields(_SECTIONS[sec])}:
+                if set(unknown) & {f.name for f in dataclasses.fields(SECTIONS[sec])}:
                     hint += f"; {sec} settings go in {sec}={{...}}"
             raise ProtocolError(
                 f"with_overrides: unknown key(s) {unknown}; allowed: {sorted(top | set(_SPLIT_KEYS))}{hint}"
             )
         data = _to_dict(self)
         for key, value in kw.items():
-            if (key in _SECTIONS or key == "splits") and not isinstance(value, dict):
+            if (key in SECTIONS or key == "splits") and not isinstance(value, dict):
                 raise ProtocolError(f"with_overrides: {key} must be a dict of fields to replace, got {value!r}")
-            if key in _SECTIONS:
+            if key in SECTIONS:
                 data[key].update(copy.deepcopy(value))
             elif key == "splits":
                 for split, spec in value.items():
@@ -476,20 +477,20 @@ class Protocol:
 def _to_dict(p: Protocol) -> dict[str, Any]:
     d = {f.name: copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "source"}
     d["splits"] = {k: dataclasses.asdict(v) for k, v in p.splits.items()}
-    for key in _SECTIONS:
+    for key in SECTIONS:
         d[key] = dataclasses.asdict(getattr(p, key))
     return d
 
 
 def _protocol_from_dict(data: Any, source: str | None, where: str) -> Protocol:
-    _build(Protocol, data, where, skip=("source",), nested=("splits", *_SECTIONS))
+    _build(Protocol, data, where, skip=("source",), nested=("splits", *SECTIONS))
     splits_raw = data["splits"]
     if not isinstance(splits_raw, dict) or not splits_raw:
         raise ProtocolError(f"{where}: splits must be a non-empty mapping of split name -> folders")
     splits = {str(name): SplitSpec(**_build(SplitSpec, spec, f"{where}: splits.{name}"))
               for name, spec in splits_raw.items()}
-    sections = {key: _section(cls, data[key], where, key) for key, cls in _SECTIONS.items() if key in data}
-    rest = {k: v for k, v in data.items() if k != "splits" and k not in _SECTIONS}
+    sections = {key: _section(cls, data[key], where, key) for key, cls in SECTIONS.items() if key in data}
+    rest = {k: v for k, v in data.items() if k != "splits" and k not in SECTIONS}
     return Protocol(splits=splits, source=source, **sections, **rest)
 
 

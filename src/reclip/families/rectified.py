@@ -36,7 +36,10 @@ PROMPT_DENOISING: dict[str, tuple[tuple[str, ...], float]] = {
 
 def test_settings(method: Method, settings: ReclipSettings, protocol: Any) -> dict[str, Any]:
     """The ``reclip`` section: whole image at the test short side, the method's prompt denoising."""
-    fields, scale = PROMPT_DENOISING.get(method.name, PROMPT_DENOISING["reclip++"])
+    if method.name not in PROMPT_DENOISING:
+        raise ValueError(f"no prompt-denoising setting for method {method.name!r}; add it to "
+                         f"reclip.families.rectified.PROMPT_DENOISING (known: {sorted(PROMPT_DENOISING)})")
+    fields, scale = PROMPT_DENOISING[method.name]
     threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
     return {**common_test_settings(settings), "pd_threshold": threshold, "pd_scale": scale}
 
@@ -47,10 +50,10 @@ def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: An
     return Rectifier(clip, queries, vocabulary.names, PRESETS[method.name])
 
 
-def save_run(run_dir: str | os.PathLike, model: Rectifier, method: Method, clip: CLIP, vocabulary: Vocabulary) -> None:
+def write_run(run_dir: str | os.PathLike, model: Rectifier, method: Method, clip: CLIP, vocabulary: Vocabulary) -> None:
     """A run that :func:`reclip.rectification.rectifier_from_run` loads."""
     save_rectifier_run(run_dir, model, method.name, clip, vocabulary)
 
 
-FAMILY = Family(name=NAME, section="reclip", settings=ReclipSettings, methods=METHODS, test_settings=test_settings,
-                load_run=rectifier_from_run, new_model=new_model, save_run=save_run)
+FAMILY = Family(name=NAME, section="reclip", methods=METHODS, test_settings=test_settings,
+                from_run=rectifier_from_run, new_model=new_model, write_run=write_run)

@@ -3,13 +3,17 @@
 A family groups methods that are built, evaluated and (if trained) loaded the same way:
 the training-free dense-CLIP methods, the rectified (ReCLIP / ReCLIP++) heads, and later
 the distilled student and MAFT. :mod:`reclip.methods` holds the registry; adding a family
-is one file defining its :class:`Family` plus one line there.
+is one file defining its :class:`Family` plus one line there (and, for a family whose
+published test settings are of a new kind, that section in the protocol schema,
+:data:`reclip.data.protocol.SECTIONS`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from reclip.data.protocol import SECTIONS
 
 __all__ = ["Family", "Method"]
 
@@ -39,45 +43,53 @@ class Family:
 
     Attributes:
         name: the family's name (``Method.family``).
-        section: the protocol YAML section holding its published test settings
-            (an attribute of :class:`reclip.data.protocol.Protocol`).
-        settings: that section's dataclass (``reclip.data.protocol``).
+        section: the protocol YAML section holding its published test settings (a key of
+            :data:`reclip.data.protocol.SECTIONS`, an attribute of ``Protocol``; its
+            dataclass is :attr:`settings`).
         methods: the family's methods.
         test_settings: ``(method, section settings, protocol) -> {InferenceConfig field: value}``,
             the published test settings of one method on one protocol.
         build: training-free families: ``build(method, clip, vocabulary, *, strategy_overrides,
             templates, queries, text_cache, progress) -> segmentor``.
-        load_run: trained families: ``load_run(run, clip, vocabulary, text_cache) -> segmentor``
+        from_run: trained families: ``from_run(run, clip, vocabulary, text_cache) -> segmentor``
             from a finished run (``reclip.train.RunFiles``: config.json + trainable state).
         new_model: trained families: ``new_model(method, clip, vocabulary, text_cache) ->`` an
             untrained model of the method's published configuration.
-        save_run: trained families: ``save_run(run_dir, model, method, clip, vocabulary)``
-            writes a run that ``load_run`` reads.
+        write_run: trained families: ``write_run(run_dir, model, method, clip, vocabulary)``
+            writes a run of a model that ``from_run`` reads (what the training stage
+            writes, without its training record).
     """
 
     name: str
     section: str
-    settings: type
     methods: tuple[Method, ...]
     test_settings: Callable[[Method, Any, Any], dict[str, Any]]
     build: Callable[..., Any] | None = None
-    load_run: Callable[..., Any] | None = None
+    from_run: Callable[..., Any] | None = None
     new_model: Callable[..., Any] | None = None
-    save_run: Callable[..., None] | None = None
+    write_run: Callable[..., None] | None = None
 
     def __post_init__(self) -> None:
-        if (self.build is None) == (self.load_run is None):
-            raise ValueError(f"family {self.name!r}: give build (training-free) or load_run (trained), not both")
-        if self.load_run is not None and (self.new_model is None or self.save_run is None):
-            raise ValueError(f"trained family {self.name!r} needs new_model and save_run too")
+        if self.section not in SECTIONS:
+            raise ValueError(f"family {self.name!r} reads protocol section {self.section!r}, which the protocol "
+                             f"schema does not have ({sorted(SECTIONS)}); add it to reclip.data.protocol")
+        if (self.build is None) == (self.from_run is None):
+            raise ValueError(f"family {self.name!r}: give build (training-free) or from_run (trained), not both")
+        if self.from_run is not None and (self.new_model is None or self.write_run is None):
+            raise ValueError(f"trained family {self.name!r} needs new_model and write_run too")
         strangers = [m.name for m in self.methods if m.family != self.name]
         if strangers:
             raise ValueError(f"family {self.name!r} lists methods of another family: {strangers}")
 
     @property
+    def settings(self) -> type:
+        """The dataclass of its protocol section (``reclip.data.protocol``)."""
+        return SECTIONS[self.section]
+
+    @property
     def trained(self) -> bool:
         """Whether its segmentors come from a training run (``--checkpoint RUN_DIR``)."""
-        return self.load_run is not None
+        return self.from_run is not None
 
 
 def common_test_settings(settings: Any) -> dict[str, Any]:

@@ -61,5 +61,4 @@ def test_settings(method: Method, settings: ZeroShotSettings, protocol: Any) -> 
     }
 
 
-FAMILY = Family(name=NAME, section="zero_shot", settings=ZeroShotSettings, methods=METHODS,
-                test_settings=test_settings, build=build)
+FAMILY = Family(name=NAME, section="zero_shot", methods=METHODS, test_settings=test_settings, build=build)

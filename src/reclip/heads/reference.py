@@ -59,17 +59,6 @@ def default_reference_length(context_length: int) -> int:
     return context_length - 4
 
 
-def _block_prefix(block: ResidualAttentionBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One causal block on the shared prefix, keeping its attention keys/values.
-
-    x (1, P, width) -> (x out (1, P, width), k (1, heads, P, hd), v (1, heads, P, hd)).
-    Same operations as ``ResidualAttentionBlock.forward(x, causal=True)``.
-    """
-    q, k, v = block.attn.qkv(block.ln_1(x))  # each (1, heads, P, hd)
-    x = x + block.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    return x + block.mlp(block.ln_2(x)), k, v
-
-
 def _block_suffix(
     block: ResidualAttentionBlock, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, causal: Tensor
 ) -> Tensor:
@@ -238,7 +227,7 @@ class ReferencePrompt(nn.Module):
         causal = torch.ones(S, S, dtype=torch.bool, device=suffix.device).tril()
         for block in blocks:
             # The suffixes attend to this block's prefix keys/values (computed from its input).
-            prefix_out, k, v = _block_prefix(block, prefix)
+            prefix_out, (_, k, v) = block.forward_with_qkv(prefix, causal=True)
             suffix = _block_suffix(block, suffix, k, v, causal)
             prefix = prefix_out
         eot = suffix[torch.arange(suffix.shape[0], device=suffix.device), self.eot_index]  # (C, width)

@@ -240,7 +240,7 @@ def zero_shot_accuracy(
 
 
 def save_checkpoint(clip: CLIP, path: str | os.PathLike) -> Path:
-    """Write an OpenAI-format state dict atomically (``save_clip(..., format="openai")`` if present)."""
+    """Write an OpenAI-format state dict atomically (``save_clip(..., format="openai")``)."""
     from reclip.clip.load import save_clip
 
     return save_clip(clip, path, format="openai")

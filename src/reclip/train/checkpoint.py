@@ -114,12 +114,11 @@ def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], 
             f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION} (written by another "
             "version of reclip, which initialised and optimised differently); start a new run directory"
         )
-    saved = ckpt["trajectory"]
-    changed = {k: (saved.get(k), v) for k, v in trajectory.items() if saved.get(k) != v}
+    changed = _differences(ckpt["trajectory"], dict(trajectory))
     if changed:
         raise ValueError(
-            f"{path}: cannot resume with other training settings {changed} (saved, now); an exact resume needs "
-            "the same values (set the poly horizon explicitly to extend a run's steps)"
+            f"{path}: cannot resume with other training settings: {'; '.join(changed[:6])} (saved -> now); an exact "
+            "resume needs the same values (set the poly horizon explicitly to extend a run's steps)"
         )
     if ckpt["world_size"] != world_size:
         raise ValueError(
@@ -127,6 +126,19 @@ def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], 
             "number (the per-process random states and batch split depend on it)"
         )
     return ckpt
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """The leaves where two nested dicts differ, as "key.sub: saved -> now" (keys of either side)."""
+    if isinstance(saved, Mapping) and isinstance(now, Mapping):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(key, "(absent)"), now.get(key, "(absent)"), f"{where}{key}.")
+        return out
+    if saved == now:
+        return []
+    short = [repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..." for v in (saved, now)]
+    return [f"{where.rstrip('.')}: {short[0]} -> {short[1]}"]
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -49,8 +49,11 @@ def setup_processes(device: str) -> Processes:
 
 
 def is_rank0() -> bool:
-    """True in a single process and on rank 0 of a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True in a single process and on rank 0 of a process group (or of torchrun's processes,
+    read from ``RANK`` once the group is gone)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def gather(obj: Any, world_size: int) -> list[Any]:

@@ -16,8 +16,10 @@ would stall the others.
 Design (the "why"):
 
 - Seeding: every generator (Python, numpy, torch, CUDA) is seeded from ``config.seed``
-  before ``build_model()`` (the same value on every rank, so every rank builds the same
-  model), then again per rank before the first step. Resume restores the saved states.
+  before ``build_model()`` (stream :data:`INIT_STREAM`, the same on every rank, so every
+  rank builds the same model), then from (seed, :data:`TRAIN_STREAM`, rank) before the
+  first step, so initialisation and training never share random numbers. Resume
+  restores the saved states.
 - Optimiser: the caller's (:mod:`reclip.train.optim`: SGD + poly for ReCLIP++, AdamW for
   MAFT); the engine builds it over the trainable parameters and sets each group's lr to
   its base lr times the schedule's factor before every step.
@@ -46,9 +48,10 @@ Design (the "why"):
   one mid-epoch consumes no global randomness, and augmentations are seeded per sample
   (:func:`reclip.data.augment.sample_rng`). A run resumed from step k reaches bit-for-bit
   the parameters of an uninterrupted run (same processes, same library versions).
-- Only rank 0 writes: ``metrics.jsonl`` (one JSON object per line), ``checkpoint.pt``
+- Only rank 0 writes: ``metrics.jsonl`` (one JSON object appended per line; lines a
+  killed run wrote after its last checkpoint are dropped on resume), ``checkpoint.pt``
   every ``checkpoint_every`` steps and at the end, ``model.safetensors`` (trainable state
-  only) at the end; all atomically.
+  only) at the end; the last two atomically.
 - Validation is optional (``validate(model) -> dict``, off by default), runs on rank 0 in
   eval mode under no_grad with the RNG states restored afterwards (so it does not change
   training), and picks a model only when ``select_best`` names a metric (then
@@ -91,6 +94,9 @@ from reclip.train.rng import rng_state, seed_everything, set_rng_state
 __all__ = ["TrainConfig", "TrainResult", "epoch_indices", "steps_per_epoch", "train"]
 
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Mapping[str, Any]]]
+# Random streams of one seed (reclip.train.rng.seed_everything): model initialisation, then training per rank.
+INIT_STREAM = 0
+TRAIN_STREAM = 1
 
 
 @dataclass(frozen=True)
@@ -291,6 +297,9 @@ def train(
         TrainResult (step reached, run_dir, last logged metrics, best validation or None,
         the trained model).
     """
+    if isinstance(build_model, nn.Module):
+        raise TypeError(f"train() takes a function that builds the model (so that it is built after seeding), "
+                        f"not a {type(build_model).__name__} instance: pass e.g. `lambda: MyModel(...)`")
     run_dir = Path(run_dir)
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
     procs = setup_processes(config.device)
@@ -304,8 +313,10 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
         spe = steps_per_epoch(len(dataset), config.batch_size)
         horizon = optimizer.schedule.resolve_horizon(config.steps, spe)
-        # the optimiser with its horizon resolved: an explicit horizon equal to the resolved one is the same run
-        resolved = dataclasses.replace(optimizer, schedule=dataclasses.replace(optimizer.schedule, horizon=horizon))
+        # the optimiser with its horizon resolved: an explicit horizon equal to the resolved one is the same run,
+        # and a constant schedule (power 0) has none, so such a run may be extended
+        recorded = horizon if optimizer.schedule.power else None
+        resolved = dataclasses.replace(optimizer, schedule=dataclasses.replace(optimizer.schedule, horizon=recorded))
         trajectory = {**{f: getattr(config, f) for f in _TRAJECTORY_FIELDS}, "optimizer": describe(resolved),
                       "training images": len(dataset)}
         clash = sorted(set(trajectory) & set(run_settings or {}))
@@ -316,7 +327,7 @@ def train(
         ckpt = on_rank0(lambda: read_checkpoint(ckpt_path, resume=resume, trajectory=trajectory,
                                                 world_size=procs.world_size), procs)
 
-        seed_everything(config.seed)  # the same on every rank: every rank builds the same model
+        seed_everything(config.seed, INIT_STREAM)  # the same on every rank: every rank builds the same model
         model = build_model().to(procs.device)
         if config.sync_bn and procs.world_size > 1:
             if procs.device.type != "cuda":
@@ -340,7 +351,7 @@ def train(
             if procs.rank == 0:
                 truncate_metrics(metrics_path, step)
         else:
-            seed_everything(config.seed, procs.rank)
+            seed_everything(config.seed, TRAIN_STREAM, procs.rank)
             if procs.rank == 0 and metrics_path.exists():
                 metrics_path.unlink()
 

@@ -15,13 +15,13 @@ import torch
 __all__ = ["rng_state", "seed_everything", "set_rng_state"]
 
 
-def seed_everything(seed: int, stream: int = 0) -> None:
+def seed_everything(seed: int, *stream: int) -> None:
     """Seed Python's, numpy's and torch's global generators (every CUDA device too).
 
-    ``stream`` gives independent seeds from one user seed (e.g. one per process rank):
-    the value used is ``SeedSequence([seed, stream])``'s first word.
+    ``stream`` gives independent seeds from one user seed (e.g. one per purpose and
+    process rank): the value used is ``SeedSequence([seed, *stream])``'s first word.
     """
-    value = int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+    value = int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)  # also seeds every CUDA device
