@@ -222,3 +222,22 @@ def test_get_or_train_reuses_the_cached_checkpoint(ci_clip) -> None:
     again = get_or_train(ci_clip.parent, ToyConfig.ci(), seed=0, progress=False)
     assert again == ci_clip and again.stat().st_mtime_ns == before
     assert (ci_clip.parent / f"{ci_clip.name}.json").is_file()
+
+
+def test_pretraining_gives_the_same_clip_whatever_the_callers_thread_count(tmp_path) -> None:
+    """CPU kernels split sums by thread; pre-training pins its own thread count, so the caller's does not matter."""
+    import dataclasses
+
+    from reclip.toy.pretrain import pretrain_tiny_clip
+
+    config = dataclasses.replace(ToyConfig.ci(), steps=3, eval_images=20)
+    threads = torch.get_num_threads()
+    fingerprints = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fingerprints.append(pretrain_tiny_clip(tmp_path / f"t{n}.pt", config, seed=0, progress=False)["fingerprint"])
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprints[0] == fingerprints[1]

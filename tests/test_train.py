@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import functools
 import json
 import socket
@@ -455,3 +456,94 @@ def test_a_model_instance_is_refused_and_rank_comes_from_the_environment(tmp_pat
     assert not is_rank0()
     monkeypatch.setenv("RANK", "0")
     assert is_rank0()
+
+
+# -- a damaged run directory -------------------------------------------------------------------------
+class Forbidden:
+    """Not a tensor or a plain container: the safe unpickler refuses to rebuild it."""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "refused", "foreign"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    cfg = TrainConfig(**{**RESUME_CFG, "checkpoint_every": 3})
+    train(DROPOUT, toy_loss, ToyData(n=10, noise=True), cfg, tmp_path / "full", progress=False, optimizer=LR)
+    run = tmp_path / "cut"
+    with pytest.raises(Killed):  # checkpoints at steps 3 and 6, killed during step 8
+        train(DROPOUT, KillAt(8), ToyData(n=10, noise=True), cfg, run, progress=False, optimizer=LR)
+    assert torch.load(run / "checkpoint.previous.pt", weights_only=True)["step"] == 3
+    latest = run / "checkpoint.pt"
+    if damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    elif damage == "empty":
+        latest.write_bytes(b"")
+    elif damage == "garbage":
+        latest.write_bytes(os.urandom(4096))
+    elif damage == "refused":
+        torch.save({"step": 6, "payload": Forbidden()}, latest)
+    else:
+        torch.save({"step": 6, "weights": torch.zeros(3)}, latest)
+    with pytest.warns(UserWarning, match="checkpoint.pt") as record:
+        result = train(DROPOUT, toy_loss, ToyData(n=10, noise=True), cfg, run, resume=True, progress=False,
+                       optimizer=LR)
+    assert "step 3" in str(record[0].message)
+    assert result.step == 14
+    _assert_same(_weights(tmp_path / "full"), _weights(run))  # still exact: resumed from step 3
+    assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "full")]
+
+
+def test_no_usable_checkpoint_is_a_clear_error_naming_the_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt cannot be read") as err:
+        train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, resume=True, progress=False)
+    assert "no usable checkpoint" in str(err.value) and str(run) in str(err.value)
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**RESUME_CFG, "checkpoint_every": 3})
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(ToyNet, KillAt(5), ToyData(n=10), cfg, run, progress=False, optimizer=LR)
+    good = (run / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # what torch's zip writer raises on ENOSPC
+        Path(f).write_bytes(b"\x00" * 100)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write the checkpoint") as err:
+        train(ToyNet, toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False, optimizer=LR)
+    assert "checkpoint.pt is intact" in str(err.value) and "file write failed" in str(err.value)
+    assert (run / "checkpoint.pt").read_bytes() == good
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(ToyNet, toy_loss, ToyData(n=10), cfg, run, resume=True, progress=False, optimizer=LR).step == 14
+
+
+def test_a_killed_writers_leftovers_are_removed_on_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / f".checkpoint.pt.{int(dead.stdout)}-0123abcd.tmp"
+    live = run / f".checkpoint.pt.{os.getpid()}-0123abcd.tmp"  # a writer that is still running
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, progress=False)
+    assert not stale.exists() and live.exists()
+
+
+def test_a_damaged_finished_run_is_named(tmp_path):
+    run = tmp_path / "run"
+    result = train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, progress=False)
+    save_run(run, {"method": "toy"}, result.model)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"model\.safetensors cannot be read"):
+        load_run(run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_run(run)

@@ -10,20 +10,24 @@ removes its temporary file and leaves the target as it was.
 The temporary file is created with mode 0o666 masked by the process umask, as any file
 opened for writing is, so outputs get the user's usual permissions (``tempfile.mkstemp``
 would make them 0600, unreadable to the user's group). Temporary names are
-``.<name>.<pid>-<random>.tmp``, recognisable as a killed writer's leftovers.
+``.<name>.<pid>-<random>.tmp``: a killed writer's leftovers are recognisable, and
+:func:`remove_stale_temporaries` removes those whose process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "temporary_name"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "remove_stale_temporaries",
+           "temporary_name"]
 
 TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")  # .<name>.<pid>-<random>.tmp
 
 
 def temporary_name(path: Path) -> Path:
@@ -50,13 +54,19 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], None], *, keep_previous: str | os.PathLike | None = None
+) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temporary file, which then replaces ``path``.
 
     ``write`` receives the temporary file's path (it exists, empty, with umask
     permissions) and may open it by name (``torch.save``, ``Image.save``, ...). Any
     exception from it (or from the disk) propagates after the temporary file is removed;
     ``path`` is then untouched. The folder is created if needed. Returns ``path``.
+
+    ``keep_previous``: once the new content is safely on disk, the current ``path`` (if
+    any) is renamed to this path before the new one takes its place, so the last two
+    versions are kept (a crash between the two renames leaves the previous version there).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +75,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         _fsync_file(tmp)
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; removes the leftover of a failure
     _fsync_folder(path.parent)
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``folder`` (not recursive).
+
+    Only files named like :func:`temporary_name`'s whose process no longer exists on this
+    machine are removed (a live writer's are kept). Returns the removed paths.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -58,6 +58,15 @@ __all__ = [
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnt temperature at 100
 
 
+# CPU kernels split sums between threads, so their results depend on the thread count
+# (measured: 1 and 2 threads give other weights after 5 steps). Pre-training always runs
+# on this many threads, with deterministic algorithms: the same (config, seed) gives the
+# same tiny CLIP on any machine of one kind, whatever its core count.
+PRETRAIN_THREADS = 1
+# Part of the cache key: checkpoints of an earlier recipe (any thread count) are not reused.
+RECIPE = f"threads={PRETRAIN_THREADS},deterministic"
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     """World, model and training sizes of one toy pre-training run (hashable, JSON-able).
@@ -111,8 +120,8 @@ class ToyConfig:
         return cls(world=WorldConfig(**world), **data)
 
     def key(self) -> str:
-        """sha256 (16 hex) of the config JSON: the cache key of its checkpoint."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """sha256 (16 hex) of the config JSON and the pre-training recipe: the cache key of its checkpoint."""
+        text = json.dumps({**self.to_dict(), "recipe": RECIPE}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def clip_kwargs(self) -> dict[str, Any]:
@@ -279,14 +288,25 @@ def pretrain_tiny_clip(
 ) -> dict[str, Any]:
     """Pre-train a tiny CLIP from scratch on the toy world and save it to ``out_path``.
 
-    Deterministic for a given (config, seed, torch thread count). Also writes
-    ``<out_path>.json`` with the config and the metrics.
+    Deterministic for a given (config, seed): it runs on :data:`PRETRAIN_THREADS` threads
+    with deterministic algorithms whatever the caller's settings (restored afterwards).
+    Also writes ``<out_path>.json`` with the config and the metrics.
 
     Returns:
         metrics: ``zero_shot_accuracy``, ``train_seconds``, ``pairs_seen``, ``final_loss``
         (mean of the last 20 steps), ``logit_scale``, ``fingerprint``, ``seed``, ``config_key``.
     """
-    config = config or ToyConfig.default()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(out_path, config or ToyConfig.default(), seed, progress)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out_path: str | os.PathLike, config: ToyConfig, seed: int, progress: bool) -> dict[str, Any]:
     world = ToyWorld(config.world)
     torch.manual_seed(seed)
     data_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)
@@ -331,6 +351,7 @@ def pretrain_tiny_clip(
         "seed": seed,
         "config_key": config.key(),
         "torch_threads": torch.get_num_threads(),
+        "recipe": RECIPE,
     }
     atomic_write_json(f"{out_path}.json", {"config": config.to_dict(), "metrics": metrics})
     return metrics

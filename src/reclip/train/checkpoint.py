@@ -1,15 +1,22 @@
 """What a run writes: the trainable state, the resumable checkpoint, the finished run's files.
 
 A run directory holds ``checkpoint.pt`` (everything an exact resume needs, written
-atomically every ``checkpoint_every`` steps), ``metrics.jsonl`` and, when training ends,
+atomically every ``checkpoint_every`` steps) and the one before it,
+``checkpoint.previous.pt``, ``metrics.jsonl`` and, when training ends,
 ``model.safetensors`` (the trainable state only); its stage adds ``config.json``
 (:func:`save_run`). Only rank 0 writes.
+
+A damaged checkpoint (truncated, empty, garbage, refused by the safe unpickler, or not a
+reclip checkpoint) is reported by name and the previous one is used instead; a
+checkpoint that cannot be written (a full disk) stops the run with an error that says
+which earlier checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -20,18 +27,30 @@ from reclip.files import atomic_write, atomic_write_json, atomic_write_text
 from reclip.train.distributed import is_rank0
 
 __all__ = [
-    "BEST_NAME", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "CONFIG_NAME", "METRICS_NAME", "WEIGHTS_NAME",
-    "RunFiles", "atomic_torch_save", "load_run", "load_trainable_state", "read_checkpoint", "save_run",
-    "save_weights", "trainable_state", "truncate_metrics",
+    "BEST_NAME", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "CONFIG_NAME", "METRICS_NAME", "PREVIOUS_NAME",
+    "WEIGHTS_NAME", "CheckpointWriteError", "DamagedRunError", "RunFiles", "atomic_torch_save", "load_run",
+    "load_trainable_state", "read_checkpoint", "save_run", "save_weights", "trainable_state", "truncate_metrics",
+    "write_checkpoint",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.previous.pt"
 METRICS_NAME = "metrics.jsonl"
 WEIGHTS_NAME = "model.safetensors"
 BEST_NAME = "best.safetensors"
 CONFIG_NAME = "config.json"
 # 2: the optimiser is the caller's (its config is part of the trajectory), the model is built after seeding.
 CHECKPOINT_VERSION = 2
+# What every checkpoint of this version holds (a file without them is not one).
+_CHECKPOINT_KEYS = {"version", "step", "trajectory", "model", "optimizer", "ranks", "world_size", "best"}
+
+
+class DamagedRunError(ValueError):
+    """A run directory's checkpoint, weights or config cannot be read; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the message says which one is intact."""
 
 
 # -- the trainable state ------------------------------------------------------------------------
@@ -97,18 +116,67 @@ def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: save_file(dict(state), str(tmp), metadata={"format": "reclip-trainable"}))
 
 
+def write_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` the checkpoint atomically, keeping the one it replaces as ``checkpoint.previous.pt``.
+
+    Raises :class:`CheckpointWriteError` naming the file, the cause and the checkpoint left
+    intact (the one being replaced is only moved once the new one is complete on disk).
+    """
+    previous = path.with_name(PREVIOUS_NAME)
+    try:
+        atomic_write(path, lambda tmp: torch.save(dict(payload), tmp), keep_previous=previous)
+    except Exception as err:
+        intact = next((p for p in (path, previous) if p.exists()), None)
+        kept = (f"the last good checkpoint {intact} is intact: free space and continue with --resume" if intact
+                else "no earlier checkpoint exists")
+        raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(err).__name__}: {err}); {kept}") from err
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents; :class:`DamagedRunError` naming it if it is not a readable one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, garbage, empty file, a global the safe unpickler refuses
+        raise DamagedRunError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DamagedRunError(f"{path} is not a reclip training checkpoint (it holds {found})")
+    return ckpt
+
+
 def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], world_size: int
                     ) -> dict[str, Any] | None:
     """The checkpoint to resume from (None: start from scratch), after checking it fits this run.
 
-    ``trajectory``: the values an exact resume needs unchanged (batch size, seed,
-    optimiser, poly horizon, number of training images, ...), compared with the saved ones.
+    ``path`` (``checkpoint.pt``) first, then ``checkpoint.previous.pt`` when ``path`` is
+    missing or damaged (with a warning naming the damaged file). ``trajectory``: the
+    values an exact resume needs unchanged (batch size, seed, optimiser, poly horizon,
+    number of training images, ...), compared with the saved ones.
     """
-    if not path.exists():
+    candidates = [p for p in (path, path.with_name(PREVIOUS_NAME)) if p.exists()]
+    if not candidates:
         return None
     if not resume:
-        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or use another run dir")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileExistsError(f"{candidates[0]} exists: pass resume=True (--resume) to continue it, or use another "
+                              "run dir")
+    damaged: list[str] = []
+    for candidate in candidates:
+        try:
+            ckpt = _load_checkpoint(candidate)
+        except DamagedRunError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            warnings.warn(f"{'; '.join(damaged)}; resuming from {candidate} (step {ckpt['step']}) instead",
+                          stacklevel=3)
+        _check_fits(candidate, ckpt, trajectory, world_size)
+        return ckpt
+    raise DamagedRunError(f"no usable checkpoint to resume from: {'; '.join(damaged)}. Restore a copy, or start again "
+                          f"without --resume in an empty run directory")
+
+
+def _check_fits(path: Path, ckpt: Mapping[str, Any], trajectory: Mapping[str, Any], world_size: int) -> None:
+    """Refuse to resume a checkpoint of another engine version, other settings or another process count."""
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
             f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION} (written by another "
@@ -125,7 +193,6 @@ def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], 
             f"{path}: the run used {ckpt['world_size']} process(es), this one {world_size}; resume with the same "
             "number (the per-process random states and batch split depend on it)"
         )
-    return ckpt
 
 
 def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
@@ -187,8 +254,18 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunF
             f"{run_dir} is not a finished training run: missing {missing} (a run writes model.safetensors when "
             "it ends and its caller config.json; resume an interrupted run with --resume)"
         )
-    config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    state = load_file(str(run_dir / WEIGHTS_NAME))
+    try:
+        config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedRunError(f"{run_dir / CONFIG_NAME} is not valid JSON ({err}); restore it or train again") from None
+    if not isinstance(config, dict):
+        raise DamagedRunError(f"{run_dir / CONFIG_NAME} holds a {type(config).__name__}, not a run's settings")
+    try:
+        state = load_file(str(run_dir / WEIGHTS_NAME))
+    except Exception as err:  # safetensors' own error types for truncated or foreign files
+        raise DamagedRunError(f"{run_dir / WEIGHTS_NAME} cannot be read ({type(err).__name__}: {err}); the run's "
+                              "weights are damaged: restore them, or train again (--resume rewrites them from "
+                              "checkpoint.pt)") from None
     if model is not None:
         load_trainable_state(model, state)
     return RunFiles(config, state, run_dir)

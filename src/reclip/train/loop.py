@@ -74,18 +74,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from reclip.files import remove_stale_temporaries
 from reclip.train.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
     METRICS_NAME,
     WEIGHTS_NAME,
-    atomic_torch_save,
     load_trainable_state,
     read_checkpoint,
     save_weights,
     trainable_state,
     truncate_metrics,
+    write_checkpoint,
 )
 from reclip.train.distributed import Processes, gather, on_rank0, setup_processes, to_device
 from reclip.train.optim import SGDConfig, describe
@@ -311,6 +312,7 @@ def train(
             )
         if procs.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)  # what a killed writer of this run left
         spe = steps_per_epoch(len(dataset), config.batch_size)
         horizon = optimizer.schedule.resolve_horizon(config.steps, spe)
         # the optimiser with its horizon resolved: an explicit horizon equal to the resolved one is the same run,
@@ -423,7 +425,7 @@ def train(
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     ranks = gather({"rng": rng_state(), "window": window, "count": count}, procs.world_size)
                     if procs.rank == 0:
-                        atomic_torch_save({
+                        write_checkpoint({
                             "version": CHECKPOINT_VERSION, "step": step, "trajectory": trajectory,
                             # where the data order continues (a function of the step; recorded for readers)
                             "sampler": {"seed": config.seed, "epoch": step // spe, "offset": step % spe},
