@@ -299,3 +299,44 @@ def test_evaluate_bias_uses_instance_masks_and_writes_plots(tmp_path, clip_file,
     assert -1.0 <= bias["class_preference"] <= 1.0
     assert len(bias["space_curve"]["mIoU"]) == 5
     assert (plots / "confusion.png").is_file() and (plots / "space_preference.png").is_file()
+
+
+# -- bad input: class lists, numbers, runs that measure nothing ----------------------------
+
+
+@pytest.fixture
+def segment_spy(monkeypatch):
+    """cmd_segment without a model: records the classes api.segment_files receives."""
+    import reclip.cli
+
+    seen = {}
+
+    def segment_files(clip, method, classes, inputs, out, **kwargs):
+        seen["classes"] = classes
+        return api.SegmentSummary(written=[out])
+
+    monkeypatch.setattr(reclip.cli, "_load", lambda args: None)
+    monkeypatch.setattr(api, "segment_files", segment_files)
+    return seen
+
+
+def test_classes_are_names_and_classes_file_is_a_file_whatever_is_on_disk(tmp_path, monkeypatch, capsys,
+                                                                          segment_spy):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog").write_text("cat\nbird\n")
+    argv = ["segment", "--clip", "m.pt", "--out", "o", "img.jpg", "--quiet"]
+    assert main([*argv, "--classes", "dog"]) == 0
+    assert segment_spy.pop("classes").classes == (("dog",),)  # not the file ./dog
+    assert main([*argv, "--classes-file", "dog"]) == 0
+    assert segment_spy.pop("classes").classes == (("cat",), ("bird",))
+    # a missing class file is an error naming it, never the class "missing.txt"
+    assert main([*argv, "--classes-file", "missing.txt"]) == 2
+    assert "class file 'missing.txt' does not exist" in capsys.readouterr().err
+    assert main([*argv, "--classes", "cat,dog,Cat"]) == 2
+    assert "'Cat' is also a name of class 0 'cat'" in capsys.readouterr().err
+    assert "classes" not in segment_spy
+    for extra, message in ((["--classes", "cat", "--classes-file", "dog"], "not allowed with"),
+                           ([], "one of the arguments --classes --classes-file is required")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

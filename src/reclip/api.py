@@ -40,11 +40,20 @@ from reclip.visualize import save_legend, save_segmentation
 
 
 def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
-    """A Vocabulary from a Vocabulary, a class file path, "cat,dog" or a list of names."""
+    """A Vocabulary from a Vocabulary, a class file given as a path object, or names.
+
+    The type says which, never the file system: a ``pathlib.Path`` (any ``os.PathLike``)
+    is a class file (:func:`reclip.text.read_class_file`); a string is always names
+    ("cat,dog", even when a file of that name exists); a list has one class per item
+    (:meth:`Vocabulary.from_names`). To use a class file named by a string, pass
+    ``Path(name)`` or ``read_class_file(name)``.
+    """
     if isinstance(classes, Vocabulary):
         return classes
-    if isinstance(classes, os.PathLike) or (isinstance(classes, str) and os.path.isfile(classes)):
+    if isinstance(classes, os.PathLike):
         return read_class_file(classes)
+    if isinstance(classes, bytes):
+        raise TypeError(f"classes {classes!r} are bytes; give names as str or a class file as a pathlib.Path")
     return Vocabulary.from_names(classes)
 
 

@@ -101,9 +101,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    if args.classes is None and args.classes_file is None:
-        raise SystemExit("reclip segment: give the class names with --classes 'cat,dog' or --classes-file FILE")
-    classes = args.classes_file if args.classes_file is not None else args.classes
+    # --classes is names and --classes-file a file, whatever exists on disk (argparse
+    # makes them exclusive and one of them required)
+    classes = api.as_vocabulary(Path(args.classes_file) if args.classes_file is not None else args.classes)
     clip = _load(args)
     summary = api.segment_files(
         clip, args.method, classes, args.inputs, args.out,
@@ -230,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", parents=[common], help="segment images into class masks")
     _add_model_args(p)
-    p.add_argument("--classes", help="comma-separated class names (one name per class)")
-    p.add_argument("--classes-file", help="class file: one class per line, synonyms separated by commas")
+    classes = p.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes", metavar="NAMES",
+                         help="comma-separated class names, one name per class (never read as a file)")
+    classes.add_argument("--classes-file", metavar="FILE",
+                         help="class file: one class per line, synonyms separated by commas")
     p.add_argument("--background", action="store_true",
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="mIoU of a method on a dataset protocol")
     _add_model_args(p)
-    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--dataset", required=True,
+                   help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="val")
     p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
@@ -264,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="activation of open_clip checkpoints without a config (default: inferred)")
     p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
-    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--dataset", required=True,
+                   help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="train")
     p.add_argument("--classes-file", help="class list replacing the protocol's")

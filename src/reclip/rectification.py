@@ -164,7 +164,8 @@ def rectifier_from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None 
             f"the loaded CLIP {getattr(clip, 'spec', None)!r} has fingerprint {weights_fingerprint(clip)}: "
             "pass the same --clip as for training"
         )
-    trained = Vocabulary.from_names(saved["classes"])
+    # checked when the run was made; a list that shares a name (SCLIP's COCO-Object) reloads as it was
+    trained = Vocabulary.from_names(saved["classes"], shared_names=True)
     if vocabulary is not None and vocabulary != trained:
         raise ValueError(
             f"{run.run_dir} was trained for the classes {list(trained.names)}, not {list(vocabulary.names)}: "
