@@ -340,3 +340,74 @@ def test_classes_are_names_and_classes_file_is_a_file_whatever_is_on_disk(tmp_pa
         with pytest.raises(SystemExit) as exit_:
             main([*argv, *extra])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("segment", "--window", "0"), ("segment", "--stride", "-16"), ("segment", "--short-side", "0"),
+    ("segment", "--batch-size", "0"), ("segment", "--max-long-side", "-1"), ("segment", "--logit-scale", "0"),
+    ("segment", "--prob-thd", "1.5"), ("segment", "--area-thd", "nan"),
+    ("evaluate", "--limit", "-1"), ("evaluate", "--limit", "0"), ("evaluate", "--workers", "-1"),
+    ("evaluate", "--window", "x"),
+    ("hypotheses", "--batch-size", "0"), ("hypotheses", "--save-every", "0"), ("hypotheses", "--top-k", "0"),
+    ("hypotheses", "--r", "0"), ("hypotheses", "--threshold", "inf"),
+    ("rectify", "--max-steps", "0"), ("rectify", "--batch-size", "-2"), ("rectify", "--workers", "-1"),
+    ("rectify", "--crop", "0"), ("rectify", "--lr", "-0.1"), ("rectify", "--checkpoint-every", "0"),
+    ("rectify", "--seed", "-1"), ("rectify", "--reference-length", "0"),
+])
+def test_meaningless_numbers_are_refused_by_argparse(capsys, command, flag, value):
+    argv = [command, "--clip", "m.pt", *(a.format(root="r") for a in CLIP_COMMANDS[command]), flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: " in err and value in err
+
+
+def test_numbers_at_the_edge_of_their_range_are_accepted():
+    from reclip.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--clip", "m", "--dataset", "voc20", "--data-root", "r",
+                                      "--workers", "0", "--limit", "1", "--prob-thd", "0", "--area-thd", "1"])
+    assert (args.workers, args.limit, args.prob_thd, args.area_thd) == (0, 1, 0.0, 1.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--images", "0"])
+
+
+def test_api_refuses_a_non_positive_limit(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=1)
+    for limit in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="limit must be a positive number of images"):
+            api.evaluate(load_clip(clip_file), "maskclip", "voc21", root, limit=limit, progress=False)
+
+
+def test_an_evaluation_that_scores_nothing_fails(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=2)
+    ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    argv = ["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc21",
+            "--data-root", str(root), "--json", str(tmp_path / "r.json"), *COMMON]
+    # every label pixel ignore (255): nothing can be scored
+    for image_id in ids:
+        label = root / "SegmentationClass" / f"{image_id}.png"
+        Image.fromarray(np.full(read_label(label).shape, 255, np.uint8)).save(label)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing was evaluated" in err and "the 2 image(s) read have no labelled pixel" in err
+    assert not (tmp_path / "r.json").exists()
+    # every image unreadable
+    for image_id in ids:
+        image = root / "JPEGImages" / f"{image_id}.jpg"
+        image.write_bytes(image.read_bytes()[:200])  # truncated JPEG, header intact
+    with pytest.raises(api.NothingEvaluatedError, match="all 2 image") as err:
+        api.evaluate(load_clip(clip_file), "maskclip", "voc21", root, progress=False, num_workers=0)
+    assert len(err.value.skipped) == 2 and err.value.num_images == 0
+    assert main(argv) == 2
+    assert "all 2 image(s) were skipped" in capsys.readouterr().err
+
+
+def test_a_segment_run_that_reads_no_image_fails(tmp_path, clip_file, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "empty.jpg").write_bytes(b"")
+    code = main(["segment", "--clip", str(clip_file), "--classes", "cat,dog", "--out", str(tmp_path / "o"),
+                 str(photos), *COMMON])
+    assert code == 1
+    assert "no image could be read" in capsys.readouterr().err
