@@ -299,3 +299,115 @@ def test_evaluate_bias_uses_instance_masks_and_writes_plots(tmp_path, clip_file,
     assert -1.0 <= bias["class_preference"] <= 1.0
     assert len(bias["space_curve"]["mIoU"]) == 5
     assert (plots / "confusion.png").is_file() and (plots / "space_preference.png").is_file()
+
+
+# -- bad input: class lists, numbers, runs that measure nothing ----------------------------
+
+
+@pytest.fixture
+def segment_spy(monkeypatch):
+    """cmd_segment without a model: records the classes api.segment_files receives."""
+    import reclip.cli
+
+    seen = {}
+
+    def segment_files(clip, method, classes, inputs, out, **kwargs):
+        seen["classes"] = classes
+        return api.SegmentSummary(written=[out])
+
+    monkeypatch.setattr(reclip.cli, "_load", lambda args: None)
+    monkeypatch.setattr(api, "segment_files", segment_files)
+    return seen
+
+
+def test_classes_are_names_and_classes_file_is_a_file_whatever_is_on_disk(tmp_path, monkeypatch, capsys,
+                                                                          segment_spy):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog").write_text("cat\nbird\n")
+    argv = ["segment", "--clip", "m.pt", "--out", "o", "img.jpg", "--quiet"]
+    assert main([*argv, "--classes", "dog"]) == 0
+    assert segment_spy.pop("classes").classes == (("dog",),)  # not the file ./dog
+    assert main([*argv, "--classes-file", "dog"]) == 0
+    assert segment_spy.pop("classes").classes == (("cat",), ("bird",))
+    # a missing class file is an error naming it, never the class "missing.txt"
+    assert main([*argv, "--classes-file", "missing.txt"]) == 2
+    assert "class file 'missing.txt' does not exist" in capsys.readouterr().err
+    assert main([*argv, "--classes", "cat,dog,Cat"]) == 2
+    assert "'Cat' is also a name of class 0 'cat'" in capsys.readouterr().err
+    assert "classes" not in segment_spy
+    for extra, message in ((["--classes", "cat", "--classes-file", "dog"], "not allowed with"),
+                           ([], "one of the arguments --classes --classes-file is required")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("segment", "--window", "0"), ("segment", "--stride", "-16"), ("segment", "--short-side", "0"),
+    ("segment", "--batch-size", "0"), ("segment", "--max-long-side", "-1"), ("segment", "--logit-scale", "0"),
+    ("segment", "--prob-thd", "1.5"), ("segment", "--area-thd", "nan"),
+    ("evaluate", "--limit", "-1"), ("evaluate", "--limit", "0"), ("evaluate", "--workers", "-1"),
+    ("evaluate", "--window", "x"),
+    ("hypotheses", "--batch-size", "0"), ("hypotheses", "--save-every", "0"), ("hypotheses", "--top-k", "0"),
+    ("hypotheses", "--r", "0"), ("hypotheses", "--threshold", "inf"),
+    ("rectify", "--max-steps", "0"), ("rectify", "--batch-size", "-2"), ("rectify", "--workers", "-1"),
+    ("rectify", "--crop", "0"), ("rectify", "--lr", "-0.1"), ("rectify", "--checkpoint-every", "0"),
+    ("rectify", "--seed", "-1"), ("rectify", "--reference-length", "0"),
+])
+def test_meaningless_numbers_are_refused_by_argparse(capsys, command, flag, value):
+    argv = [command, "--clip", "m.pt", *(a.format(root="r") for a in CLIP_COMMANDS[command]), flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: " in err and value in err
+
+
+def test_numbers_at_the_edge_of_their_range_are_accepted():
+    from reclip.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--clip", "m", "--dataset", "voc20", "--data-root", "r",
+                                      "--workers", "0", "--limit", "1", "--prob-thd", "0", "--area-thd", "1"])
+    assert (args.workers, args.limit, args.prob_thd, args.area_thd) == (0, 1, 0.0, 1.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--images", "0"])
+
+
+def test_api_refuses_a_non_positive_limit(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=1)
+    for limit in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="limit must be a positive number of images"):
+            api.evaluate(load_clip(clip_file), "maskclip", "voc21", root, limit=limit, progress=False)
+
+
+def test_an_evaluation_that_scores_nothing_fails(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=2)
+    ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    argv = ["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc21",
+            "--data-root", str(root), "--json", str(tmp_path / "r.json"), *COMMON]
+    # every label pixel ignore (255): nothing can be scored
+    for image_id in ids:
+        label = root / "SegmentationClass" / f"{image_id}.png"
+        Image.fromarray(np.full(read_label(label).shape, 255, np.uint8)).save(label)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing was evaluated" in err and "the 2 image(s) read have no labelled pixel" in err
+    assert not (tmp_path / "r.json").exists()
+    # every image unreadable
+    for image_id in ids:
+        image = root / "JPEGImages" / f"{image_id}.jpg"
+        image.write_bytes(image.read_bytes()[:200])  # truncated JPEG, header intact
+    with pytest.raises(api.NothingEvaluatedError, match="all 2 image") as err:
+        api.evaluate(load_clip(clip_file), "maskclip", "voc21", root, progress=False, num_workers=0)
+    assert len(err.value.skipped) == 2 and err.value.num_images == 0
+    assert main(argv) == 2
+    assert "all 2 image(s) were skipped" in capsys.readouterr().err
+
+
+def test_a_segment_run_that_reads_no_image_fails(tmp_path, clip_file, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "empty.jpg").write_bytes(b"")
+    code = main(["segment", "--clip", str(clip_file), "--classes", "cat,dog", "--out", str(tmp_path / "o"),
+                 str(photos), *COMMON])
+    assert code == 1
+    assert "no image could be read" in capsys.readouterr().err

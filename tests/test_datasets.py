@@ -327,6 +327,39 @@ def test_missing_files_listed(tmp_path):
     assert "2008_000001.png" in str(err.value) and "2008_000002.jpg" in str(err.value)
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_an_empty_split_file_is_named(tmp_path, content):
+    root = write_voc(tmp_path / "VOC2012")
+    split_file = root / "ImageSets" / "Segmentation" / "val.txt"
+    split_file.write_text(content)
+    with pytest.raises(DatasetError, match=rf"the split file {split_file} lists no image"):
+        SegmentationDataset("voc21", root)
+
+
+def test_split_file_encoding_bom_and_repeats(tmp_path):
+    root = write_voc(tmp_path / "VOC2012", n_val=2)
+    split_file = root / "ImageSets" / "Segmentation" / "val.txt"
+    ids = split_file.read_text().split()
+    split_file.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ids).encode() + b"\r\n")  # BOM, CRLF: fine
+    assert SegmentationDataset("voc21", root).image_ids == ids
+    split_file.write_bytes(ids[0].encode() + b"\n\xe9t\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match=rf"split file '{split_file}' is not UTF-8: byte 12 \(line 2\)"):
+        SegmentationDataset("voc21", root)
+    split_file.write_text(f"{ids[0]}\n{ids[1]}\n\n{ids[0]}\n")
+    with pytest.raises(DatasetError, match=rf"more than once.*\n  {ids[0]} \(lines 1, 4\)"):
+        SegmentationDataset("voc21", root)
+
+
+def test_a_file_named_like_a_protocol_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("voc21").write_text("not: a protocol\n")
+    assert load_protocol("voc21").name == "voc21"
+    with pytest.raises(ProtocolError, match="unknown dataset protocol 'mine'.*ending in .yaml"):
+        Path("mine").write_text(Path(load_protocol("voc21").source).read_text())
+        load_protocol("mine")
+    assert load_protocol(Path("mine")).name == "voc21"  # a path object is a file
+
+
 def test_size_mismatch_names_both_files(tmp_path):
     root = write_voc(tmp_path / "VOC2012")
     lab = root / "SegmentationClass" / "2008_000001.png"

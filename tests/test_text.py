@@ -10,6 +10,7 @@ from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.clip.tokenizer import tokenize
 from reclip.templates import IMAGENET_TEMPLATES, RECLIP_TEMPLATES, TEMPLATE_SETS, resolve_templates
 from reclip.text import (
+    SHARED_NAMES_LINE,
     QueryEmbeddings,
     Vocabulary,
     default_cache_dir,
@@ -114,15 +115,110 @@ def test_from_names():
     vocab = Vocabulary.from_names(["cat", "person, man", ("tv", "monitor")])
     assert vocab.classes == (("cat",), ("person", "man"), ("tv", "monitor"))
     assert not Vocabulary.from_names(["cat", "dog"]).has_synonyms
-    # the same word in two classes is allowed (COCO-Object: "bed" class and background word)
-    dup = Vocabulary.from_names(["sky, bed", "bed"])
+    # the same word in two classes only when asked (SCLIP's COCO-Object: "bed" class and background word)
+    with pytest.raises(ValueError, match=r"class 1: 'bed' is also a name of class 0 'sky'.*shared_names=True"):
+        Vocabulary.from_names(["sky, bed", "bed"])
+    dup = Vocabulary.from_names(["sky, bed", "bed"], shared_names=True)
     assert dup.synonym_class == (0, 0, 1)
+    assert dup.shared_names and dup == Vocabulary((("sky", "bed"), ("bed",)), shared_names=True)
     with pytest.raises(ValueError, match="at least one"):
         Vocabulary.from_names("")
     with pytest.raises(ValueError, match="at least one"):
         Vocabulary.from_names([])
     with pytest.raises(ValueError, match="class 1"):
         Vocabulary.from_names(["cat", " , "])
+
+
+# -- bad class lists: one rule for files, lists and strings -----------------------------
+
+
+def test_a_name_in_two_classes_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# mine\nbackground: sky, bed\ncat\n\nbed\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"classes.txt:5: 'bed' is also a name of class 0 'background' \(line 2\)"
+                                         r".*argmax always picks class 0.*# reclip: shared-names"):
+        read_class_file(path)
+    # the same rule inline and in a list, compared as CLIP reads names (case, runs of spaces)
+    for names in ("cat,dog,cat", "cat, Cat", ["teddy bear", "teddy  bear"], [("cat",), ("kitty", "CAT")]):
+        with pytest.raises(ValueError, match="is also a name of class 0"):
+            Vocabulary.from_names(names)
+    with pytest.raises(ValueError, match="class 1: 'cat' is also"):
+        Vocabulary((("cat",), ("cat",)))
+    # within one class a repeat is the same query: merged, first spelling kept
+    assert Vocabulary.from_names(["person, Person, person  in shirt, person in shirt"]).classes == (
+        ("person", "person in shirt"),)
+    # a file that means it says so (SCLIP's COCO-Object list, shipped)
+    path.write_text(f"{SHARED_NAMES_LINE}\nbackground: sky, bed\nbed\n", encoding="utf-8")
+    vocab = read_class_file(path)
+    assert vocab.shared_names and vocab.synonym_class == (0, 0, 1)
+
+
+def test_two_classes_shown_alike_are_refused(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("background: sky\ncat\nBackground: wall\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"classes.txt:3: 'Background' is already the display name of class 0 "
+                                         r"\(line 1\)"):
+        read_class_file(path)
+
+
+def test_shipped_class_files_load_and_only_sclips_coco_object_shares_a_name():
+    from reclip.data.protocol import _package_dir
+
+    files = sorted(_package_dir("classes").glob("*.txt"))
+    assert len(files) >= 12
+    shared = [f.name for f in files if read_class_file(f).shared_names]
+    assert shared == ["cocoobject_sclip.txt"]
+
+
+@pytest.mark.parametrize("line, problem", [
+    (":", "needs at least one letter or digit"),
+    ("-, ?", "needs at least one letter or digit"),
+    ("\u200b", "U\\+200B \\(ZERO WIDTH SPACE\\)"),
+    ("\ufeff", "U\\+FEFF"),  # a byte-order mark that is not the file's first character
+    ("\x07", "U\\+0007"),
+    ("cat\u00ad", "U\\+00AD \\(SOFT HYPHEN\\)"),
+    ("\u3164", "U\\+3164"),  # Hangul filler: a "letter" that draws nothing
+    ("background:", "no name after the colon"),
+    (" , ", "has no class name"),
+])
+def test_invisible_or_empty_names_are_refused_naming_the_line(tmp_path, line, problem):
+    path = tmp_path / "classes.txt"
+    path.write_text(f"cat\n{line}\ndog\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"classes.txt:2: .*{problem}"):
+        read_class_file(path)
+    with pytest.raises(ValueError, match=f"class 1: .*{problem}"):
+        Vocabulary.from_names(["cat", line, "dog"])
+
+
+def test_whitespace_is_whitespace_and_a_leading_bom_is_dropped(tmp_path):
+    path = tmp_path / "classes.txt"
+    # Windows editor: BOM, CRLF; a no-break-space-only line is blank; a tab inside a name is a space
+    path.write_bytes("\ufeffcat\r\n\u00a0\r\nteddy\tbear\r\n\u00a0dog\u00a0\r\n".encode("utf-8"))
+    assert read_class_file(path).classes == (("cat",), ("teddy bear",), ("dog",))
+    # zero-width joiners spell words in some scripts: kept
+    assert Vocabulary.from_names(["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]).num_classes == 1
+
+
+def test_a_class_file_that_is_not_utf8_is_named_with_the_byte_and_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("cat\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"class file '.*latin1.txt' is not UTF-8: byte 7 \(line 2\).*iconv"):
+        read_class_file(path)
+
+
+def test_names_and_files_are_told_apart_by_type_not_by_the_disk(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from reclip.api import as_vocabulary
+
+    monkeypatch.chdir(tmp_path)
+    Path("dog").write_text("cat\nbird\n", encoding="utf-8")
+    assert as_vocabulary("dog").classes == (("dog",),)  # a string is names, even with ./dog present
+    assert as_vocabulary(Path("dog")).classes == (("cat",), ("bird",))  # a path is a file
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        as_vocabulary(Path("missing.txt"))  # never taken as the class name "missing.txt"
+    with pytest.raises(TypeError, match="read_class_file"):
+        Vocabulary.from_names(Path("dog"))
 
 
 # -- query embeddings -------------------------------------------------------------------
@@ -208,7 +304,8 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
 
 def test_duplicate_names_encoded_once(clip):
     counting = CountingCLIP(clip)
-    q = query_embeddings(counting, ["sky, bed", "bed"], templates="single", cache_dir=False)
+    vocab = Vocabulary.from_names(["sky, bed", "bed"], shared_names=True)
+    q = query_embeddings(counting, vocab, templates="single", cache_dir=False)
     assert counting.prompts == 2  # "sky", "bed"
     torch.testing.assert_close(q.weights[1], q.weights[2], rtol=0, atol=0)
 

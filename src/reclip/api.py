@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
-from reclip.data.datasets import SegmentationDataset
+from reclip.data.datasets import SegmentationDataset, _listing
 from reclip.data.io import ImageReadError, iter_images, read_image
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
@@ -40,15 +41,35 @@ from reclip.visualize import save_legend, save_segmentation
 
 
 def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
-    """A Vocabulary from a Vocabulary, a class file path, "cat,dog" or a list of names."""
+    """A Vocabulary from a Vocabulary, a class file given as a path object, or names.
+
+    The type says which, never the file system: a ``pathlib.Path`` (any ``os.PathLike``)
+    is a class file (:func:`reclip.text.read_class_file`); a string is always names
+    ("cat,dog", even when a file of that name exists); a list has one class per item
+    (:meth:`Vocabulary.from_names`). To use a class file named by a string, pass
+    ``Path(name)`` or ``read_class_file(name)``.
+    """
     if isinstance(classes, Vocabulary):
         return classes
-    if isinstance(classes, os.PathLike) or (isinstance(classes, str) and os.path.isfile(classes)):
+    if isinstance(classes, os.PathLike):
         return read_class_file(classes)
+    if isinstance(classes, bytes):
+        raise TypeError(f"classes {classes!r} are bytes; give names as str or a class file as a pathlib.Path")
     return Vocabulary.from_names(classes)
 
 
 # --------------------------------------------------------------------------- evaluate
+
+
+class NothingEvaluatedError(ValueError):
+    """An evaluation scored no pixel: every image was skipped, or every labelled pixel is
+    ``ignore_index``. Its mIoU would be NaN, not a result. ``skipped`` lists (path, reason)
+    and ``num_images`` counts the images that were read."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]], num_images: int) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+        self.num_images = num_images
 
 
 @dataclass
@@ -152,11 +173,17 @@ def evaluate(
             (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...).
         absent_as_zero: the official ReCLIP mean (classes that never occur count as 0).
         bias: also compute the bias diagnostics (``reclip.bias``) in the same pass.
-        limit: evaluate only the first ``limit`` images (a quick look, not a result).
+        limit: evaluate only the first ``limit`` images (a quick look, not a result); a
+            positive int, or None for all.
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
         checkpoint: run directory of a trained head (methods "reclip++", "reclip").
+
+    Raises:
+        NothingEvaluatedError: no pixel was scored (every image skipped, or every label
+            pixel ``ignore_index``): a run that measured nothing never returns a NaN mIoU.
     """
+    _check_limit_and_workers(limit, num_workers)
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
@@ -196,7 +223,10 @@ def evaluate_segmentor(
     description: str = "evaluate",
 ) -> EvaluationResult:
     """Run any segmentor over a labelled dataset: confusion matrix, mIoU and, with
-    ``bias``, the class- and space-preference diagnostics in the same pass."""
+    ``bias``, the class- and space-preference diagnostics in the same pass.
+
+    Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
+    _check_limit_and_workers(limit, num_workers)
     protocol = data.protocol
     background = 0 if protocol.background else None
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
@@ -219,6 +249,9 @@ def evaluate_segmentor(
         if bias:
             space.update(result.labels, item["label"], item.get("instances"))
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
+    bar.close()
+    if confusion.matrix.sum() == 0:
+        raise _nothing_evaluated(data, count, skipped)
     diagnostics = None
     if bias:
         # Background is not an object: left out of both scores.
@@ -238,6 +271,37 @@ def evaluate_segmentor(
                   "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit},
         bias=diagnostics,
     )
+
+
+def _check_limit_and_workers(limit: int | None, num_workers: int) -> None:
+    def whole(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if limit is not None and not (whole(limit) and limit > 0):
+        raise ValueError(f"limit must be a positive number of images, or None for all of them; got {limit!r}")
+    if not (whole(num_workers) and num_workers >= 0):
+        raise ValueError(f"num_workers must be an int >= 0 (0: read images in this process); got {num_workers!r}")
+
+
+def _nothing_evaluated(data: SegmentationDataset, count: int,
+                       skipped: list[tuple[str, str]]) -> NothingEvaluatedError:
+    """The error of an evaluation that scored no pixel, saying why."""
+    protocol = data.protocol
+    what = f"nothing was evaluated on {protocol.name}/{data.split} at {data.root}"
+    read = count - len(skipped)
+    if read == 0:
+        reasons = [reason if reason.startswith(path) else f"{path}: {reason}" for path, reason in skipped]
+        message = (f"{what}: all {count} image(s) were skipped:{_listing(reasons)}\n"
+                   "Fix or replace these files (or check the data root) and run again.")
+    else:
+        message = (
+            f"{what}: the {read} image(s) read have no labelled pixel: every label pixel is ignore_index "
+            f"{protocol.ignore_index} after the protocol's conversion (reduce_zero_label="
+            f"{protocol.reduce_zero_label}, label_map={protocol.label_map!r})"
+            + (f", and {len(skipped)} image(s) were skipped" if skipped else "")
+            + ". Check that the labels are this protocol's (--label-dir, --dataset) and hold class ids"
+        )
+    return NothingEvaluatedError(message, skipped, read)
 
 
 def _finite(value: float) -> float | None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -36,6 +37,41 @@ CLIP_CONFIG_HELP = (
     "open_clip checkpoints do not record their attention heads; without it they are guessed (width // 64). "
     "Wins over an open_clip_config.json beside the weights"
 )
+
+
+def _ranged(kind: type, low: float, high: float | None = None, *, above: bool = False):
+    """An argparse ``type``: ``kind(text)`` checked to be >= ``low`` (> with ``above``) and <= ``high``.
+
+    One helper for every numeric option, so that 0, negative, NaN and infinite values are
+    refused with the option's name before anything is loaded.
+    """
+    if low == -math.inf and high is None:
+        what = "a finite number"
+    else:
+        interval = f"> {low:g}" if above else f">= {low:g}"
+        if high is not None:
+            interval = f"in {'(' if above else '['}{low:g}, {high:g}]"
+        what = f"{'an integer' if kind is int else 'a number'} {interval}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low)
+                and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+POSITIVE_INT = _ranged(int, 1)  # sizes, counts of images / steps / windows
+COUNT = _ranged(int, 0)  # may be 0 (worker processes: 0 = none)
+POSITIVE = _ranged(float, 0, above=True)  # scales, learning rates
+FRACTION = _ranged(float, 0, 1)  # probabilities and area / vote fractions
+FINITE = _ranged(float, -math.inf)  # any real number, not NaN or infinite
 
 
 def _device(name: str) -> torch.device:
@@ -66,16 +102,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (default: the protocol's published settings)")
     g.add_argument("--mode", choices=("whole", "slide"))
-    g.add_argument("--short-side", type=int, help="resize the short side to this before inference")
-    g.add_argument("--window", type=int, help="sliding-window size")
-    g.add_argument("--stride", type=int, help="sliding-window stride")
-    g.add_argument("--batch-size", type=int, help="windows per forward pass")
-    g.add_argument("--logit-scale", type=float, help="scale of cosine logits before the softmax")
-    g.add_argument("--prob-thd", type=float, help="background probability threshold (SCLIP family)")
-    g.add_argument("--pd-threshold", type=float, help="prompt-denoising threshold (ReCLIP)")
+    g.add_argument("--short-side", type=POSITIVE_INT, help="resize the short side to this before inference")
+    g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
+    g.add_argument("--stride", type=POSITIVE_INT, help="sliding-window stride")
+    g.add_argument("--batch-size", type=POSITIVE_INT, help="windows per forward pass")
+    g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
+    g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
+    g.add_argument("--pd-threshold", type=FRACTION, help="prompt-denoising threshold (ReCLIP)")
     g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
-    g.add_argument("--max-long-side", type=int, help="cap on the long side of the short-side resize")
-    g.add_argument("--area-thd", type=float,
+    g.add_argument("--max-long-side", type=POSITIVE_INT, help="cap on the long side of the short-side resize")
+    g.add_argument("--area-thd", type=FRACTION,
                    help="SCLIP's area filter: drop classes below this fraction of the predicted foreground")
     g.add_argument("--autocast", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision on a GPU (default auto: bf16 on CUDA, off on CPU)")
@@ -101,9 +137,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    if args.classes is None and args.classes_file is None:
-        raise SystemExit("reclip segment: give the class names with --classes 'cat,dog' or --classes-file FILE")
-    classes = args.classes_file if args.classes_file is not None else args.classes
+    # --classes is names and --classes-file a file, whatever exists on disk (argparse
+    # makes them exclusive and one of them required)
+    classes = api.as_vocabulary(Path(args.classes_file) if args.classes_file is not None else args.classes)
     clip = _load(args)
     summary = api.segment_files(
         clip, args.method, classes, args.inputs, args.out,
@@ -115,6 +151,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
           f"({len(summary.skipped)} skipped)")
     for path, reason in summary.skipped:
         print(f"  skipped {path}: {reason}")
+    if not summary.written:
+        print(f"reclip segment: error: no image could be read ({len(summary.skipped)} skipped, listed above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -230,8 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", parents=[common], help="segment images into class masks")
     _add_model_args(p)
-    p.add_argument("--classes", help="comma-separated class names (one name per class)")
-    p.add_argument("--classes-file", help="class file: one class per line, synonyms separated by commas")
+    classes = p.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes", metavar="NAMES",
+                         help="comma-separated class names, one name per class (never read as a file)")
+    classes.add_argument("--classes-file", metavar="FILE",
+                         help="class file: one class per line, synonyms separated by commas")
     p.add_argument("--background", action="store_true",
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
@@ -241,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="mIoU of a method on a dataset protocol")
     _add_model_args(p)
-    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--dataset", required=True,
+                   help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="val")
     p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
@@ -251,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the class- and space-preference bias scores (ReCLIP++ Table VII)")
     p.add_argument("--plots", help="with --bias: write the confusion-matrix and space-preference plots here")
     p.add_argument("--label-dir", help="label folder replacing the protocol's (required to score `folder`)")
-    p.add_argument("--limit", type=int, help="only the first N images (a quick look, not a result)")
-    p.add_argument("--workers", type=int, default=1, help="processes reading images ahead (0: none)")
+    p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
+    p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -264,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="activation of open_clip checkpoints without a config (default: inferred)")
     p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
-    p.add_argument("--dataset", required=True, help=f"protocol name ({', '.join(list_protocols())}) or YAML")
+    p.add_argument("--dataset", required=True,
+                   help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="train")
     p.add_argument("--classes-file", help="class list replacing the protocol's")
@@ -274,19 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="windows", choices=("windows", "any_vote", "whole_image"),
                    help="windows: paper eq. 6 (f > t); any_vote: official code (>= 1 vote); "
                         "whole_image: ReCLIP conference rule")
-    p.add_argument("--r", type=float, help="window / image side (default: the protocol's hypotheses.r, 1/6)")
-    p.add_argument("--t", type=float,
+    p.add_argument("--r", type=_ranged(float, 0, 1, above=True),
+                   help="window / image side (default: the protocol's hypotheses.r, 1/6)")
+    p.add_argument("--t", type=FRACTION,
                    help="vote-frequency threshold (default: the protocol's hypotheses.t; paper IV-A: 0.07 for "
                         "VOC / Cityscapes, 0 otherwise)")
-    p.add_argument("--threshold", type=float,
+    p.add_argument("--threshold", type=FINITE,
                    help="whole_image: threshold on logit_scale x cosine (100 x cosine for OpenAI weights; "
                         "default: the protocol's hypotheses.threshold)")
-    p.add_argument("--top-k", type=int,
+    p.add_argument("--top-k", type=POSITIVE_INT,
                    help="whole_image: classes kept when none passes (default: the protocol's hypotheses.top_k)")
     p.add_argument("--resize", choices=("clip", "squash"),
                    help="crop -> CLIP input: clip = short side + centre crop (default), squash = to a square")
-    p.add_argument("--batch-size", type=int, help="crops per CLIP forward pass (default 64)")
-    p.add_argument("--save-every", type=int, default=16, help="images between atomic rewrites of --out")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="crops per CLIP forward pass (default 64)")
+    p.add_argument("--save-every", type=POSITIVE_INT, default=16, help="images between atomic rewrites of --out")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an existing --out (default) or overwrite it (--no-resume)")
     p.set_defaults(func=cmd_hypotheses)
@@ -301,26 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep (or drop) the last block's residual in --features")
     p.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None,
                    help="keep (or drop) the last block's FFN in --features")
-    p.add_argument("--reference-length", type=int,
+    p.add_argument("--reference-length", type=POSITIVE_INT,
                    help="L learnable Reference words (default context length - 4 = 73, the paper)")
-    p.add_argument("--gumbel-scale", type=float, help="logit factor before the Gumbel-softmax (default 100, official)")
+    p.add_argument("--gumbel-scale", type=POSITIVE,
+                   help="logit factor before the Gumbel-softmax (default 100, official)")
     p.add_argument("--reference-name-tokens", choices=NAME_TOKENS,
                    help="class names longer than the Reference's slots: keep_eot (default) or official (the "
                         "official code's layout: EOT lost, read at the largest-id token; to reproduce its numbers)")
-    p.add_argument("--dataset", required=True, help="protocol name or YAML (its train split is used)")
+    p.add_argument("--dataset", required=True,
+                   help="protocol name or a protocol .yaml file (its train split is used)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--classes-file", help="class list replacing the protocol's")
     p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--max-steps", type=int, help="stop after N steps (default: the official epochs)")
-    p.add_argument("--batch-size", type=int, help="global batch (default: the dataset's official one)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--crop", type=int, help="training crop (default: the dataset's official one)")
-    p.add_argument("--base-short-side", type=int, help="augmentation base scale (default: official)")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after N steps (default: the official epochs)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="global batch (default: the dataset's official one)")
+    p.add_argument("--lr", type=POSITIVE)
+    p.add_argument("--seed", type=COUNT)
+    p.add_argument("--crop", type=POSITIVE_INT, help="training crop (default: the dataset's official one)")
+    p.add_argument("--base-short-side", type=POSITIVE_INT, help="augmentation base scale (default: official)")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
+    p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
@@ -333,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="print speed and memory figures (random ViT-B/16)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--images", type=int, default=4, help="images in the zero-shot throughput run")
+    p.add_argument("--images", type=POSITIVE_INT, default=4, help="images in the zero-shot throughput run")
     p.set_defaults(func=cmd_bench)
 
     sub.add_parser("methods", parents=[common], help="list methods").set_defaults(func=cmd_methods)

@@ -12,6 +12,11 @@ opened for writing is, so outputs get the user's usual permissions (``tempfile.m
 would make them 0600, unreadable to the user's group). Temporary names are
 ``.<name>.<pid>-<random>.tmp``: a killed writer's leftovers are recognisable, and
 :func:`remove_stale_temporaries` removes those whose process is gone.
+
+Text files reclip reads line by line (class lists, split files, protocol YAMLs) go
+through :func:`read_text_file`: UTF-8, a leading byte-order mark dropped, and a file in
+another encoding refused with its path, the byte offset and line of the first bad byte
+and the fix, instead of a bare ``UnicodeDecodeError``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "remove_stale_temporaries",
-           "temporary_name"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "read_text_file",
+    "remove_stale_temporaries",
+    "temporary_name",
+]
 
 TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")  # .<name>.<pid>-<random>.tmp
@@ -125,3 +137,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **dumps_kwargs: Any) -> Path:
     """``json.dumps(obj)`` plus a final newline to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file, a leading byte-order mark (U+FEFF, Windows editors) removed.
+
+    ``what`` names the file in errors ("class file", "split file"). Raises
+    FileNotFoundError for a missing file and ValueError for bytes that are not UTF-8,
+    giving the path, the byte offset and line of the first bad byte and how to convert it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a file; check the path")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{what} {str(path)!r} is not UTF-8: byte {err.start} (line {line}) is "
+            f"{data[err.start:err.start + 1]!r} ({err.reason}); save it as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > fixed.txt` for a Latin-1 file"
+        ) from None

@@ -86,6 +86,9 @@ def rectify(
         base_short_side, crop: augmentation scale and crop (default: the protocol's preset).
         resume: continue an interrupted run in ``run_dir`` exactly.
     """
+    for name, value in (("max_steps", max_steps), ("base_short_side", base_short_side), ("crop", crop)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be a positive int or None (the protocol's preset), got {value!r}")
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     overrides = dict(train_overrides or {})
     unknown = sorted(set(overrides) - _TRAIN_FIELDS - {"lr"})
@@ -106,7 +109,8 @@ def rectify(
     if optimizer is None:
         optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr),
                               schedule=PolySchedule(horizon=preset.poly_epochs * spe))
-    train_config = TrainConfig(steps=max_steps or preset.epochs * spe, batch_size=batch_size, **overrides)
+    steps = max_steps if max_steps is not None else preset.epochs * spe
+    train_config = TrainConfig(steps=steps, batch_size=batch_size, **overrides)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
     # a resumed run must be this run: same rectifier, classes, CLIP, images, hypotheses, augmentation
     identity = {"method": method, "rectifier": config.to_dict(), "classes": vocabulary.to_lines(),
@@ -164,7 +168,8 @@ def rectifier_from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None 
             f"the loaded CLIP {getattr(clip, 'spec', None)!r} has fingerprint {weights_fingerprint(clip)}: "
             "pass the same --clip as for training"
         )
-    trained = Vocabulary.from_names(saved["classes"])
+    # checked when the run was made; a list that shares a name (SCLIP's COCO-Object) reloads as it was
+    trained = Vocabulary.from_names(saved["classes"], shared_names=True)
     if vocabulary is not None and vocabulary != trained:
         raise ValueError(
             f"{run.run_dir} was trained for the classes {list(trained.names)}, not {list(vocabulary.names)}: "

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,13 +29,14 @@ import torch.nn.functional as F
 
 from reclip.cache import cache_folder
 from reclip.clip.tokenizer import tokenize
-from reclip.files import atomic_write
+from reclip.files import atomic_write, read_text_file
 from reclip.templates import resolve_templates
 
 if TYPE_CHECKING:
     from reclip.clip.model import CLIP
 
 __all__ = [
+    "SHARED_NAMES_LINE",
     "QueryEmbeddings",
     "Vocabulary",
     "default_cache_dir",
@@ -44,11 +46,90 @@ __all__ = [
 
 # -- vocabularies -----------------------------------------------------------------------
 
+# A class file line that allows a name in two classes (see Vocabulary): SCLIP's COCO-Object
+# list has "bed" both as a background word and as a class, and reproducing it needs it so.
+SHARED_NAMES_LINE = "# reclip: shared-names"
+_GIVE_EACH_NAME = "Give each name to one class (the synonyms of a class go on its line, separated by commas)"
+_SHARED_NAMES_FIX = f"{_GIVE_EACH_NAME}, or pass shared_names=True to keep a published list as it is"
 
-def _split_synonyms(line: str) -> tuple[str, ...]:
-    """'person, man ,person' -> ('person', 'man'): strip, drop empties and repeats."""
-    names = (s.strip() for s in line.split(","))
-    return tuple(dict.fromkeys(n for n in names if n))
+# Letters (Unicode category Lo) that draw nothing; every other invisible character is a
+# control or format character (Cc, Cf).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers
+# Zero-width (non-)joiners are part of the spelling of words in some scripts (Persian, Indic).
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _clean_name(name: str) -> str:
+    """Strip and collapse runs of any Unicode whitespace (tab, no-break space ...) to one space."""
+    return " ".join(name.split())
+
+
+def _query_key(name: str) -> str:
+    """Names with the same key are the same CLIP query (its tokenizer lowercases and collapses spaces)."""
+    return _clean_name(name).lower()
+
+
+def _name_problem(name: str) -> str | None:
+    """Why the (cleaned, non-empty) ``name`` cannot name a class, or None."""
+    for ch in name:
+        if ch in _BLANK_LETTERS or (unicodedata.category(ch) in ("Cc", "Cf") and ch not in _JOINERS):
+            what = unicodedata.name(ch, "a control character")
+            return (f"{name!r} contains the invisible character U+{ord(ch):04X} ({what}); delete it "
+                    "(such characters come with text pasted from web pages or word processors)")
+    if not any(unicodedata.category(ch)[0] in "LN" for ch in name):
+        return f"{name!r} is not a class name: a name needs at least one letter or digit"
+    return None
+
+
+def _clean_class(names: Sequence[str]) -> tuple[str, ...]:
+    """One class's names: whitespace collapsed, empties dropped, repeats (same query) merged."""
+    seen: dict[str, str] = {}
+    for name in map(_clean_name, names):
+        if name:
+            seen.setdefault(_query_key(name), name)
+    return tuple(seen.values())
+
+
+def _short(value: object, width: int = 80) -> str:
+    """repr(value), cut to ``width`` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 4] + " ..."
+
+
+def _check_classes(classes: Sequence[tuple[str, ...]], labels: Sequence[str | None], where: Sequence[str],
+                   refs: Sequence[str], shared_names: bool, fix: str = _GIVE_EACH_NAME) -> None:
+    """Refuse classes that could not be told apart.
+
+    ``where[i]`` starts an error about class i (``"path:7"``, ``"class 3"``); ``refs[j]``
+    points back at an earlier class j in it (``" (line 2)"``, or ``""`` where the class
+    index says it all).
+
+    Every name must be visible (a letter or digit, no control or zero-width character);
+    display names must differ; and, unless ``shared_names``, no name may belong to two
+    classes; ``fix`` ends that error (how to mend or allow it where the classes came from).
+    """
+    first_name: dict[str, int] = {}
+    first_label: dict[str, int] = {}
+    shown = [label or syns[0] for label, syns in zip(labels, classes)]
+    for i, syns in enumerate(classes):
+        for name in (*syns, *([labels[i]] if labels[i] else [])):
+            problem = _name_problem(name)
+            if problem:
+                raise ValueError(f"{where[i]}: {problem}")
+        for name in syns:
+            j = first_name.setdefault(_query_key(name), i)
+            if j != i and not shared_names:
+                raise ValueError(
+                    f"{where[i]}: {name!r} is also a name of class {j} {shown[j]!r}{refs[j]}. Both classes "
+                    "would score the same query, so wherever it matches best they tie and the argmax always "
+                    f"picks class {j}. {fix}."
+                )
+        j = first_label.setdefault(_query_key(shown[i]), i)
+        if j != i:
+            raise ValueError(
+                f"{where[i]}: {shown[i]!r} is already the display name of class {j}{refs[j]}; outputs could not "
+                "tell the two apart: merge them into one class or rename one ('label: words' sets a display name)"
+            )
 
 
 def _parse_line(line: str) -> tuple[str | None, tuple[str, ...]]:
@@ -58,9 +139,22 @@ def _parse_line(line: str) -> tuple[str | None, tuple[str, ...]]:
     (SCLIP's background line is a list of background words, shown as "background").
     """
     label, sep, rest = line.partition(":")
-    if sep and label.strip() and "," not in label:
-        return label.strip(), _split_synonyms(rest)
-    return None, _split_synonyms(line)
+    if sep and _clean_name(label) and "," not in label:
+        return _clean_name(label), _clean_class(rest.split(","))
+    return None, _clean_class(line.split(","))
+
+
+def _parse_item(line: str, where: str) -> tuple[str | None, tuple[str, ...]]:
+    """One class written as a class-file line; refuses a line with no name."""
+    label, syns = _parse_line(line)
+    if syns:
+        return label, syns
+    if label is not None:
+        raise ValueError(
+            f"{where}: {line.strip()!r} gives the display name {label!r} but no name after the colon; "
+            f"write '{label}: word, word' (the words are the prompts) or drop the colon"
+        )
+    raise ValueError(f"{where}: {line.strip()!r} has no class name; remove it or write a name")
 
 
 @dataclass(frozen=True)
@@ -69,60 +163,93 @@ class Vocabulary:
 
     Class files (``read_class_file``) and lists use the same syntax: one class per
     line / item, synonyms separated by commas; ``label: word, word`` gives a display label
-    that is not itself a prompt (e.g. ``background: sky, wall, tree``). The same word may appear in two classes
-    (e.g. "bed" as a COCO-Object class and as a background word, as in SCLIP's files);
-    each occurrence is a separate synonym with its own class index.
+    that is not itself a prompt (e.g. ``background: sky, wall, tree``).
+
+    What is refused, wherever the classes come from (the error names the class, line or
+    item):
+
+    - a name that is invisible or has no letter or digit (``:``, a zero-width space, a
+      control character);
+    - two classes with the same display name;
+    - a name in two classes. Both classes would score the same query, so wherever it is
+      the best match they tie and the argmax goes to the first: the second could never
+      win there. Names are compared as CLIP reads them (case and runs of whitespace
+      ignored), so ``--classes cat,Cat`` is refused like two ``cat`` lines. A name
+      repeated within one class is the same query of the same class and is merged.
+      ``shared_names=True`` (in a class file, the line ``# reclip: shared-names``) allows
+      it, to reproduce published lists that do it (SCLIP's COCO-Object list has "bed" as
+      a background word and as a class).
     """
 
     classes: tuple[tuple[str, ...], ...]
     labels: tuple[str, ...] | None = None  # display names; None: the first synonym of each class
+    # Permission, not content: vocabularies with the same classes are equal either way.
+    shared_names: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         # accept lists for convenience; store tuples so the vocabulary is hashable
+        if isinstance(self.classes, str):
+            raise TypeError(f"classes must be a sequence of tuples of names, got the string {self.classes!r}; "
+                            "use Vocabulary.from_names('cat,dog') or read_class_file(path)")
         classes = tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in self.classes)
-        object.__setattr__(self, "classes", classes)
         if not classes:
             raise ValueError("a Vocabulary needs at least one class; got an empty list")
         for i, syns in enumerate(classes):
-            if not isinstance(syns, tuple) or not syns or not all(isinstance(s, str) and s.strip() for s in syns):
+            if not isinstance(syns, tuple) or not all(isinstance(s, str) for s in syns) or not _clean_class(syns):
                 raise ValueError(
                     f"class {i} must be a non-empty tuple of non-empty names, got {syns!r}; "
                     "build vocabularies with Vocabulary.from_names or read_class_file"
                 )
+        classes = tuple(_clean_class(syns) for syns in classes)
+        object.__setattr__(self, "classes", classes)
+        labels: tuple[str | None, ...] = (None,) * len(classes)
         if self.labels is not None:
-            labels = tuple(label or syns[0] for label, syns in zip(self.labels, classes))
             if len(self.labels) != len(classes):
                 raise ValueError(f"{len(self.labels)} labels for {len(classes)} classes")
-            object.__setattr__(self, "labels", labels)
+            labels = tuple(_clean_name(label) if label else None for label in self.labels)
+            object.__setattr__(self, "labels", tuple(label or syns[0] for label, syns in zip(labels, classes)))
+        n = len(classes)
+        _check_classes(classes, labels, [f"class {i}" for i in range(n)], [""] * n, self.shared_names,
+                       _SHARED_NAMES_FIX)
 
     @classmethod
-    def from_names(cls, names: str | Sequence[str | Sequence[str]]) -> Vocabulary:
-        """Vocabulary from class names.
+    def from_names(cls, names: str | Sequence[str | Sequence[str]], *, shared_names: bool = False) -> Vocabulary:
+        """Vocabulary from class names (never from a file: see :func:`read_class_file`).
 
         Args:
             names: either one string of comma-separated class names (the CLI's
                 ``--classes cat,dog``: one name per class, no synonyms), or a sequence
                 with one item per class: a string whose commas separate synonyms (like a
                 class-file line) or a sequence of synonyms.
+            shared_names: allow a name in two classes (see :class:`Vocabulary`).
         """
-        labels: list[str | None] = []
+        fix = _SHARED_NAMES_FIX
         if isinstance(names, str):
-            items: list[tuple[str, ...]] = [(n,) for n in _split_synonyms(names)]
-            labels = [None] * len(items)
+            fix = "Remove the repeat (here every name is a class of its own; a class file gives a class synonyms)"
+            items = [syns for syns in (_clean_class([n]) for n in names.split(",")) if syns]
+            if not items:
+                raise ValueError(f"no class names in {names!r}; give at least one, e.g. 'cat,dog'")
+            labels: list[str | None] = [None] * len(items)
         else:
-            items = []
+            if isinstance(names, os.PathLike):
+                raise TypeError(f"{names!r} is a path; read a class file with read_class_file(path)")
+            names = list(names)
+            items, labels = [], []
             for i, item in enumerate(names):
+                at = f"classes {_short(names)}: class {i}"
                 if isinstance(item, str):
-                    label, syns = _parse_line(item)
+                    label, syns = _parse_item(item, at)
                 else:
-                    label, syns = None, tuple(dict.fromkeys(str(s).strip() for s in item if str(s).strip()))
-                if not syns:
-                    raise ValueError(f"class {i} of {list(names)!r} has no name; remove it or name it")
+                    label, syns = None, _clean_class([str(s) for s in item])
+                    if not syns:
+                        raise ValueError(f"{at}: {item!r} has no class name; remove it or name it")
                 items.append(syns)
                 labels.append(label)
-        if not items:
-            raise ValueError(f"no class names in {names!r}; give at least one, e.g. 'cat,dog'")
-        return cls(tuple(items), tuple(labels) if any(labels) else None)
+            if not items:
+                raise ValueError(f"no class names in {names!r}; give at least one, e.g. ['cat', 'dog']")
+        where = [f"classes {_short(names)}: class {i}" for i in range(len(items))]
+        _check_classes(items, labels, where, [""] * len(items), shared_names, fix)
+        return cls(tuple(items), tuple(labels) if any(labels) else None, shared_names=shared_names)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Vocabulary:
@@ -162,7 +289,7 @@ class Vocabulary:
         return [list(syns) for syns in self.classes]
 
     def to_lines(self) -> list[str]:
-        """Class-file lines (labels kept); ``from_names(v.to_lines()) == v``."""
+        """Class-file lines (labels kept); ``from_names(v.to_lines(), shared_names=v.shared_names) == v``."""
         lines = [", ".join(syns) for syns in self.classes]
         if self.labels is None:
             return lines
@@ -173,8 +300,11 @@ class Vocabulary:
 def read_class_file(path: str | os.PathLike) -> Vocabulary:
     """Read a class file: one class per line, synonyms separated by commas.
 
-    Text after ``#`` is a comment; blank lines are skipped; ``label: words`` names a
-    class whose prompts are the words (SCLIP's background words). Example::
+    Text after ``#`` is a comment; blank lines (whitespace of any kind) are skipped; a
+    leading byte-order mark is dropped; ``label: words`` names a class whose prompts are
+    the words (SCLIP's background words). The rules of :class:`Vocabulary` apply and
+    errors name the file and line (``path:line: ...``); the line
+    ``# reclip: shared-names`` allows a name in two classes. Example::
 
         # VOC background as a list of words (SCLIP style), shown as "background"
         background: sky, wall, tree
@@ -182,19 +312,32 @@ def read_class_file(path: str | os.PathLike) -> Vocabulary:
         person, person in shirt
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class file {str(path)!r} does not exist; check the path")
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
+    text = read_text_file(path, "class file")
+    shared_names = False
+    items: list[tuple[str, ...]] = []
+    labels: list[str | None] = []
+    numbers: list[int] = []
+    # split on "\n" only, so that line numbers are an editor's (str.splitlines also breaks
+    # at form feeds, U+2028 ...)
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip() == SHARED_NAMES_LINE:
+            shared_names = True
+        content = line.split("#", 1)[0]
+        if not _clean_name(content):
+            continue
+        label, syns = _parse_item(content, f"{path}:{number}")
+        items.append(syns)
+        labels.append(label)
+        numbers.append(number)
+    if not items:
         raise ValueError(
             f"class file {str(path)!r} lists no classes; write one class per line "
             "(synonyms separated by commas, '#' starts a comment)"
         )
-    try:
-        return Vocabulary.from_names(lines)
-    except ValueError as err:
-        raise ValueError(f"class file {str(path)!r}: {err}") from None
+    _check_classes(items, labels, [f"{path}:{n}" for n in numbers], [f" (line {n})" for n in numbers], shared_names,
+                   f"{_GIVE_EACH_NAME}, or, to keep a published list as it is, add the line "
+                   f"{SHARED_NAMES_LINE!r} to the file")
+    return Vocabulary(tuple(items), tuple(labels) if any(labels) else None, shared_names=shared_names)
 
 
 # -- query embeddings -------------------------------------------------------------------

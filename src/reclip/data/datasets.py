@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from reclip.data.io import ImageReadError, image_size, iter_images, read_image, read_label
 from reclip.data.protocol import Protocol, SplitSpec, load_protocol
+from reclip.files import read_text_file
 
 __all__ = ["DatasetError", "SegmentationDataset", "collate_items"]
 
@@ -124,8 +125,28 @@ class SegmentationDataset(Dataset):
     def _list_images(self, spec: SplitSpec) -> tuple[list[str], list[Path]]:
         img_dir = self.root / spec.img_dir
         if spec.split_file is not None:
-            lines = (self.root / spec.split_file).read_text(encoding="utf-8").splitlines()
-            ids = [ln.strip() for ln in lines if ln.strip()]
+            split_file = self.root / spec.split_file
+            # "\n" only: line numbers as an editor counts them
+            lines = read_text_file(split_file, "split file").split("\n")
+            ids, numbers = [], []
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    ids.append(line.strip())
+                    numbers.append(number)
+            if not ids:
+                raise DatasetError(
+                    f"{self._where()}: the split file {split_file} lists no image (it is empty or blank); "
+                    f"write one image id per line (a file name in {img_dir} without {spec.img_suffix!r})"
+                    + self._hint()
+                )
+            twice: dict[str, list[int]] = {}
+            for i, number in zip(ids, numbers):
+                twice.setdefault(i, []).append(number)
+            twice = {i: n for i, n in twice.items() if len(n) > 1}
+            if twice:
+                listed = [f"{i} (lines {', '.join(map(str, n))})" for i, n in twice.items()]
+                raise DatasetError(f"{self._where()}: the split file {split_file} lists image id(s) more than once; "
+                                   f"keep one line each:{_listing(listed)}")
             paths = [img_dir / f"{i}{spec.img_suffix}" for i in ids]
         else:
             label_dir = (self.root / spec.label_dir).resolve() if spec.label_dir else None

@@ -96,6 +96,7 @@ import numpy as np
 import yaml
 
 from reclip.data.cocostuff import LABEL_MAPS, label_lut
+from reclip.files import read_text_file
 from reclip.text import Vocabulary, read_class_file
 
 __all__ = [
@@ -504,20 +505,24 @@ def list_protocols() -> list[str]:
 def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
     """Load and validate a protocol by shipped name ("voc21") or YAML path.
 
+    What the argument is never depends on the files present: a path object
+    (``os.PathLike``) or a string ending in ``.yaml`` / ``.yml`` is a YAML file; any other
+    string is a shipped protocol's name (a file ``./voc21`` does not shadow ``voc21``).
+
     Raises:
         ProtocolError: unknown name (lists the available ones) or an invalid file.
     """
     s = str(name_or_path)
     path = Path(s).expanduser()
-    if not (s.endswith((".yaml", ".yml")) or path.is_file()):
+    if not (isinstance(name_or_path, os.PathLike) or s.endswith((".yaml", ".yml"))):
         path = _package_dir("datasets") / f"{s}.yaml"
         if not path.is_file():
             raise ProtocolError(f"unknown dataset protocol {s!r}; available: {list_protocols()} "
-                                "(or pass the path of a protocol YAML file)")
+                                "(or pass the path of a protocol YAML file, ending in .yaml)")
     if not path.is_file():
         raise ProtocolError(f"protocol file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(path, "protocol file"))
     except yaml.YAMLError as e:
         raise ProtocolError(f"{path}: invalid YAML: {e}") from e
     return _protocol_from_dict(data, source=str(path), where=str(path))
