@@ -213,7 +213,8 @@ def test_names_and_files_are_told_apart_by_type_not_by_the_disk(tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     Path("dog").write_text("cat\nbird\n", encoding="utf-8")
-    assert as_vocabulary("dog").classes == (("dog",),)  # a string is names, even with ./dog present
+    with pytest.warns(UserWarning, match=r"Path\('dog'\)"):  # a string is names, even with ./dog present
+        assert as_vocabulary("dog").classes == (("dog",),)
     assert as_vocabulary(Path("dog")).classes == (("cat",), ("bird",))  # a path is a file
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         as_vocabulary(Path("missing.txt"))  # never taken as the class name "missing.txt"

@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vo
         return read_class_file(classes)
     if isinstance(classes, bytes):
         raise TypeError(f"classes {classes!r} are bytes; give names as str or a class file as a pathlib.Path")
+    if isinstance(classes, str) and "," not in classes and os.path.isfile(classes):
+        warnings.warn(f"classes {classes!r} is read as one class name although a file of that name exists; "
+                      f"pass Path({classes!r}) to read it as a class file", stacklevel=2)
     return Vocabulary.from_names(classes)
 
 
