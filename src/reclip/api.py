@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.datasets import SegmentationDataset
-from reclip.data.io import ImageReadError, iter_images, read_image
+from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, iter_images, load_image
+from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
@@ -66,6 +67,7 @@ class EvaluationResult:
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     bias: dict[str, Any] | None = None  # {"class_preference": ..., "space_preference": ...}
+    downscaled: list[str] = field(default_factory=list)  # images read below their size (max_pixels), still scored
 
     @property
     def miou(self) -> float:
@@ -97,6 +99,7 @@ class EvaluationResult:
             "aAcc": clean(self.metrics["aAcc"]),
             "IoU": {n: clean(float(v)) for n, v in zip(self.class_names, self.metrics["IoU"])},
             "skipped": [{"path": p, "error": e} for p, e in self.skipped],
+            "downscaled": list(self.downscaled),
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
             "confusion": self.confusion.tolist(),
@@ -142,6 +145,7 @@ def evaluate(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
 
@@ -156,11 +160,14 @@ def evaluate(
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
         checkpoint: run directory of a trained head (methods "reclip++", "reclip").
+        max_pixels: images of more pixels are segmented downscaled and scored at their
+            label's size; labels of more than 4 x max_pixels are skipped (see
+            :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
     """
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
-    data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file)
+    data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
     cfg = inference_config(method, protocol, **dict(inference or {}))
@@ -202,6 +209,7 @@ def evaluate_segmentor(
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
     space = SpacePreference(data.num_classes, background_index=background, ignore_index=protocol.ignore_index)
     skipped: list[tuple[str, str]] = []
+    downscaled: list[str] = []
     count = len(data) if limit is None else min(limit, len(data))
     # Workers decode the next images while the model runs on this one.
     loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
@@ -215,9 +223,13 @@ def evaluate_segmentor(
             continue
         with torch.inference_mode():
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
-        confusion.update(result.labels, item["label"])
+        # An image read downscaled (over max_pixels) is still scored at its label's size.
+        if result.labels.shape != item["label"].shape:
+            downscaled.append(item["path"])
+        pred = resize_labels(result.labels, item["label"].shape)
+        confusion.update(pred, item["label"])
         if bias:
-            space.update(result.labels, item["label"], item.get("instances"))
+            space.update(pred, item["label"], item.get("instances"))
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
     diagnostics = None
     if bias:
@@ -235,8 +247,10 @@ def evaluate_segmentor(
         skipped=skipped,
         seconds=time.perf_counter() - start,
         settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
-                  "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit},
+                  "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit,
+                  "max_pixels": data.max_pixels},
         bias=diagnostics,
+        downscaled=downscaled,
     )
 
 
@@ -257,11 +271,17 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class SegmentSummary:
-    """What ``segment_files`` wrote and what it skipped."""
+    """What ``segment_files`` wrote and what it skipped.
+
+    ``downscaled`` lists the images read smaller than they are (more than ``max_pixels``
+    pixels) as (path, (H, W) of the file, (h, w) segmented); their masks and overlays
+    have the smaller size.
+    """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    downscaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
@@ -310,6 +330,7 @@ def segment_files(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
@@ -317,7 +338,14 @@ def segment_files(
     and ``legend.png``. Inference settings default to the ``folder`` protocol's (the
     ClearCLIP protocol: short side 448, 448/224 windows); ``background=True`` makes class
     0 a background class for ``prob_thd``.
+
+    Bad input never stops the run: unreadable files are reported in ``skipped``; an
+    image of more than ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`,
+    4096 x 4096; None: no reclip limit) is segmented downscaled (listed in
+    ``downscaled``), or skipped when even that would decode too much
+    (:func:`reclip.data.io.load_image`).
     """
+    check_max_pixels(max_pixels)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
     pairs = collect_images(inputs, exclude=out_dir)
@@ -338,11 +366,14 @@ def segment_files(
     bar = tqdm(pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
     for path, name in bar:
         try:
-            image = read_image(path)
+            loaded = load_image(path, max_pixels=max_pixels)
         except ImageReadError as err:
             summary.skipped.append((str(path), err.reason))
             bar.write(f"skipped {path}: {err.reason}")
             continue
+        image = loaded.image
+        if loaded.downscaled:
+            summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
         with torch.inference_mode():
             result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
         written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
