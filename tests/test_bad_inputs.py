@@ -1,5 +1,6 @@
 """Hostile-but-fair inputs to segment and evaluate (issue "Reliability"): images too
-large to process whole. Every run goes on past the bad input."""
+large to process whole, symbolic-link loops and duplicates. Every run goes on past the
+bad input."""
 
 from __future__ import annotations
 
@@ -44,19 +45,35 @@ def _segment(clip, inputs, out, **kw):
 
 # ------------------------------------------------------------------ A: resource limits
 
-def test_segment_goes_on_past_huge_images(tmp_path, clip):
+def test_segment_goes_on_past_huge_images_and_link_trouble(tmp_path, clip):
     photos = tmp_path / "photos"
-    _image(photos / "good.jpg", 24, 32)
+    good = _image(photos / "good.jpg", 24, 32)
     big = _image(photos / "big.png", 200, 300)  # over max_pixels below: segmented downscaled
     png_header(photos / "huge.png", 60000, 60000)  # a small file claiming 3.6 gigapixels
-    summary = _segment(clip, [photos], tmp_path / "out", max_pixels=20000)
+    _image(photos / "sub" / "c.jpg", 20, 20)
+    (photos / "sub" / "up").symlink_to("..")  # a loop: once made every image be segmented ~40 times
+    (photos / "self.jpg").symlink_to("self.jpg")  # once aborted the run (Path.resolve)
+    (photos / "broken.jpg").symlink_to("gone.jpg")
+    (photos / "again.jpg").symlink_to("good.jpg")
+    summary = _segment(clip, [photos, good], tmp_path / "out", max_pixels=20000)
     out = tmp_path / "out"
-    assert sorted(p.relative_to(out).as_posix() for p in summary.written) == ["big.png", "good.png"]
-    [(path, reason)] = summary.skipped
-    assert path == str(photos / "huge.png") and "60000 x 60000" in reason and "--max-pixels" in reason
+    assert sorted(p.relative_to(out).as_posix() for p in summary.written) == ["big.png", "good.png", "sub/c.png"]
+    reasons = {Path(p).relative_to(tmp_path).as_posix(): r for p, r in summary.skipped}
+    assert sorted(reasons) == ["photos/again.jpg", "photos/broken.jpg", "photos/good.jpg", "photos/huge.png",
+                               "photos/self.jpg", "photos/sub/up"]
+    assert "60000 x 60000" in reasons["photos/huge.png"] and "--max-pixels" in reasons["photos/huge.png"]
+    assert reasons["photos/good.jpg"] == f"same file as {good}, segmented once"  # given twice: one image
     h, w = downscaled_size(200, 300, 20000)
     assert summary.downscaled == [(str(big), (200, 300), (h, w))]
     assert Image.open(out / "big.png").size == (w, h)  # the mask has the size segmented
+
+
+def test_a_broken_link_given_by_name_is_reported_a_typo_stops_before_any_work(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to("nothing.jpg")  # e.g. from a shell glob
+    found = api.collect_images([tmp_path / "gone.jpg"])
+    assert found.pairs == [] and found.skipped[0][1].startswith("broken symbolic link")
+    with pytest.raises(FileNotFoundError, match="typo.jpg: no such file or folder"):
+        api.collect_images([tmp_path / "typo.jpg"])
 
 
 def test_segment_cli_takes_max_pixels_and_reports_downscaled_images(tmp_path, clip, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import warnings
@@ -23,6 +24,7 @@ from reclip.data.io import (
     load_image,
     read_image,
     read_label,
+    scan_images,
 )
 from reclip.data.transforms import (
     CLIP_MEAN,
@@ -428,3 +430,47 @@ def test_pad_to_patch():
     torch.testing.assert_close(y[..., :17, :32], x)
     assert float(y[..., 17:, :].abs().sum()) == 0.0
     assert pad_to_patch(x[..., :16, :], 16).shape[-2:] == (16, 32)
+
+
+# ---------------------------------------------------------------- folders: links, loops
+
+def _touch(root: Path, *rels: str) -> None:
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")  # listing goes by name; nothing is decoded
+
+
+def test_scan_lists_each_real_folder_and_file_once(tmp_path):
+    root = tmp_path / "in"
+    _touch(root, "a.jpg", "sub/b.jpg", "zzz/c.jpg")
+    _touch(tmp_path, "outside/d.jpg")
+    (root / "sub" / "up").symlink_to("..")  # loop back up the tree: followed, it lists everything again
+    (root / "aaa").symlink_to("zzz")  # a second path to a folder, sorted before the folder itself
+    (root / "ext").symlink_to(tmp_path / "outside")  # the only path to a folder: listed through the link
+    (root / "link.jpg").symlink_to("sub/b.jpg")
+    os.link(root / "a.jpg", root / "hard.jpg")
+    (root / "broken.jpg").symlink_to("missing.jpg")
+    (root / "self.jpg").symlink_to("self.jpg")  # a file link that loops
+    scan = scan_images(root)
+    assert [p.relative_to(root).as_posix() for p in scan.files] == ["a.jpg", "ext/d.jpg", "sub/b.jpg", "zzz/c.jpg"]
+    reasons = {Path(p).relative_to(root).as_posix(): r for p, r in scan.skipped}
+    assert sorted(reasons) == ["aaa", "broken.jpg", "hard.jpg", "link.jpg", "self.jpg", "sub/up"]
+    assert reasons["sub/up"].startswith("symbolic link loop") and reasons["self.jpg"].startswith("symbolic link loop")
+    assert reasons["aaa"].startswith("same folder as") and str(root / "zzz") in reasons["aaa"]
+    assert reasons["link.jpg"] == f"same file as {root / 'sub/b.jpg'}, listed once"
+    assert reasons["hard.jpg"] == f"same file as {root / 'a.jpg'}, listed once"
+    assert reasons["broken.jpg"].startswith("broken symbolic link (-> missing.jpg")
+    with pytest.warns(UserWarning, match="left out 6 path"):
+        assert iter_images(root) == scan.files
+    # An excluded folder (an output folder inside the input) is left out silently.
+    assert "sub/b.jpg" not in [p.relative_to(root).as_posix() for p in scan_images(root, exclude=[root / "sub"]).files]
+    assert not any("sub" in p for p, _ in scan_images(root, exclude=[root / "sub"]).skipped)
+
+
+def test_reading_a_broken_or_looping_link_says_so(tmp_path):
+    (tmp_path / "broken.jpg").symlink_to("missing.jpg")
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    with pytest.raises(ImageReadError, match="broken symbolic link"):
+        read_image(tmp_path / "broken.jpg")
+    with pytest.raises(ImageReadError, match="symbolic link loop"):
+        read_label(tmp_path / "self.jpg")

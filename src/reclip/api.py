@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.datasets import SegmentationDataset
-from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, iter_images, load_image
+from reclip.data.folders import file_identity, link_problem, scan_images
+from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_image
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
@@ -284,36 +285,74 @@ class SegmentSummary:
     downscaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
 
 
-def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
-                   ) -> list[tuple[Path, Path]]:
+class ImageInputs(NamedTuple):
+    """What :func:`collect_images` found.
+
+    Attributes:
+        pairs: (image file, output name) per image; the name is a relative path without
+            suffix.
+        skipped: (path, reason) of what was left out: broken links, symbolic-link
+            loops, second paths to a folder or file already listed, unreadable folders.
+    """
+
+    pairs: list[tuple[Path, Path]]
+    skipped: list[tuple[str, str]]
+
+
+def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> ImageInputs:
     """(image file, output name) pairs from a mix of files and folders (searched recursively).
 
-    An image found in a folder keeps its path relative to that folder (``a/x.jpg`` ->
-    ``a/x``), so equal file names in different sub-folders do not collide; a name taken
-    twice (``x.jpg`` and ``x.png``) keeps its extension (``x_png``). Files under
-    ``exclude`` (the output folder) are skipped, so a re-run never segments its own masks.
+    Listing: folders are listed by :func:`reclip.data.folders.scan_images` (every real
+    folder once; symbolic-link loops and second links to a folder are reported, not
+    followed). Each real file is ONE image, however many paths lead to it (symbolic or
+    hard links, a file given twice, or given and also found in a folder): it is kept
+    under its first path (in a folder, one through no symbolic link) and the other paths
+    are reported. Broken links are reported. Files under ``exclude`` (the output folder)
+    are left out silently, so a re-run never segments its own masks. A path that does
+    not exist at all raises FileNotFoundError (a typo, found before any work).
+
+    Names: an image found in a folder keeps its path relative to that folder (``a/x.jpg``
+    -> ``a/x``), so equal file names in different sub-folders do not collide; a name taken
+    twice (``x.jpg`` and ``x.png``) keeps its extension (``x_png``).
     """
-    skip = Path(exclude).resolve() if exclude is not None else None
+    skip = Path(exclude) if exclude is not None else None
+    real_skip = Path(os.path.realpath(skip)) if skip is not None else None
     pairs: list[tuple[Path, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = [(p, p.relative_to(entry).with_suffix("")) for p in iter_images(entry)]
+            scan = scan_images(entry, exclude=[skip] if skip is not None else [])
+            skipped.extend(scan.skipped)
+            pairs.extend((p, p.relative_to(entry).with_suffix("")) for p in scan.files)
+        elif entry.is_symlink() and not entry.exists():
+            skipped.append((str(entry), link_problem(entry)))
         elif entry.exists():
-            found = [(entry, Path(entry.stem))]
+            if real_skip is None or not Path(os.path.realpath(entry)).is_relative_to(real_skip):
+                pairs.append((entry, Path(entry.stem)))
         else:
-            raise FileNotFoundError(f"{entry}: no such file or folder")
-        pairs.extend((p, name) for p, name in found if skip is None or not p.resolve().is_relative_to(skip))
-    taken: set[Path] = set()
+            raise FileNotFoundError(f"{entry}: no such file or folder; check the path")
+    kept: dict[tuple[int, int], Path] = {}
     unique = []
     for path, name in pairs:
+        identity = file_identity(path)
+        if identity is None:
+            skipped.append((str(path), "cannot be opened"))
+        elif identity in kept:
+            skipped.append((str(path), f"same file as {kept[identity]}, segmented once"))
+        else:
+            kept[identity] = path
+            unique.append((path, name))
+    taken: set[Path] = set()
+    named = []
+    for path, name in unique:
         if name in taken:
             name = name.with_name(f"{name.name}_{path.suffix.lstrip('.').lower()}")
         index = 2
         while name in taken:
             name, index = name.with_name(f"{name.name}_{index}"), index + 1
         taken.add(name)
-        unique.append((path, name))
-    return unique
+        named.append((path, name))
+    return ImageInputs(named, skipped)
 
 
 def segment_files(
@@ -339,18 +378,20 @@ def segment_files(
     ClearCLIP protocol: short side 448, 448/224 windows); ``background=True`` makes class
     0 a background class for ``prob_thd``.
 
-    Bad input never stops the run: unreadable files are reported in ``skipped``; an
-    image of more than ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`,
-    4096 x 4096; None: no reclip limit) is segmented downscaled (listed in
-    ``downscaled``), or skipped when even that would decode too much
-    (:func:`reclip.data.io.load_image`).
+    Bad input never stops the run: unreadable files, broken links, symbolic-link loops
+    and duplicate paths are reported in ``skipped``; an image of more than
+    ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096; None:
+    no reclip limit) is segmented downscaled (listed in ``downscaled``), or skipped when even
+    that would decode too much (:func:`reclip.data.io.load_image`).
     """
     check_max_pixels(max_pixels)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
-    pairs = collect_images(inputs, exclude=out_dir)
-    if not pairs:
-        raise ValueError(f"no images found in {[str(p) for p in inputs]}")
+    inputs = list(inputs)
+    found = collect_images(inputs, exclude=out_dir)
+    if not found.pairs:
+        listed = "".join(f"\n  {path}: {reason}" for path, reason in found.skipped[:10])
+        raise ValueError(f"no images found in {[str(p) for p in inputs]}{listed}")
     if isinstance(inference, InferenceConfig):
         cfg = inference
     else:
@@ -361,9 +402,9 @@ def segment_files(
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_legend(out_dir / "legend.png", names)  # one per run, replacing a stale one
-    summary = SegmentSummary()
+    summary = SegmentSummary(skipped=list(found.skipped))
     start = time.perf_counter()
-    bar = tqdm(pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
+    bar = tqdm(found.pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
     for path, name in bar:
         try:
             loaded = load_image(path, max_pixels=max_pixels)

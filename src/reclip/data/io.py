@@ -49,12 +49,14 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from reclip.data.folders import IMAGE_EXTENSIONS, ImageScan, iter_images, link_problem, scan_images
 
 __all__ = [
     "DECODE_FACTOR",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "ImageReadError",
+    "ImageScan",
     "LoadedImage",
     "check_max_pixels",
     "decode_limit",
@@ -64,12 +66,8 @@ __all__ = [
     "load_image",
     "read_image",
     "read_label",
+    "scan_images",
 ]
-
-# Extensions listed by iter_images (lower case, compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
-)
 
 # Pixels of the largest image handed on unchanged; larger ones are read downscaled to it.
 # 4096 x 4096 is above every benchmark's images (Cityscapes 2048 x 1024), so published
@@ -189,7 +187,8 @@ def _open(path: Path) -> Image.Image:
     """Open ``path``, reading its header only; ImageReadError for a missing, empty or
     unrecognised file. Call inside :func:`_own_pixel_limits`."""
     if not path.exists():
-        raise ImageReadError(path, "file does not exist; check the data root and the split list")
+        raise ImageReadError(path, link_problem(path) if path.is_symlink() else
+                             "file does not exist; check the data root and the split list")
     if not path.is_file():
         raise ImageReadError(path, "is not a regular file")
     if path.stat().st_size == 0:
@@ -423,35 +422,3 @@ def image_size(path: str | os.PathLike, apply_exif: bool = True) -> tuple[int, i
     except _DECODE_ERRORS:
         return None
     return h, w
-
-
-def iter_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """List the image files in a folder, sorted by relative path.
-
-    Files are recognised by extension (IMAGE_EXTENSIONS, case-insensitive); hidden files
-    and folders (name starting with ".", e.g. macOS "._x.jpg" forks) are skipped.
-
-    Args:
-        folder: folder to list.
-        recursive: descend into sub-folders.
-
-    Returns:
-        Sorted list of paths (a list, not a generator, so it can be sorted and re-used).
-
-    Raises:
-        NotADirectoryError: the folder does not exist or is not a directory.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root}: image folder does not exist or is not a directory")
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if not recursive:
-            dirnames[:] = []
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda q: q.relative_to(root).as_posix())
