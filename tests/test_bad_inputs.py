@@ -1,9 +1,11 @@
-"""Hostile-but-fair inputs to segment and evaluate (issue "Reliability"): images too
-large to process whole, symbolic-link loops and duplicates. Every run goes on past the
-bad input."""
+"""Hostile-but-fair inputs to segment and evaluate (issue "Reliability", 5a, 6, 9): images
+too large to process whole, symbolic-link loops and duplicates, output names that would
+collide, and output permissions. Every run goes on past the bad input."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from reclip.cli import main
 from reclip.clip.load import save_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import downscaled_size, read_label
+from reclip.visualize import save_segmentation, segmentation_files
 
 FAST = {"short_side": 24, "mode": "whole"}
 
@@ -107,3 +110,76 @@ def test_evaluate_scores_a_downscaled_image_at_its_labels_size(tmp_path, clip):
     result = api.evaluate(clip, "maskclip", "voc21", root, templates="single", inference=FAST, progress=False,
                           max_pixels=150)  # labels 560 and 630 px; 600 allowed
     assert result.num_images == 1 and "label is 30 x 21" in result.skipped[0][1]
+
+
+# -------------------------------------------------------------------- C: output names
+
+def _outputs(found) -> list[str]:
+    paths = [found.legend]
+    for _, name in found.pairs:
+        paths += [(name.parent / f).as_posix() for f in segmentation_files(name.name).values()]
+    return paths
+
+
+def test_output_names_never_collide(tmp_path):
+    root = tmp_path / "in"
+    rels = ["legend.jpg", "Legend.PNG", "a.png", "a_overlay.jpg", "x.jpg", "x.png", "X.jpg", "y.jpg", "y.png/z.jpg",
+            "sub/legend.jpg", "sub/x.jpg"]
+    for i, rel in enumerate(rels):
+        _image(root / rel, 8 + i, 8)
+    found = api.collect_images([root])
+    names = {p.relative_to(root).as_posix(): name.as_posix() for p, name in found.pairs}
+    assert found.legend == "legend.png" and names["legend.jpg"] == "legend_jpg"
+    assert names["y.jpg"] == "y_jpg"  # y.png is an input sub-folder: its masks go in there
+    assert names["sub/legend.jpg"] == "sub/legend" and names["sub/x.jpg"] == "sub/x"  # no clash in a sub-folder
+    outputs = [p.casefold() for p in _outputs(found)]  # as a case-insensitive file system sees them
+    folders = {parent.as_posix().casefold() for _, n in found.pairs for parent in n.parents if parent != Path(".")}
+    assert len(set(outputs)) == len(outputs) == 2 * len(rels) + 1 and not set(outputs) & folders
+
+
+def test_segment_writes_every_image_its_own_mask_and_keeps_the_legend(tmp_path, clip):
+    root = tmp_path / "in"
+    rels = ["legend.jpg", "a.png", "a_overlay.jpg", "x.jpg", "x.png", "y.jpg", "y.png/z.jpg", "sub/x.jpg"]
+    sizes = {rel: (10 + 2 * i, 12 + i) for i, rel in enumerate(rels)}  # tells the masks apart
+    for i, rel in enumerate(rels):
+        _image(root / rel, *sizes[rel], seed=i)
+    out = tmp_path / "out"
+    summary = _segment(clip, [root], out)
+    assert summary.skipped == [] and len(summary.written) == len(rels) == len(set(summary.written))
+    found = api.collect_images([root], exclude=out)
+    for path, name in found.pairs:
+        mask = Image.open(out / name.parent / segmentation_files(name.name)["mask"])
+        overlay = Image.open(out / name.parent / segmentation_files(name.name)["overlay"])
+        h, w = sizes[path.relative_to(root).as_posix()]
+        assert mask.mode == "P" and mask.size == overlay.size == (w, h)
+    legend = Image.open(out / "legend.png")
+    assert legend.mode == "RGB" and summary.legend == out / "legend.png"  # a legend, not legend.jpg's mask
+
+
+def test_a_sub_folder_named_like_the_legend_moves_the_legend(tmp_path, clip):
+    _image(tmp_path / "in" / "legend.png" / "p.jpg", 12, 12)
+    summary = _segment(clip, [tmp_path / "in"], tmp_path / "out")
+    assert summary.legend == tmp_path / "out" / "legend_2.png" and summary.legend.is_file()
+    assert (tmp_path / "out" / "legend.png" / "p.png").is_file()
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_honour_the_umask(tmp_path, clip, umask, expected):
+    _image(tmp_path / "in" / "p.jpg", 12, 12)
+    _image(tmp_path / "in" / "sub" / "q.jpg", 12, 12)
+    saved = os.umask(umask)
+    try:
+        summary = _segment(clip, [tmp_path / "in"], tmp_path / "out")
+    finally:
+        os.umask(saved)
+    out = tmp_path / "out"
+    files = [out / "p.png", out / "p_overlay.jpg", out / "sub" / "q.png", out / "sub" / "q_overlay.jpg", summary.legend]
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {oct(expected)}
+
+
+def test_save_segmentation_never_writes_a_mask_over_its_legend(tmp_path):
+    image, labels = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64)
+    with pytest.raises(ValueError, match="over legend.png"):
+        save_segmentation(tmp_path, "legend", image, labels, ["a"])
+    assert not (tmp_path / "legend.png").exists()
+    assert save_segmentation(tmp_path, "legend", image, labels, ["a"], write_legend=False)["legend"] is None

@@ -13,6 +13,7 @@ and report unreadable images instead of stopping: what was skipped is in the res
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -38,7 +39,7 @@ from reclip.methods import build_segmentor, get_method, inference_config
 from reclip.bias import SpacePreference, class_preference
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
-from reclip.visualize import save_legend, save_segmentation
+from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
 
 def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
@@ -283,6 +284,7 @@ class SegmentSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     downscaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    legend: Path | None = None
 
 
 class ImageInputs(NamedTuple):
@@ -290,13 +292,16 @@ class ImageInputs(NamedTuple):
 
     Attributes:
         pairs: (image file, output name) per image; the name is a relative path without
-            suffix.
+            suffix, whose files are :func:`reclip.visualize.segmentation_files`.
         skipped: (path, reason) of what was left out: broken links, symbolic-link
             loops, second paths to a folder or file already listed, unreadable folders.
+        legend: the legend's file name in the output folder (``legend.png`` unless an
+            input sub-folder of that name needs the path).
     """
 
     pairs: list[tuple[Path, Path]]
     skipped: list[tuple[str, str]]
+    legend: str
 
 
 def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> ImageInputs:
@@ -312,8 +317,8 @@ def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLi
     not exist at all raises FileNotFoundError (a typo, found before any work).
 
     Names: an image found in a folder keeps its path relative to that folder (``a/x.jpg``
-    -> ``a/x``), so equal file names in different sub-folders do not collide; a name taken
-    twice (``x.jpg`` and ``x.png``) keeps its extension (``x_png``).
+    -> ``a/x``), a file given by itself its stem; then :func:`_output_names` makes every
+    output path distinct.
     """
     skip = Path(exclude) if exclude is not None else None
     real_skip = Path(os.path.realpath(skip)) if skip is not None else None
@@ -342,17 +347,41 @@ def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLi
         else:
             kept[identity] = path
             unique.append((path, name))
-    taken: set[Path] = set()
+    named, legend = _output_names(unique)
+    return ImageInputs(named, skipped, legend)
+
+
+def _output_names(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]], str]:
+    """Output names whose files never meet, and the legend's file name.
+
+    Every path that segment_files writes is distinct from every other, compared
+    case-insensitively (outputs may land on a case-insensitive file system): first the
+    sub-folders the names need are reserved (they mirror the input's), then the legend
+    (``legend.png``, else ``legend_2.png``, ... when a sub-folder has that name), then
+    each image in turn takes its name unless one of its files (mask, overlay) is taken,
+    in which case it gets its extension appended (``x.png`` -> ``x_png``), then ``_2``,
+    ``_3``, ...: first come, first served.
+    """
+    def key(name: Path | str) -> str:
+        return Path(name).as_posix().casefold()
+
+    taken = {key(parent) for _, name in pairs for parent in name.parents if parent != Path(".")}
+    stem, suffix = os.path.splitext(LEGEND_FILE)
+    legend = next(f for f in itertools.chain([LEGEND_FILE], (f"{stem}_{i}{suffix}" for i in itertools.count(2)))
+                  if key(f) not in taken)
+    taken.add(key(legend))
     named = []
-    for path, name in unique:
-        if name in taken:
-            name = name.with_name(f"{name.name}_{path.suffix.lstrip('.').lower()}")
-        index = 2
-        while name in taken:
-            name, index = name.with_name(f"{name.name}_{index}"), index + 1
-        taken.add(name)
-        named.append((path, name))
-    return ImageInputs(named, skipped)
+    for path, name in pairs:
+        ext = path.suffix.lstrip(".").lower()
+        base = name.with_name(f"{name.name}_{ext}") if ext else name
+        numbered = (base.with_name(f"{base.name}_{i}") for i in itertools.count(2))
+        for candidate in itertools.chain([name, base], numbered):
+            files = [key(candidate.parent / f) for f in segmentation_files(candidate.name).values()]
+            if not any(f in taken for f in files):
+                break
+        taken.update(files)
+        named.append((path, candidate))
+    return named, legend
 
 
 def segment_files(
@@ -373,16 +402,17 @@ def segment_files(
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
-    Writes ``out_dir/<stem>.png`` (palette PNG of class indices), ``<stem>_overlay.jpg``
-    and ``legend.png``. Inference settings default to the ``folder`` protocol's (the
+    Writes ``out_dir/<name>.png`` (palette PNG of class indices), ``<name>_overlay.jpg``
+    and ``legend.png``, where no two outputs ever share a path (names from
+    :func:`collect_images`). Inference settings default to the ``folder`` protocol's (the
     ClearCLIP protocol: short side 448, 448/224 windows); ``background=True`` makes class
     0 a background class for ``prob_thd``.
 
     Bad input never stops the run: unreadable files, broken links, symbolic-link loops
     and duplicate paths are reported in ``skipped``; an image of more than
-    ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096; None:
-    no reclip limit) is segmented downscaled (listed in ``downscaled``), or skipped when even
-    that would decode too much (:func:`reclip.data.io.load_image`).
+    ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096;
+    None: no reclip limit) is segmented downscaled (listed in ``downscaled``), or
+    skipped when even that would decode too much (:func:`reclip.data.io.load_image`).
     """
     check_max_pixels(max_pixels)
     vocabulary = as_vocabulary(classes)
@@ -401,8 +431,8 @@ def segment_files(
     mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_legend(out_dir / "legend.png", names)  # one per run, replacing a stale one
     summary = SegmentSummary(skipped=list(found.skipped))
+    summary.legend = save_legend(out_dir / found.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
     bar = tqdm(found.pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
     for path, name in bar:
