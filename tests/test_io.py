@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -12,7 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip.data.io import ImageReadError, image_size, iter_images, read_image, read_label
+from hostile import png_chunk, png_header
+from reclip.data.io import (
+    ImageReadError,
+    check_max_pixels,
+    downscaled_size,
+    image_size,
+    iter_images,
+    load_image,
+    read_image,
+    read_label,
+    scan_images,
+)
 from reclip.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -32,12 +45,9 @@ def _png16(path: Path, arr: np.ndarray) -> None:
     """Hand-written 16-bit RGB PNG (Pillow cannot write one): big-endian samples, filter 0."""
     h, w, _ = arr.shape
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bit, colour type 2 (RGB)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw))
+                     + png_chunk(b"IEND", b""))
 
 
 # ------------------------------------------------------------------------- image modes
@@ -214,6 +224,146 @@ def test_label_rgb_rejected_with_fix(tmp_path):
         read_label(tmp_path / "rgb.png")
 
 
+# ------------------------------------------------------------------------- size limits
+
+def test_downscaled_size_bounds_the_pixels_and_keeps_the_aspect():
+    assert downscaled_size(200, 300, None) == (200, 300)
+    assert downscaled_size(200, 300, 60000) == (200, 300)  # fits: unchanged
+    h, w = downscaled_size(200, 300, 20000)
+    assert h * w <= 20000 and h * w > 19000 and abs(w / h - 1.5) < 0.02
+    assert downscaled_size(1, 10**9, 1000) == (1, 1000)  # a side never drops below one pixel
+    assert downscaled_size(10**9, 3, 1000) == (1000, 1)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        height, width, limit = (int(v) for v in rng.integers(1, 100_000, 3))
+        h, w = downscaled_size(height, width, limit)
+        assert 1 <= h <= height and 1 <= w <= width and (h * w <= limit or (h, w) == (1, 1))
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "100"])
+def test_max_pixels_must_be_a_positive_count(tmp_path, bad):
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        check_max_pixels(bad)
+    Image.fromarray(_rgb()).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        read_image(tmp_path / "a.png", max_pixels=bad)
+
+
+def test_a_huge_header_is_refused_before_anything_is_decoded(tmp_path):
+    huge = png_header(tmp_path / "huge.png", 60000, 60000)  # 3.6 gigapixels, 10.8 GB decoded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even Pillow's DecompressionBombWarning
+        with pytest.raises(ImageReadError, match=r"60000 x 60000 = 3,600,000,000 pixels.*--max-pixels"):
+            read_image(huge)
+        with pytest.raises(ImageReadError, match=r"label is 60000 x 60000 .* labels are never resized"):
+            read_label(huge)
+        assert image_size(huge) == (60000, 60000)  # the header alone, whatever its size
+
+
+def test_a_large_image_is_read_downscaled_with_its_own_size(tmp_path):
+    a = _rgb(200, 300)
+    Image.fromarray(a).save(tmp_path / "big.png")
+    loaded = load_image(tmp_path / "big.png", max_pixels=20000)  # 60000 px decoded whole: within 4 x 20000
+    h, w = downscaled_size(200, 300, 20000)
+    assert loaded.size == (200, 300) and loaded.image.shape == (h, w, 3) and loaded.downscaled
+    np.testing.assert_array_equal(loaded.image, np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BOX)))
+    assert not load_image(tmp_path / "big.png", max_pixels=60000).downscaled
+    with pytest.raises(ImageReadError, match=r"decode 60,000 pixels, more than the 40,000 allowed.*--max-pixels"):
+        read_image(tmp_path / "big.png", max_pixels=10000)  # 60000 > 4 x 10000: no PNG decoder reads it reduced
+
+
+def test_a_jpeg_is_decoded_reduced_never_whole(tmp_path):
+    y, x = np.mgrid[0:640, 0:800]
+    a = np.stack([x * 255 // 800, y * 255 // 640, (x + y) * 255 // 1440], axis=-1).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(a).save(tmp_path / "big.png")
+    # 512,000 pixels, 4 x 8000 = 32,000 may be decoded: only the JPEG's 1/8-scale decode fits.
+    with pytest.raises(ImageReadError, match="more than the 32,000 allowed"):
+        read_image(tmp_path / "big.png", max_pixels=8000)
+    out = read_image(tmp_path / "big.jpg", max_pixels=8000)
+    h, w = downscaled_size(640, 800, 8000)
+    assert out.shape == (h, w, 3)
+    full = np.asarray(Image.fromarray(read_image(tmp_path / "big.jpg", max_pixels=None)).resize(
+        (w, h), Image.Resampling.BOX))
+    assert np.abs(out.astype(int) - full).mean() < 3  # the same picture
+
+
+def _mode_file(tmp_path: Path, mode: str) -> Path:
+    """A 30 x 40 file whose pixels Pillow decodes in ``mode``."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / f"{mode.replace(';', '_')}.{'tif' if mode in ('CMYK', 'I', 'F') else 'png'}"
+    if mode == "RGB16":
+        _png16(path, rng.integers(0, 65536, (30, 40, 3)).astype(np.uint16))
+        return path
+    if mode == "P":
+        img = Image.fromarray(rng.integers(0, 4, (30, 40), dtype=np.uint8), mode="P")
+        img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 90, 90, 90])
+        img.save(path, transparency=0)  # index 0 transparent: its colour is kept, not composited
+        return path
+    channels = {"L": 1, "LA": 2, "RGBA": 4, "CMYK": 4}
+    if mode == "1":
+        img = Image.fromarray(rng.integers(0, 2, (30, 40)).astype(bool))
+    elif mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (30, 40)).astype(np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(rng.integers(0, 65536, (30, 40)).astype(np.int32))
+    elif mode == "F":
+        img = Image.fromarray(rng.random((30, 40)).astype(np.float32))
+    else:
+        shape = (30, 40) if channels[mode] == 1 else (30, 40, channels[mode])
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+    img.save(path)
+    assert Image.open(path).mode == mode
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "1", "RGBA", "P", "CMYK", "I;16", "I", "F", "RGB16"])
+def test_every_mode_reads_downscaled_as_the_full_read_box_filtered(tmp_path, mode):
+    path = _mode_file(tmp_path, mode)
+    full = read_image(path, max_pixels=None)  # (30, 40, 3): alpha dropped, 16 bit scaled, ...
+    out = read_image(path, max_pixels=300)  # half the size: (15, 20)
+    expected = np.asarray(Image.fromarray(full).resize((20, 15), Image.Resampling.BOX))
+    assert out.shape == (15, 20, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out, expected, atol=1)
+
+
+def test_exif_orientation_applies_to_a_downscaled_image(tmp_path):
+    a = _rgb(20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    Image.fromarray(a).save(tmp_path / "e.png", exif=exif)
+    loaded = load_image(tmp_path / "e.png", max_pixels=150)
+    assert loaded.size == (30, 20) and loaded.image.shape == (15, 10, 3)
+    full = read_image(tmp_path / "e.png", max_pixels=None)
+    np.testing.assert_allclose(loaded.image, np.asarray(Image.fromarray(full).resize((10, 15), Image.Resampling.BOX)),
+                               atol=1)
+
+
+def test_labels_are_read_whole_up_to_four_times_the_limit(tmp_path):
+    lab = RNG.integers(0, 21, (200, 300), dtype=np.uint8)
+    Image.fromarray(lab).save(tmp_path / "l.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "l.png", max_pixels=15000), lab)  # never resized
+    with pytest.raises(ImageReadError, match=r"label is 300 x 200 = 60,000 pixels.*at least 15,000"):
+        read_label(tmp_path / "l.png", max_pixels=14999)
+
+
+def test_pillows_bomb_check_never_aborts_a_read_and_is_restored(tmp_path, monkeypatch):
+    Image.fromarray(_rgb(40, 40)).save(tmp_path / "a.png")  # 1600 pixels
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "l.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow alone would raise (> 2 x 500)
+    assert read_image(tmp_path / "a.png").shape == (40, 40, 3)  # reclip's limits replace Pillow's
+    assert read_label(tmp_path / "l.png").shape == (40, 40)
+    assert Image.MAX_IMAGE_PIXELS == 500  # and Pillow's is back
+    # Without reclip's limits Pillow's check is the safety net; it never escapes as such.
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        read_image(tmp_path / "a.png", max_pixels=None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: Pillow only warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            read_image(tmp_path / "a.png", max_pixels=None)
+
+
 # ------------------------------------------------------------------------- iter_images
 
 def test_iter_images_sorted_recursive_filtered(tmp_path):
@@ -280,3 +430,47 @@ def test_pad_to_patch():
     torch.testing.assert_close(y[..., :17, :32], x)
     assert float(y[..., 17:, :].abs().sum()) == 0.0
     assert pad_to_patch(x[..., :16, :], 16).shape[-2:] == (16, 32)
+
+
+# ---------------------------------------------------------------- folders: links, loops
+
+def _touch(root: Path, *rels: str) -> None:
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")  # listing goes by name; nothing is decoded
+
+
+def test_scan_lists_each_real_folder_and_file_once(tmp_path):
+    root = tmp_path / "in"
+    _touch(root, "a.jpg", "sub/b.jpg", "zzz/c.jpg")
+    _touch(tmp_path, "outside/d.jpg")
+    (root / "sub" / "up").symlink_to("..")  # loop back up the tree: followed, it lists everything again
+    (root / "aaa").symlink_to("zzz")  # a second path to a folder, sorted before the folder itself
+    (root / "ext").symlink_to(tmp_path / "outside")  # the only path to a folder: listed through the link
+    (root / "link.jpg").symlink_to("sub/b.jpg")
+    os.link(root / "a.jpg", root / "hard.jpg")
+    (root / "broken.jpg").symlink_to("missing.jpg")
+    (root / "self.jpg").symlink_to("self.jpg")  # a file link that loops
+    scan = scan_images(root)
+    assert [p.relative_to(root).as_posix() for p in scan.files] == ["a.jpg", "ext/d.jpg", "sub/b.jpg", "zzz/c.jpg"]
+    reasons = {Path(p).relative_to(root).as_posix(): r for p, r in scan.skipped}
+    assert sorted(reasons) == ["aaa", "broken.jpg", "hard.jpg", "link.jpg", "self.jpg", "sub/up"]
+    assert reasons["sub/up"].startswith("symbolic link loop") and reasons["self.jpg"].startswith("symbolic link loop")
+    assert reasons["aaa"].startswith("same folder as") and str(root / "zzz") in reasons["aaa"]
+    assert reasons["link.jpg"] == f"same file as {root / 'sub/b.jpg'}, listed once"
+    assert reasons["hard.jpg"] == f"same file as {root / 'a.jpg'}, listed once"
+    assert reasons["broken.jpg"].startswith("broken symbolic link (-> missing.jpg")
+    with pytest.warns(UserWarning, match="left out 6 path"):
+        assert iter_images(root) == scan.files
+    # An excluded folder (an output folder inside the input) is left out silently.
+    assert "sub/b.jpg" not in [p.relative_to(root).as_posix() for p in scan_images(root, exclude=[root / "sub"]).files]
+    assert not any("sub" in p for p, _ in scan_images(root, exclude=[root / "sub"]).skipped)
+
+
+def test_reading_a_broken_or_looping_link_says_so(tmp_path):
+    (tmp_path / "broken.jpg").symlink_to("missing.jpg")
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    with pytest.raises(ImageReadError, match="broken symbolic link"):
+        read_image(tmp_path / "broken.jpg")
+    with pytest.raises(ImageReadError, match="symbolic link loop"):
+        read_label(tmp_path / "self.jpg")

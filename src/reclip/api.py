@@ -13,6 +13,7 @@ and report unreadable images instead of stopping: what was skipped is in the res
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import os
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.datasets import SegmentationDataset, _listing
-from reclip.data.io import ImageReadError, iter_images, read_image
+from reclip.data.folders import file_identity, link_problem, scan_images
+from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_image
+from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
@@ -38,7 +41,7 @@ from reclip.methods import build_segmentor, get_method, inference_config
 from reclip.bias import SpacePreference, class_preference
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
-from reclip.visualize import save_legend, save_segmentation
+from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
 
 def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
@@ -91,6 +94,7 @@ class EvaluationResult:
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     bias: dict[str, Any] | None = None  # {"class_preference": ..., "space_preference": ...}
+    downscaled: list[str] = field(default_factory=list)  # images read below their size (max_pixels), still scored
 
     @property
     def miou(self) -> float:
@@ -122,6 +126,7 @@ class EvaluationResult:
             "aAcc": clean(self.metrics["aAcc"]),
             "IoU": {n: clean(float(v)) for n, v in zip(self.class_names, self.metrics["IoU"])},
             "skipped": [{"path": p, "error": e} for p, e in self.skipped],
+            "downscaled": list(self.downscaled),
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
             "confusion": self.confusion.tolist(),
@@ -167,6 +172,7 @@ def evaluate(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
 
@@ -182,6 +188,9 @@ def evaluate(
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
         checkpoint: run directory of a trained head (methods "reclip++", "reclip").
+        max_pixels: images of more pixels are segmented downscaled and scored at their
+            label's size; labels of more than 4 x max_pixels are skipped (see
+            :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
 
     Raises:
         NothingEvaluatedError: no pixel was scored (every image skipped, or every label
@@ -191,7 +200,7 @@ def evaluate(
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
-    data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file)
+    data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
     cfg = inference_config(method, protocol, **dict(inference or {}))
@@ -236,6 +245,7 @@ def evaluate_segmentor(
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
     space = SpacePreference(data.num_classes, background_index=background, ignore_index=protocol.ignore_index)
     skipped: list[tuple[str, str]] = []
+    downscaled: list[str] = []
     count = len(data) if limit is None else min(limit, len(data))
     # Workers decode the next images while the model runs on this one.
     loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
@@ -249,9 +259,13 @@ def evaluate_segmentor(
             continue
         with torch.inference_mode():
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
-        confusion.update(result.labels, item["label"])
+        # An image read downscaled (over max_pixels) is still scored at its label's size.
+        if result.labels.shape != item["label"].shape:
+            downscaled.append(item["path"])
+        pred = resize_labels(result.labels, item["label"].shape)
+        confusion.update(pred, item["label"])
         if bias:
-            space.update(result.labels, item["label"], item.get("instances"))
+            space.update(pred, item["label"], item.get("instances"))
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
     bar.close()
     if confusion.matrix.sum() == 0:
@@ -272,8 +286,10 @@ def evaluate_segmentor(
         skipped=skipped,
         seconds=time.perf_counter() - start,
         settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
-                  "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit},
+                  "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit,
+                  "max_pixels": data.max_pixels},
         bias=diagnostics,
+        downscaled=downscaled,
     )
 
 
@@ -325,43 +341,115 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class SegmentSummary:
-    """What ``segment_files`` wrote and what it skipped."""
+    """What ``segment_files`` wrote and what it skipped.
+
+    ``downscaled`` lists the images read smaller than they are (more than ``max_pixels``
+    pixels) as (path, (H, W) of the file, (h, w) segmented); their masks and overlays
+    have the smaller size.
+    """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    downscaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    legend: Path | None = None
 
 
-def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
-                   ) -> list[tuple[Path, Path]]:
+class ImageInputs(NamedTuple):
+    """What :func:`collect_images` found.
+
+    Attributes:
+        pairs: (image file, output name) per image; the name is a relative path without
+            suffix, whose files are :func:`reclip.visualize.segmentation_files`.
+        skipped: (path, reason) of what was left out: broken links, symbolic-link
+            loops, second paths to a folder or file already listed, unreadable folders.
+        legend: the legend's file name in the output folder (``legend.png`` unless an
+            input sub-folder of that name needs the path).
+    """
+
+    pairs: list[tuple[Path, Path]]
+    skipped: list[tuple[str, str]]
+    legend: str
+
+
+def collect_images(inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> ImageInputs:
     """(image file, output name) pairs from a mix of files and folders (searched recursively).
 
-    An image found in a folder keeps its path relative to that folder (``a/x.jpg`` ->
-    ``a/x``), so equal file names in different sub-folders do not collide; a name taken
-    twice (``x.jpg`` and ``x.png``) keeps its extension (``x_png``). Files under
-    ``exclude`` (the output folder) are skipped, so a re-run never segments its own masks.
+    Listing: folders are listed by :func:`reclip.data.folders.scan_images` (every real
+    folder once; symbolic-link loops and second links to a folder are reported, not
+    followed). Each real file is ONE image, however many paths lead to it (symbolic or
+    hard links, a file given twice, or given and also found in a folder): it is kept
+    under its first path (in a folder, one through no symbolic link) and the other paths
+    are reported. Broken links are reported. Files under ``exclude`` (the output folder)
+    are left out silently, so a re-run never segments its own masks. A path that does
+    not exist at all raises FileNotFoundError (a typo, found before any work).
+
+    Names: an image found in a folder keeps its path relative to that folder (``a/x.jpg``
+    -> ``a/x``), a file given by itself its stem; then :func:`_output_names` makes every
+    output path distinct.
     """
-    skip = Path(exclude).resolve() if exclude is not None else None
+    skip = Path(exclude) if exclude is not None else None
+    real_skip = Path(os.path.realpath(skip)) if skip is not None else None
     pairs: list[tuple[Path, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = [(p, p.relative_to(entry).with_suffix("")) for p in iter_images(entry)]
+            scan = scan_images(entry, exclude=[skip] if skip is not None else [])
+            skipped.extend(scan.skipped)
+            pairs.extend((p, p.relative_to(entry).with_suffix("")) for p in scan.files)
+        elif entry.is_symlink() and not entry.exists():
+            skipped.append((str(entry), link_problem(entry)))
         elif entry.exists():
-            found = [(entry, Path(entry.stem))]
+            if real_skip is None or not Path(os.path.realpath(entry)).is_relative_to(real_skip):
+                pairs.append((entry, Path(entry.stem)))
         else:
-            raise FileNotFoundError(f"{entry}: no such file or folder")
-        pairs.extend((p, name) for p, name in found if skip is None or not p.resolve().is_relative_to(skip))
-    taken: set[Path] = set()
+            raise FileNotFoundError(f"{entry}: no such file or folder; check the path")
+    kept: dict[tuple[int, int], Path] = {}
     unique = []
     for path, name in pairs:
-        if name in taken:
-            name = name.with_name(f"{name.name}_{path.suffix.lstrip('.').lower()}")
-        index = 2
-        while name in taken:
-            name, index = name.with_name(f"{name.name}_{index}"), index + 1
-        taken.add(name)
-        unique.append((path, name))
-    return unique
+        identity = file_identity(path)
+        if identity is None:
+            skipped.append((str(path), "cannot be opened"))
+        elif identity in kept:
+            skipped.append((str(path), f"same file as {kept[identity]}, segmented once"))
+        else:
+            kept[identity] = path
+            unique.append((path, name))
+    named, legend = _output_names(unique)
+    return ImageInputs(named, skipped, legend)
+
+
+def _output_names(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]], str]:
+    """Output names whose files never meet, and the legend's file name.
+
+    Every path that segment_files writes is distinct from every other, compared
+    case-insensitively (outputs may land on a case-insensitive file system): first the
+    sub-folders the names need are reserved (they mirror the input's), then the legend
+    (``legend.png``, else ``legend_2.png``, ... when a sub-folder has that name), then
+    each image in turn takes its name unless one of its files (mask, overlay) is taken,
+    in which case it gets its extension appended (``x.png`` -> ``x_png``), then ``_2``,
+    ``_3``, ...: first come, first served.
+    """
+    def key(name: Path | str) -> str:
+        return Path(name).as_posix().casefold()
+
+    taken = {key(parent) for _, name in pairs for parent in name.parents if parent != Path(".")}
+    stem, suffix = os.path.splitext(LEGEND_FILE)
+    legend = next(f for f in itertools.chain([LEGEND_FILE], (f"{stem}_{i}{suffix}" for i in itertools.count(2)))
+                  if key(f) not in taken)
+    taken.add(key(legend))
+    named = []
+    for path, name in pairs:
+        ext = path.suffix.lstrip(".").lower()
+        base = name.with_name(f"{name.name}_{ext}") if ext else name
+        numbered = (base.with_name(f"{base.name}_{i}") for i in itertools.count(2))
+        for candidate in itertools.chain([name, base], numbered):
+            files = [key(candidate.parent / f) for f in segmentation_files(candidate.name).values()]
+            if not any(f in taken for f in files):
+                break
+        taken.update(files)
+        named.append((path, candidate))
+    return named, legend
 
 
 def segment_files(
@@ -378,19 +466,30 @@ def segment_files(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     text_cache: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
-    Writes ``out_dir/<stem>.png`` (palette PNG of class indices), ``<stem>_overlay.jpg``
-    and ``legend.png``. Inference settings default to the ``folder`` protocol's (the
+    Writes ``out_dir/<name>.png`` (palette PNG of class indices), ``<name>_overlay.jpg``
+    and ``legend.png``, where no two outputs ever share a path (names from
+    :func:`collect_images`). Inference settings default to the ``folder`` protocol's (the
     ClearCLIP protocol: short side 448, 448/224 windows); ``background=True`` makes class
     0 a background class for ``prob_thd``.
+
+    Bad input never stops the run: unreadable files, broken links, symbolic-link loops
+    and duplicate paths are reported in ``skipped``; an image of more than
+    ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096;
+    None: no reclip limit) is segmented downscaled (listed in ``downscaled``), or
+    skipped when even that would decode too much (:func:`reclip.data.io.load_image`).
     """
+    check_max_pixels(max_pixels)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
-    pairs = collect_images(inputs, exclude=out_dir)
-    if not pairs:
-        raise ValueError(f"no images found in {[str(p) for p in inputs]}")
+    inputs = list(inputs)
+    found = collect_images(inputs, exclude=out_dir)
+    if not found.pairs:
+        listed = "".join(f"\n  {path}: {reason}" for path, reason in found.skipped[:10])
+        raise ValueError(f"no images found in {[str(p) for p in inputs]}{listed}")
     if isinstance(inference, InferenceConfig):
         cfg = inference
     else:
@@ -400,17 +499,20 @@ def segment_files(
     mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_legend(out_dir / "legend.png", names)  # one per run, replacing a stale one
-    summary = SegmentSummary()
+    summary = SegmentSummary(skipped=list(found.skipped))
+    summary.legend = save_legend(out_dir / found.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
-    bar = tqdm(pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
+    bar = tqdm(found.pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
     for path, name in bar:
         try:
-            image = read_image(path)
+            loaded = load_image(path, max_pixels=max_pixels)
         except ImageReadError as err:
             summary.skipped.append((str(path), err.reason))
             bar.write(f"skipped {path}: {err.reason}")
             continue
+        image = loaded.image
+        if loaded.downscaled:
+            summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
         with torch.inference_mode():
             result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
         written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,

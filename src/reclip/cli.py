@@ -24,6 +24,7 @@ import torch
 
 from reclip import api
 from reclip.clip.convert import CheckpointError
+from reclip.data.io import DECODE_FACTOR, MAX_PIXELS
 from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
@@ -117,6 +118,29 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision on a GPU (default auto: bf16 on CUDA, off on CPU)")
 
 
+def _max_pixels(text: str) -> int | None:
+    """--max-pixels value: a positive pixel count, WxH (e.g. 4096x4096), or none."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) in (1, 2) and all(v > 0 for v in parts):
+        return parts[0] * (parts[1] if len(parts) == 2 else 1)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a pixel count; give a positive number (16777216), WxH (4096x4096) or none (no limit)")
+
+
+def _add_max_pixels_arg(p: argparse.ArgumentParser, labels: bool) -> None:
+    label_text = (f"; labels are never resized and those over {DECODE_FACTOR} x this many pixels are skipped"
+                  if labels else "")
+    p.add_argument("--max-pixels", type=_max_pixels, default=MAX_PIXELS, metavar="N",
+                   help=f"images with more pixels are read downscaled to N (aspect kept), or skipped when that would "
+                        f"decode over {DECODE_FACTOR} x N pixels; a number, WxH or none (default 4096x4096 = "
+                        f"{MAX_PIXELS}){label_text}")
+
+
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale", "prob_thd",
             "area_thd", "pd_threshold", "pamr")
@@ -145,12 +169,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         clip, args.method, classes, args.inputs, args.out,
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
-        checkpoint=args.checkpoint, progress=not args.quiet,
+        checkpoint=args.checkpoint, progress=not args.quiet, max_pixels=args.max_pixels,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
     for path, reason in summary.skipped:
         print(f"  skipped {path}: {reason}")
+    for path, (height, width), (h, w) in summary.downscaled:
+        print(f"  downscaled {path}: {width} x {height} read as {w} x {h} (--max-pixels); its mask has that size")
     if not summary.written:
         print(f"reclip segment: error: no image could be read ({len(summary.skipped)} skipped, listed above)",
               file=sys.stderr)
@@ -165,13 +191,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
-        num_workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet,
+        num_workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet, max_pixels=args.max_pixels,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
     for path, reason in result.skipped:
         print(f"  skipped {path}: {reason}")
+    if result.downscaled:
+        print(f"  {len(result.downscaled)} image(s) over --max-pixels were segmented downscaled and scored at "
+              f"their label's size, e.g. {result.downscaled[0]}")
     if result.bias is not None:
         print(result.bias_summary())
         if args.plots:
@@ -279,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
     p.set_defaults(func=cmd_segment)
 
@@ -298,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    _add_max_pixels_arg(p, labels=True)
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -19,8 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reclip.files import atomic_write
 
-__all__ = ["palette", "save_label_png", "overlay", "legend_image", "save_legend", "save_segmentation"]
+__all__ = ["LEGEND_FILE", "palette", "save_label_png", "overlay", "legend_image", "save_legend", "save_segmentation",
+           "segmentation_files"]
 
+LEGEND_FILE = "legend.png"  # the legend's name in an output folder; no mask or overlay may take it
 IGNORE_INDEX = 255  # mmseg / VOC "ignore" label value
 PALETTE_SIZE = 256  # entries of a palette-mode ("P") PNG: indices 0..255
 UINT16_MAX = 65535  # largest index of a 16-bit grayscale PNG
@@ -186,6 +188,13 @@ def save_legend(
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def segmentation_files(stem: str) -> dict[str, str]:
+    """File names :func:`save_segmentation` writes for ``stem`` besides the legend:
+    {"mask": "<stem>.png", "overlay": "<stem>_overlay.jpg"}. The one place these names
+    are made, so that callers can keep outputs apart before writing any."""
+    return {"mask": f"{stem}.png", "overlay": f"{stem}_overlay.jpg"}
+
+
 def save_segmentation(
     out_dir: str | os.PathLike,
     stem: str,
@@ -196,7 +205,8 @@ def save_segmentation(
     alpha: float = 0.5,
     write_legend: bool = True,
 ) -> dict[str, Path | None]:
-    """Write ``{stem}.png`` (label PNG), ``{stem}_overlay.jpg`` and ``legend.png`` into ``out_dir``.
+    """Write ``{stem}.png`` (label PNG), ``{stem}_overlay.jpg`` and ``legend.png`` into ``out_dir``
+    (names from :func:`segmentation_files` and :data:`LEGEND_FILE`).
 
     The legend lists all classes of ``class_names`` and is (over)written on every call
     with ``write_legend`` (cheap), so a legend left in the folder by a run with other
@@ -213,19 +223,27 @@ def save_segmentation(
         write_legend: write ``legend.png``.
     Returns:
         {"mask": path, "overlay": path, "legend": path, or None when not written}.
+
+    Raises:
+        ValueError: with ``write_legend``, a ``stem`` whose mask or overlay would be
+            the legend's file (``stem="legend"``).
     """
     out_dir = Path(out_dir)
+    names = segmentation_files(stem)
+    if write_legend and LEGEND_FILE.casefold() in {n.casefold() for n in names.values()}:
+        raise ValueError(f"stem {stem!r} would write its mask over {LEGEND_FILE}; pick another stem "
+                         "or pass write_legend=False and write the legend elsewhere")
     num_classes = len(class_names)
     colours = (palette(max(num_classes, PALETTE_SIZE)) if colours is None
                else np.asarray(colours, dtype=np.uint8))
     ignore_index = IGNORE_INDEX if num_classes <= IGNORE_INDEX else None  # else 255 is a class
     paths: dict[str, Path | None] = {
-        "mask": save_label_png(out_dir / f"{stem}.png", labels, colours, num_classes=num_classes),
+        "mask": save_label_png(out_dir / names["mask"], labels, colours, num_classes=num_classes),
         "overlay": atomic_write(
-            out_dir / f"{stem}_overlay.jpg",
+            out_dir / names["overlay"],
             lambda tmp: Image.fromarray(overlay(image, labels, colours, alpha, ignore_index)).save(
                 tmp, format="JPEG", quality=90),
         ),
-        "legend": save_legend(out_dir / "legend.png", class_names, colours) if write_legend else None,
+        "legend": save_legend(out_dir / LEGEND_FILE, class_names, colours) if write_legend else None,
     }
     return paths

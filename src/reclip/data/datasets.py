@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from reclip.data.io import ImageReadError, image_size, iter_images, read_image, read_label
+from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, image_size, iter_images, load_image, read_label
 from reclip.data.protocol import Protocol, SplitSpec, load_protocol
 from reclip.files import read_text_file
 
@@ -45,8 +45,13 @@ class SegmentationDataset(Dataset):
          "instances": (H, W) | None,      # object ids where the protocol has instance masks
          "error": str | None}             # why the item could not be read
 
+    An image of more than ``max_pixels`` pixels is read downscaled (aspect kept), so
+    "image" is then smaller than "label": score predictions at the label's size
+    (nearest). Labels are never resized; one of more than 4 x max_pixels pixels is an
+    unreadable item (see :mod:`reclip.data.io`).
+
     Unreadable files (missing at read time, corrupt, truncated, label/image size
-    mismatch) do NOT raise: the item comes back with image = label = None and the reason
+    mismatch, too large) do NOT raise: the item comes back with image = label = None and the reason
     in "error", so a run over thousands of images reports and skips the bad one. Problems
     that concern the whole data root (missing folders or files, size mismatches found by
     the construction check, label values outside the protocol's classes) raise
@@ -59,6 +64,8 @@ class SegmentationDataset(Dataset):
         split: a split of the protocol ("val", "train").
         classes_file: class list overriding the protocol's (required for `folder`).
         check_sizes: compare image and label sizes (headers only) at construction.
+        max_pixels: pixel limit of images read (default :data:`reclip.data.io.MAX_PIXELS`;
+            None: no limit).
     """
 
     def __init__(
@@ -68,7 +75,9 @@ class SegmentationDataset(Dataset):
         split: str = "val",
         classes_file: str | os.PathLike | None = None,
         check_sizes: bool = True,
+        max_pixels: int | None = MAX_PIXELS,
     ) -> None:
+        self.max_pixels = check_max_pixels(max_pixels)
         if not isinstance(protocol, Protocol):
             protocol = load_protocol(protocol)
         if classes_file is not None:
@@ -196,20 +205,21 @@ class SegmentationDataset(Dataset):
         item: dict[str, Any] = {"image_id": image_id, "path": str(path), "image": None, "label": None,
                                 "instances": None, "error": None}
         try:
-            image = read_image(path)
+            loaded = load_image(path, max_pixels=self.max_pixels)
+            image = loaded.image
             label = None
             if self.label_paths[index] is not None:
-                raw = read_label(self.label_paths[index])
-                if raw.shape != image.shape[:2]:
+                raw = read_label(self.label_paths[index], max_pixels=self.max_pixels)
+                if raw.shape != loaded.size:  # the file's size: a downscaled image still matches
                     raise ImageReadError(self.label_paths[index],
-                                         f"label (H, W) = {raw.shape} differs from image {path} {image.shape[:2]}")
+                                         f"label (H, W) = {raw.shape} differs from image {path} {loaded.size}")
                 label = self.protocol.convert_label(raw)
                 self._check_values(label, raw, self.label_paths[index])
         except ImageReadError as e:
             item["error"] = str(e)
             return item
         item["image"], item["label"] = image, label
-        item["instances"] = self._instances(index, image.shape[:2])
+        item["instances"] = self._instances(index, loaded.size)
         return item
 
     def _instances(self, index: int, size: tuple[int, int]) -> np.ndarray | None:
@@ -223,7 +233,7 @@ class SegmentationDataset(Dataset):
             return None
         path = self.root / spec.instance_dir / f"{self.image_ids[index]}.png"
         try:
-            instances = read_label(path) if path.is_file() else None
+            instances = read_label(path, max_pixels=self.max_pixels) if path.is_file() else None
         except ImageReadError:
             return None
         return instances if instances is not None and instances.shape == size else None

@@ -22,6 +22,7 @@ __all__ = [
     "CLIP_STD",
     "short_side_size",
     "resize_short_side",
+    "resize_labels",
     "to_tensor_normalized",
     "resize_bilinear",
 ]
@@ -113,6 +114,26 @@ def resize_short_side(
     if image.ndim == 2:
         return out[0, 0]
     return out[0] if image.ndim == 3 else out
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (h, w) label map to ``size`` = (H, W), sampling at
+    pixel centres (as "nearest-exact"); ids are copied, never blended, dtype kept.
+
+    Index arithmetic only: the output is the one array allocated (no float copy), so it
+    scores a prediction at a large label's size cheaply.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"resize_labels: labels must be (h, w), got shape {labels.shape}")
+    (h, w), (out_h, out_w) = labels.shape, (int(size[0]), int(size[1]))
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"resize_labels: size must be positive, got {size}")
+    if (h, w) == (out_h, out_w):
+        return labels
+    rows = ((2 * np.arange(out_h, dtype=np.int64) + 1) * h) // (2 * out_h)  # floor((i + 0.5) * h / H)
+    cols = ((2 * np.arange(out_w, dtype=np.int64) + 1) * w) // (2 * out_w)
+    return labels[rows[:, None], cols[None, :]]
 
 
 def to_tensor_normalized(
