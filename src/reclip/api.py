@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
-from reclip.data.datasets import SegmentationDataset, _listing
+from reclip.data.datasets import SegmentationDataset, problem_list
 from reclip.data.folders import file_identity, link_problem, scan_images
 from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_image
 from reclip.data.transforms import resize_labels
@@ -311,7 +311,7 @@ def _nothing_evaluated(data: SegmentationDataset, count: int,
     read = count - len(skipped)
     if read == 0:
         reasons = [reason if reason.startswith(path) else f"{path}: {reason}" for path, reason in skipped]
-        message = (f"{what}: all {count} image(s) were skipped:{_listing(reasons)}\n"
+        message = (f"{what}: all {count} image(s) were skipped:{problem_list(reasons)}\n"
                    "Fix or replace these files (or check the data root) and run again.")
     else:
         message = (

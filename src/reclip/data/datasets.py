@@ -27,7 +27,8 @@ class DatasetError(ValueError):
     """A data root does not match its protocol (missing paths, size mismatches, bad labels)."""
 
 
-def _listing(problems: list[str]) -> str:
+def problem_list(problems: list[str]) -> str:
+    """Problems as an indented list for an error message, the first few of many shown."""
     shown = problems[:_MAX_LISTED]
     extra = len(problems) - len(shown)
     return "\n  " + "\n  ".join(shown) + (f"\n  ... and {extra} more" if extra > 0 else "")
@@ -106,7 +107,7 @@ class SegmentationDataset(Dataset):
             missing += [str(p) for p in self.label_paths if not p.is_file()]
         if missing:
             raise DatasetError(
-                f"{self._where()}: {len(missing)} listed file(s) do not exist:{_listing(missing)}"
+                f"{self._where()}: {len(missing)} listed file(s) do not exist:{problem_list(missing)}"
                 + self._hint()
             )
         if check_sizes and self.has_labels:
@@ -129,7 +130,7 @@ class SegmentationDataset(Dataset):
             expected.append(self.root / spec.split_file)
         missing = [str(p) for p in expected if not p.exists()]
         if missing:
-            raise DatasetError(f"{self._where()}: missing path(s):{_listing(missing)}{self._hint()}")
+            raise DatasetError(f"{self._where()}: missing path(s):{problem_list(missing)}{self._hint()}")
 
     def _list_images(self, spec: SplitSpec) -> tuple[list[str], list[Path]]:
         img_dir = self.root / spec.img_dir
@@ -155,7 +156,7 @@ class SegmentationDataset(Dataset):
             if twice:
                 listed = [f"{i} (lines {', '.join(map(str, n))})" for i, n in twice.items()]
                 raise DatasetError(f"{self._where()}: the split file {split_file} lists image id(s) more than once; "
-                                   f"keep one line each:{_listing(listed)}")
+                                   f"keep one line each:{problem_list(listed)}")
             paths = [img_dir / f"{i}{spec.img_suffix}" for i in ids]
         else:
             label_dir = (self.root / spec.label_dir).resolve() if spec.label_dir else None
@@ -180,7 +181,7 @@ class SegmentationDataset(Dataset):
             seen[i] = seen.get(i, 0) + 1
         dupes = sorted(i for i, n in seen.items() if n > 1)
         if dupes:
-            raise DatasetError(f"{self._where()}: image id(s) listed twice (e.g. a.jpg and a.png):{_listing(dupes)}")
+            raise DatasetError(f"{self._where()}: image id(s) listed twice (e.g. a.jpg and a.png):{problem_list(dupes)}")
         return ids, paths
 
     def _check_sizes(self) -> None:
@@ -192,7 +193,7 @@ class SegmentationDataset(Dataset):
         if bad:
             raise DatasetError(
                 f"{self._where()}: {len(bad)} label(s) differ in size from their image "
-                f"(image sizes after EXIF orientation):{_listing(bad)}\n"
+                f"(image sizes after EXIF orientation):{problem_list(bad)}\n"
                 "Fix: use labels made for these images (or pass check_sizes=False to skip such items at read time)."
             )
 
