@@ -16,6 +16,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from reclip.clip.checks import check_finite, load_safetensors
 from reclip.files import atomic_write, atomic_write_json, atomic_write_text
 from reclip.train.distributed import is_rank0
 
@@ -177,9 +178,12 @@ def save_run(run_dir: str | os.PathLike, config_dict: Mapping[str, Any], model: 
 
 
 def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunFiles:
-    """Read a run's config.json and model.safetensors; load the weights into ``model`` if given."""
-    from safetensors.torch import load_file
+    """Read a run's config.json and model.safetensors; load the weights into ``model`` if given.
 
+    The weights pass the checks every CLIP checkpoint passes (``reclip.clip.checks``):
+    a safetensors header consistent with the file, within the size limit, and finite
+    values; a refusal is a ``CheckpointError`` naming the file.
+    """
     run_dir = Path(run_dir)
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (run_dir / n).is_file()]
     if missing:
@@ -188,7 +192,9 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunF
             "it ends and its caller config.json; resume an interrupted run with --resume)"
         )
     config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    state = load_file(str(run_dir / WEIGHTS_NAME))
+    state = load_safetensors(run_dir / WEIGHTS_NAME)
+    check_finite(state, run_dir / WEIGHTS_NAME, fix="the training diverged (lower the learning rate, check the "
+                 "data) or the file is damaged: train again or use another run")
     if model is not None:
         load_trainable_state(model, state)
     return RunFiles(config, state, run_dir)
