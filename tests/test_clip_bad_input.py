@@ -228,11 +228,18 @@ def test_missing_and_misshapen_tensors_name_the_file_in_every_format(tmp_path: P
     assert str(load_from) in msg and "visual.ln_post.bias" in msg and "(65,)" in msg
 
 
-def test_a_non_tensor_entry_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key, value, expected", [
+    ("visual.proj", 3, "checkpoint entry 'visual.proj' is int, expected a tensor"),
+    (7, torch.zeros(1), "checkpoint key 7 is int, expected a tensor name (str)"),
+    ("token_embedding.weight", torch.zeros(100, 64, dtype=torch.long), "token_embedding.weight torch.int64 (expected "
+     "floating point)"),
+    ("visual.proj", torch.zeros(128, 64, dtype=torch.complex64), "visual.proj torch.complex64 (expected floating"),
+])
+def test_entries_that_are_not_float_tensors_name_the_file(tmp_path: Path, key, value, expected) -> None:
     sd = dict(tiny_clip().state_dict())
-    sd["visual.proj"] = 3
+    sd[key] = value
     torch.save(sd, tmp_path / "m.pt")
-    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'm.pt'}: checkpoint entry 'visual.proj' is int")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'm.pt'}: ") + ".*" + re.escape(expected)):
         load_clip(tmp_path / "m.pt")
 
 
@@ -568,6 +575,9 @@ def test_a_safetensors_header_longer_than_the_file_is_refused(tmp_path: Path) ->
     path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(CheckpointError, match="declares a header of 1099511627776 bytes"):
         load_clip(path)
+    path.write_bytes(b"\x02\x00")
+    with pytest.raises(CheckpointError, match="it is 2 bytes, too short"):
+        load_clip(path)
 
 
 @pytest.mark.parametrize("fmt,name", FORMATS)
@@ -593,4 +603,17 @@ def test_a_legacy_pickle_declaring_a_huge_length_is_not_allocated(tmp_path: Path
             pickle.dump(header, f, protocol=2)
         f.write(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"x")  # BINBYTES8 of 1 TiB, 1 byte present
     with pytest.raises(CheckpointError, match=re.escape(f"cannot read {path}") + ".*damaged"):
+        load_clip(path)
+
+
+def test_deeply_nested_files_are_refused_without_recursing(tmp_path: Path) -> None:
+    folder = save_clip(tiny_clip(), tmp_path / "hf", format="hf")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read {folder / 'config.json'} as JSON")):
+        load_clip(folder)
+    path = tmp_path / "deep.pt"
+    with zipfile.ZipFile(path, "w") as zf:  # a persistent id nested 100,000 deep: () then TUPLE1 100,000 times
+        zf.writestr("archive/data.pkl", b"\x80\x02)" + b"\x85" * 100_000 + b"Q.")
+        zf.writestr("archive/code/__torch__/model.py", "")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*unexpected persistent id"):
         load_clip(path)

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .convert import CheckpointError
+from .convert import CheckpointError, short
 
 __all__ = [
     "LIMIT_ENV", "MAX_CHECKPOINT_BYTES", "MAX_JSON_BYTES", "MAX_PICKLE_BYTES", "MAX_SAFETENSORS_HEADER_BYTES",
@@ -56,8 +56,9 @@ LIMIT_ENV = "RECLIP_MAX_CHECKPOINT_BYTES"
 MAX_ZIP_RATIO = 10
 _ZIP_SLACK_BYTES = 1 << 20
 # Pickles describe tensors (a few hundred bytes each), never hold them: a CLIP's data.pkl
-# is well under 1 MiB, with an optimizer's state a few MiB.
-MAX_PICKLE_BYTES = 64 << 20
+# is well under 1 MiB, with an optimizer's state a few MiB. Unpickling can grow a pickle
+# ~30x in memory (a 2-byte opcode can make a 64-byte empty dict): at most ~0.5 GB here.
+MAX_PICKLE_BYTES = 16 << 20
 # Configs (config.json, open_clip_config.json, preprocessor_config.json, index files).
 MAX_JSON_BYTES = 16 << 20
 # safetensors refuses headers over 100 MB itself; the same bound, checked first.
@@ -119,7 +120,7 @@ def check_view(offset: Any, size: Any, stride: Any, storage_numel: int, what: st
     """
     size = tuple(size) if isinstance(size, (tuple, list)) else size  # torch.Size is a tuple
     stride = tuple(stride) if isinstance(stride, (tuple, list)) else stride
-    geometry = f"size {size}, stride {stride}, offset {offset}"
+    geometry = f"size {short(size)}, stride {short(stride)}, offset {short(offset)}"
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(_is_int(x) and x >= 0 for x in (offset, *size, *stride))):
         raise CheckpointError(
@@ -346,19 +347,19 @@ class _ScanUnpickler(pickle.Unpickler):
             return _DTYPE_NAMES[name]
         if (module, name) in _REBUILDS:
             return self._rebuild
-        return type(name, (_Inert,), {})
+        return _Inert  # one class for all: a pickle naming millions of globals makes no new types
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         # zip: ('storage', type, key, location, numel); legacy adds view_metadata (view_key, offset, view_numel)
         n = 6 if self.legacy else 5
         if not (isinstance(pid, tuple) and len(pid) == n and pid[0] == "storage"):
-            raise CheckpointError(f"{self.source}: persistent id {pid!r:.200} is not a torch storage")
+            raise CheckpointError(f"{self.source}: persistent id {short(pid)} is not a torch storage")
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self.source}: storage {key!r:.50} has type {storage_type!r:.100}; "
+            raise CheckpointError(f"{self.source}: storage {short(key)} has type {short(storage_type)}; "
                                   "expected a torch storage type")
         if not (isinstance(key, str) and key.isalnum() and _is_int(numel) and numel >= 0):
-            raise CheckpointError(f"{self.source}: storage {key!r:.50} of {numel!r:.50} elements is not a "
+            raise CheckpointError(f"{self.source}: storage {short(key)} of {short(numel)} elements is not a "
                                   "plain record name and element count")
         nbytes = numel * storage_type.dtype.itemsize
         if self.storages.setdefault(key, nbytes) != nbytes:
@@ -368,7 +369,7 @@ class _ScanUnpickler(pickle.Unpickler):
         if view is not None:  # a legacy view of a storage: (view_key, offset, numel), in elements
             if not (isinstance(view, tuple) and len(view) == 3 and all(_is_int(x) and x >= 0 for x in view[1:])
                     and view[1] + view[2] <= numel):
-                raise CheckpointError(f"{self.source}: storage view {view!r:.100} does not lie in storage {key} "
+                raise CheckpointError(f"{self.source}: storage view {short(view)} does not lie in storage {key} "
                                       f"of {numel} elements")
             numel = view[2]
         return _StorageRef(key, numel, storage_type.dtype)
@@ -457,7 +458,7 @@ def scan_torch_file(path: Path) -> bool:
         if magic != _LEGACY_MAGIC:
             raise CheckpointError(
                 f"cannot read {source} with torch.load(weights_only=True): not a torch.save file (it starts with "
-                f"{magic!r:.40}, not torch's magic number). Expected a state dict saved with torch.save, a "
+                f"{short(magic)}, not torch's magic number). Expected a state dict saved with torch.save, a "
                 ".safetensors file or a TorchScript archive"
             )
         _scan(f, source, legacy=True)  # protocol version
@@ -494,15 +495,18 @@ def check_safetensors(path: Path) -> int:
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if n < 0 or n > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+        if len(prefix) < 8:
+            raise CheckpointError(f"cannot read {path} as safetensors: it is {size} bytes, too short for even the "
+                                  "8-byte header length. Get the file again")
+        n = int.from_bytes(prefix, "little")
+        if n > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
             raise CheckpointError(
                 f"cannot read {path} as safetensors: it is {size} bytes and declares a header of {n} bytes; expected "
                 "an 8-byte header length, at most the rest of the file, then the JSON header. Get the file again"
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise CheckpointError(f"cannot read {path} as safetensors: its header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"cannot read {path} as safetensors: its header is {type(header).__name__}, "
@@ -516,13 +520,13 @@ def check_safetensors(path: Path) -> int:
         shape = info.get("shape") if isinstance(info, dict) else None
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if dtype not in _SAFETENSORS_ITEMSIZE:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r:.50}; expected one of "
+            raise CheckpointError(f"{path}: tensor {name} has dtype {short(dtype)}; expected one of "
                                   f"{', '.join(_SAFETENSORS_ITEMSIZE)}")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data):
             raise CheckpointError(
-                f"{path}: tensor {name} declares shape {shape!r:.100} at bytes {offsets!r:.100}; expected "
+                f"{path}: tensor {name} declares shape {short(shape)} at bytes {short(offsets)}; expected "
                 f"non-negative integer dims and 0 <= begin <= end <= {data} (the data's length)"
             )
         need = math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,19 @@ HF_VISION_DEFAULTS = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "la
 LAYER_NORM_EPS = 1e-5  # our LayerNorm's (OpenAI's) eps
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters and 3 levels, for error messages.
+
+    Safe on anything a file can make (a deeply nested or huge pickle / JSON value),
+    where ``repr`` would recurse or build a huge string before it could be cut.
+    """
+    return _SHORT.repr(value)
+
+
 def _shape(t: Any) -> tuple[int, ...]:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
@@ -59,7 +73,7 @@ def positive_int(
     """``section[key]`` (else ``default``) checked to be a positive integer (None passes when absent)."""
     value = section.get(key, default)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise CheckpointError(f"{source}: {field} = {value!r:.80}, expected a positive integer")
+        raise CheckpointError(f"{source}: {field} = {short(value)}, expected a positive integer")
     return value
 
 
@@ -113,9 +127,13 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint holds {type(obj).__name__}, expected a state dict of tensors")
     out: dict[str, torch.Tensor] = {}
     for name, value in obj.items():
+        if not isinstance(name, str):
+            raise CheckpointError(
+                f"checkpoint key {short(name)} is {type(name).__name__}, expected a tensor name (str)"
+            )
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"checkpoint entry {name!r} is {type(value).__name__}, expected a tensor; top-level keys are "
+                f"checkpoint entry {short(name)} is {type(value).__name__}, expected a tensor; top-level keys are "
                 f"{_list(sorted(map(str, obj)))}. Pass a state dict or a training checkpoint with 'state_dict'"
             )
         for prefix in _PREFIXES:
@@ -235,7 +253,7 @@ def infer_config(
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise ``CheckpointError`` listing missing, unexpected and misshapen tensors, if any."""
+    """Raise ``CheckpointError`` listing missing, unexpected, misshapen and non-float tensors, if any."""
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected)
@@ -243,7 +261,11 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
         f"{k} {_shape(sd[k])} (expected {_shape(expected[k])})"
         for k in expected if k in sd and _shape(sd[k]) != _shape(expected[k])
     )
-    if not (missing or unexpected or misshapen):
+    mistyped = sorted(  # an integer, bool or complex tensor would be cast silently
+        f"{k} {sd[k].dtype} (expected floating point)"
+        for k in expected if k in sd and expected[k].is_floating_point() and not sd[k].is_floating_point()
+    )
+    if not (missing or unexpected or misshapen or mistyped):
         return
     parts = []
     if missing:
@@ -252,6 +274,8 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
         parts.append(f"unexpected {len(unexpected)}: {_list([f'{k} {_shape(sd[k])}' for k in unexpected])}")
     if misshapen:
         parts.append(f"misshapen {len(misshapen)}: {_list(misshapen)}")
+    if mistyped:
+        parts.append(f"not floating point {len(mistyped)}: {_list(mistyped)}")
     raise CheckpointError(
         "checkpoint does not fit the CLIP architecture — " + "; ".join(parts)
         + ". Check that the file is a complete ViT CLIP checkpoint in the format its name suggests"
@@ -309,7 +333,7 @@ def _hf_subconfigs(hf_config: Mapping[str, Any], source: str = "config.json") ->
         value = hf_config[key]
         if not isinstance(value, Mapping):
             raise CheckpointError(
-                f"{source}: {key} = {value!r:.80} is {type(value).__name__}, expected a JSON object"
+                f"{source}: {key} = {short(value)} is {type(value).__name__}, expected a JSON object"
             )
         sections.append({**defaults, **value})
     return sections[0], sections[1]
@@ -327,24 +351,24 @@ def hf_options(hf_config: Mapping[str, Any], source: str = "config.json") -> dic
     model_type = hf_config.get("model_type", "clip")
     if model_type != "clip":
         raise CheckpointError(
-            f"{source}: model_type = {model_type!r:.80}, expected 'clip' (a transformers CLIPModel)"
+            f"{source}: model_type = {short(model_type)}, expected 'clip' (a transformers CLIPModel)"
         )
     text, vision = _hf_subconfigs(hf_config, source)
     for tower, cfg in (("text", text), ("vision", vision)):
         act = cfg["hidden_act"]
         if not isinstance(act, str) or act not in ("quick_gelu", "gelu"):
             raise CheckpointError(
-                f"{source}: {tower}_config.hidden_act = {act!r:.80}; supported: 'quick_gelu' or 'gelu'"
+                f"{source}: {tower}_config.hidden_act = {short(act)}; supported: 'quick_gelu' or 'gelu'"
             )
         eps = cfg["layer_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not abs(eps - LAYER_NORM_EPS) <= 1e-12:
             raise CheckpointError(
-                f"{source}: {tower}_config.layer_norm_eps = {eps!r:.80}, expected {LAYER_NORM_EPS} "
+                f"{source}: {tower}_config.layer_norm_eps = {short(eps)}, expected {LAYER_NORM_EPS} "
                 "(the only value our CLIP implements)"
             )
     if text["hidden_act"] != vision["hidden_act"]:
         raise CheckpointError(
-            f"{source}: hidden_act text={text['hidden_act']!r} vision={vision['hidden_act']!r}; "
+            f"{source}: hidden_act text={short(text['hidden_act'])} vision={short(vision['hidden_act'])}; "
             "supported: both 'quick_gelu' or both 'gelu'"
         )
     return {

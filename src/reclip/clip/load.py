@@ -82,6 +82,7 @@ from .convert import (
     infer_config,
     patch_grid,
     positive_int,
+    short,
     to_hf,
     unwrap_state_dict,
 )
@@ -233,8 +234,8 @@ def _read_json(path: Path) -> dict:
                 "it is not a config file"
             )
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} as JSON ({e}); fix or delete the file") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); fix or delete the file") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds {type(data).__name__}, expected a JSON object")
     return data
@@ -276,7 +277,7 @@ def _channel_values(
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                     and (x > 0 or not positive) for x in values)):
         raise CheckpointError(
-            f"{source}: {field} = {value!r:.80}, expected 3 {'positive' if positive else 'finite'} numbers "
+            f"{source}: {field} = {short(value)}, expected 3 {'positive' if positive else 'finite'} numbers "
             "(RGB on the 0..1 scale)"
         )
     return tuple(float(x) for x in values)
@@ -335,7 +336,7 @@ def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], sour
 
     quick_gelu = model_cfg.get("quick_gelu", False)  # open_clip's default is nn.GELU
     if not isinstance(quick_gelu, bool):
-        raise CheckpointError(f"{source}: {top}quick_gelu = {quick_gelu!r}, expected true or false")
+        raise CheckpointError(f"{source}: {top}quick_gelu = {short(quick_gelu)}, expected true or false")
     ckpt.quick_gelu = quick_gelu
     width = vision_cfg.get("width") or weights("visual.conv1.weight", 0)
     head_width = positive_int(vision_cfg, "head_width", f"{top}vision_cfg.head_width", source, default=64)
@@ -396,7 +397,7 @@ def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if not (isinstance(weight_map, dict) and weight_map
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
             raise CheckpointError(
-                f"{index_path}: weight_map = {weight_map!r:.100}, expected a JSON object mapping tensor names to "
+                f"{index_path}: weight_map = {short(weight_map)}, expected a JSON object mapping tensor names to "
                 "shard file names"
             )
         shards = sorted(set(weight_map.values()))

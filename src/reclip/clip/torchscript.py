@@ -42,7 +42,7 @@ from .checks import (
     take_bytes,
     zip_record,
 )
-from .convert import CheckpointError
+from .convert import CheckpointError, short
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -189,6 +189,10 @@ _ALLOWED_CALLS: dict[tuple[str, str], Callable] = {
 }
 
 
+# Distinct __torch__ classes one archive may name (each becomes a placeholder type).
+_MAX_MODULE_CLASSES = 10_000
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds tensors, plain containers and inert module placeholders."""
 
@@ -203,6 +207,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "__torch__" or module.startswith("__torch__."):
             qualname = f"{module}.{name}"
             if qualname not in self._classes:
+                if len(self._classes) >= _MAX_MODULE_CLASSES:
+                    raise CheckpointError(
+                        f"the pickle names more than {_MAX_MODULE_CLASSES} module classes (a CLIP has about 20); "
+                        "the archive is corrupt or crafted"
+                    )
                 self._classes[qualname] = type(name, (ScriptObject,), {"type_name": qualname})
             return self._classes[qualname]
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -222,7 +231,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # ('storage', storage_type, key, location, numel); location (e.g. 'cuda:0') is ignored: all on CPU.
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise UnsafeCheckpointError(
-                f"unexpected persistent id {pid!r:.200}; expected ('storage', type, key, location, numel)"
+                f"unexpected persistent id {short(pid)}; expected ('storage', type, key, location, numel)"
             )
         _, storage_type, key, _location, numel = pid
         if isinstance(storage_type, _Token) and storage_type.dtype is not None:
@@ -231,12 +240,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
             dtype = storage_type
         else:
             raise UnsafeCheckpointError(
-                f"persistent id names storage type {storage_type!r}, expected a torch storage type"
+                f"persistent id names storage type {short(storage_type)}, expected a torch storage type"
             )
         if not isinstance(key, str) or not key.isalnum():
-            raise UnsafeCheckpointError(f"storage key {key!r} is not a plain record name")
+            raise UnsafeCheckpointError(f"storage key {short(key)} is not a plain record name")
         if not _is_count(numel):
-            raise CheckpointError(f"storage record data/{key} has {numel!r:.50} elements, expected a count")
+            raise CheckpointError(f"storage record data/{key} has {short(numel)} elements, expected a count")
         if key not in self._storages:
             nbytes = numel * dtype.itemsize
             self._budget.take(nbytes, "its storage records")  # before reading: the file declares, we check
@@ -268,21 +277,28 @@ def is_torchscript_archive(path: str | Path) -> bool:
     return has_data and has_code
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
-    """Walk placeholder states: tensors become ``prefix + name``, submodules recurse."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    state = obj.state
-    if not isinstance(state, dict):
-        return  # modules with custom __getstate__ hold no parameters we use
-    for name, value in state.items():
-        if not isinstance(name, str):
+def _flatten(top: ScriptObject) -> dict[str, torch.Tensor]:
+    """Walk placeholder states: tensors become dotted names, submodules are entered (no recursion:
+    a crafted archive may nest modules arbitrarily deep)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, ScriptObject]] = [("", top)]
+    while stack:
+        prefix, obj = stack.pop()
+        if id(obj) in seen:
             continue
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value.detach()  # drops anything a crafted BUILD attached (hooks)
-        elif isinstance(value, ScriptObject):
-            _flatten(value, f"{prefix}{name}.", out, seen)
+        seen.add(id(obj))
+        state = obj.state
+        if not isinstance(state, dict):
+            continue  # modules with custom __getstate__ hold no parameters we use
+        for name, value in reversed(list(state.items())):  # popped in the archive's order
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value.detach()  # drops anything a crafted BUILD attached (hooks)
+            elif isinstance(value, ScriptObject):
+                stack.append((f"{prefix}{name}.", value))
+    return out
 
 
 def _naming(e: CheckpointError, path: Path) -> CheckpointError:
@@ -314,9 +330,7 @@ def read_torchscript(
         raise _naming(e, path) from e
     if not isinstance(top, ScriptObject):
         raise CheckpointError(f"{path}: data.pkl holds {type(top).__name__}, expected a TorchScript module")
-    state_dict: dict[str, torch.Tensor] = {}
-    _flatten(top, "", state_dict, set())
-    return state_dict, extra
+    return _flatten(top), extra
 
 
 def _read_archive(zf: zipfile.ZipFile, path: Path, extra_names: Iterable[str] | None) -> tuple[Any, dict[str, bytes]]:
@@ -330,7 +344,7 @@ def _read_archive(zf: zipfile.ZipFile, path: Path, extra_names: Iterable[str] | 
     if byteorder in names:
         order = read_small_record(zf, byteorder, 16, path).strip()
         if order not in (b"little", b""):
-            raise CheckpointError(f"{path}: byte order {order!r} is not supported; expected little endian")
+            raise CheckpointError(f"{path}: byte order {short(order)} is not supported; expected little endian")
 
     def read_record(key: str, nbytes: int) -> bytes:
         return zf.read(zip_record(zf, f"{root}/data/{key}", nbytes, path))
@@ -355,8 +369,8 @@ def read_extra_json(extra: dict[str, bytes], name: str) -> dict | None:
         return None
     try:
         data = json.loads(extra[name].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"extra file {name!r} in the archive is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"extra file {name!r} in the archive is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"extra file {name!r} in the archive holds {type(data).__name__}, expected a JSON object")
     return data
