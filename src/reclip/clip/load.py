@@ -65,7 +65,6 @@ from .checks import (
     check_tensor_bounds,
     format_bytes,
     load_safetensors,
-    scan_torch_file,
     take_bytes,
 )
 from .convert import (
@@ -87,6 +86,7 @@ from .convert import (
     unwrap_state_dict,
 )
 from .model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, weights_fingerprint
+from .torchsave import scan_torch_file
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
@@ -367,7 +367,7 @@ def _is_hf_state_dict(sd: dict) -> bool:
 def _torch_load(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """(the loaded object, its state dict) of a ``torch.save`` file, checked before and after loading.
 
-    ``checks.scan_torch_file`` checks what the file declares before ``torch.load`` reads
+    ``torchsave.scan_torch_file`` checks what the file declares before ``torch.load`` reads
     it; a zip-format file is memory-mapped, so only the state dict is ever copied into
     memory (an optimizer's state in a training checkpoint is not read). The state dict's
     tensors are checked (``check_tensor_bounds``) and then copied, so the model never

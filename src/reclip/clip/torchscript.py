@@ -38,36 +38,17 @@ from .checks import (
     MAX_PICKLE_BYTES,
     check_view,
     check_zip,
+    is_count,
     read_small_record,
     take_bytes,
     zip_record,
 )
 from .convert import CheckpointError, short
+from .torchsave import DTYPES, STORAGE_DTYPES
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint's pickle references something other than tensors and plain containers."""
-
-
-# Storage class names that may appear in persistent ids -> element dtype.
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-# dtype globals (``torch float16``) a pickle may name; a fixed table, no getattr on torch.
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-              torch.int16, torch.int8, torch.uint8, torch.bool)
-}
 
 
 class _Token:
@@ -214,10 +195,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     )
                 self._classes[qualname] = type(name, (ScriptObject,), {"type_name": qualname})
             return self._classes[qualname]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _Token(f"torch.{name}", dtype=_STORAGE_DTYPES[name])
-        if module == "torch" and name in _DTYPES:
-            return _DTYPES[name]  # a dtype: immutable, BUILD on it fails
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _Token(f"torch.{name}", dtype=STORAGE_DTYPES[name])
+        if module == "torch" and name in DTYPES:
+            return DTYPES[name]  # a dtype: immutable, BUILD on it fails
         fn = _ALLOWED_CALLS.get((module, name))
         if fn is not None:
             return _Token(f"{module}.{name}", fn=fn)
@@ -244,7 +225,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         if not isinstance(key, str) or not key.isalnum():
             raise UnsafeCheckpointError(f"storage key {short(key)} is not a plain record name")
-        if not _is_count(numel):
+        if not is_count(numel):
             raise CheckpointError(f"storage record data/{key} has {short(numel)} elements, expected a count")
         if key not in self._storages:
             nbytes = numel * dtype.itemsize
@@ -260,10 +241,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         elif self._storages[key].flat.dtype != dtype or self._storages[key].flat.numel() != numel:
             raise CheckpointError(f"storage record data/{key} is declared twice with different types or sizes")
         return self._storages[key]
-
-
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
