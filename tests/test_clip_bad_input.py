@@ -555,6 +555,25 @@ def test_legacy_and_training_checkpoints_still_load(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.visual.proj, model.visual.proj.detach(), rtol=0, atol=0)
 
 
+def test_the_limit_counts_what_is_copied_not_an_optimizer_state_left_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_clip()
+    opt = torch.optim.AdamW(model.parameters())
+    model.encode_image(torch.randn(1, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    sd_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    ckpt = {"epoch": 1, "state_dict": state, "optimizer": opt.state_dict()}  # ~3x the weights
+    torch.save(ckpt, tmp_path / "epoch_1.pt")
+    torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    monkeypatch.setattr(checks, "MAX_CHECKPOINT_BYTES", int(1.5 * sd_bytes))
+    with pytest.warns(UserWarning, match="heads"):
+        load_clip(tmp_path / "epoch_1.pt")  # memory-mapped: only the state dict is copied
+    with pytest.raises(CheckpointError, match="its storages would take .* over the limit"):
+        load_clip(tmp_path / "legacy.pt")  # the legacy format reads every storage
+
+
 @pytest.mark.parametrize("header, data, expected", [
     ({"w": {"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 16]}}, 16,
      "tensor w (F32 (1073741824,)) needs 4294967296 bytes but its offsets [0, 16] span 16"),

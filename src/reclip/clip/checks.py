@@ -206,14 +206,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike,
 # ---------------------------------------------------------------------------------------
 
 
-def check_zip(zf: zipfile.ZipFile, source: str | os.PathLike) -> None:
-    """Refuse an archive whose records declare more than the limit or than it can hold compressed.
+def check_zip(zf: zipfile.ZipFile, source: str | os.PathLike, read_all: bool = True) -> None:
+    """Refuse an archive whose records declare more than it can hold compressed, or than the limit.
 
-    zipfile never inflates a record past its declared size, so with this check no
-    read from the archive can allocate more than the archive plausibly holds.
+    zipfile never inflates a record past its declared size, so with this check no read
+    from the archive can allocate more than the archive plausibly holds. ``read_all``:
+    every record will be read (the TorchScript reader), so their total must also fit
+    ``checkpoint_limit()``; False when the storages are memory-mapped, not read.
     """
     declared = sum(info.file_size for info in zf.infolist())
-    take_bytes(0, declared, "the archive's records", source)
+    if read_all:
+        take_bytes(0, declared, "the archive's records", source)
     size = Path(zf.filename).stat().st_size if zf.filename else declared
     if declared > MAX_ZIP_RATIO * size + _ZIP_SLACK_BYTES:
         raise CheckpointError(

@@ -112,7 +112,6 @@ class _ScanUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.source, self.legacy = source, legacy
         self.storages: dict[str, int] = {}  # key -> bytes
-        self.tensor_bytes = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _STORAGE_TYPES:
@@ -152,8 +151,7 @@ class _ScanUnpickler(pickle.Unpickler):
         if isinstance(storage, _StorageRef):
             dtype = rest[2] if len(rest) >= 3 and isinstance(rest[2], torch.dtype) else storage.dtype
             numel = storage.numel * storage.dtype.itemsize // dtype.itemsize
-            count = check_view(offset, size, stride, numel, f"{self.source}: a tensor on storage {storage.key}")
-            self.tensor_bytes = take_bytes(self.tensor_bytes, count * dtype.itemsize, "its tensors", self.source)
+            check_view(offset, size, stride, numel, f"{self.source}: a tensor on storage {storage.key}")
         return _Inert()
 
 
@@ -201,16 +199,17 @@ def scan_torch_file(path: Path) -> bool:
     """Check a ``torch.save`` file's declared storages and tensor views before ``torch.load`` reads it.
 
     Returns True for the zip format (storage records checked uncompressed and exactly as
-    large as their storages, so ``torch.load(mmap=True)`` maps them without reading),
-    False for the legacy pickle format (storages checked to fit in the rest of the file,
-    which ``torch.load`` reads). Either way every tensor view is checked
-    (:func:`check_view`) and their total against the limit. Anything else (a tar of
-    torch < 0.4, not a torch file) raises ``CheckpointError`` naming the file.
+    large as their storages, so ``torch.load(mmap=True)`` maps them without reading; the
+    caller bounds what it copies, the state dict), False for the legacy pickle format
+    (storages checked to fit in the rest of the file and the limit: ``torch.load``
+    reads them all). Either way every tensor view is checked (``checks.check_view``).
+    Anything else (a tar of torch < 0.4, not a torch file) raises ``CheckpointError``
+    naming the file.
     """
     source = str(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            check_zip(zf, source)
+            check_zip(zf, source, read_all=False)  # storages are mapped; the state dict is bounded after
             pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pkls) != 1:
                 raise CheckpointError(
