@@ -14,7 +14,9 @@ Nothing here reads files; ``load.py`` does.
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,19 @@ HF_VISION_DEFAULTS = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "la
 LAYER_NORM_EPS = 1e-5  # our LayerNorm's (OpenAI's) eps
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters and 3 levels, for error messages.
+
+    Safe on anything a file can make (a deeply nested or huge pickle / JSON value),
+    where ``repr`` would recurse or build a huge string before it could be cut.
+    """
+    return _SHORT.repr(value)
+
+
 def _shape(t: Any) -> tuple[int, ...]:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
@@ -50,6 +65,50 @@ def _shape(t: Any) -> tuple[int, ...]:
 def _list(names: list[str], limit: int = 20) -> str:
     more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def positive_int(
+    section: Mapping[str, Any], key: str, field: str, source: str, default: int | None = None
+) -> int | None:
+    """``section[key]`` (else ``default``) checked to be a positive integer (None passes when absent)."""
+    value = section.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise CheckpointError(f"{source}: {field} = {short(value)}, expected a positive integer")
+    return value
+
+
+def dim(sd: Mapping[str, torch.Tensor], key: str, index: int) -> int | None:
+    """``sd[key].shape[index]``, or None when the tensor is absent or has too few dimensions."""
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor) or not -t.dim() <= index < t.dim():
+        return None
+    return t.shape[index]
+
+
+def patch_grid(n_positions: int | None) -> int | None:
+    """Side of the square patch grid for ``grid ** 2 + 1`` positions (CLS first); None if not square."""
+    if not n_positions or n_positions < 2:
+        return None
+    grid = math.isqrt(n_positions - 1)
+    return grid if grid * grid + 1 == n_positions else None
+
+
+def check_fields(
+    checks: list[tuple[Mapping[str, Any], str, str, int | None, str]], source: str, fix: str
+) -> None:
+    """Each ``(section, field prefix, key, what the weights say, where)``: a positive integer equal to the weights'.
+
+    Absent fields pass; a field that is not a positive integer, or that the tensors
+    contradict, raises ``CheckpointError`` naming ``source``, the field, both values
+    and the tensor; ``fix`` ends the contradiction's message.
+    """
+    for section, prefix, key, actual, where in checks:
+        value = positive_int(section, key, prefix + key, source)
+        if value is not None and actual is not None and value != actual:
+            raise CheckpointError(
+                f"{source}: {prefix}{key} = {value} but the weights have {actual} ({where}); the config describes "
+                f"another model. {fix}"
+            )
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -68,9 +127,13 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint holds {type(obj).__name__}, expected a state dict of tensors")
     out: dict[str, torch.Tensor] = {}
     for name, value in obj.items():
+        if not isinstance(name, str):
+            raise CheckpointError(
+                f"checkpoint key {short(name)} is {type(name).__name__}, expected a tensor name (str)"
+            )
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"checkpoint entry {name!r} is {type(value).__name__}, expected a tensor; top-level keys are "
+                f"checkpoint entry {short(name)} is {type(value).__name__}, expected a tensor; top-level keys are "
                 f"{_list(sorted(map(str, obj)))}. Pass a state dict or a training checkpoint with 'state_dict'"
             )
         for prefix in _PREFIXES:
@@ -139,14 +202,34 @@ def infer_config(
             f"cannot infer the CLIP architecture: missing {_list(missing)}; the checkpoint has "
             f"{_list(sorted(sd))}. Expected an OpenAI / open_clip ViT CLIP state dict"
         )
+    layouts = {  # key -> (dimensions, layout); every dimension must be > 0
+        "visual.conv1.weight": (4, "(width, 3, patch, patch)"),
+        "visual.positional_embedding": (2, "(grid ** 2 + 1, width)"),
+        "text_projection": (2, "(width, embed_dim)"),
+        "positional_embedding": (2, "(context_length, width)"),
+        "token_embedding.weight": (2, "(vocab_size, width)"),
+        "ln_final.weight": (1, "(width,)"),
+    }
+    for key, (ndim, layout) in layouts.items():
+        shape = _shape(sd[key])
+        if len(shape) != ndim or 0 in shape:
+            raise CheckpointError(
+                f"cannot infer the CLIP architecture: {key} has shape {shape}, expected {layout} with every "
+                "dimension > 0. The file is not a ViT CLIP checkpoint or is corrupt"
+            )
     conv1 = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
     vision_width, patch = conv1.shape[0], conv1.shape[-1]
     n_pos = sd["visual.positional_embedding"].shape[0]  # grid ** 2 + 1
-    grid = round((n_pos - 1) ** 0.5)
-    if grid * grid + 1 != n_pos:
+    grid = patch_grid(n_pos)
+    if grid is None:
         raise CheckpointError(
             f"visual.positional_embedding has {n_pos} rows, expected grid ** 2 + 1 for a square patch grid"
         )
+    for prefix in ("visual.transformer.resblocks.", "transformer.resblocks."):
+        if not count_blocks(sd, prefix):
+            raise CheckpointError(
+                f"cannot infer the CLIP architecture: no {prefix}N.* tensors; each tower has at least one block"
+            )
 
     text_width = sd["ln_final.weight"].shape[0]
     if vision_heads is None:
@@ -170,7 +253,7 @@ def infer_config(
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise ``CheckpointError`` listing missing, unexpected and misshapen tensors, if any."""
+    """Raise ``CheckpointError`` listing missing, unexpected, misshapen and non-float tensors, if any."""
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected)
@@ -178,7 +261,11 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
         f"{k} {_shape(sd[k])} (expected {_shape(expected[k])})"
         for k in expected if k in sd and _shape(sd[k]) != _shape(expected[k])
     )
-    if not (missing or unexpected or misshapen):
+    mistyped = sorted(  # an integer, bool or complex tensor would be cast silently
+        f"{k} {sd[k].dtype} (expected floating point)"
+        for k in expected if k in sd and expected[k].is_floating_point() and not sd[k].is_floating_point()
+    )
+    if not (missing or unexpected or misshapen or mistyped):
         return
     parts = []
     if missing:
@@ -187,6 +274,8 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
         parts.append(f"unexpected {len(unexpected)}: {_list([f'{k} {_shape(sd[k])}' for k in unexpected])}")
     if misshapen:
         parts.append(f"misshapen {len(misshapen)}: {_list(misshapen)}")
+    if mistyped:
+        parts.append(f"not floating point {len(mistyped)}: {_list(mistyped)}")
     raise CheckpointError(
         "checkpoint does not fit the CLIP architecture — " + "; ".join(parts)
         + ". Check that the file is a complete ViT CLIP checkpoint in the format its name suggests"
@@ -228,44 +317,107 @@ _HF_LAYER_KEY = re.compile(
 )
 
 
-def _hf_subconfigs(hf_config: Mapping[str, Any]) -> tuple[dict, dict]:
-    """(text_config, vision_config) with HF defaults filled; old configs use *_config_dict."""
-    text = dict(hf_config.get("text_config") or hf_config.get("text_config_dict") or {})
-    vision = dict(hf_config.get("vision_config") or hf_config.get("vision_config_dict") or {})
-    return {**HF_TEXT_DEFAULTS, **text}, {**HF_VISION_DEFAULTS, **vision}
+def _hf_subconfigs(hf_config: Mapping[str, Any], source: str = "config.json") -> tuple[dict, dict]:
+    """(text_config, vision_config) with HF defaults filled; old configs use *_config_dict.
+
+    A section that is missing or not a JSON object raises ``CheckpointError`` naming ``source``.
+    """
+    sections = []
+    for tower, defaults in (("text", HF_TEXT_DEFAULTS), ("vision", HF_VISION_DEFAULTS)):
+        key = next((k for k in (f"{tower}_config", f"{tower}_config_dict") if hf_config.get(k) is not None), None)
+        if key is None:
+            raise CheckpointError(
+                f"{source} has no {tower}_config section; a transformers CLIPModel config.json has text_config and "
+                "vision_config (written by save_pretrained). Use the model's own config.json"
+            )
+        value = hf_config[key]
+        if not isinstance(value, Mapping):
+            raise CheckpointError(
+                f"{source}: {key} = {short(value)} is {type(value).__name__}, expected a JSON object"
+            )
+        sections.append({**defaults, **value})
+    return sections[0], sections[1]
 
 
-def hf_options(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+def hf_options(hf_config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """What a HF config.json says that shapes do not: heads and the activation.
 
     Returns kwargs for ``infer_config``: vision_heads, transformer_heads, quick_gelu.
-    Raises ``CheckpointError`` for settings our CLIP does not implement.
+    Raises ``CheckpointError`` naming ``source`` and the field for a missing section, a
+    value of the wrong type and settings our CLIP does not implement.
     """
-    if hf_config.get("model_type", "clip") != "clip":
+    if not isinstance(hf_config, Mapping):
+        raise CheckpointError(f"{source} holds {type(hf_config).__name__}, expected a JSON object")
+    model_type = hf_config.get("model_type", "clip")
+    if model_type != "clip":
         raise CheckpointError(
-            f"config.json has model_type {hf_config.get('model_type')!r}, expected 'clip' (a transformers CLIPModel)"
+            f"{source}: model_type = {short(model_type)}, expected 'clip' (a transformers CLIPModel)"
         )
-    text, vision = _hf_subconfigs(hf_config)
-    acts = {text["hidden_act"], vision["hidden_act"]}
-    if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
-        raise CheckpointError(
-            f"hidden_act text={text['hidden_act']!r} vision={vision['hidden_act']!r}; "
-            "supported: both 'quick_gelu' or both 'gelu'"
-        )
+    text, vision = _hf_subconfigs(hf_config, source)
     for tower, cfg in (("text", text), ("vision", vision)):
-        if abs(float(cfg["layer_norm_eps"]) - LAYER_NORM_EPS) > 1e-12:
+        act = cfg["hidden_act"]
+        if not isinstance(act, str) or act not in ("quick_gelu", "gelu"):
             raise CheckpointError(
-                f"{tower}_config.layer_norm_eps is {cfg['layer_norm_eps']}, expected {LAYER_NORM_EPS} "
+                f"{source}: {tower}_config.hidden_act = {short(act)}; supported: 'quick_gelu' or 'gelu'"
+            )
+        eps = cfg["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not abs(eps - LAYER_NORM_EPS) <= 1e-12:
+            raise CheckpointError(
+                f"{source}: {tower}_config.layer_norm_eps = {short(eps)}, expected {LAYER_NORM_EPS} "
                 "(the only value our CLIP implements)"
             )
+    if text["hidden_act"] != vision["hidden_act"]:
+        raise CheckpointError(
+            f"{source}: hidden_act text={short(text['hidden_act'])} vision={short(vision['hidden_act'])}; "
+            "supported: both 'quick_gelu' or both 'gelu'"
+        )
     return {
-        "vision_heads": int(vision["num_attention_heads"]),
-        "transformer_heads": int(text["num_attention_heads"]),
-        "quick_gelu": acts == {"quick_gelu"},
+        "vision_heads": positive_int(vision, "num_attention_heads", "vision_config.num_attention_heads", source),
+        "transformer_heads": positive_int(text, "num_attention_heads", "text_config.num_attention_heads", source),
+        "quick_gelu": text["hidden_act"] == "quick_gelu",
     }
 
 
-def from_hf(sd: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def check_hf_config(hf_config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], source: str = "config.json") -> None:
+    """Check a HF config.json's sizes against the converted weights (OpenAI names), as open_clip configs are.
+
+    Every size the config gives must be a positive integer equal to the tensors' (absent
+    ones pass: HF omits defaults); the heads must divide their tower's width. The
+    sections' own ``projection_dim`` is not checked: a CLIPModel uses the top-level one
+    and leaves theirs at the default.
+    """
+    text, vision = _hf_subconfigs(hf_config, source)
+    patch, grid = dim(sd, "visual.conv1.weight", -1), patch_grid(dim(sd, "visual.positional_embedding", 0))
+    v, t = "vision_config.", "text_config."
+    fc = "{}resblocks.0.mlp.c_fc.weight"
+    check_fields([
+        (vision, v, "hidden_size", dim(sd, "visual.conv1.weight", 0), "visual.conv1.weight"),
+        (vision, v, "intermediate_size", dim(sd, fc.format("visual.transformer."), 0), fc.format("visual.transformer.")),
+        (vision, v, "num_hidden_layers", count_blocks(sd, "visual.transformer.resblocks."),
+         "visual.transformer.resblocks.N"),
+        (vision, v, "patch_size", patch, "visual.conv1.weight"),
+        (vision, v, "image_size", patch * grid if patch and grid else None, "visual.positional_embedding"),
+        (vision, v, "num_channels", dim(sd, "visual.conv1.weight", 1), "visual.conv1.weight"),
+        (text, t, "hidden_size", dim(sd, "ln_final.weight", 0), "ln_final.weight"),
+        (text, t, "intermediate_size", dim(sd, fc.format("transformer."), 0), fc.format("transformer.")),
+        (text, t, "num_hidden_layers", count_blocks(sd, "transformer.resblocks."), "transformer.resblocks.N"),
+        (text, t, "max_position_embeddings", dim(sd, "positional_embedding", 0), "positional_embedding"),
+        (text, t, "vocab_size", dim(sd, "token_embedding.weight", 0), "token_embedding.weight"),
+        (hf_config, "", "projection_dim", dim(sd, "text_projection", 1), "text_projection"),
+    ], source, "Use the config.json saved with these weights")
+    for prefix, cfg, width, where in ((v, vision, dim(sd, "visual.conv1.weight", 0), "visual.conv1.weight"),
+                                      (t, text, dim(sd, "ln_final.weight", 0), "ln_final.weight")):
+        heads = positive_int(cfg, "num_attention_heads", f"{prefix}num_attention_heads", source)
+        if width and heads and width % heads:
+            raise CheckpointError(
+                f"{source}: {prefix}num_attention_heads = {heads} does not divide the width {width} ({where}); "
+                "use the config.json saved with these weights"
+            )
+
+
+def from_hf(
+    sd: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any], source: str = "config.json"
+) -> dict[str, torch.Tensor]:
     """HF ``CLIPModel`` state dict -> OpenAI names.
 
     q/k/v projections are concatenated into ``in_proj_weight`` / ``in_proj_bias``
@@ -274,23 +426,26 @@ def from_hf(sd: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]) -> dic
     transposed: ``visual_projection.weight.T -> visual.proj``,
     ``text_projection.weight.T -> text_projection``. ``position_ids`` buffers are
     dropped. Unknown keys are kept unchanged so ``check_state_dict`` names them.
-    ``hf_config`` (config.json as a dict) is validated with ``hf_options``.
+    ``hf_config`` (config.json as a dict, ``source`` its name in messages) is validated
+    with ``hf_options``; ``check_hf_config`` checks its sizes against the result.
     """
-    hf_options(hf_config)
+    hf_options(hf_config, source)
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}  # (tower, layer, weight|bias) -> {q,k,v}
+    qkv: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}  # (prefix, kind) -> {q,k,v: (key, t)}
     for key, value in sd.items():
         if key.endswith("position_ids"):
             continue
         if key in _HF_GLOBAL:
             out[_HF_GLOBAL[key]] = value
         elif key in _HF_PROJECTIONS:
+            if value.dim() != 2:
+                raise CheckpointError(f"{key} has shape {_shape(value)}, expected (embed_dim, width)")
             out[_HF_PROJECTIONS[key]] = value.t().contiguous()  # (embed, width) -> (width, embed)
         elif m := _HF_LAYER_KEY.match(key):
             tower, layer, module, kind = m.groups()
             prefix = f"{_HF_TOWERS[tower]}{layer}."
             if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault((prefix, kind), {})[module[len("self_attn.")]] = value
+                qkv.setdefault((prefix, kind), {})[module[len("self_attn.")]] = (key, value)
             elif module in _HF_LAYER:
                 out[f"{prefix}{_HF_LAYER[module]}.{kind}"] = value
             else:
@@ -301,7 +456,15 @@ def from_hf(sd: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]) -> dic
         if set(parts) != {"q", "k", "v"}:
             missing = [f"self_attn.{p}_proj.{kind}" for p in "qkv" if p not in parts]
             raise CheckpointError(f"HF checkpoint lacks {', '.join(missing)} for {prefix}; the file is incomplete")
-        out[f"{prefix}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3D, ...)
+        shapes = {_shape(t) for _, t in parts.values()}
+        if len(shapes) != 1 or not next(iter(shapes)):
+            raise CheckpointError(
+                "q, k and v projections differ in shape or are scalars: "
+                + ", ".join(f"{k} {_shape(t)}" for k, t in parts.values())
+                + "; they must be equal (width, width) weights or (width,) biases. The file is corrupt"
+            )
+        q, k, v = (parts[p][1] for p in "qkv")
+        out[f"{prefix}attn.in_proj_{kind}"] = torch.cat([q, k, v], dim=0)  # (3D, ...)
     return out
 
 

@@ -31,12 +31,20 @@ Without them, heads are width // 64: OpenAI's fixed convention for its formats, 
 for an open_clip checkpoint (``load_clip`` warns, naming the guess), right for most
 open_clip models but not all: pass the model's config (open_clip's
 ``model_configs/<name>.json`` or a hub ``open_clip_config.json``).
+
+Bad input is refused at load time with a ``CheckpointError`` naming the file (every
+format goes through ``read_checkpoint``): sizes a file declares are checked before
+anything is read or allocated (``checks.py``: zip bombs, lying headers, stride-0 views
+that would expand when copied, more than ``MAX_CHECKPOINT_BYTES``, raised with
+``$RECLIP_MAX_CHECKPOINT_BYTES``); every config field read is checked for its type and
+against the tensors; NaN or infinite weights are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -47,22 +55,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .checks import (
+    MAX_JSON_BYTES,
+    check_finite,
+    check_safetensors,
+    check_tensor_bounds,
+    format_bytes,
+    load_safetensors,
+    take_bytes,
+)
 from .convert import (
     CheckpointError,
+    check_fields,
+    check_hf_config,
     check_state_dict,
     count_blocks,
+    dim,
     from_hf,
     from_open_clip,
     from_openai,
     hf_options,
     infer_config,
+    patch_grid,
+    positive_int,
+    short,
     to_hf,
     unwrap_state_dict,
 )
 from .model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, weights_fingerprint
+from .torchsave import scan_torch_file
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
@@ -203,9 +227,15 @@ class LoadedCheckpoint:
 
 def _read_json(path: Path) -> dict:
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(
+                f"{path} is {format_bytes(size)}, more than the {format_bytes(MAX_JSON_BYTES)} a config ever needs; "
+                "it is not a config file"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} as JSON ({e}); fix or delete the file") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); fix or delete the file") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds {type(data).__name__}, expected a JSON object")
     return data
@@ -235,24 +265,21 @@ def _section(parent: Mapping[str, Any], key: str, field: str, source: str) -> di
     return dict(value)
 
 
-def _positive_int(
-    section: Mapping[str, Any], key: str, field: str, source: str, default: int | None = None
-) -> int | None:
-    value = section.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise CheckpointError(f"{source}: {field} = {value!r}, expected a positive integer")
-    return value
-
-
-def _channel_values(section: Mapping[str, Any], key: str, field: str, source: str) -> tuple[float, ...] | None:
-    """preprocess_cfg mean / std: 3 numbers, or one for all channels (open_clip accepts both)."""
+def _channel_values(
+    section: Mapping[str, Any], key: str, field: str, source: str, positive: bool = False
+) -> tuple[float, ...] | None:
+    """preprocess_cfg mean / std: 3 finite numbers (> 0 when ``positive``: a std), or one for all channels."""
     value = section.get(key)
     if value is None:
         return None
     values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if not (isinstance(values, list) and len(values) == 3
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)):
-        raise CheckpointError(f"{source}: {field} = {value!r}, expected 3 numbers (RGB on the 0..1 scale)")
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    and (x > 0 or not positive) for x in values)):
+        raise CheckpointError(
+            f"{source}: {field} = {short(value)}, expected 3 {'positive' if positive else 'finite'} numbers "
+            "(RGB on the 0..1 scale)"
+        )
     return tuple(float(x) for x in values)
 
 
@@ -284,16 +311,16 @@ def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], sour
     text_cfg = _section(model_cfg, "text_cfg", f"{top}text_cfg", source)
     sd = ckpt.state_dict
 
-    def weights(key: str, dim: int) -> int | None:
-        return sd[key].shape[dim] if key in sd else None
+    def weights(key: str, index: int) -> int | None:
+        return dim(sd, key, index)
 
-    patch, n_pos = weights("visual.conv1.weight", -1), weights("visual.positional_embedding", 0)
-    resolution = patch * round((n_pos - 1) ** 0.5) if patch and n_pos else None
+    patch, grid = weights("visual.conv1.weight", -1), patch_grid(weights("visual.positional_embedding", 0))
+    resolution = patch * grid if patch and grid else None
     image_size = vision_cfg.get("image_size")
     if isinstance(image_size, list) and len(image_size) == 2 and image_size[0] == image_size[1]:
         vision_cfg["image_size"] = image_size[0]  # open_clip also takes [H, W]; our grid is square
     # (section, its field prefix, key, what the weights say, where they say it)
-    checks = [
+    check_fields([
         (model_cfg, top, "embed_dim", weights("text_projection", 1), "text_projection"),
         (vision_cfg, f"{top}vision_cfg.", "width", weights("visual.conv1.weight", 0), "visual.conv1.weight"),
         (vision_cfg, f"{top}vision_cfg.", "patch_size", patch, "visual.conv1.weight"),
@@ -304,23 +331,15 @@ def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], sour
         (text_cfg, f"{top}text_cfg.", "layers", count_blocks(sd, "transformer.resblocks."), "transformer.resblocks.N"),
         (text_cfg, f"{top}text_cfg.", "context_length", weights("positional_embedding", 0), "positional_embedding"),
         (text_cfg, f"{top}text_cfg.", "vocab_size", weights("token_embedding.weight", 0), "token_embedding.weight"),
-    ]
-    for section, prefix, key, actual, where in checks:
-        value = _positive_int(section, key, prefix + key, source)
-        if value is not None and actual is not None and value != actual:
-            raise CheckpointError(
-                f"{source}: {prefix}{key} = {value} but the weights have {actual} ({where}); the config describes "
-                "another model. Give the config of these weights (open_clip's model_configs/<name>.json of the "
-                f"model they were trained as), or keep each open_clip model in its own folder with its own "
-                f"{OPEN_CLIP_CONFIG}"
-            )
+    ], source, "Give the config of these weights (open_clip's model_configs/<name>.json of the model they were "
+               f"trained as), or keep each open_clip model in its own folder with its own {OPEN_CLIP_CONFIG}")
 
     quick_gelu = model_cfg.get("quick_gelu", False)  # open_clip's default is nn.GELU
     if not isinstance(quick_gelu, bool):
-        raise CheckpointError(f"{source}: {top}quick_gelu = {quick_gelu!r}, expected true or false")
+        raise CheckpointError(f"{source}: {top}quick_gelu = {short(quick_gelu)}, expected true or false")
     ckpt.quick_gelu = quick_gelu
     width = vision_cfg.get("width") or weights("visual.conv1.weight", 0)
-    head_width = _positive_int(vision_cfg, "head_width", f"{top}vision_cfg.head_width", source, default=64)
+    head_width = positive_int(vision_cfg, "head_width", f"{top}vision_cfg.head_width", source, default=64)
     if width:
         if width % head_width:
             raise CheckpointError(
@@ -329,7 +348,7 @@ def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], sour
             )
         ckpt.vision_heads = width // head_width
     if text_cfg:
-        heads = _positive_int(text_cfg, "heads", f"{top}text_cfg.heads", source, default=8)  # CLIPTextCfg default
+        heads = positive_int(text_cfg, "heads", f"{top}text_cfg.heads", source, default=8)  # CLIPTextCfg default
         text_width = text_cfg.get("width") or weights("ln_final.weight", 0)
         if text_width and text_width % heads:
             raise CheckpointError(
@@ -337,7 +356,7 @@ def _apply_open_clip_config(ckpt: LoadedCheckpoint, cfg: Mapping[str, Any], sour
             )
         ckpt.transformer_heads = heads
     ckpt.mean = _channel_values(pre, "mean", "preprocess_cfg.mean", source) or ckpt.mean
-    ckpt.std = _channel_values(pre, "std", "preprocess_cfg.std", source) or ckpt.std
+    ckpt.std = _channel_values(pre, "std", "preprocess_cfg.std", source, positive=True) or ckpt.std
     ckpt.config_source = source
 
 
@@ -345,36 +364,58 @@ def _is_hf_state_dict(sd: dict) -> bool:
     return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(the loaded object, its state dict) of a ``torch.save`` file, checked before and after loading.
+
+    ``torchsave.scan_torch_file`` checks what the file declares before ``torch.load`` reads
+    it; a zip-format file is memory-mapped, so only the state dict is ever copied into
+    memory (an optimizer's state in a training checkpoint is not read). The state dict's
+    tensors are checked (``check_tensor_bounds``) and then copied, so the model never
+    depends on the file staying unchanged.
+    """
+    mmap = scan_torch_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # weights_only refusals are pickle.UnpicklingError; corrupt files vary
         raise CheckpointError(
             f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
             "Expected a state dict of tensors; full pickles are never executed. Re-save it as a state dict "
             "(torch.save(model.state_dict(), path)) or as safetensors"
         ) from e
+    sd = unwrap_state_dict(obj)
+    check_tensor_bounds(sd, path)
+    return obj, {k: v.clone() for k, v in sd.items()}
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); download it again") from e
-
-
-def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a HF folder: model.safetensors, its shards, or pytorch_model.bin."""
+def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """(state dict, the file it came from) of a HF folder: model.safetensors, its shards, or pytorch_model.bin."""
     if (folder / "model.safetensors").is_file():
-        return _load_safetensors(folder / "model.safetensors")
-    if (folder / "model.safetensors.index.json").is_file():
-        index = _read_json(folder / "model.safetensors.index.json")
+        return load_safetensors(folder / "model.safetensors"), folder / "model.safetensors"
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+            raise CheckpointError(
+                f"{index_path}: weight_map = {short(weight_map)}, expected a JSON object mapping tensor names to "
+                "shard file names"
+            )
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:  # every shard a file in this folder (no paths out of it), all within the limit
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in {folder}")
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{index_path}: shard {shard} does not exist in {folder}; the download "
+                                      "is incomplete")
+        total = 0
+        for shard in shards:
+            total = take_bytes(total, check_safetensors(folder / shard), "its shards", index_path)
         sd: dict[str, torch.Tensor] = {}
-        for shard in sorted(set((index.get("weight_map") or {}).values())):
-            sd.update(_load_safetensors(folder / shard))
-        return sd
+        for shard in shards:
+            sd.update(load_safetensors(folder / shard))
+        return sd, index_path
     if (folder / "pytorch_model.bin").is_file():
-        return unwrap_state_dict(_torch_load(folder / "pytorch_model.bin"))
+        return _torch_load(folder / "pytorch_model.bin")[1], folder / "pytorch_model.bin"
     raise CheckpointError(
         f"HF folder {folder} has config.json but no model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
@@ -382,22 +423,29 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_hf(folder: Path, sd: dict[str, torch.Tensor], source: Path) -> LoadedCheckpoint:
-    """HF CLIPModel weights + the folder's config.json (and preprocessor_config.json if present)."""
-    if not (folder / "config.json").is_file():
+    """HF CLIPModel weights + the folder's config.json (and preprocessor_config.json if present).
+
+    Every field read from the configs is checked (type, value, agreement with the
+    tensors) and a refusal names the config file and the field.
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
         raise CheckpointError(
             f"{source} has Hugging Face CLIPModel names (vision_model.*, text_model.*) but no config.json beside "
             "it; pass the HF model folder (config.json + weights) instead"
         )
-    hf_config = _read_json(folder / "config.json")
-    options = hf_options(hf_config)
-    ckpt = LoadedCheckpoint(from_hf(sd, hf_config), "hf", source, default_quick_gelu=options["quick_gelu"],
+    hf_config = _read_json(config_path)
+    options = hf_options(hf_config, str(config_path))
+    converted = from_hf(sd, hf_config, str(config_path))
+    check_hf_config(hf_config, converted, str(config_path))
+    ckpt = LoadedCheckpoint(converted, "hf", source, default_quick_gelu=options["quick_gelu"],
                             quick_gelu=options["quick_gelu"], vision_heads=options["vision_heads"],
-                            transformer_heads=options["transformer_heads"],
-                            config_source=str(folder / "config.json"))
-    if (folder / "preprocessor_config.json").is_file():
-        pre = _read_json(folder / "preprocessor_config.json")
-        ckpt.mean = tuple(float(x) for x in pre.get("image_mean", CLIP_MEAN))
-        ckpt.std = tuple(float(x) for x in pre.get("image_std", CLIP_STD))
+                            transformer_heads=options["transformer_heads"], config_source=str(config_path))
+    pre_path = folder / "preprocessor_config.json"
+    if pre_path.is_file():
+        pre = _read_json(pre_path)
+        ckpt.mean = _channel_values(pre, "image_mean", "image_mean", str(pre_path)) or ckpt.mean
+        ckpt.std = _channel_values(pre, "image_std", "image_std", str(pre_path), positive=True) or ckpt.std
     return ckpt
 
 
@@ -428,18 +476,37 @@ def read_checkpoint(path: str | Path, config: str | os.PathLike | Mapping[str, A
     ``config``: an open_clip config (either form, file or dict; see
     ``_apply_open_clip_config``) for an open_clip or OpenAI checkpoint; it replaces any
     ``open_clip_config.json`` beside the file or inside the archive.
+
+    Every format passes the same checks (``checks.py``): what the file declares is
+    bounded before anything is read or allocated, every tensor is a view of its own
+    storage that copying cannot grow, and every value is finite. Any refusal raises
+    ``CheckpointError`` (``UnsafeCheckpointError`` for a pickle that could run code)
+    whose message names the file.
     """
     path = Path(path).expanduser()
     given = _given_config(config) if config is not None else None
+    try:
+        ckpt = _read_any(path, given)
+        check_tensor_bounds(ckpt.state_dict, ckpt.path)  # what load_clip will copy and cast
+        check_finite(ckpt.state_dict, ckpt.path)
+    except CheckpointError as e:  # conversions do not know the file: name it (same class)
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e
+    return ckpt
+
+
+def _read_any(path: Path, given: tuple[dict, str] | None) -> LoadedCheckpoint:
     if path.is_dir():
         if (path / "config.json").is_file() and any(
             (path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
         ):
             _refuse_config_for_hf(path, given)
-            return _read_hf(path, _hf_weights(path), path)
+            sd, weights_file = _hf_weights(path)
+            return _read_hf(path, sd, weights_file)
         for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if ((path / OPEN_CLIP_CONFIG).is_file() or given is not None) and (path / name).is_file():
-                return read_checkpoint(path / name, config)
+                return _read_any(path / name, given)
         raise CheckpointError(
             f"folder {path} is not a CLIP checkpoint: expected config.json + model.safetensors (Hugging Face) or "
             f"{OPEN_CLIP_CONFIG} + open_clip_model.safetensors (open_clip); it has "
@@ -449,7 +516,7 @@ def read_checkpoint(path: str | Path, config: str | os.PathLike | Mapping[str, A
         raise CheckpointError(f"CLIP checkpoint {path} does not exist")
 
     if is_torchscript_archive(path):
-        sd, extra = read_torchscript(path)
+        sd, extra = read_torchscript(path, extra_names=(OPEN_CLIP_CONFIG,))
         ckpt = LoadedCheckpoint(from_openai(sd), "openai-jit", path, default_quick_gelu=True)
         cfg = read_extra_json(extra, OPEN_CLIP_CONFIG)  # written by save_clip, absent in OpenAI's archives
         if given is not None:
@@ -459,23 +526,21 @@ def read_checkpoint(path: str | Path, config: str | os.PathLike | Mapping[str, A
         return ckpt
 
     if path.suffix == ".safetensors":
-        obj: Any = _load_safetensors(path)
-        if _is_hf_state_dict(obj):
+        sd = load_safetensors(path)
+        if _is_hf_state_dict(sd):
             _refuse_config_for_hf(path, given)
-            return _read_hf(path.parent, obj, path)
-        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip", given=given)
+            return _read_hf(path.parent, sd, path)
+        return _read_open_clip_file(path, sd, default_quick_gelu=False, fmt="open_clip", given=given)
 
-    obj = _torch_load(path)
-    sd = unwrap_state_dict(obj)
+    obj, sd = _torch_load(path)
     if _is_hf_state_dict(sd):
         _refuse_config_for_hf(path, given)
         return _read_hf(path.parent, sd, path)
     # A training checkpoint ({"state_dict": ...} or DDP names) comes from open_clip's trainer;
     # a flat state dict with OpenAI names is OpenAI's convention (clip.load(jit=False)).
     wrapped = not (isinstance(obj, dict) and len(obj) == len(sd) and all(k in obj for k in sd))
-    if wrapped or path.name.startswith("open_clip"):
-        return _read_open_clip_file(path, obj, default_quick_gelu=False, fmt="open_clip", given=given)
-    return _read_open_clip_file(path, sd, default_quick_gelu=True, fmt="openai", given=given)
+    fmt = "open_clip" if wrapped or path.name.startswith("open_clip") else "openai"
+    return _read_open_clip_file(path, sd, default_quick_gelu=fmt == "openai", fmt=fmt, given=given)
 
 
 def resolve_spec(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -541,7 +606,10 @@ def load_clip(
     gelu = quick_gelu if quick_gelu is not None else (
         ckpt.quick_gelu if ckpt.quick_gelu is not None else ckpt.default_quick_gelu
     )
-    arch = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
+    try:
+        arch = infer_config(ckpt.state_dict, ckpt.vision_heads, ckpt.transformer_heads, gelu)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     # open_clip state dicts do not record heads; OpenAI's formats have a fixed convention instead.
     guessed = _warn_guessed_heads(path, arch) if ckpt.format == "open_clip" and ckpt.config_source is None else ""
     try:
@@ -553,6 +621,9 @@ def load_clip(
         check_state_dict(ckpt.state_dict, model)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}{guessed}") from e
+    # Every shape now fits the architecture and read_checkpoint checked that no tensor is
+    # an expanded (stride-0) or overlapping view: the copies below are as large as the
+    # file's tensors (float16 doubles to float32), never more.
     state = {k: v.to(dtype).contiguous() for k, v in ckpt.state_dict.items()}  # fp16 releases -> float32
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

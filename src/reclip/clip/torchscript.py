@@ -13,6 +13,9 @@ the zip ourselves, without executing anything from the file:
   numel)``; the bytes are the zip record ``<archive>/data/<key>`` (little endian).
 - any other global (``os.system``, ``builtins.eval``, ...) raises
   ``UnsafeCheckpointError`` naming it, before anything could be called.
+- sizes are checked before reading (``checks.py``): the archive's declared sizes against
+  the limit and its own size (zip bombs), each storage record's declared size against
+  its persistent id, every tensor view against its storage (no stride-0 expansion).
 
 Format reference: torch/csrc/jit/serialization/export_module.cpp and
 torch/serialization.py (``_load``, persistent ids), read from PyTorch's source.
@@ -26,36 +29,26 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .convert import CheckpointError
+from .checks import (
+    MAX_JSON_BYTES,
+    MAX_PICKLE_BYTES,
+    check_view,
+    check_zip,
+    is_count,
+    read_small_record,
+    take_bytes,
+    zip_record,
+)
+from .convert import CheckpointError, short
+from .torchsave import DTYPES, STORAGE_DTYPES
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint's pickle references something other than tensors and plain containers."""
-
-
-# Storage class names that may appear in persistent ids -> element dtype.
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-# dtype globals (``torch float16``) a pickle may name; a fixed table, no getattr on torch.
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-              torch.int16, torch.int8, torch.uint8, torch.bool)
-}
 
 
 class _Token:
@@ -99,37 +92,48 @@ class ScriptObject:
         return f"<{self.type_name}>"
 
 
+class _Budget:
+    """Bytes a load has allocated so far, against ``checks.checkpoint_limit()``."""
+
+    __slots__ = ("spent", "source")
+
+    def __init__(self, source: str) -> None:
+        self.spent, self.source = 0, source
+
+    def take(self, nbytes: int, what: str) -> None:
+        self.spent = take_bytes(self.spent, nbytes, what, self.source)
+
+
 class _Storage:
     """A storage read from ``data/<key>``: a flat tensor of its dtype."""
 
-    __slots__ = ("flat",)
+    __slots__ = ("flat", "key", "budget")
 
-    def __init__(self, flat: torch.Tensor) -> None:
-        self.flat = flat
+    def __init__(self, flat: torch.Tensor, key: str, budget: _Budget) -> None:
+        self.flat, self.key, self.budget = flat, key, budget
 
     def __setstate__(self, state: Any) -> None:
         raise UnsafeCheckpointError("the pickle tries to modify a storage; refusing the checkpoint")
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *rest: Any) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2 on our storage; extra args (requires_grad, hooks) ignored."""
+    """torch._utils._rebuild_tensor_v2 on our storage; extra args (requires_grad, hooks) ignored.
+
+    The view is checked first (inside the storage, no element read twice: a stride-0
+    view is refused, never expanded); a copy is counted against the load's budget.
+    """
     if not isinstance(storage, _Storage):
         raise UnsafeCheckpointError(f"a tensor is rebuilt from {type(storage).__name__}, expected a storage record")
     flat = storage.flat
-    numel = 1
-    for s in size:
-        numel *= int(s)
+    numel = check_view(offset, size, stride, flat.numel(), f"a tensor on storage record data/{storage.key}")
     if numel == 0:
         return torch.empty(tuple(size), dtype=flat.dtype)
-    last = int(offset) + sum((int(n) - 1) * int(st) for n, st in zip(size, stride))
-    if offset < 0 or last >= flat.numel():
-        raise CheckpointError(
-            f"tensor of size {tuple(size)} at offset {offset} overruns its storage of {flat.numel()} elements; "
-            "the archive is corrupt, download it again"
-        )
-    t = flat.as_strided(tuple(size), tuple(stride), int(offset))
+    t = flat.as_strided(tuple(size), tuple(stride), offset)
+    if t.numel() == flat.numel() and t.is_contiguous():
+        return t
     # Views sharing one storage (or a part of it) are copied so each tensor owns its memory.
-    return t if (t.numel() == flat.numel() and t.is_contiguous()) else t.clone()
+    storage.budget.take(numel * flat.element_size(), "copies of its tensor views")
+    return t.clone()
 
 
 def _rebuild_parameter(data: torch.Tensor, *rest: Any) -> torch.Tensor:
@@ -166,25 +170,35 @@ _ALLOWED_CALLS: dict[tuple[str, str], Callable] = {
 }
 
 
+# Distinct __torch__ classes one archive may name (each becomes a placeholder type).
+_MAX_MODULE_CLASSES = 10_000
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds tensors, plain containers and inert module placeholders."""
 
-    def __init__(self, data: bytes, read_record: Callable[[str], bytes]) -> None:
+    def __init__(self, data: bytes, read_record: Callable[[str, int], bytes], source: str) -> None:
         super().__init__(io.BytesIO(data))
         self._read_record = read_record
         self._storages: dict[str, _Storage] = {}
         self._classes: dict[str, type] = {}  # per load: a crafted BUILD cannot leak into later loads
+        self._budget = _Budget(source)
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
             qualname = f"{module}.{name}"
             if qualname not in self._classes:
+                if len(self._classes) >= _MAX_MODULE_CLASSES:
+                    raise CheckpointError(
+                        f"the pickle names more than {_MAX_MODULE_CLASSES} module classes (a CLIP has about 20); "
+                        "the archive is corrupt or crafted"
+                    )
                 self._classes[qualname] = type(name, (ScriptObject,), {"type_name": qualname})
             return self._classes[qualname]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _Token(f"torch.{name}", dtype=_STORAGE_DTYPES[name])
-        if module == "torch" and name in _DTYPES:
-            return _DTYPES[name]  # a dtype: immutable, BUILD on it fails
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _Token(f"torch.{name}", dtype=STORAGE_DTYPES[name])
+        if module == "torch" and name in DTYPES:
+            return DTYPES[name]  # a dtype: immutable, BUILD on it fails
         fn = _ALLOWED_CALLS.get((module, name))
         if fn is not None:
             return _Token(f"{module}.{name}", fn=fn)
@@ -198,7 +212,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # ('storage', storage_type, key, location, numel); location (e.g. 'cuda:0') is ignored: all on CPU.
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise UnsafeCheckpointError(
-                f"unexpected persistent id {pid!r}; expected ('storage', type, key, location, numel)"
+                f"unexpected persistent id {short(pid)}; expected ('storage', type, key, location, numel)"
             )
         _, storage_type, key, _location, numel = pid
         if isinstance(storage_type, _Token) and storage_type.dtype is not None:
@@ -207,20 +221,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
             dtype = storage_type
         else:
             raise UnsafeCheckpointError(
-                f"persistent id names storage type {storage_type!r}, expected a torch storage type"
+                f"persistent id names storage type {short(storage_type)}, expected a torch storage type"
             )
         if not isinstance(key, str) or not key.isalnum():
-            raise UnsafeCheckpointError(f"storage key {key!r} is not a plain record name")
+            raise UnsafeCheckpointError(f"storage key {short(key)} is not a plain record name")
+        if not is_count(numel):
+            raise CheckpointError(f"storage record data/{key} has {short(numel)} elements, expected a count")
         if key not in self._storages:
-            raw = self._read_record(key)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if len(raw) != int(numel) * itemsize:
+            nbytes = numel * dtype.itemsize
+            self._budget.take(nbytes, "its storage records")  # before reading: the file declares, we check
+            raw = self._read_record(key, nbytes)
+            if len(raw) != nbytes:  # zipfile stops at the declared size, which zip_record checked
                 raise CheckpointError(
-                    f"storage record data/{key} has {len(raw)} bytes, expected {numel} x {itemsize} ({dtype}); "
+                    f"storage record data/{key} has {len(raw)} bytes, expected {numel} x {dtype.itemsize} ({dtype}); "
                     "the archive is corrupt, download it again"
                 )
             flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            self._storages[key] = _Storage(flat)
+            self._storages[key] = _Storage(flat, key, self._budget)
+        elif self._storages[key].flat.dtype != dtype or self._storages[key].flat.numel() != numel:
+            raise CheckpointError(f"storage record data/{key} is declared twice with different types or sizes")
         return self._storages[key]
 
 
@@ -235,74 +254,100 @@ def is_torchscript_archive(path: str | Path) -> bool:
     return has_data and has_code
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
-    """Walk placeholder states: tensors become ``prefix + name``, submodules recurse."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    state = obj.state
-    if not isinstance(state, dict):
-        return  # modules with custom __getstate__ hold no parameters we use
-    for name, value in state.items():
-        if not isinstance(name, str):
+def _flatten(top: ScriptObject) -> dict[str, torch.Tensor]:
+    """Walk placeholder states: tensors become dotted names, submodules are entered (no recursion:
+    a crafted archive may nest modules arbitrarily deep)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, ScriptObject]] = [("", top)]
+    while stack:
+        prefix, obj = stack.pop()
+        if id(obj) in seen:
             continue
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value.detach()  # drops anything a crafted BUILD attached (hooks)
-        elif isinstance(value, ScriptObject):
-            _flatten(value, f"{prefix}{name}.", out, seen)
+        seen.add(id(obj))
+        state = obj.state
+        if not isinstance(state, dict):
+            continue  # modules with custom __getstate__ hold no parameters we use
+        for name, value in reversed(list(state.items())):  # popped in the archive's order
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value.detach()  # drops anything a crafted BUILD attached (hooks)
+            elif isinstance(value, ScriptObject):
+                stack.append((f"{prefix}{name}.", value))
+    return out
 
 
-def read_torchscript(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+def _naming(e: CheckpointError, path: Path) -> CheckpointError:
+    """``e`` with ``path`` in front of its message (same class), unless it names it already."""
+    return e if str(path) in str(e) else type(e)(f"{path}: {e}")
+
+
+def read_torchscript(
+    path: str | Path, extra_names: Iterable[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
     """Read a TorchScript archive's tensors without executing it.
 
     Returns the flat state dict {dotted_name: tensor} (the archive's dtype, on CPU) and
-    the archive's ``extra/`` files {name: bytes} (``torch.jit.save(_extra_files=...)``).
+    the archive's ``extra/`` files {name: bytes} (``torch.jit.save(_extra_files=...)``):
+    those named in ``extra_names`` (default: all), each at most ``MAX_JSON_BYTES``.
     Raises ``UnsafeCheckpointError`` if ``data.pkl`` references anything but tensors,
-    plain containers and ``__torch__`` modules, ``CheckpointError`` if it is malformed.
+    plain containers and ``__torch__`` modules, ``CheckpointError`` if it is malformed or
+    declares more than it holds (see the module docstring); messages name ``path``.
     """
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable zip archive ({e}); expected a TorchScript .pt file") from e
-    with zf:
-        names = zf.namelist()
-        pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{path}: expected one '<archive>/data.pkl' in the zip, found {pkls or 'none'}")
-        root = pkls[0].split("/")[0]
-        byteorder = f"{root}/byteorder"
-        if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
-            raise CheckpointError(f"{path}: byte order {zf.read(byteorder)!r} is not supported; expected little endian")
-
-        def read_record(key: str) -> bytes:
-            try:
-                return zf.read(f"{root}/data/{key}")
-            except KeyError as e:
-                raise CheckpointError(
-                    f"{path}: storage record {root}/data/{key} is missing; the archive is corrupt"
-                ) from e
-
-        try:
-            top = _RestrictedUnpickler(zf.read(pkls[0]), read_record).load()
-        except (UnsafeCheckpointError, CheckpointError):
-            raise
-        except Exception as e:  # malformed pickle: name the file and the cause
-            raise CheckpointError(f"{path}: cannot read {pkls[0]} ({type(e).__name__}: {e})") from e
-        extra_dir = f"{root}/extra/"
-        extra = {n[len(extra_dir):]: zf.read(n) for n in names if n.startswith(extra_dir) and not n.endswith("/")}
+    try:
+        with zf:
+            top, extra = _read_archive(zf, path, extra_names)
+    except CheckpointError as e:  # UnsafeCheckpointError too: keep the class, name the file
+        raise _naming(e, path) from e
     if not isinstance(top, ScriptObject):
         raise CheckpointError(f"{path}: data.pkl holds {type(top).__name__}, expected a TorchScript module")
-    state_dict: dict[str, torch.Tensor] = {}
-    _flatten(top, "", state_dict, set())
-    return state_dict, extra
+    return _flatten(top), extra
+
+
+def _read_archive(zf: zipfile.ZipFile, path: Path, extra_names: Iterable[str] | None) -> tuple[Any, dict[str, bytes]]:
+    check_zip(zf, path)  # declared sizes against the limit and the archive's size, before any read
+    names = zf.namelist()
+    pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pkls) != 1:
+        raise CheckpointError(f"{path}: expected one '<archive>/data.pkl' in the zip, found {pkls or 'none'}")
+    root = pkls[0].split("/")[0]
+    byteorder = f"{root}/byteorder"
+    if byteorder in names:
+        order = read_small_record(zf, byteorder, 16, path).strip()
+        if order not in (b"little", b""):
+            raise CheckpointError(f"{path}: byte order {short(order)} is not supported; expected little endian")
+
+    def read_record(key: str, nbytes: int) -> bytes:
+        return zf.read(zip_record(zf, f"{root}/data/{key}", nbytes, path))
+
+    try:
+        top = _RestrictedUnpickler(read_small_record(zf, pkls[0], MAX_PICKLE_BYTES, path), read_record,
+                                   str(path)).load()
+    except CheckpointError:  # UnsafeCheckpointError too
+        raise
+    except Exception as e:  # malformed pickle: name the file and the cause
+        raise CheckpointError(f"{path}: cannot read {pkls[0]} ({type(e).__name__}: {e})") from e
+    extra_dir = f"{root}/extra/"
+    present = [n[len(extra_dir):] for n in names if n.startswith(extra_dir) and not n.endswith("/")]
+    wanted = present if extra_names is None else [n for n in present if n in set(extra_names)]
+    extra = {n: read_small_record(zf, extra_dir + n, MAX_JSON_BYTES, path) for n in wanted}
+    return top, extra
 
 
 def read_extra_json(extra: dict[str, bytes], name: str) -> dict | None:
-    """Parse one JSON file from an archive's extra files, or None if absent."""
+    """Parse one JSON object from an archive's extra files, or None if absent."""
     if name not in extra:
         return None
     try:
-        return json.loads(extra[name].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"extra file {name!r} in the archive is not valid JSON ({e})") from e
+        data = json.loads(extra[name].decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"extra file {name!r} in the archive is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"extra file {name!r} in the archive holds {type(data).__name__}, expected a JSON object")
+    return data

@@ -23,6 +23,9 @@ from typing import Any, Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from reclip.clip.checks import check_finite, load_safetensors
+from reclip.clip.convert import CheckpointError
+from reclip.clip.torchsave import scan_torch_file
 from reclip.files import atomic_write, atomic_write_json, atomic_write_text
 from reclip.train.distributed import is_rank0
 
@@ -135,6 +138,7 @@ def write_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint file's contents; :class:`DamagedRunError` naming it if it is not a readable one."""
     try:
+        scan_torch_file(path)  # declared storages and views checked before anything is allocated
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, garbage, empty file, a global the safe unpickler refuses
         raise DamagedRunError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
@@ -244,9 +248,12 @@ def save_run(run_dir: str | os.PathLike, config_dict: Mapping[str, Any], model: 
 
 
 def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunFiles:
-    """Read a run's config.json and model.safetensors; load the weights into ``model`` if given."""
-    from safetensors.torch import load_file
+    """Read a run's config.json and model.safetensors; load the weights into ``model`` if given.
 
+    The weights pass the checks every CLIP checkpoint passes (``reclip.clip.checks``):
+    a safetensors header consistent with the file, within the size limit, and finite
+    values; a refusal is a ``CheckpointError`` naming the file.
+    """
     run_dir = Path(run_dir)
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (run_dir / n).is_file()]
     if missing:
@@ -260,12 +267,14 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> RunF
         raise DamagedRunError(f"{run_dir / CONFIG_NAME} is not valid JSON ({err}); restore it or train again") from None
     if not isinstance(config, dict):
         raise DamagedRunError(f"{run_dir / CONFIG_NAME} holds a {type(config).__name__}, not a run's settings")
+    weights = run_dir / WEIGHTS_NAME
     try:
-        state = load_file(str(run_dir / WEIGHTS_NAME))
-    except Exception as err:  # safetensors' own error types for truncated or foreign files
-        raise DamagedRunError(f"{run_dir / WEIGHTS_NAME} cannot be read ({type(err).__name__}: {err}); the run's "
-                              "weights are damaged: restore them, or train again (--resume rewrites them from "
-                              "checkpoint.pt)") from None
+        state = load_safetensors(weights)
+    except CheckpointError as err:  # truncated, foreign or inconsistent file
+        raise DamagedRunError(f"{weights} cannot be read ({err}); the run's weights are damaged: restore them, or "
+                              "train again (--resume rewrites them from checkpoint.pt)") from None
+    check_finite(state, weights, fix="the training diverged (lower the learning rate, check the data) or the file "
+                 "is damaged: train again or use another run")
     if model is not None:
         load_trainable_state(model, state)
     return RunFiles(config, state, run_dir)
