@@ -48,8 +48,11 @@ CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = {"version", "step", "trajectory", "model", "optimizer", "ranks", "world_size", "best"}
 
 
-class DamagedRunError(ValueError):
-    """A run directory's checkpoint, weights or config cannot be read; the message names the file."""
+class DamagedRunError(CheckpointError, ValueError):
+    """A run directory's checkpoint, weights or config cannot be read; the message names the file.
+
+    A :class:`~reclip.clip.convert.CheckpointError` (what every unreadable weights file raises)
+    and a ValueError (bad input)."""
 
 
 class CheckpointWriteError(OSError):
