@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reclip.clip.model import pad_to_patch
+from reclip.clip.model import CLIP, pad_to_patch
+from reclip.features import LastBlock
 
-__all__ = ["DenseSegmentor", "align_to_input"]
+__all__ = ["CLIPSegmentor", "DenseSegmentor", "align_to_input"]
 
 
 def align_to_input(logits: Tensor, input_size: tuple[int, int], stride: int) -> Tensor:
@@ -70,3 +71,16 @@ class DenseSegmentor(nn.Module):
             raise RuntimeError(f"{type(self.backbone).__name__} with stride {stride} gave a {tuple(logits.shape[-2:])} "
                                f"grid for a {tuple(padded.shape[-2:])} input; a backbone must give input / stride")
         return align_to_input(logits, tuple(images.shape[-2:]), stride)
+
+
+class CLIPSegmentor(DenseSegmentor):
+    """A :class:`DenseSegmentor` on CLIP's dense features (:class:`~reclip.backbones.DenseCLIP`):
+    its ``clip`` and last-block ``strategy`` are the backbone's."""
+
+    @property
+    def clip(self) -> CLIP:
+        return self.backbone.clip
+
+    @property
+    def strategy(self) -> LastBlock:
+        return self.backbone.strategy

@@ -44,7 +44,7 @@ from reclip.heads.bias import DependentBias, PositionalBias
 from reclip.heads.decoder import MaskDecoder
 from reclip.heads.losses import POOLS, contrastive_loss, gumbel_masks
 from reclip.heads.reference import NAME_TOKENS, REFERENCE_INITS, REFERENCE_NORMS, ReferencePrompt
-from reclip.segmentor import DenseSegmentor
+from reclip.segmentor import CLIPSegmentor
 from reclip.text import QueryEmbeddings
 
 __all__ = [
@@ -333,7 +333,7 @@ def _upgrade_legacy_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return upgraded
 
 
-class Rectifier(DenseSegmentor):
+class Rectifier(CLIPSegmentor):
     """ReCLIP++ rectification over a frozen CLIP: :class:`~reclip.backbones.DenseCLIP` -> :class:`RectifierHead`.
 
     Args:
@@ -371,14 +371,6 @@ class Rectifier(DenseSegmentor):
             clip.visual.requires_grad_(True)
         clip.eval()
         self.to(clip.token_embedding.weight.device)
-
-    @property
-    def clip(self) -> CLIP:
-        return self.backbone.clip
-
-    @property
-    def strategy(self) -> LastBlock:
-        return self.backbone.strategy
 
     @property
     def query_weights(self) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from reclip.backbones.clip import DenseCLIP
 from reclip.clip.model import CLIP
 from reclip.features import LastBlock, get_strategy
-from reclip.segmentor import DenseSegmentor
+from reclip.segmentor import CLIPSegmentor
 from reclip.text import QueryEmbeddings
 
 __all__ = ["QueryHead", "ZeroShotSegmentor"]
@@ -60,7 +60,7 @@ class QueryHead(nn.Module):
             return torch.einsum("bdhw,sd->bshw", features.float(), self.text_weights.float())
 
 
-class ZeroShotSegmentor(DenseSegmentor):
+class ZeroShotSegmentor(CLIPSegmentor):
     """Training-free segmentor: dense CLIP features (:class:`~reclip.backbones.DenseCLIP`)
     -> :class:`QueryHead`.
 
@@ -85,14 +85,6 @@ class ZeroShotSegmentor(DenseSegmentor):
         if queries.embed_dim != clip.visual.output_dim:
             raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
         super().__init__(DenseCLIP(clip, get_strategy(strategy)), QueryHead(queries))
-
-    @property
-    def clip(self) -> CLIP:
-        return self.backbone.clip
-
-    @property
-    def strategy(self) -> LastBlock:
-        return self.backbone.strategy
 
     @property
     def class_index(self) -> Tensor:
