@@ -615,7 +615,7 @@ def test_the_size_limit_applies_to_every_format_and_can_be_raised(
         load_clip(path)
 
 
-def test_a_legacy_pickle_declaring_a_huge_length_is_not_allocated(tmp_path: Path) -> None:
+def test_a_legacy_pickle_declaring_a_huge_length_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     with open(path, "wb") as f:
         for header in (0x1950A86A20F9469CFC6C, 1001, {}):
@@ -636,3 +636,14 @@ def test_deeply_nested_files_are_refused_without_recursing(tmp_path: Path) -> No
         zf.writestr("archive/code/__torch__/model.py", "")
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*unexpected persistent id"):
         load_clip(path)
+
+
+def test_a_stride_0_view_with_python_attributes_is_caught_by_the_scan(tmp_path: Path) -> None:
+    """Such a tensor is pickled through _rebuild_from_type_v2; its view is checked all the same."""
+    from reclip.clip.torchsave import scan_torch_file
+
+    expanded = torch.zeros(4).expand(1000, 4)
+    expanded.note = "a Python attribute"
+    torch.save({"visual.proj": expanded}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="more than once"):
+        scan_torch_file(tmp_path / "m.pt")

@@ -511,3 +511,21 @@ def test_label_map_dict_then_reduce_zero_label():
 def test_unknown_split(written):
     with pytest.raises(DatasetError, match="splits"):
         SegmentationDataset("voc21", written["voc"], split="test")
+
+
+def test_suffix_protocols_list_linked_folders_and_each_real_file_once(tmp_path):
+    """Cityscapes keeps a city elsewhere behind a folder link; a file linked twice is one image."""
+    import shutil
+
+    from layouts import write_cityscapes
+
+    root = write_cityscapes(tmp_path / "cityscapes", n_val=2)
+    elsewhere = tmp_path / "mnt" / "lindau"
+    shutil.move(root / "leftImg8bit" / "val" / "lindau", elsewhere)
+    (root / "leftImg8bit" / "val" / "lindau").symlink_to(elsewhere, target_is_directory=True)
+    frankfurt = root / "leftImg8bit" / "val" / "frankfurt"
+    first = sorted(frankfurt.iterdir())[0]
+    (frankfurt / "copy_000000_000000_leftImg8bit.png").symlink_to(first)  # the same real file again
+    with pytest.warns(UserWarning, match="same file"):
+        data = SegmentationDataset("cityscapes19", root, "val", check_sizes=False)
+    assert len(data) == 4 and sum(i.startswith("lindau/") for i in data.image_ids) == 2

@@ -347,3 +347,21 @@ def test_cli_uses_the_hypotheses_section_of_a_user_yaml(tmp_path, monkeypatch, c
     assert "r 0.5, t 0.2" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert (data["r"], data["t"], data["dataset"]) == (0.5, 0.2, "mine")
+
+
+def test_the_pixel_limit_reaches_hypotheses_and_training_and_nothing_read_is_an_error(tmp_path, capsys):
+    from reclip.data.augment import UnlabeledTrainSet
+
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=1)  # images of about 30 x 40 pixels
+    data = SegmentationDataset("voc20", root, "train", check_sizes=False, max_pixels=300)
+    train_set = UnlabeledTrainSet(data, {i: [0] for i in data.image_ids}, 20, base_short_side=16, crop=16)
+    _, image = train_set._read(0)
+    assert image.shape[0] * image.shape[1] <= 300  # read downscaled, as the dataset says
+    clip_file = save_clip(tiny_clip(), tmp_path / "tiny.pt", format="openai")
+    common = ["hypotheses", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--split",
+              "train", "--quiet", "--max-pixels", "300"]
+    assert main([*common, "--out", str(tmp_path / "h.json")]) == 0
+    for path in (root / "JPEGImages").iterdir():
+        path.write_bytes(b"not an image")
+    assert main([*common, "--out", str(tmp_path / "none.json")]) == 1
+    assert "no image could be read" in capsys.readouterr().err

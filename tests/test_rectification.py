@@ -145,3 +145,20 @@ def test_a_resume_with_other_hypotheses_is_refused(trained, tmp_path, capsys):
                  str(tmp_path / "other.json"), "--out", str(run), "--max-steps", "3", "--batch-size", "2", "--crop",
                  "32", "--base-short-side", "40", "--device", "cpu", "--quiet", "--resume"]) == 2
     assert "hypotheses" in capsys.readouterr().err
+
+
+def test_misshapen_run_weights_are_refused_naming_the_file(trained, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    clip_file, root, run = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["head.bias.pe_proj.weight"] = state["head.bias.pe_proj.weight"][:3].contiguous()  # one tensor cut
+    save_file(state, str(broken / "model.safetensors"))
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "reclip++", "--checkpoint", str(broken),
+                 "--dataset", "voc20", "--data-root", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(broken / "model.safetensors") in err and "head.bias.pe_proj.weight" in err

@@ -45,16 +45,20 @@ def _run(command: list[str], out) -> bytes:
     return (out / "model.safetensors").read_bytes()
 
 
-def test_the_same_command_twice_gives_the_same_weights(command, tmp_path):
-    first = _run(command, tmp_path / "a")
-    assert _run(command, tmp_path / "b") == first
+@pytest.fixture(scope="module")
+def reference(command, tmp_path_factory) -> bytes:
+    """model.safetensors of one uninterrupted run of the command."""
+    return _run(command, tmp_path_factory.mktemp("reference"))
+
+
+def test_the_same_command_twice_gives_the_same_weights(command, reference, tmp_path):
+    assert _run(command, tmp_path / "again") == reference
     other_seed = [*command]
     other_seed[other_seed.index("--seed") + 1] = "4"
-    assert _run(other_seed, tmp_path / "c") != first
+    assert _run(other_seed, tmp_path / "other") != reference
 
 
-def test_kill_9_after_a_checkpoint_then_resume_ends_where_an_uninterrupted_run_ends(command, tmp_path):
-    reference = _run(command, tmp_path / "full")
+def test_kill_9_after_a_checkpoint_then_resume_ends_where_an_uninterrupted_run_ends(command, reference, tmp_path):
     run = tmp_path / "cut"
     process = subprocess.Popen([*command, "--out", str(run)], env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)

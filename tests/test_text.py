@@ -135,7 +135,7 @@ def test_from_names():
 def test_a_name_in_two_classes_is_refused_naming_both_lines(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("# mine\nbackground: sky, bed\ncat\n\nbed\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"classes.txt:5: 'bed' is also a name of class 0 'background' \(line 2\)"
+    with pytest.raises(ValueError, match=r"classes.txt:5: 'bed' is also a name of class 0 'background' \(line 2\)"
                                          r".*argmax always picks class 0.*# reclip: shared-names"):
         read_class_file(path)
     # the same rule inline and in a list, compared as CLIP reads names (case, runs of spaces)

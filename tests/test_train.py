@@ -485,8 +485,10 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     with pytest.warns(UserWarning, match="checkpoint.pt") as record:
         result = train(DROPOUT, toy_loss, ToyData(n=10, noise=True), cfg, run, resume=True, progress=False,
                        optimizer=LR)
-    assert "step 3" in str(record[0].message)
+    assert "step 3" in str(record[0].message) and (run / "checkpoint.pt.damaged").exists()
     assert result.step == 14
+    for name in ("checkpoint.pt", "checkpoint.previous.pt"):  # the last two are good ones again
+        assert torch.load(run / name, weights_only=True)["step"] in (12, 14)
     _assert_same(_weights(tmp_path / "full"), _weights(run))  # still exact: resumed from step 3
     assert [m["step"] for m in _metrics(run)] == [m["step"] for m in _metrics(tmp_path / "full")]
 
@@ -526,14 +528,20 @@ def test_a_killed_writers_leftovers_are_removed_on_the_next_run(tmp_path):
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a writer still running
     run = tmp_path / "run"
     run.mkdir()
     stale = run / f".checkpoint.pt.{int(dead.stdout)}-0123abcd.tmp"
-    live = run / f".checkpoint.pt.{os.getpid()}-0123abcd.tmp"  # a writer that is still running
-    stale.write_bytes(b"half a checkpoint")
-    live.write_bytes(b"being written")
-    train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, progress=False)
-    assert not stale.exists() and live.exists()
+    reused = run / f".model.safetensors.{os.getpid()}-0123abcd.tmp"  # a dead writer whose id this process has now
+    live = run / f".checkpoint.pt.{writer.pid}-0123abcd.tmp"
+    for path in (stale, reused, live):
+        path.write_bytes(b"half a file")
+    try:
+        train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, progress=False)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not stale.exists() and not reused.exists() and live.exists()
 
 
 def test_a_damaged_finished_run_is_named(tmp_path):
@@ -547,3 +555,11 @@ def test_a_damaged_finished_run_is_named(tmp_path):
     (run / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         load_run(run)
+
+
+def test_a_checkpoint_of_another_engine_version_says_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"version": 1, "step": 4, "config": {}}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint version 1 is not 2"):
+        train(ToyNet, toy_loss, ToyData(n=4), TrainConfig(steps=2, batch_size=2), run, resume=True, progress=False)

@@ -222,7 +222,7 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
     from reclip.text import query_embeddings
 
     data = SegmentationDataset(args.dataset, args.data_root, args.split, classes_file=args.classes_file,
-                               check_sizes=False)
+                               check_sizes=False, max_pixels=args.max_pixels)
     config = config_for_protocol(data.protocol, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
                                  top_k=args.top_k, batch_size=args.batch_size, resize=args.resize)
     clip = _load(args)
@@ -234,6 +234,10 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
           f"({len(summary.skipped)} skipped)")
     for image_id, reason in summary.skipped:
         print(f"  skipped {image_id}: {reason}")
+    if not summary.num_images:
+        print(f"reclip hypotheses: error: no image could be read ({len(summary.skipped)} skipped, listed above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -258,6 +262,7 @@ def cmd_rectify(args: argparse.Namespace) -> int:
         _load(args), args.dataset, args.data_root, args.hypotheses, args.out, method=args.method, config=config,
         classes_file=args.classes_file, split=args.split, max_steps=args.max_steps, train_overrides=train,
         base_short_side=args.base_short_side, crop=args.crop, resume=args.resume, progress=not args.quiet,
+        max_pixels=args.max_pixels,
     )
     print(f"trained {args.method} for {result.step} steps: {args.out}/model.safetensors + config.json")
     clip_config = f" --clip-config {args.clip_config}" if args.clip_config else ""
@@ -366,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=POSITIVE_INT, default=16, help="images between atomic rewrites of --out")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an existing --out (default) or overwrite it (--no-resume)")
+    _add_max_pixels_arg(p, labels=False)
     p.set_defaults(func=cmd_hypotheses)
 
     p = sub.add_parser("rectify", parents=[common], help="train the ReCLIP++ rectifier on unlabelled images")
@@ -404,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
+    _add_max_pixels_arg(p, labels=False)
     p.set_defaults(func=cmd_rectify)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")

@@ -110,7 +110,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that killed writers left in ``folder`` (not recursive).
 
     Only files named like :func:`temporary_name`'s whose process no longer exists on this
-    machine are removed (a live writer's are kept). Returns the removed paths.
+    machine are removed (a live writer's are kept). Call it before this process writes
+    there: a leftover carrying this process's own id is a dead writer's whose id was
+    reused (a container's entrypoint is PID 1 at every restart), and is removed too.
+    Returns the removed paths.
     """
     folder = Path(folder)
     removed = []
@@ -118,7 +121,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         match = _TEMPORARY.match(entry.name)
-        if match and entry.is_file() and not _process_alive(int(match.group(1))):
+        pid = int(match.group(1)) if match else None
+        if match and entry.is_file() and (pid == os.getpid() or not _process_alive(pid)):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

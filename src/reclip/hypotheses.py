@@ -498,7 +498,8 @@ def generate_hypotheses(
         clip: the CLIP whose image embedding classifies the crops.
         dataset: a :class:`~reclip.data.datasets.SegmentationDataset` (or anything with
             ``image_ids``, ``image_paths`` and, unless ``vocabulary`` is given, ``vocabulary``;
-            ``protocol.name`` and ``split`` are recorded when present).
+            ``protocol.name`` and ``split`` are recorded when present; its ``max_pixels``,
+            when it has one, bounds the images read).
         queries: W_q of the vocabulary's C classes.
         config: the rule and its settings.
         out_path: the JSON file.
@@ -510,7 +511,9 @@ def generate_hypotheses(
         save_every: images per group (and per atomic rewrite).
     """
     from reclip.clip.model import weights_fingerprint
-    from reclip.data.io import read_image
+    from reclip.data.io import MAX_PIXELS, read_image
+
+    max_pixels = getattr(dataset, "max_pixels", MAX_PIXELS)
 
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -560,7 +563,7 @@ def generate_hypotheses(
         images, group_ids = [], []
         for index in group:
             try:
-                images.append(read_image(dataset.image_paths[index]))
+                images.append(read_image(dataset.image_paths[index], max_pixels=max_pixels))
                 group_ids.append(ids[index])
             except OSError as err:  # ImageReadError is an OSError
                 skipped[ids[index]] = str(err)

@@ -23,6 +23,7 @@ import torch
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.augment import UnlabeledTrainSet
 from reclip.data.datasets import SegmentationDataset
+from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.heads.rectify import PRESETS, Rectifier, RectifierConfig, rectification_loss
 from reclip.hypotheses import load_hypotheses
@@ -39,6 +40,7 @@ from reclip.train import (
     steps_per_epoch,
     train,
 )
+from reclip.train.checkpoint import WEIGHTS_NAME, DamagedRunError
 
 __all__ = ["QUERY_TEMPLATES", "load_rectifier", "rectifier_from_run", "rectify", "save_rectifier_run"]
 
@@ -66,6 +68,7 @@ def rectify(
     resume: bool = False,
     progress: bool = True,
     text_cache: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> TrainResult:
     """Train the rectifier of ``method`` ("reclip++" or "reclip") on unlabelled images.
 
@@ -85,6 +88,7 @@ def rectify(
             horizon None = the run's length), instead of the default SGD + poly.
         base_short_side, crop: augmentation scale and crop (default: the protocol's preset).
         resume: continue an interrupted run in ``run_dir`` exactly.
+        max_pixels: images of more pixels are read downscaled (:mod:`reclip.data.io`).
     """
     for name, value in (("max_steps", max_steps), ("base_short_side", base_short_side), ("crop", crop)):
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
@@ -96,7 +100,8 @@ def rectify(
         raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
     if optimizer is not None and "lr" in overrides:
         raise ValueError("give the learning rate in the optimizer config, not as a training override as well")
-    images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False)
+    images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
+                                 max_pixels=max_pixels)
     vocabulary = images.vocabulary
     config = config or PRESETS[method]
     preset = protocol.rectify  # the protocol YAML's `rectify:` section
@@ -177,7 +182,11 @@ def rectifier_from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None 
         )
     queries = query_embeddings(clip, trained, saved.get("query_templates", QUERY_TEMPLATES), cache_dir=text_cache)
     model = Rectifier(clip, queries, trained.names, RectifierConfig.from_dict(saved["rectifier"]))
-    model.load_trainable_state_dict(run.state_dict)
+    try:
+        model.load_trainable_state_dict(run.state_dict)
+    except ValueError as err:
+        raise DamagedRunError(f"{run.run_dir / WEIGHTS_NAME} does not fit the run's own settings ({err}); the file "
+                              "is damaged or from another run: restore it or train again") from None
     return model.to(next(clip.parameters()).device).eval()
 
 

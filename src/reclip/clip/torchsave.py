@@ -58,6 +58,9 @@ _STORAGE_TYPES: dict[tuple[str, str], torch.dtype] = {
 }
 _REBUILDS = {("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
              ("torch._utils", "_rebuild_tensor_v3")}
+# A tensor with Python attributes (or a Parameter subclass) is pickled as
+# _rebuild_from_type_v2(func, type, args, state), func being one of _REBUILDS.
+_REBUILD_FROM_TYPE = ("torch._tensor", "_rebuild_from_type_v2")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 
 
@@ -120,6 +123,8 @@ class _ScanUnpickler(pickle.Unpickler):
             return DTYPES[name]
         if (module, name) in _REBUILDS:
             return self._rebuild
+        if (module, name) == _REBUILD_FROM_TYPE:
+            return self._rebuild_from_type
         return _Inert  # one class for all: a pickle naming millions of globals makes no new types
 
     def persistent_load(self, pid: Any) -> _StorageRef:
@@ -147,6 +152,12 @@ class _ScanUnpickler(pickle.Unpickler):
             numel = view[2]
         return _StorageRef(key, numel, storage_type.dtype)
 
+    def _rebuild_from_type(self, func: Any, new_type: Any, args: Any, state: Any) -> _Inert:
+        """The wrapped rebuild runs too, so the view of a tensor with attributes is checked as well."""
+        if func == self._rebuild and isinstance(args, tuple):
+            return self._rebuild(*args)
+        return _Inert()
+
     def _rebuild(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> _Inert:
         if isinstance(storage, _StorageRef):
             dtype = rest[2] if len(rest) >= 3 and isinstance(rest[2], torch.dtype) else storage.dtype
@@ -159,7 +170,9 @@ class _BoundedReader:
     """A binary file as the unpickler reads it, refusing to read past ``limit`` bytes in all.
 
     A pickle opcode may declare a length (``BINBYTES8``, ``LONG4``) that ``read(n)``
-    would allocate before finding the file shorter; capped here, it only truncates.
+    would allocate before finding the file shorter; capped here, it only truncates. (The C
+    unpickler still reserves the declared length for ``BINBYTES8`` before reading: address
+    space, not memory, until bytes arrive; an impossible size fails at once.)
     """
 
     def __init__(self, f: Any, limit: int, source: str) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from reclip.data.io import ImageReadError, image_size, read_image
+from reclip.data.io import MAX_PIXELS, ImageReadError, image_size, read_image
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_short_side, short_side_size, to_tensor_normalized
 
 __all__ = [
@@ -425,6 +425,7 @@ class UnlabeledTrainSet(Dataset):
             raise ValueError(f"UnlabeledTrainSet: num_classes must be positive, got {num_classes}")
         self.image_ids: list[str] = list(dataset.image_ids)
         self.image_paths: list[str] = [str(p) for p in dataset.image_paths]
+        self.max_pixels = getattr(dataset, "max_pixels", MAX_PIXELS)  # the dataset's pixel limit on reading
         self.num_classes = int(num_classes)
         self.base_short_side = int(base_short_side)
         self.crop = _pair(crop, "UnlabeledTrainSet: crop")
@@ -492,7 +493,7 @@ class UnlabeledTrainSet(Dataset):
         for step in range(len(self.indices)):
             index = self.indices[(position + step) % len(self.indices)]
             try:
-                return index, read_image(self.image_paths[index])
+                return index, read_image(self.image_paths[index], max_pixels=self.max_pixels)
             except ImageReadError as e:
                 warnings.warn(f"UnlabeledTrainSet: {e}; using the next image instead", stacklevel=3)
         raise ImageReadError(self.image_paths[self.indices[position]], "no image of the training set can be read")

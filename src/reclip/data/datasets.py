@@ -160,12 +160,7 @@ class SegmentationDataset(Dataset):
             paths = [img_dir / f"{i}{spec.img_suffix}" for i in ids]
         else:
             label_dir = (self.root / spec.label_dir).resolve() if spec.label_dir else None
-            if spec.img_suffix is None:
-                files = iter_images(img_dir)
-            else:
-                files = sorted((p for p in img_dir.rglob(f"*{spec.img_suffix}")
-                                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(img_dir).parts)),
-                               key=lambda p: p.relative_to(img_dir).as_posix())
+            files = iter_images(img_dir, suffix=spec.img_suffix)  # each real file once, links followed
             if label_dir is not None:  # folder layout: labels may sit inside the image folder
                 files = [p for p in files if label_dir not in p.resolve().parents]
             ids, paths = [], []

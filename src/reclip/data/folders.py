@@ -72,17 +72,20 @@ def _is_within(inner: str, outer: str) -> bool:
 
 
 def scan_images(folder: str | os.PathLike, recursive: bool = True, *,
-                exclude: Iterable[str | os.PathLike] = ()) -> ImageScan:
+                exclude: Iterable[str | os.PathLike] = (), suffix: str | None = None) -> ImageScan:
     """List the image files under ``folder``, each real folder and file once.
 
-    Files are recognised by extension (IMAGE_EXTENSIONS, case-insensitive); hidden files
-    and folders (name starting with ".", e.g. macOS "._x.jpg" forks) are skipped.
+    Files are recognised by extension (IMAGE_EXTENSIONS, case-insensitive), or by their
+    name's ending when ``suffix`` is given; hidden files and folders (name starting with
+    ".", e.g. macOS "._x.jpg" forks) are skipped.
 
     Args:
         folder: folder to list.
         recursive: descend into sub-folders (symbolic links to folders included).
         exclude: folders not to list (e.g. an output folder inside the input), compared
             as real folders, silently.
+        suffix: keep the files whose name ends with this (a protocol's ``img_suffix``,
+            e.g. "_leftImg8bit.png"; case-sensitive) instead of every image extension.
 
     Returns:
         ImageScan(files sorted by relative path, skipped (path, reason) pairs).
@@ -137,7 +140,8 @@ def scan_images(folder: str | os.PathLike, recursive: bool = True, *,
                         linked.append(Path(entry.path))
                     else:
                         subfolders.append((Path(entry.path), direct))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif (entry.name.endswith(suffix) if suffix is not None
+                  else os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS):
                 candidates.append((Path(entry.path), direct and not entry.is_symlink()))
         plain.extend(reversed(subfolders))
 
@@ -158,7 +162,7 @@ def scan_images(folder: str | os.PathLike, recursive: bool = True, *,
     return ImageScan(files, sorted(skipped))
 
 
-def iter_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+def iter_images(folder: str | os.PathLike, recursive: bool = True, *, suffix: str | None = None) -> list[Path]:
     """The image files of :func:`scan_images`, sorted by relative path.
 
     What was left out (loops, duplicates, broken links, unreadable folders) is named in
@@ -170,7 +174,7 @@ def iter_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     Raises:
         NotADirectoryError: the folder does not exist or is not a directory.
     """
-    scan = scan_images(folder, recursive)
+    scan = scan_images(folder, recursive, suffix=suffix)
     if scan.skipped:
         listed = "; ".join(f"{path}: {reason}" for path, reason in scan.skipped[:10])
         more = f"; ... and {len(scan.skipped) - 10} more" if len(scan.skipped) > 10 else ""

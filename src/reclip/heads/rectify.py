@@ -399,13 +399,18 @@ class Rectifier(CLIPSegmentor):
         """Load what :meth:`trainable_state_dict` saved (also under the names of older runs);
         missing or extra keys raise."""
         state = _upgrade_legacy_keys(dict(state))
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(
                 f"rectifier state does not match this configuration: missing {missing}, unexpected {unexpected}; "
                 "was it trained with another RectifierConfig or class list?"
             )
+        misfit = [f"{k} {tuple(state[k].shape)} {state[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
+                  for k, v in own.items()
+                  if state[k].shape != v.shape or state[k].is_floating_point() != v.is_floating_point()]
+        if misfit:
+            raise ValueError(f"rectifier state has tensors of the wrong shape or type: {misfit[:6]}")
         self.load_state_dict(state, strict=False)
 
     # -- forward ----------------------------------------------------------------------

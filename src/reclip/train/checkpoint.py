@@ -131,7 +131,7 @@ def write_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
     previous = path.with_name(PREVIOUS_NAME)
     try:
         atomic_write(path, lambda tmp: torch.save(dict(payload), tmp), keep_previous=previous)
-    except Exception as err:
+    except (OSError, RuntimeError) as err:  # the disk (torch's zip writer raises RuntimeError on ENOSPC)
         intact = next((p for p in (path, previous) if p.exists()), None)
         kept = (f"the last good checkpoint {intact} is intact: free space and continue with --resume" if intact
                 else "no earlier checkpoint exists")
@@ -145,6 +145,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, garbage, empty file, a global the safe unpickler refuses
         raise DamagedRunError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("version"), int) and ckpt["version"] != CHECKPOINT_VERSION:
+        return ckpt  # another version's checkpoint: refused by _check_fits with its own message
     if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DamagedRunError(f"{path} is not a reclip training checkpoint (it holds {found})")
@@ -173,10 +175,13 @@ def read_checkpoint(path: Path, *, resume: bool, trajectory: Mapping[str, Any], 
         except DamagedRunError as err:
             damaged.append(str(err))
             continue
-        if damaged:
-            warnings.warn(f"{'; '.join(damaged)}; resuming from {candidate} (step {ckpt['step']}) instead",
-                          stacklevel=3)
         _check_fits(candidate, ckpt, trajectory, world_size)
+        if damaged:
+            # set the damaged file aside, so the next checkpoint does not rotate it over this good one
+            aside = path.with_name(path.name + ".damaged")
+            os.replace(path, aside)
+            warnings.warn(f"{'; '.join(damaged)}; kept as {aside}; resuming from {candidate} (step {ckpt['step']}) "
+                          "instead", stacklevel=3)
         return ckpt
     raise DamagedRunError(f"no usable checkpoint to resume from: {'; '.join(damaged)}. Restore a copy, or start again "
                           f"without --resume in an empty run directory")
