@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,30 +13,48 @@ from reclip.metrics import ConfusionMatrix
 from reclip.demo import TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
 
-# ReCLIP++ on a few train scenes for a few steps: the pipeline, not its quality.
-SMALL_RECTIFICATION = dataclasses.replace(TOY_RECTIFICATION, num_train=8, steps=3, batch_size=4)
+# ReCLIP++ on a few train scenes for a few steps, two seeds: the pipeline, not its quality.
+SMALL_RECTIFICATION = dataclasses.replace(TOY_RECTIFICATION, num_train=8, steps=3, batch_size=4, seeds=(0, 1))
+RECLIP_ROWS = [name for name, _, _ in SMALL_RECTIFICATION.rows()]
 
 
 def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     cache, _ = toy_ci_checkpoint
     rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12,
                     rectification=SMALL_RECTIFICATION, progress=False)
-    assert [r.name for r in rows] == [*VARIANTS, "reclip++ (maskclip-nores)"]
+    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS]
+    assert RECLIP_ROWS == ["reclip++ toy: M_o", "reclip++ toy: M", "reclip++ toy, no decoder: M",
+                           "reclip++ as published: M_o", "reclip++ as published: M"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     report = (tmp_path / "out" / "report.html").read_text()
     for row in rows:
         summary = row.summary()
+        entry = results["methods"][row.name]
         confusion = ConfusionMatrix(len(row.result.class_names))
-        confusion.matrix[...] = np.array(results["methods"][row.name]["confusion"])
+        confusion.matrix[...] = np.array(entry["confusion"])  # the (first) run's
+        first_miou = entry["seeds"][0]["mIoU"] if row.seeds else summary["mIoU"]
         # the table, the JSON and the report say what the confusion matrix counted
-        assert summary["mIoU"] == pytest.approx(100 * confusion.compute()["mIoU"])
-        assert results["methods"][row.name]["mIoU"] == round(summary["mIoU"], 4)
-        assert summary["class-preference"] == pytest.approx(class_preference(confusion.matrix, exclude=(0,))["score"])
-        curve = results["methods"][row.name]["bias"]["space_curve"]  # the mean slope of the plotted curve
+        assert first_miou == pytest.approx(100 * confusion.compute()["mIoU"])
+        assert entry["mIoU"] == round(100 * row.result.miou, 4)
+        if row.seeds:  # trained rows: one run per seed, the mean and spread over them
+            assert row.seeds == (0, 1) and len(row.results) == 2 and summary["seeds"] == 2
+            per_seed = [s["mIoU"] for s in entry["seeds"]]
+            assert summary["mIoU"] == pytest.approx(np.mean(per_seed)) == pytest.approx(entry["mean"]["mIoU"])
+            assert summary["+/-"] == pytest.approx(np.std(per_seed, ddof=1))
+        else:
+            assert summary["seeds"] == 1 and summary["+/-"] == ""
+        assert summary["class-preference"] == pytest.approx(
+            np.mean([class_preference(r.confusion, exclude=(0,))["score"] for r in row.results]))
+        curve = entry["bias"]["space_curve"]  # the mean slope of the plotted curve (first run)
         kept = [(d, m) for d, m in zip(curve["distance"], curve["mIoU"]) if m is not None]
         slopes = [(m1 - m0) / (d1 - d0) for (d0, m0), (d1, m1) in zip(kept, kept[1:])]
-        assert summary["space-preference"] == pytest.approx(np.mean(slopes), abs=1e-3)
+        assert row.result.bias["space_preference"]["score"] == pytest.approx(np.mean(slopes), abs=1e-3)
         assert f"<td>{row.name}</td>" in report
+    # each configuration and seed is its own run; the rows of one configuration read one set of runs
+    assert {label: len(dirs) for label, dirs in results["runs"].items()} == {
+        "toy": 2, "toy, no decoder": 2, "as published": 2}
+    assert len({d for dirs in results["runs"].values() for d in dirs}) == 6
+    assert "differ from the paper: gumbel_scale 30.0 (paper 100.0); reference_length 8 (paper None)" in report
     # segmentation that means something: the best training-free row classifies object pixels
     # well above chance among the object classes (background is the tiny CLIP's weakest word)
     def object_accuracy(row) -> float:
@@ -43,7 +62,7 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
         return objects[:, 1:].trace() / objects.sum()
 
     chance = 1 / (len(rows[0].result.class_names) - 1)
-    assert max(object_accuracy(r) for r in rows[:-1]) > chance + 0.2
+    assert max(object_accuracy(r) for r in rows[:len(VARIANTS)]) > chance + 0.2
     assert report.count("data:image/png;base64") >= 2 + 4 * (2 + len(rows))  # plots + example grid
     assert results["pretraining"]["zero_shot_accuracy"] > 0.25  # above chance for 4 classes
 
@@ -59,10 +78,54 @@ def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, m
 
     monkeypatch.setattr(reclip.rectification, "_loss", no_training_step)
     second = run_demo(tmp_path / "out", **kwargs)
-    assert second[-1].result.miou == first[-1].result.miou
+    assert [r.summary() for r in second] == [r.summary() for r in first]
     runs = sorted((tmp_path / "out").glob("reclip++-*"))
-    assert len(runs) == 1  # the second demo reused the first one's run
-    config = json.loads((runs[0] / "config.json").read_text())
-    assert config["rectifier"]["reference_length"] == SMALL_RECTIFICATION.reference_length
-    assert config["rectifier"]["strategy"]["residual"] is False  # MaskCLIP without residual, as a LastBlock
-    assert config["train_images"] == SMALL_RECTIFICATION.num_train
+    assert len(runs) == 6  # the second demo reused the first one's runs (3 configurations x 2 seeds)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    toy = [json.loads((Path(d) / "config.json").read_text()) for d in results["runs"]["toy"]]
+    assert [c["train"]["seed"] for c in toy] == [0, 1]
+    for config in toy:
+        assert config["rectifier"]["reference_length"] == SMALL_RECTIFICATION.reference_length
+        assert config["rectifier"]["strategy"]["residual"] is False  # MaskCLIP without residual, as a LastBlock
+        assert config["train_images"] == SMALL_RECTIFICATION.num_train
+    published = json.loads((Path(results["runs"]["as published"][0]) / "config.json").read_text())["rectifier"]
+    assert (published["reference_length"], published["gumbel_scale"], published["decoder"]) == (None, 100.0, True)
+    no_decoder = json.loads((Path(results["runs"]["toy, no decoder"][0]) / "config.json").read_text())["rectifier"]
+    assert no_decoder["decoder"] is False and no_decoder["gumbel_scale"] == 30.0
+
+
+def test_a_run_trained_in_a_worker_process_equals_one_trained_in_this_process(tmp_path, toy_ci_checkpoint):
+    """The demo trains its runs in parallel processes: that must not change their weights."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+    from reclip.clip.load import load_clip
+    from reclip.demo import _TrainJob
+    from reclip.toy.world import write_voc_layout
+
+    cache, checkpoint = toy_ci_checkpoint
+    voc = write_voc_layout(tmp_path / "toy_data", num_train=6, num_val=0, seed=3, config=ToyConfig.ci().world)
+    classes = tmp_path / "toy_data" / "toy_classes.txt"
+    clip = load_clip(checkpoint)
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.hypotheses import HypothesisConfig, generate_hypotheses
+    from reclip.text import query_embeddings
+
+    train = SegmentationDataset("voc21", voc, "train", classes_file=classes)
+    queries = query_embeddings(clip, train.vocabulary, "reclip85")
+    generate_hypotheses(clip, train, queries, config=HypothesisConfig(r=1 / 3, t=0.07), out_path=tmp_path / "h.json",
+                        progress=False, templates="reclip85")
+    config = SMALL_RECTIFICATION.rectifier_config().to_dict()
+    jobs = [_TrainJob(str(checkpoint), str(voc), str(classes), str(tmp_path / "h.json"), str(tmp_path / name),
+                      config, 1, 3, 2, 0.01, 64, str(tmp_path / "text_cache")) for name in ("here", "there")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        jobs[0].run(clip)
+    finally:
+        torch.set_num_threads(threads)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(jobs[1].run).result()
+    here = (tmp_path / "here" / "model.safetensors").read_bytes()
+    assert here == (tmp_path / "there" / "model.safetensors").read_bytes()

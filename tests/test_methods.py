@@ -38,12 +38,30 @@ def test_reclip_family_reads_the_reclip_settings():
     p = load_protocol("context59")
     cfg = inference_config(RECLIPPP, p)
     rc = p.reclip
-    assert (cfg.mode, cfg.short_side, cfg.max_long_side, cfg.pd_threshold) == ("whole", 448, 2048, 0.85)
+    # the paper's inference (section III-D): argmax of M_o, no prompt denoising
+    assert (cfg.mode, cfg.short_side, cfg.max_long_side, cfg.pd_threshold) == ("whole", 448, 2048, None)
     assert rc.mode == "whole" and (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)
     # zero-shot-only settings stay at the InferenceConfig defaults (trained heads: scale 1, no thresholds)
     assert (cfg.logit_scale, cfg.prob_thd, cfg.area_thd) == (DEFAULTS.logit_scale, None, None)
-    bg = inference_config(RECLIPPP, load_protocol("voc21"))
+    official = inference_config(RECLIPPP, p, prompt_denoising="official")
+    assert (official.pd_threshold, official.pd_scale) == (0.85, 10.0)
+    assert official == dataclasses.replace(cfg, pd_threshold=0.85, pd_scale=10.0)  # nothing else changes
+    bg = inference_config(RECLIPPP, load_protocol("voc21"), prompt_denoising="official")
     assert bg.prob_thd is None and bg.area_thd is None and bg.pd_threshold == 1.0
+    assert inference_config(RECLIPPP, p, prompt_denoising="none") == cfg
+
+
+def test_prompt_denoising_choices_are_checked_and_belong_to_the_rectified_family():
+    p = load_protocol("voc20")
+    with pytest.raises(ValueError, match="allowed.*none.*official"):
+        inference_config(RECLIPPP, p, prompt_denoising="paper")
+    with pytest.raises(ValueError, match="'prompt_denoising' is an option of the rectified family"):
+        inference_config("maskclip", p, prompt_denoising="official")
+    with pytest.raises(ValueError, match="no prompt-denoising threshold"):  # the folder protocol has none
+        inference_config(RECLIPPP, load_protocol("folder"), prompt_denoising="official")
+    # an explicit threshold still works on its own, and wins over the official one
+    assert inference_config(RECLIPPP, p, pd_threshold=0.7).pd_threshold == 0.7
+    assert inference_config(RECLIPPP, p, prompt_denoising="official", pd_threshold=0.7).pd_threshold == 0.7
 
 
 def test_whole_mode_protocol_does_not_pass_window():
@@ -131,12 +149,18 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert cfg.prob_thd == (settings.prob_thd if p.background else None)
         assert cfg.area_thd == (settings.area_thd if p.background else None)
         assert cfg.pd_threshold is None
-    elif method.name == "reclip":  # the conference version's own PD threshold and scale
-        v1 = settings.pd_threshold_v1
-        assert cfg.pd_threshold == (v1 if v1 is not None else settings.pd_threshold) and cfg.pd_scale == 100.0
     else:
-        assert cfg.pd_threshold == settings.pd_threshold and cfg.pd_scale == 10.0
+        assert cfg.pd_threshold is None  # the paper: no prompt denoising
         assert cfg.prob_thd is None and cfg.area_thd is None
+        if settings.pd_threshold is None:
+            return
+        official = inference_config(method, p, prompt_denoising="official")
+        if method.name == "reclip":  # the conference version's own PD threshold and scale
+            v1 = settings.pd_threshold_v1
+            assert official.pd_threshold == (v1 if v1 is not None else settings.pd_threshold)
+            assert official.pd_scale == 100.0
+        else:
+            assert official.pd_threshold == settings.pd_threshold and official.pd_scale == 10.0
 
 
 def test_a_rectified_method_without_prompt_denoising_settings_is_refused():

@@ -58,7 +58,14 @@ def test_evaluate_and_segment_with_the_trained_head(trained, tmp_path, capsys):
                  "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "reclip++" and result["num_images"] == 2
-    assert result["settings"]["inference"]["pd_threshold"] == 1.0  # the official VOC PD
+    assert result["settings"]["inference"]["pd_threshold"] is None  # the paper: argmax of M_o
+    assert result["settings"]["output"] == "decoded"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "reclip++", "--checkpoint", str(run),
+                 "--dataset", "voc20", "--data-root", str(root), "--short-side", "40", "--json", str(out),
+                 "--prompt-denoising", "official", "--output", "rectified", "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["inference"]["pd_threshold"] == 1.0  # the official evaluator's VOC PD
+    assert result["settings"]["output"] == "rectified"
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(photos / "a.png")
@@ -83,6 +90,9 @@ def test_a_run_refuses_another_clip_or_class_list(trained, tmp_path, capsys):
     code = main(["evaluate", "--clip", str(clip_file), "--method", "reclip", "--checkpoint", str(run),
                  "--dataset", "voc20", "--data-root", str(root), "--quiet"])
     assert code == 2 and "use --method reclip++" in capsys.readouterr().err
+    code = main(["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--output", "rectified",
+                 "--dataset", "voc20", "--data-root", str(root), "--quiet"])
+    assert code == 2 and "has one output" in capsys.readouterr().err
 
 
 def test_rectify_switches_reach_the_run_and_load_back(trained, tmp_path):

@@ -257,6 +257,21 @@ def test_outputs_follow_the_paper_equations():
         torch.testing.assert_close(model(x), out.decoded)
 
 
+def test_select_output_makes_forward_return_that_logit_map():
+    model = rectifier(tiny_clip()).eval()
+    x = images(2, 3, 32, 48)
+    with torch.no_grad():
+        out = model.forward_train(x)
+        assert model.head.output == "decoded"
+        for name, expected in (("rectified", out.rectified), ("query", out.query_logits), ("decoded", out.decoded)):
+            assert model.select_output(name) is model
+            torch.testing.assert_close(model(x), expected)
+    assert not torch.equal(out.rectified, out.decoded) and not torch.equal(out.rectified, out.query_logits)
+    with pytest.raises(ValueError, match="decoded, rectified, query"):
+        model.select_output("bias")
+    assert model.head.output == "decoded"  # a refused name changes nothing
+
+
 def test_trainable_state_dict_has_no_clip_keys_and_round_trips():
     clip = tiny_clip()
     model = rectifier(clip)

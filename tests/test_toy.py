@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from reclip.toy.pretrain import ToyConfig, get_or_train, images_to_tensor, load_checkpoint, zero_shot_accuracy
-from reclip.toy.world import BACKGROUND_NAME, CLASSES, ToyWorld, WorldConfig, write_voc_layout
+from reclip.toy.world import BACKGROUND_NAME, CLASS_SETS, CLASSES, ToyWorld, WorldConfig, write_voc_layout
 
 SMALL = WorldConfig(image_size=64, scene_size=64, num_classes=4)
 
@@ -148,6 +148,32 @@ def test_config_key_and_round_trip() -> None:
     a, b = ToyConfig.ci(), ToyConfig.ci()
     assert a.key() == b.key() and a.key() != ToyConfig.default().key()
     assert ToyConfig.from_dict(a.to_dict()) == a
+    garden = ToyConfig(world=WorldConfig(classes="garden"))
+    assert garden.key() != ToyConfig.default().key() and ToyConfig.from_dict(garden.to_dict()) == garden
+
+
+def test_the_default_class_set_keeps_the_checkpoint_keys_of_before_class_sets() -> None:
+    import hashlib
+    import json
+
+    from reclip.toy.pretrain import RECIPE
+
+    values = ToyConfig.default().to_dict()
+    del values["world"]["classes"]  # a config as written before the field existed
+    text = json.dumps({**values, "recipe": RECIPE}, sort_keys=True)
+    assert ToyConfig.default().key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_a_second_class_set_makes_another_world() -> None:
+    world = ToyWorld(WorldConfig(image_size=64, scene_size=64, classes="garden"))
+    assert world.class_names == tuple(spec.name for spec in CLASS_SETS["garden"])
+    assert not set(world.class_names) & set(ToyWorld().class_names)
+    partners = dict(zip(world.class_names, (spec.partner for spec in world.specs)))
+    assert all(partners[partners[name]] == name for name in partners)  # look-alike pairs
+    scenes = world.scenes(4, np.random.default_rng(0))
+    assert scenes.labels.max() <= world.num_classes
+    with pytest.raises(ValueError, match="unknown class set 'fruit'.*objects, garden"):
+        ToyWorld(WorldConfig(classes="fruit"))
 
 
 # -- pre-training (the slow one) -----------------------------------------------------------

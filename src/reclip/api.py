@@ -170,6 +170,7 @@ def evaluate(
     label_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
     checkpoint: str | os.PathLike | None = None,
+    output: str | None = None,
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
@@ -188,6 +189,8 @@ def evaluate(
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
         num_workers: processes reading images ahead of the model (0: read in this process).
         checkpoint: run directory of a trained head (methods "reclip++", "reclip").
+        output: which logits of a trained head to evaluate (reclip++/reclip: "decoded"
+            M_o, the default and the paper's; "rectified" M; "query" M_q).
         max_pixels: images of more pixels are segmented downscaled and scored at their
             label's size; labels of more than 4 x max_pixels are skipped (see
             :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
@@ -205,7 +208,7 @@ def evaluate(
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
     cfg = inference_config(method, protocol, **dict(inference or {}))
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
-                                templates=templates, checkpoint=checkpoint, text_cache=text_cache)
+                                templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
@@ -217,6 +220,7 @@ def evaluate(
         "clip": getattr(clip, "spec", None),
         "clip_fingerprint": weights_fingerprint(clip),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "output": getattr(getattr(segmentor, "head", None), "output", None),
     })
     return result
 
@@ -464,6 +468,7 @@ def segment_files(
     strategy_overrides: Mapping[str, Any] | None = None,
     templates: str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    output: str | None = None,
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
@@ -495,7 +500,7 @@ def segment_files(
     else:
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
-                                templates=templates, checkpoint=checkpoint, text_cache=text_cache)
+                                templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,11 @@ from reclip.data.io import DECODE_FACTOR, MAX_PIXELS
 from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
-from reclip.heads.rectify import ABLATIONS
+from reclip.families.rectified import PD_CHOICES
+from reclip.heads.rectify import ABLATIONS, OUTPUTS
 from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
+from reclip.toy.world import CLASS_SETS
 
 
 CLIP_CONFIG_HELP = (
@@ -93,6 +95,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="activation of open_clip checkpoints without a config (default: inferred)")
     g.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     g.add_argument("--checkpoint", metavar="RUN_DIR", help="trained head of reclip++ / reclip (from `reclip rectify`)")
+    g.add_argument("--output", choices=tuple(OUTPUTS),
+                   help="which logits of a trained reclip++/reclip head to segment with: decoded (M_o, default, "
+                        "the paper's), rectified (M = M_q - M_b) or query (M_q, CLIP's own)")
     s = p.add_argument_group("last-block strategy overrides (ClearCLIP's decomposition)")
     s.add_argument("--attention", choices=ATTENTIONS, help="last-block attention")
     s.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
@@ -110,6 +115,9 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
     g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
     g.add_argument("--pd-threshold", type=FRACTION, help="prompt-denoising threshold (ReCLIP)")
+    g.add_argument("--prompt-denoising", choices=PD_CHOICES,
+                   help="reclip++/reclip: none (default, the paper: argmax of M_o) or official (the official "
+                        "evaluator's PD at the protocol's per-dataset threshold)")
     g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
     g.add_argument("--max-long-side", type=POSITIVE_INT, help="cap on the long side of the short-side resize")
     g.add_argument("--area-thd", type=FRACTION,
@@ -143,7 +151,7 @@ def _add_max_pixels_arg(p: argparse.ArgumentParser, labels: bool) -> None:
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale", "prob_thd",
-            "area_thd", "pd_threshold", "pamr")
+            "area_thd", "pd_threshold", "prompt_denoising", "pamr")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.autocast is not None:
         values["autocast"] = False if args.autocast == "off" else args.autocast
@@ -169,7 +177,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         clip, args.method, classes, args.inputs, args.out,
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
-        checkpoint=args.checkpoint, progress=not args.quiet, max_pixels=args.max_pixels,
+        checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -191,7 +199,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
-        num_workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet, max_pixels=args.max_pixels,
+        num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
+        max_pixels=args.max_pixels,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -273,8 +282,10 @@ def cmd_rectify(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from reclip.demo import run_demo
+    from reclip.toy.pretrain import ToyConfig
+    from reclip.toy.world import WorldConfig
 
-    run_demo(args.out, progress=not args.quiet)
+    run_demo(args.out, config=ToyConfig(world=WorldConfig(classes=args.world)), progress=not args.quiet)
     return 0
 
 
@@ -415,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--world", default="objects", choices=sorted(CLASS_SETS),
+                   help="the toy world's classes (objects: apple, moon, bird, ...; garden: leaf, box, sun, ...)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", parents=[common], help="print speed and memory figures (random ViT-B/16)")

@@ -17,13 +17,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from reclip.cache import cache_folder
 from reclip.api import EvaluationResult, evaluate_segmentor
@@ -56,6 +60,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 class ToyRectification:
     """ReCLIP++ (rec.) on the toy world: what differs from the paper, and why.
 
+    Every configuration is trained once per seed (:attr:`seeds`) and reported as the mean
+    and spread over them (one seed is an anecdote: two seeds of the same settings differ
+    by up to ~3 mIoU). Three configurations (:meth:`configs`):
+
+    - "toy": ReCLIP++ with the toy world's settings below;
+    - "toy, no decoder": the same without the mask decoder (ablation entry
+      ``table3_no_decoder``): M_o = M;
+    - "as published": ReCLIP++'s published hyper-parameters (Reference length 73,
+      Gumbel scale 100) on the same features.
+
+    The rows read each model's outputs: M_o (decoded, the paper's prediction) and M =
+    M_q - M_b (rectified); M_q (query) is the zero-shot row of the same features.
+
     Attributes:
         features: Z's strategy, a :data:`VARIANTS` name: the one the toy world favours
             (MaskCLIP's value path without the last block's residual and FFN).
@@ -72,6 +89,7 @@ class ToyRectification:
             patches: too little for the tiny CLIP); t = 0.07 as for VOC.
         num_train, steps, batch_size, lr: unlabelled train scenes and SGD settings
             (base scale and crop: the scene size).
+        seeds: one training run per seed and configuration.
     """
 
     features: str = "maskclip-nores"
@@ -83,35 +101,80 @@ class ToyRectification:
     steps: int = 2000
     batch_size: int = 8
     lr: float = 0.01
+    seeds: tuple[int, ...] = (0, 1, 2)
 
     def rectifier_config(self) -> RectifierConfig:
         """ReCLIP++ as published, with the toy world's features, Reference length and Gumbel scale."""
-        preset, overrides = VARIANTS[self.features]
-        return dataclasses.replace(RECLIPPP, strategy=get_strategy(preset, **overrides),
-                                   reference_length=self.reference_length, gumbel_scale=self.gumbel_scale)
+        return dataclasses.replace(self.published_config(), reference_length=self.reference_length,
+                                   gumbel_scale=self.gumbel_scale)
 
-    @property
-    def row_name(self) -> str:
-        return f"reclip++ ({self.features})"
+    def published_config(self) -> RectifierConfig:
+        """ReCLIP++ as published, reading the toy world's features."""
+        preset, overrides = VARIANTS[self.features]
+        return dataclasses.replace(RECLIPPP, strategy=get_strategy(preset, **overrides))
+
+    def configs(self) -> dict[str, RectifierConfig]:
+        """The configurations the demo trains, by row label."""
+        toy = self.rectifier_config()
+        return {"toy": toy, "toy, no decoder": dataclasses.replace(toy, decoder=False),
+                "as published": self.published_config()}
+
+    def row_name(self, label: str, output: str) -> str:
+        return f"reclip++ {label}: {OUTPUT_SYMBOLS[output]}"
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(row name, configuration label, output) of every ReCLIP++ row."""
+        rows = []
+        for label, config in self.configs().items():
+            outputs = ("decoded", "rectified") if config.decoder else ("rectified",)
+            rows += [(self.row_name(label, output), label, output) for output in outputs]
+        return rows
 
 
 TOY_RECTIFICATION = ToyRectification()
 TEMPLATES = "reclip85"  # W_q of every method and of the hypotheses
+OUTPUT_SYMBOLS = {"decoded": "M_o", "rectified": "M", "query": "M_q"}
 
 
 @dataclass
 class DemoRow:
+    """One table row: a method's result, or (trained rows) one result per seed."""
+
     name: str
-    result: EvaluationResult
+    results: list[EvaluationResult]
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def result(self) -> EvaluationResult:
+        """The (first seed's) result: its confusion matrix and curves are plotted."""
+        return self.results[0]
+
+    def _scores(self) -> np.ndarray:
+        """(runs, 3): mIoU (%), class-preference and space-preference scores per run."""
+        return np.array([[100 * r.miou, r.bias["class_preference"]["score"], r.bias["space_preference"]["score"]]
+                         for r in self.results])
 
     def summary(self) -> dict[str, Any]:
-        bias = self.result.bias or {}
-        return {
-            "method": self.name,
-            "mIoU": 100 * self.result.miou,
-            "class-preference": bias["class_preference"]["score"],
-            "space-preference": bias["space_preference"]["score"],
-        }
+        """Means over the runs, and their sample standard deviation ("+/-") for several runs."""
+        scores = self._scores()
+        mean = scores.mean(axis=0)
+        row = {"method": self.name, "mIoU": float(mean[0]),
+               "+/-": float(scores[:, 0].std(ddof=1)) if len(self.results) > 1 else ""}
+        row.update({"class-preference": float(mean[1]), "space-preference": float(mean[2]),
+                    "seeds": len(self.results)})
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json entry: the first run's full result, and every run's scores."""
+        entry = self.result.to_dict()
+        if self.seeds:
+            scores = self._scores()
+            entry["seeds"] = [{"seed": seed, "mIoU": float(a), "class_preference": float(b),
+                               "space_preference": float(c)} for seed, (a, b, c) in zip(self.seeds, scores)]
+            entry["mean"] = dict(zip(("mIoU", "class_preference", "space_preference"), map(float, scores.mean(0))))
+            entry["std"] = dict(zip(("mIoU", "class_preference", "space_preference"),
+                                    map(float, scores.std(0, ddof=1) if len(scores) > 1 else np.zeros(3))))
+        return entry
 
 
 def default_cache_dir() -> Path:
@@ -131,8 +194,9 @@ def run_demo(
 ) -> list[DemoRow]:
     """Run the demo into ``out``; returns one row per method (mIoU and bias scores).
 
-    ``rectification`` None leaves ReCLIP++ out; its training run lives in
-    ``out/reclip++-<key>`` (a key of its settings) and a finished one is reused (an interrupted one is resumed).
+    ``rectification`` None leaves ReCLIP++ out; otherwise its configurations are trained
+    once per seed, each run in ``out/reclip++-<key>`` (a key of its settings), where a
+    finished run is reused and an interrupted one resumed; its rows average the seeds.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -158,16 +222,21 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         rows, segmentors = _evaluate_all(clip, data, cfg, queries, progress)
-        run_dir = None
+        runs: dict[str, list[Path]] = {}
         if rectification is not None:
             world = f"{config.key()}-s{seed}"  # the tiny CLIP and the scenes
-            run_dir = _rectify(out, clip, voc, classes, queries, rectification, world, config.world.scene_size,
-                               progress)
-            segmentor = build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run_dir)
-            name = rectification.row_name
-            rows.append(DemoRow(name, _evaluate(segmentor, data, cfg, clip, progress, name)))
-            segmentors[name] = segmentor
-        _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, run_dir,
+            runs = _rectify(out, checkpoint, clip, voc, classes, queries, rectification, world,
+                            config.world.scene_size, progress)
+            for name, label, output in rectification.rows():
+                models = [build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run, output=output)
+                          for run in runs[label]]
+                results = [_evaluate(m, data, cfg, clip, progress, f"{name} (seed {s})")
+                           for m, s in zip(models, rectification.seeds)]
+                for result in results:
+                    result.method = name
+                rows.append(DemoRow(name, results, tuple(rectification.seeds)))
+                segmentors[name] = models[0]
+        _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, rectification, runs,
                        time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
@@ -182,7 +251,7 @@ def _evaluate_all(clip: Any, data: SegmentationDataset, cfg: InferenceConfig, qu
     rows, segmentors = [], {}
     for name, (method, overrides) in VARIANTS.items():
         segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=overrides, queries=queries)
-        rows.append(DemoRow(name, _evaluate(segmentor, data, cfg, clip, progress, name)))
+        rows.append(DemoRow(name, [_evaluate(segmentor, data, cfg, clip, progress, name)]))
         segmentors[name] = segmentor
     return rows, segmentors
 
@@ -195,45 +264,104 @@ def _evaluate(segmentor: Any, data: SegmentationDataset, cfg: InferenceConfig, c
     return result
 
 
-def _rectify(out: Path, clip: Any, voc: Path, classes: Path, queries: Any, settings: ToyRectification,
-             world: str, scene_size: int, progress: bool) -> Path:
-    """Hypotheses on the unlabelled train scenes, then the rectifier; returns its run directory.
+def _rectify(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, queries: Any,
+             settings: ToyRectification, world: str, scene_size: int, progress: bool) -> dict[str, list[Path]]:
+    """Hypotheses on the unlabelled train scenes, then one rectifier per configuration and
+    seed; returns their run directories by configuration label (in seed order).
 
-    Both steps resume: a finished run is reused, an interrupted one continued. Their files
-    are named by a key of everything they depend on (the toy world ``world``, the
-    rectification settings, the training engine's version), so a run made with other
-    settings or by another reclip is never resumed: it stays beside the new one.
+    Every step resumes: a finished run is reused, an interrupted one continued. Files are
+    named by a key of everything they depend on (the toy world ``world``, the settings,
+    the configuration and seed, the training engine's version), so a run made with other
+    settings or by another reclip is never resumed: it stays beside the new one. Runs
+    train in parallel processes, one thread each (as many as there are cores): each run
+    gives the same weights as it would alone.
     """
-    key = hashlib.sha256(json.dumps({"world": world, "settings": dataclasses.asdict(settings),
-                                     "engine": CHECKPOINT_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
+    common = {"world": world, "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "seeds"},
+              "engine": CHECKPOINT_VERSION}
+    key = _key(common)
     train_scenes = SegmentationDataset("voc21", voc, "train", classes_file=classes)
     hypotheses = out / f"hypotheses-{key}.json"
     generate_hypotheses(clip, train_scenes, queries, config=HypothesisConfig(r=settings.r, t=settings.t),
                         out_path=hypotheses, progress=progress, templates=TEMPLATES)
-    run_dir = out / f"reclip++-{key}"
-    rectify(clip, "voc21", voc, hypotheses, run_dir, config=settings.rectifier_config(), classes_file=classes,
-            max_steps=settings.steps, base_short_side=scene_size, crop=scene_size, resume=True,
-            train_overrides={"batch_size": settings.batch_size, "lr": settings.lr, "device": "cpu",
-                             "checkpoint_every": 500},
-            progress=progress, text_cache=out / "text_cache")
-    return run_dir
+    jobs, runs = [], {}
+    for label, config in settings.configs().items():
+        runs[label] = []
+        for seed in settings.seeds:
+            run_dir = out / f"reclip++-{_key({**common, 'config': config.to_dict(), 'seed': seed})}"
+            runs[label].append(run_dir)
+            jobs.append(_TrainJob(str(checkpoint), str(voc), str(classes), str(hypotheses), str(run_dir),
+                                  config.to_dict(), seed, settings.steps, settings.batch_size, settings.lr,
+                                  scene_size, str(out / "text_cache")))
+    pending = [job for job in jobs if not (Path(job.run_dir) / "model.safetensors").is_file()]
+    workers = min(len(pending), os.cpu_count() or 1)
+    bar = tqdm(total=len(pending), desc="reclip++ runs", unit="run", disable=not progress or not pending)
+    if workers <= 1:
+        for job in pending:
+            job.run(clip)
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked copies of this process's threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for done in as_completed([pool.submit(job.run) for job in pending]):
+                done.result()  # a failed run raises here
+                bar.update()
+    bar.close()
+    return runs
+
+
+def _key(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class _TrainJob:
+    """One rectifier training run of the demo, picklable for a worker process."""
+
+    clip_path: str
+    voc: str
+    classes: str
+    hypotheses: str
+    run_dir: str
+    config: dict[str, Any]
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    scene_size: int
+    text_cache: str
+
+    def run(self, clip: Any = None) -> str:
+        """Train (or resume) the run; ``clip`` None loads it (in a worker process, on one thread)."""
+        if clip is None:
+            torch.set_num_threads(1)
+            clip = load_clip(self.clip_path)
+        rectify(clip, "voc21", self.voc, self.hypotheses, self.run_dir, config=RectifierConfig.from_dict(self.config),
+                classes_file=self.classes, max_steps=self.steps, base_short_side=self.scene_size,
+                crop=self.scene_size, resume=True,
+                train_overrides={"batch_size": self.batch_size, "lr": self.lr, "device": "cpu", "seed": self.seed,
+                                 "checkpoint_every": 500},
+                progress=False, text_cache=self.text_cache)
+        return self.run_dir
 
 
 def _print_table(rows: list[DemoRow], pretrain: dict[str, Any]) -> None:
     print(f"\ntiny CLIP: zero-shot image accuracy {100 * pretrain['zero_shot_accuracy']:.1f}% "
           f"(pre-trained in {pretrain['train_seconds']:.0f} s)")
-    print(f"{'method':<26} {'mIoU':>6}  {'class-pref':>10}  {'space-pref':>10}   (bias scores: higher = less bias)")
+    print(f"{'method':<34} {'mIoU':>6} {'+/-':>5}  {'class-pref':>10}  {'space-pref':>10}  seeds"
+          "   (bias scores: higher = less bias)")
     for row in rows:
         s = row.summary()
-        print(f"{s['method']:<26} {s['mIoU']:6.2f}  {s['class-preference']:10.3f}  {s['space-preference']:+10.3f}")
+        spread = f"{s['+/-']:5.2f}" if s["+/-"] != "" else " " * 5
+        print(f"{s['method']:<34} {s['mIoU']:6.2f} {spread}  {s['class-preference']:10.3f}  "
+              f"{s['space-preference']:+10.3f}  {s['seeds']}")
 
 
 def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], data: SegmentationDataset,
                    cfg: InferenceConfig, clip: Any, pretrain: dict[str, Any], checkpoint: Path,
-                   run_dir: Path | None, seconds: float) -> None:
-    best = max(rows, key=lambda r: r.result.miou)
+                   rectification: ToyRectification | None, runs: dict[str, list[Path]], seconds: float) -> None:
+    best = max(rows, key=lambda r: r.summary()["mIoU"])
     figures = [
-        ("space preference: mIoU against object distance from the centre",
+        ("space preference: mIoU against object distance from the centre (trained rows: first seed)",
          plot_space_curves({r.name: r.result.bias["space_preference"] for r in rows}, out / "space_preference.png",
                            "toy world")),
         (f"class preference of {best.name} (row-normalised confusion)",
@@ -261,23 +389,38 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         "slope of mIoU against object distance from the centre. Higher = less bias; background excluded.",
         f"Demo run time {seconds:.0f} s.",
     ]
-    if run_dir is not None:
-        run = json.loads((run_dir / "config.json").read_text())
-        rect, train = run["rectifier"], run["train"]
-        notes.insert(2, (
-            f"{rows[-1].name}: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
-            f"(image-level hypotheses only, no masks) for {train['steps']} steps, batch {train['batch_size']}, "
-            f"lr {run['optimizer']['lr']}; Reference length {rect['reference_length']}, Gumbel scale {rect['gumbel_scale']} "
-            f"(reclip.demo.ToyRectification says why these differ from the paper); no prompt denoising. Run: {run_dir}."))
+    if rectification is not None:
+        notes[2:2] = _rectification_notes(rectification, runs)
     write_html_report(out / "report.html", "reclip demo: the toy world", table, notes, figures, examples)
     results = {
         "pretraining": pretrain,
         "checkpoint": str(checkpoint),
         "inference": {k: v for k, v in vars(cfg).items()},
-        "methods": {row.name: row.result.to_dict() for row in rows},
+        "methods": {row.name: row.to_dict() for row in rows},
+        "runs": {label: [str(run) for run in dirs] for label, dirs in runs.items()},
         "seconds": seconds,
     }
     atomic_write_json(out / "results.json", results, default=_json_default)
+
+
+def _rectification_notes(settings: ToyRectification, runs: dict[str, list[Path]]) -> list[str]:
+    """What the ReCLIP++ rows are, read back from their runs' config.json."""
+    run = json.loads((runs["toy"][0] / "config.json").read_text())
+    train = run["train"]
+    toy, published = settings.rectifier_config(), settings.published_config()
+    differ = [f"{f.name} {getattr(toy, f.name)!r} (paper {getattr(published, f.name)!r})"
+              for f in dataclasses.fields(RectifierConfig) if getattr(toy, f.name) != getattr(published, f.name)]
+    return [
+        f"reclip++ rows: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
+        f"(image-level hypotheses only, no masks) for {train['steps']} steps, batch {train['batch_size']}, "
+        f"lr {run['optimizer']['lr']}, once per seed {list(settings.seeds)}: mIoU and bias scores are means over the "
+        "seeds, +/- the standard deviation of mIoU. M_o is the decoder's output (the paper's prediction, argmax, "
+        "no prompt denoising), M = M_q - M_b the rectified logits; M_q alone is the zero-shot row of the same "
+        f"features ({settings.features}).",
+        f"Settings of the 'toy' rows that differ from the paper: {'; '.join(differ)} "
+        "(reclip.demo.ToyRectification says why). 'toy, no decoder' is the ablation table3_no_decoder with "
+        "the same settings; 'as published' uses the paper's Reference length and Gumbel scale.",
+    ]
 
 
 def _json_default(value: Any) -> Any:

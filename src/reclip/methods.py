@@ -63,6 +63,7 @@ def build_segmentor(
     templates: str | None = None,
     queries: QueryEmbeddings | None = None,
     checkpoint: str | os.PathLike | None = None,
+    output: str | None = None,
     text_cache: Any = None,
     progress: bool = False,
 ) -> nn.Module:
@@ -75,6 +76,8 @@ def build_segmentor(
         queries: precomputed query embeddings (skips text encoding; training-free only).
         checkpoint: the run directory of a trained method (``reclip rectify``); required
             by trained families, refused by training-free ones.
+        output: which logits a trained segmentor returns (its family's ``outputs``, e.g.
+            "decoded", "rectified" or "query" for ReCLIP++); None: the family's default.
         text_cache: cache_dir for query embeddings (None: default, False: off).
     """
     method = get_method(method)
@@ -85,7 +88,10 @@ def build_segmentor(
                              f"(made by `reclip rectify`)")
         if strategy_overrides:
             raise ValueError("a trained head reads CLIP the way it was trained; strategy overrides do not apply")
-        return load_trained(checkpoint, clip, vocabulary, method=method.name, text_cache=text_cache)
+        return load_trained(checkpoint, clip, vocabulary, method=method.name, output=output, text_cache=text_cache)
+    if output is not None:
+        raise ValueError(f"method {method.name!r} has one output; --output chooses between the logits of a "
+                         f"trained head ({', '.join(m.name for m in METHODS.values() if get_family(m).outputs)})")
     if checkpoint is not None:
         trained = [m.name for m in METHODS.values() if get_family(m).trained]
         raise ValueError(f"method {method.name!r} is training-free and takes no checkpoint; trained methods: {trained}")
@@ -99,10 +105,12 @@ def load_trained(
     vocabulary: Vocabulary | None = None,
     *,
     method: str | None = None,
+    output: str | None = None,
     text_cache: Any = None,
 ) -> nn.Module:
     """The segmentor of a finished training run, built by the family of the method its
-    config.json names; ``method`` (if given) must be that one."""
+    config.json names; ``method`` (if given) must be that one; ``output`` one of the
+    family's ``outputs`` (None: its default)."""
     run = load_run(run_dir)
     name = run.config.get("method")
     if name not in METHODS or not get_family(name).trained:
@@ -110,7 +118,13 @@ def load_trained(
                          f"reclip; trained methods: {[m for m in METHODS if get_family(m).trained]}")
     if method is not None and name != method:
         raise ValueError(f"{run_dir} holds a {name!r} run, not {method!r}: use --method {name}")
-    return get_family(name).from_run(run, clip, vocabulary, text_cache)
+    family = get_family(name)
+    if output is not None and output not in family.outputs:
+        raise ValueError(f"a {name!r} run has no output {output!r}; available: {', '.join(family.outputs) or 'none'}")
+    segmentor = family.from_run(run, clip, vocabulary, text_cache)
+    if output is not None:
+        segmentor.select_output(output)
+    return segmentor
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
@@ -128,17 +142,27 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
         method: a method name or Method.
         protocol: a reclip.data.protocol.Protocol (anything with the family's section
             and ``background``).
-        overrides: InferenceConfig fields; ``None`` values are ignored so CLI flags that
-            were not given leave the protocol's value.
+        overrides: InferenceConfig fields, and the family's ``test_options`` (e.g.
+            ``prompt_denoising`` of the rectified family), which its ``test_settings``
+            reads; ``None`` values are ignored so CLI flags that were not given leave the
+            protocol's value.
     Raises:
-        ValueError: an override that is not an InferenceConfig field (lists the allowed
-            ones), or settings InferenceConfig rejects.
+        ValueError: an override that is neither an InferenceConfig field nor an option of
+            the method's family (lists the allowed ones), or settings InferenceConfig rejects.
     """
     method = get_method(method)
-    unknown = set(overrides) - _INFERENCE_KEYS
-    if unknown:
-        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}")
     family = get_family(method)
-    values = family.test_settings(method, getattr(protocol, family.section), protocol)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(overrides) - _INFERENCE_KEYS - set(family.test_options)  # checked even when None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    options = {k: overrides.pop(k) for k in family.test_options if k in overrides}
+    if unknown:
+        for key in sorted(unknown):
+            owners = [f.name for f in FAMILIES.values() if key in f.test_options]
+            if owners:
+                raise ValueError(f"{key!r} is an option of the {' and '.join(owners)} family, not of "
+                                 f"{method.name!r} ({family.name})")
+        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}"
+                         + (f" and {list(family.test_options)}" if family.test_options else ""))
+    values = family.test_settings(method, getattr(protocol, family.section), protocol, **options)
+    values.update(overrides)
     return InferenceConfig(**values)

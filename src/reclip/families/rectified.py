@@ -12,7 +12,7 @@ from typing import Any
 from reclip.clip.model import CLIP
 from reclip.data.protocol import ReclipSettings
 from reclip.families.spec import Family, Method, common_test_settings
-from reclip.heads.rectify import PRESETS, Rectifier
+from reclip.heads.rectify import OUTPUTS, PRESETS, Rectifier
 from reclip.rectification import QUERY_TEMPLATES, rectifier_from_run, save_rectifier_run
 from reclip.text import Vocabulary, query_embeddings
 
@@ -25,23 +25,41 @@ METHODS = (
     Method("reclip", NAME, "maskclip", "reclip85", "ReCLIP, the conference version (needs --checkpoint)"),
 )
 
-# Prompt denoising of each method (dogehhh/ReCLIP tools/test.py): the protocol fields that
-# may hold its threshold (the first one set wins) and the scale inside PD's softmax. The
-# conference version has its own threshold where the protocol gives one (ReCLIP_PD).
+# Prompt denoising of each method as the official evaluator applies it (dogehhh/ReCLIP
+# tools/test.py): the protocol fields that may hold its threshold (the first one set wins)
+# and the scale inside PD's softmax. The conference version has its own threshold where
+# the protocol gives one (ReCLIP_PD).
 PROMPT_DENOISING: dict[str, tuple[tuple[str, ...], float]] = {
     "reclip++": (("pd_threshold",), 10.0),
     "reclip": (("pd_threshold_v1", "pd_threshold"), 100.0),
 }
+# ``prompt_denoising`` choices: "none" is the paper (section III-D, Inference: the label
+# of a pixel is the argmax of M_o); "official" is the official evaluator's PD with its
+# per-dataset thresholds (the protocol's ``reclip`` section), which depends on the
+# absolute scale of the logits (at VOC's 1.0 a class survives only where softmax(10 M_o)
+# rounds to exactly 1 in float32) and so can remove classes that are present.
+PD_CHOICES = ("none", "official")
 
 
-def test_settings(method: Method, settings: ReclipSettings, protocol: Any) -> dict[str, Any]:
-    """The ``reclip`` section: whole image at the test short side, the method's prompt denoising."""
+def test_settings(method: Method, settings: ReclipSettings, protocol: Any, *,
+                  prompt_denoising: str = "none") -> dict[str, Any]:
+    """The ``reclip`` section: whole image at the test short side; prompt denoising only
+    with ``prompt_denoising="official"`` (the official evaluator's, at the protocol's threshold)."""
+    if prompt_denoising not in PD_CHOICES:
+        raise ValueError(f"prompt_denoising={prompt_denoising!r}; allowed: {list(PD_CHOICES)} "
+                         "(none = the paper's argmax of M_o; official = the official evaluator's PD)")
     if method.name not in PROMPT_DENOISING:
         raise ValueError(f"no prompt-denoising setting for method {method.name!r}; add it to "
                          f"reclip.families.rectified.PROMPT_DENOISING (known: {sorted(PROMPT_DENOISING)})")
-    fields, scale = PROMPT_DENOISING[method.name]
-    threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
-    return {**common_test_settings(settings), "pd_threshold": threshold, "pd_scale": scale}
+    values = common_test_settings(settings)
+    if prompt_denoising == "official":
+        fields, scale = PROMPT_DENOISING[method.name]
+        threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
+        if threshold is None:
+            raise ValueError(f"protocol {protocol.name!r} gives no prompt-denoising threshold for {method.name} "
+                             f"(reclip section: {' or '.join(fields)}); pass --pd-threshold")
+        values.update(pd_threshold=threshold, pd_scale=scale)
+    return values
 
 
 def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: Any = None) -> Rectifier:
@@ -56,4 +74,5 @@ def write_run(run_dir: str | os.PathLike, model: Rectifier, method: Method, clip
 
 
 FAMILY = Family(name=NAME, section="reclip", methods=METHODS, test_settings=test_settings,
-                from_run=rectifier_from_run, new_model=new_model, write_run=write_run)
+                from_run=rectifier_from_run, new_model=new_model, write_run=write_run,
+                test_options=("prompt_denoising",), outputs=tuple(OUTPUTS))

@@ -47,8 +47,13 @@ class Family:
             :data:`reclip.data.protocol.SECTIONS`, an attribute of ``Protocol``; its
             dataclass is :attr:`settings`).
         methods: the family's methods.
-        test_settings: ``(method, section settings, protocol) -> {InferenceConfig field: value}``,
-            the published test settings of one method on one protocol.
+        test_settings: ``(method, section settings, protocol, **options) -> {InferenceConfig
+            field: value}``, the published test settings of one method on one protocol.
+        test_options: names of the keyword options ``test_settings`` takes (choices a user
+            makes per run, e.g. the rectified family's ``prompt_denoising``); they reach it
+            through :func:`reclip.methods.inference_config`.
+        outputs: trained families: the logits a segmentor can return (``--output``), the
+            first being its default; the segmentor has ``select_output(name)``.
         build: training-free families: ``build(method, clip, vocabulary, *, strategy_overrides,
             templates, queries, text_cache, progress) -> segmentor``.
         from_run: trained families: ``from_run(run, clip, vocabulary, text_cache) -> segmentor``
@@ -68,6 +73,8 @@ class Family:
     from_run: Callable[..., Any] | None = None
     new_model: Callable[..., Any] | None = None
     write_run: Callable[..., None] | None = None
+    test_options: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.section not in SECTIONS:

@@ -51,6 +51,7 @@ __all__ = [
     "ABLATIONS",
     "BIAS_MODES",
     "BIAS_OPS",
+    "OUTPUTS",
     "PRESETS",
     "RECLIP",
     "RECLIPPP",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 BIAS_OPS = ("subtract", "add")
+# What a rectifier's forward returns (``--output``): the name -> the RectifierOutputs field.
+# "decoded" is the paper's prediction (section III-D, argmax of M_o); the others show what
+# each part contributes: "rectified" M = M_q - M_b (no decoder), "query" M_q (CLIP alone).
+OUTPUTS = {"decoded": "decoded", "rectified": "rectified", "query": "query_logits"}
 BIAS_MODES = ("independent", "dependent")
 HYPOTHESIS_RULES = ("windows", "any_vote", "whole_image")  # reclip.hypotheses.HypothesisConfig.rule
 
@@ -174,6 +179,10 @@ ABLATIONS: dict[str, RectifierConfig] = {
         RECLIP, decoder=True, gumbel_scale=100.0, hypothesis_rule="windows"
     ),
     "table3_reclippp": RECLIPPP,
+    # Not a printed row: ReCLIP++ (independent bias, window hypotheses) without its
+    # decoder, the "Decoder" step of Table III taken away from the full method, so the
+    # decoder's own contribution can be measured (M_o = M; Gumbel on 100 * M).
+    "table3_no_decoder": dataclasses.replace(RECLIPPP, decoder=False),
     "table4_learnable_query": dataclasses.replace(RECLIPPP, learnable_query=True),
     "table5_add": dataclasses.replace(RECLIPPP, bias_op="add"),
     "table6_finetune_clip": dataclasses.replace(RECLIPPP, finetune_image_encoder=True),
@@ -249,6 +258,7 @@ class RectifierHead(nn.Module):
         self.bias = bias
         self.decoder = decoder
         self.bias_op = bias_op
+        self.output = "decoded"  # what forward returns, an OUTPUTS name (select_output)
 
     @property
     def num_classes(self) -> int:
@@ -271,9 +281,18 @@ class RectifierHead(nn.Module):
             m_o = self.decoder(z, m) if self.decoder is not None else m
         return RectifierOutputs(z, m_q, m_b, m, m_o)
 
+    def select_output(self, name: str) -> RectifierHead:
+        """Make :meth:`forward` return the logits ``name`` (an :data:`OUTPUTS` key); returns self."""
+        if name not in OUTPUTS:
+            raise ValueError(f"unknown rectifier output {name!r}; available: {', '.join(OUTPUTS)} "
+                             "(decoded = M_o, the paper's prediction; rectified = M = M_q - M_b; query = M_q)")
+        self.output = name
+        return self
+
     def forward(self, features: Tensor) -> Tensor:
-        """Z (B, D, h, w) -> decoded logits M_o (B, C, h, w), float32."""
-        return self.outputs(features).decoded
+        """Z (B, D, h, w) -> the selected logits (B, C, h, w), float32: M_o unless
+        :meth:`select_output` chose M or M_q."""
+        return getattr(self.outputs(features), OUTPUTS[self.output])
 
 
 def build_rectifier_head(
@@ -376,6 +395,11 @@ class Rectifier(CLIPSegmentor):
     def query_weights(self) -> Tensor:
         """W_q (C, D) as the head uses it."""
         return self.head.query_weights
+
+    def select_output(self, name: str) -> Rectifier:
+        """Make ``forward`` return M_o ("decoded", default), M ("rectified") or M_q ("query"); returns self."""
+        self.head.select_output(name)
+        return self
 
     # -- state ------------------------------------------------------------------------
 

@@ -121,7 +121,10 @@ class ToyConfig:
 
     def key(self) -> str:
         """sha256 (16 hex) of the config JSON and the pre-training recipe: the cache key of its checkpoint."""
-        text = json.dumps({**self.to_dict(), "recipe": RECIPE}, sort_keys=True)
+        values = self.to_dict()
+        if values["world"]["classes"] == "objects":  # keys from before class sets existed stay valid
+            del values["world"]["classes"]
+        text = json.dumps({**values, "recipe": RECIPE}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def clip_kwargs(self) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from reclip.visualize import palette as voc_palette
 __all__ = [
     "BACKGROUND_NAME",
     "CLASSES",
+    "CLASS_SETS",
     "CAPTION_TEMPLATES",
     "ClassSpec",
     "CaptionedBatch",
@@ -100,6 +101,22 @@ CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("star", "flower", (240, 184, 44), PLAIN, "high", 0.8, lobes=5, lobe_amp=0.32),
 )
 
+# A second world with other classes, shapes and colours (square boxes, long leaves, many-
+# lobed suns and gears, eggs): settings tuned on one world are checked on the other.
+GARDEN_CLASSES: tuple[ClassSpec, ...] = (
+    ClassSpec("leaf", "feather", (70, 150, 60), PLAIN, "anywhere", 1.5, aspect=2.2),
+    ClassSpec("feather", "leaf", (96, 164, 84), STRIPES, "high", 0.7, aspect=2.2),
+    ClassSpec("box", "crate", (150, 104, 60), PLAIN, "low", 1.0, power=4.0),
+    ClassSpec("crate", "box", (164, 116, 66), CHECKER, "center", 1.0, power=4.0),
+    ClassSpec("sun", "gear", (246, 200, 64), RINGS, "high", 1.4, lobes=8, lobe_amp=0.15),
+    ClassSpec("gear", "sun", (232, 190, 76), DOTS, "low", 0.7, lobes=8, lobe_amp=0.15),
+    ClassSpec("egg", "lemon", (238, 232, 205), PLAIN, "center", 1.6, aspect=1.3),
+    ClassSpec("lemon", "egg", (236, 226, 176), STRIPES, "anywhere", 0.6, aspect=1.3),
+)
+
+# The class sets a world can use (WorldConfig.classes).
+CLASS_SETS: dict[str, tuple[ClassSpec, ...]] = {"objects": CLASSES, "garden": GARDEN_CLASSES}
+
 # Caption templates: the 85 prompt templates reclip's zero-shot classifier averages
 # (CLIP's 80 ImageNet ones + MaskCLIP's 5 scene ones), so that the query ensemble used at
 # test time is in distribution for the tiny CLIP's text tower.
@@ -112,7 +129,7 @@ class WorldConfig:
 
     image_size: int = 96  # captioned (pre-training) images, px
     scene_size: int = 96  # segmentation scenes, px
-    num_classes: int = 8  # the first N of CLASSES (keep it even: pairs)
+    num_classes: int = 8  # the first N of the class set (keep it even: pairs)
     dominant_radius: tuple[float, float] = (14.0, 22.0)  # named object, px at image_size
     distractor_radius: tuple[float, float] = (8.0, 12.0)
     max_distractors: int = 2
@@ -133,6 +150,7 @@ class WorldConfig:
     # The camera: brightness falls to (1 - vignette) at the corners (quadratic in the
     # distance from the centre), in photos and scenes alike.
     vignette: float = 0.5
+    classes: str = "objects"  # a CLASS_SETS name
 
 
 class CaptionedBatch(NamedTuple):
@@ -311,10 +329,13 @@ class ToyWorld:
     config: WorldConfig = field(default_factory=WorldConfig)
 
     def __post_init__(self) -> None:
+        if self.config.classes not in CLASS_SETS:
+            raise ValueError(f"unknown class set {self.config.classes!r}; available: {', '.join(CLASS_SETS)}")
+        classes = CLASS_SETS[self.config.classes]
         k = self.config.num_classes
-        if not 2 <= k <= len(CLASSES) or k % 2:
-            raise ValueError(f"num_classes must be an even number in [2, {len(CLASSES)}], got {k}")
-        self.specs: tuple[ClassSpec, ...] = CLASSES[:k]
+        if not 2 <= k <= len(classes) or k % 2:
+            raise ValueError(f"num_classes must be an even number in [2, {len(classes)}], got {k}")
+        self.specs: tuple[ClassSpec, ...] = classes[:k]
         names = [s.name for s in self.specs]
         self.partner = np.array([0] + [names.index(s.partner) + 1 for s in self.specs])  # (K+1,)
         weights = np.array([s.weight for s in self.specs])
