@@ -34,7 +34,9 @@ from reclip.data.datasets import SegmentationDataset
 from reclip.demo import TOY_RECTIFICATION, VARIANTS
 from reclip.heads.losses import contrastive_loss, gumbel_masks
 from reclip.heads.rectify import class_query_weights
+from reclip.hypotheses import load_hypotheses
 from reclip.methods import build_segmentor
+from reclip.metrics import ConfusionMatrix
 from reclip.text import query_embeddings
 
 
@@ -53,11 +55,9 @@ def features(segmentor, data: SegmentationDataset, clip) -> tuple[torch.Tensor, 
 
 
 def miou(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    C = logits.shape[1]
-    pred = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear").argmax(1)
-    valid = labels != 255
-    conf = torch.bincount(labels[valid] * C + pred[valid], minlength=C * C).view(C, C).double()
-    return 100 * (conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag())).nanmean().item()
+    confusion = ConfusionMatrix(logits.shape[1])
+    confusion.update(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear").argmax(1), labels)
+    return 100 * confusion.compute()["mIoU"]
 
 
 def main() -> None:
@@ -94,11 +94,11 @@ def main() -> None:
             opt.step()
         print(f"oracle {name} bias (fitted to the val labels): {miou(m_val - bias.detach(), labels):.2f}")
 
-    hypotheses_file = next(args.demo_out.glob("hypotheses-*.json"))
-    listed = json.loads(hypotheses_file.read_text())["images"]
+    # the demo's own hypotheses file (results.json names it), checked against this CLIP and class list
+    listed = load_hypotheses(results["hypotheses"], vocabulary=train.vocabulary, clip=clip)
     hyp = torch.zeros(len(train_ids), C, dtype=torch.bool)
     for i, image_id in enumerate(train_ids):
-        hyp[i, listed[image_id]] = True
+        hyp[i, listed.get(image_id, [])] = True  # an image the hypotheses skipped trains on nothing
     for scale in (30.0, 100.0):
         bias = torch.zeros(1, C, h, w, requires_grad=True)  # class + position, unconstrained
         opt = torch.optim.SGD([bias], lr=0.01, momentum=0.9)

@@ -57,11 +57,20 @@ def test_prompt_denoising_choices_are_checked_and_belong_to_the_rectified_family
         inference_config(RECLIPPP, p, prompt_denoising="paper")
     with pytest.raises(ValueError, match="'prompt_denoising' is an option of the rectified family"):
         inference_config("maskclip", p, prompt_denoising="official")
-    with pytest.raises(ValueError, match="no prompt-denoising threshold"):  # the folder protocol has none
-        inference_config(RECLIPPP, load_protocol("folder"), prompt_denoising="official")
-    # an explicit threshold still works on its own, and wins over the official one
-    assert inference_config(RECLIPPP, p, pd_threshold=0.7).pd_threshold == 0.7
+    folder = load_protocol("folder")
+    with pytest.raises(ValueError, match="no official prompt-denoising threshold.*give one with --pd-threshold"):
+        inference_config(RECLIPPP, folder, prompt_denoising="official")
+    assert inference_config(RECLIPPP, folder, prompt_denoising="official", pd_threshold=0.9).pd_threshold == 0.9
+    # an explicit threshold works on its own, with the method's own PD scale, and wins over the official one
+    alone = inference_config(RECLIPPP, p, pd_threshold=0.7)
+    assert (alone.pd_threshold, alone.pd_scale) == (0.7, 10.0)
+    conference = inference_config("reclip", p, pd_threshold=0.7)
+    assert (conference.pd_threshold, conference.pd_scale) == (0.7, 100.0)
     assert inference_config(RECLIPPP, p, prompt_denoising="official", pd_threshold=0.7).pd_threshold == 0.7
+    with pytest.raises(ValueError, match="'none' contradicts a PD threshold of 0.7"):
+        inference_config(RECLIPPP, p, prompt_denoising="none", pd_threshold=0.7)
+    # a generic caller may pass every option as None: nothing is set, nothing refused
+    assert inference_config("maskclip", p, prompt_denoising=None) == inference_config("maskclip", p)
 
 
 def test_whole_mode_protocol_does_not_pass_window():
@@ -163,7 +172,8 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
             assert official.pd_threshold == settings.pd_threshold and official.pd_scale == 10.0
 
 
-def test_a_rectified_method_without_prompt_denoising_settings_is_refused():
+def test_a_rectified_method_without_prompt_denoising_settings_is_refused_when_pd_is_asked_for():
     stranger = Method("reclip-x", "rectified", "maskclip", "reclip85", "not registered")
+    assert inference_config(stranger, load_protocol("voc20")).pd_threshold is None  # the paper: no PD needed
     with pytest.raises(ValueError, match="PROMPT_DENOISING"):
-        inference_config(stranger, load_protocol("voc20"))
+        inference_config(stranger, load_protocol("voc20"), prompt_denoising="official")

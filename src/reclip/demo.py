@@ -155,26 +155,31 @@ class DemoRow:
                          for r in self.results])
 
     def summary(self) -> dict[str, Any]:
-        """Means over the runs, and their sample standard deviation ("+/-") for several runs."""
+        """Means over the runs; for trained rows also the sample standard deviation of mIoU
+        ("+/-") and the number of seeds (both blank for a training-free row)."""
         scores = self._scores()
         mean = scores.mean(axis=0)
-        row = {"method": self.name, "mIoU": float(mean[0]),
-               "+/-": float(scores[:, 0].std(ddof=1)) if len(self.results) > 1 else ""}
-        row.update({"class-preference": float(mean[1]), "space-preference": float(mean[2]),
-                    "seeds": len(self.results)})
-        return row
+        spread = float(scores[:, 0].std(ddof=1)) if len(self.results) > 1 else ""
+        return {"method": self.name, "mIoU": float(mean[0]), "+/-": spread,
+                "class-preference": float(mean[1]), "space-preference": float(mean[2]),
+                "seeds": len(self.seeds) if self.seeds else ""}
 
     def to_dict(self) -> dict[str, Any]:
-        """results.json entry: the first run's full result, and every run's scores."""
-        entry = self.result.to_dict()
-        if self.seeds:
-            scores = self._scores()
-            entry["seeds"] = [{"seed": seed, "mIoU": float(a), "class_preference": float(b),
-                               "space_preference": float(c)} for seed, (a, b, c) in zip(self.seeds, scores)]
-            entry["mean"] = dict(zip(("mIoU", "class_preference", "space_preference"), map(float, scores.mean(0))))
-            entry["std"] = dict(zip(("mIoU", "class_preference", "space_preference"),
-                                    map(float, scores.std(0, ddof=1) if len(scores) > 1 else np.zeros(3))))
-        return entry
+        """results.json entry: a training-free row's result; for a trained row the means
+        over its seeds, each seed's scores and each run's full result (``runs``)."""
+        if not self.seeds:
+            return self.result.to_dict()
+        scores = self._scores()
+        names = ("mIoU", "class_preference", "space_preference")
+        spread = scores.std(0, ddof=1) if len(scores) > 1 else [None] * 3
+        return {
+            "method": self.name,
+            **{name: float(v) for name, v in zip(names, scores.mean(0))},
+            "std": {name: None if v is None else float(v) for name, v in zip(names, spread)},
+            "seeds": [{"seed": seed, **{name: float(v) for name, v in zip(names, row)}}
+                      for seed, row in zip(self.seeds, scores)],
+            "runs": [r.to_dict() for r in self.results],
+        }
 
 
 def default_cache_dir() -> Path:
@@ -223,9 +228,10 @@ def run_demo(
     try:
         rows, segmentors = _evaluate_all(clip, data, cfg, queries, progress)
         runs: dict[str, list[Path]] = {}
+        hypotheses = None
         if rectification is not None:
             world = f"{config.key()}-s{seed}"  # the tiny CLIP and the scenes
-            runs = _rectify(out, checkpoint, clip, voc, classes, queries, rectification, world,
+            runs, hypotheses = _rectify(out, checkpoint, clip, voc, classes, queries, rectification, world,
                             config.world.scene_size, progress)
             for name, label, output in rectification.rows():
                 models = [build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run, output=output)
@@ -237,7 +243,7 @@ def run_demo(
                 rows.append(DemoRow(name, results, tuple(rectification.seeds)))
                 segmentors[name] = models[0]
         _write_outputs(out, rows, segmentors, data, cfg, clip, pretrain, checkpoint, rectification, runs,
-                       time.perf_counter() - start)
+                       hypotheses, time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     _print_table(rows, pretrain)
@@ -265,9 +271,11 @@ def _evaluate(segmentor: Any, data: SegmentationDataset, cfg: InferenceConfig, c
 
 
 def _rectify(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, queries: Any,
-             settings: ToyRectification, world: str, scene_size: int, progress: bool) -> dict[str, list[Path]]:
+             settings: ToyRectification, world: str, scene_size: int,
+             progress: bool) -> tuple[dict[str, list[Path]], Path]:
     """Hypotheses on the unlabelled train scenes, then one rectifier per configuration and
-    seed; returns their run directories by configuration label (in seed order).
+    seed; returns their run directories by configuration label (in seed order) and the
+    hypotheses file.
 
     Every step resumes: a finished run is reused, an interrupted one continued. Files are
     named by a key of everything they depend on (the toy world ``world``, the settings,
@@ -293,20 +301,32 @@ def _rectify(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, q
                                   config.to_dict(), seed, settings.steps, settings.batch_size, settings.lr,
                                   scene_size, str(out / "text_cache")))
     pending = [job for job in jobs if not (Path(job.run_dir) / "model.safetensors").is_file()]
-    workers = min(len(pending), os.cpu_count() or 1)
-    bar = tqdm(total=len(pending), desc="reclip++ runs", unit="run", disable=not progress or not pending)
-    if workers <= 1:
-        for job in pending:
-            job.run(clip)
-            bar.update()
-    else:
+    workers = min(len(pending), _usable_cores())
+    with tqdm(total=len(pending), desc="reclip++ runs", unit="run", disable=not progress or not pending) as bar:
+        if workers <= 1:
+            for job in pending:
+                job.run(clip)
+                bar.update()
+            return runs, hypotheses
         context = multiprocessing.get_context("spawn")  # no forked copies of this process's threads
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for done in as_completed([pool.submit(job.run) for job in pending]):
-                done.result()  # a failed run raises here
+            futures = {pool.submit(job.run): job for job in pending}
+            for done in as_completed(futures):
+                if done.exception() is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    job = futures[done]
+                    raise RuntimeError(f"the demo's ReCLIP++ run {job.run_dir} (seed {job.seed}) failed: "
+                                       f"{done.exception()}") from done.exception()
                 bar.update()
-    bar.close()
-    return runs
+    return runs, hypotheses
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _key(values: dict[str, Any]) -> str:
@@ -358,16 +378,18 @@ def _print_table(rows: list[DemoRow], pretrain: dict[str, Any]) -> None:
 
 def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], data: SegmentationDataset,
                    cfg: InferenceConfig, clip: Any, pretrain: dict[str, Any], checkpoint: Path,
-                   rectification: ToyRectification | None, runs: dict[str, list[Path]], seconds: float) -> None:
+                   rectification: ToyRectification | None, runs: dict[str, list[Path]], hypotheses: Path | None,
+                   seconds: float) -> None:
     best = max(rows, key=lambda r: r.summary()["mIoU"])
     figures = [
         ("space preference: mIoU against object distance from the centre (trained rows: first seed)",
          plot_space_curves({r.name: r.result.bias["space_preference"] for r in rows}, out / "space_preference.png",
                            "toy world")),
-        (f"class preference of {best.name} (row-normalised confusion)",
+        (f"class preference of {best.name} (row-normalised confusion{', first seed' if best.seeds else ''})",
          plot_confusion(best.result.confusion, best.result.class_names, out / "confusion.png", best.name)),
     ]
     colours = palette(256)
+    seeded = {r.name: r.seeds[0] for r in rows if r.seeds}
     examples = []
     for index in range(4):
         item = data[index]
@@ -377,7 +399,8 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
             with torch.inference_mode():
                 pred = segment(segmentors[name], image, cfg, clip.image_mean, clip.image_std,
                                background_index=0).labels
-            columns.append((name, overlay(image, pred, colours, alpha=0.7)))
+            caption = f"{name} (seed {seeded[name]})" if name in seeded else name
+            columns.append((caption, overlay(image, pred, colours, alpha=0.7)))
         examples.append((item["image_id"], columns))
     table = [row.summary() for row in rows]
     notes = [
@@ -398,6 +421,7 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         "inference": {k: v for k, v in vars(cfg).items()},
         "methods": {row.name: row.to_dict() for row in rows},
         "runs": {label: [str(run) for run in dirs] for label, dirs in runs.items()},
+        "hypotheses": str(hypotheses) if hypotheses else None,
         "seconds": seconds,
     }
     atomic_write_json(out / "results.json", results, default=_json_default)
@@ -408,7 +432,10 @@ def _rectification_notes(settings: ToyRectification, runs: dict[str, list[Path]]
     run = json.loads((runs["toy"][0] / "config.json").read_text())
     train = run["train"]
     toy, published = settings.rectifier_config(), settings.published_config()
-    differ = [f"{f.name} {getattr(toy, f.name)!r} (paper {getattr(published, f.name)!r})"
+    def shown(name: str, value: Any) -> str:
+        return "73 (context length - 4)" if name == "reference_length" and value is None else repr(value)
+
+    differ = [f"{f.name} {shown(f.name, getattr(toy, f.name))} (paper {shown(f.name, getattr(published, f.name))})"
               for f in dataclasses.fields(RectifierConfig) if getattr(toy, f.name) != getattr(published, f.name)]
     return [
         f"reclip++ rows: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "

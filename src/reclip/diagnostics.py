@@ -71,9 +71,11 @@ def contrastive_signal(model: Rectifier, dataset, mean, std, *, limit: int | Non
     ``mean``/``std``: CLIP's normalisation (``clip.image_mean`` / ``clip.image_std``).
     """
     model.eval()
-    device = next(iter(model.head.buffers())).device
+    device = model.head.fixed_query.device
     C = model.num_classes
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise ValueError(f"nothing to measure: {len(dataset)} images, limit {limit!r}")
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     hits, counts = np.zeros(C), np.zeros(C)

@@ -143,16 +143,19 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
         protocol: a reclip.data.protocol.Protocol (anything with the family's section
             and ``background``).
         overrides: InferenceConfig fields, and the family's ``test_options`` (e.g.
-            ``prompt_denoising`` of the rectified family), which its ``test_settings``
-            reads; ``None`` values are ignored so CLI flags that were not given leave the
-            protocol's value.
+            ``prompt_denoising`` and ``pd_threshold`` of the rectified family), which its
+            ``test_settings`` reads; ``None`` values are ignored (also for another
+            family's options) so CLI flags that were not given leave the protocol's value.
     Raises:
         ValueError: an override that is neither an InferenceConfig field nor an option of
             the method's family (lists the allowed ones), or settings InferenceConfig rejects.
     """
     method = get_method(method)
     family = get_family(method)
-    unknown = set(overrides) - _INFERENCE_KEYS - set(family.test_options)  # checked even when None
+    # Names are checked even when their value is None (a typo never passes silently); an
+    # option of another family given as None is simply not set.
+    foreign = {k for k, v in overrides.items() if v is None and any(k in f.test_options for f in FAMILIES.values())}
+    unknown = set(overrides) - _INFERENCE_KEYS - set(family.test_options) - foreign
     overrides = {k: v for k, v in overrides.items() if v is not None}
     options = {k: overrides.pop(k) for k in family.test_options if k in overrides}
     if unknown:

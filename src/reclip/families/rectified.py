@@ -42,24 +42,34 @@ PD_CHOICES = ("none", "official")
 
 
 def test_settings(method: Method, settings: ReclipSettings, protocol: Any, *,
-                  prompt_denoising: str = "none") -> dict[str, Any]:
-    """The ``reclip`` section: whole image at the test short side; prompt denoising only
-    with ``prompt_denoising="official"`` (the official evaluator's, at the protocol's threshold)."""
-    if prompt_denoising not in PD_CHOICES:
+                  prompt_denoising: str | None = None, pd_threshold: float | None = None) -> dict[str, Any]:
+    """The ``reclip`` section: whole image at the test short side, and prompt denoising:
+
+    - by default none (the paper);
+    - ``prompt_denoising="official"``: the official evaluator's, at the protocol's threshold;
+    - ``pd_threshold=T``: PD at T (a user's threshold; with "official" it replaces the
+      protocol's, with "none" it is a contradiction and refused).
+
+    PD always uses the method's own softmax scale (ReCLIP++ 10, ReCLIP 100).
+    """
+    if prompt_denoising not in (None, *PD_CHOICES):
         raise ValueError(f"prompt_denoising={prompt_denoising!r}; allowed: {list(PD_CHOICES)} "
                          "(none = the paper's argmax of M_o; official = the official evaluator's PD)")
+    if prompt_denoising == "none" and pd_threshold is not None:
+        raise ValueError(f"prompt denoising 'none' contradicts a PD threshold of {pd_threshold}; give one of them")
+    values = common_test_settings(settings)
+    if prompt_denoising != "official" and pd_threshold is None:
+        return values
     if method.name not in PROMPT_DENOISING:
         raise ValueError(f"no prompt-denoising setting for method {method.name!r}; add it to "
                          f"reclip.families.rectified.PROMPT_DENOISING (known: {sorted(PROMPT_DENOISING)})")
-    values = common_test_settings(settings)
-    if prompt_denoising == "official":
-        fields, scale = PROMPT_DENOISING[method.name]
-        threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
-        if threshold is None:
-            raise ValueError(f"protocol {protocol.name!r} gives no prompt-denoising threshold for {method.name} "
-                             f"(reclip section: {' or '.join(fields)}); pass --pd-threshold")
-        values.update(pd_threshold=threshold, pd_scale=scale)
-    return values
+    fields, scale = PROMPT_DENOISING[method.name]
+    if pd_threshold is None:
+        pd_threshold = next((getattr(settings, f) for f in fields if getattr(settings, f) is not None), None)
+        if pd_threshold is None:
+            raise ValueError(f"protocol {protocol.name!r} gives no official prompt-denoising threshold for "
+                             f"{method.name} (reclip section: {' or '.join(fields)}); give one with --pd-threshold")
+    return {**values, "pd_threshold": pd_threshold, "pd_scale": scale}
 
 
 def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: Any = None) -> Rectifier:
@@ -75,4 +85,4 @@ def write_run(run_dir: str | os.PathLike, model: Rectifier, method: Method, clip
 
 FAMILY = Family(name=NAME, section="reclip", methods=METHODS, test_settings=test_settings,
                 from_run=rectifier_from_run, new_model=new_model, write_run=write_run,
-                test_options=("prompt_denoising",), outputs=tuple(OUTPUTS))
+                test_options=("prompt_denoising", "pd_threshold"), outputs=tuple(OUTPUTS))

@@ -68,7 +68,7 @@ class Family:
     name: str
     section: str
     methods: tuple[Method, ...]
-    test_settings: Callable[[Method, Any, Any], dict[str, Any]]
+    test_settings: Callable[..., dict[str, Any]]
     build: Callable[..., Any] | None = None
     from_run: Callable[..., Any] | None = None
     new_model: Callable[..., Any] | None = None
