@@ -7,6 +7,7 @@ training-free method is evaluated on them through the same code paths as real da
 (``voc21`` protocol + the toy class file), with both bias diagnostics. Then ReCLIP++'s
 rectification stage runs as a user would run it on VOC: image-level hypotheses on
 unlabelled train scenes, ``rectify``, and ``--method reclip++ --checkpoint`` evaluation
+of the decoded and rectified outputs, for three configurations trained once per seed
 (:data:`TOY_RECTIFICATION` says which settings the toy world needs and why). Outputs:
 ``report.html`` (table, bias scores, plots, example masks next to ground truth),
 ``results.json``, and the table on stdout.
