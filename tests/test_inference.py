@@ -14,6 +14,7 @@ import reclip.inference as inference
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, to_tensor_normalized
 from reclip.inference import InferenceConfig, infer_logits, segment, slide_windows
 from reclip.postprocess import (
+    PostprocessConfig,
     background_threshold,
     class_logits,
     pamr,
@@ -21,6 +22,7 @@ from reclip.postprocess import (
     predict_labels,
     probabilities,
     prompt_denoise,
+    prompt_denoise_official,
 )
 from reclip.text import max_over_synonyms
 
@@ -245,6 +247,94 @@ def test_prompt_denoising_removes_unconfident_class_but_never_all():
     assert not bool((shifted.argmax(1) == 2).any())
 
 
+class FixedGrid(nn.Module):
+    """Fake segmentor whose grid logits are ``grid`` (1, C, h, w) for every image."""
+
+    def __init__(self, grid: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("grid", grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid.expand(x.shape[0], -1, -1, -1).clone()
+
+
+def _blank(height: int, width: int) -> np.ndarray:
+    return np.zeros((height, width, 3), dtype=np.uint8)
+
+
+def test_official_prompt_denoising_can_remove_every_class():
+    """VOC's threshold 1.0 with logits whose softmax(10 x) never rounds to 1.0: the official
+    PD removes every class and the argmax then says class 0 everywhere; the project's
+    variant keeps the most confident class."""
+    grid = torch.zeros(1, 3, 2, 2)
+    grid[0, 1, :, 0] = 1.0  # class 1 best on the left, margin 1
+    grid[0, 2, :, 1] = 1.5  # class 2 best on the right, margin 1.5 (the most confident)
+    grid[0, 0] = -0.5  # class 0 never best
+    conf = torch.softmax(10 * grid, 1).flatten(2).amax(-1)[0]
+    assert bool((conf < 1.0).all()) and conf[2] > conf[1] > conf[0]
+    official = prompt_denoise_official(grid, 1.0, scale=10.0)
+    assert bool((official == -100.0).all())  # every class removed, exactly the official fill
+    safe = prompt_denoise(grid, 1.0, scale=10.0)
+    assert torch.equal(safe[0, 2], grid[0, 2]) and bool((safe[0, :2] <= -100.0).all())
+
+    seg, image = FixedGrid(grid), _blank(8, 8)
+    plain = segment(seg, image, InferenceConfig(), background_index=None)
+    assert set(np.unique(plain.labels).tolist()) == {1, 2}  # without PD class 0 is nowhere
+    out = segment(seg, image, InferenceConfig(pd_threshold=1.0, pd_mode="official"), background_index=None,
+                  return_probs=True)
+    assert bool((out.labels == 0).all())  # all logits -100: argmax returns the first class
+    np.testing.assert_array_equal(out.probs, np.full((3, 8, 8), 1 / 3, dtype=np.float32))
+    kept = segment(seg, image, InferenceConfig(pd_threshold=1.0, pd_mode="safe"), background_index=None)
+    assert bool((kept.labels == 2).all())  # only the most confident class survives
+    # postprocess leaves the official PD to infer_logits (on the grid): it does not apply it again
+    full = infer_logits(seg, to_tensor_normalized(image, CLIP_MEAN, CLIP_STD)[None], InferenceConfig())
+    for cfg in (InferenceConfig(pd_threshold=1.0, pd_mode="official"),
+                PostprocessConfig(pd_threshold=1.0, pd_mode="official")):
+        torch.testing.assert_close(postprocess(full, cfg, background_index=None)[1],
+                                   postprocess(full, InferenceConfig(), background_index=None)[1])
+
+    # a class survives 1.0 only where its softmax rounds to exactly 1.0 (here margin 10 at scale 10)
+    sharp = grid.clone()
+    sharp[0, 2, :, 1] = 10.0
+    denoised = prompt_denoise_official(sharp, 1.0, scale=10.0)
+    assert torch.equal(denoised[0, 2], sharp[0, 2]) and bool((denoised[0, :2] == -100.0).all())
+    # the official fill is -100 whatever the logits: removed classes beat kept logits below -100
+    assert bool((prompt_denoise_official(sharp - 500.0, 1.0).argmax(1) == 0).all())
+
+
+def test_official_prompt_denoising_runs_on_the_grid_before_upsampling():
+    """A class that is second everywhere on the grid but wins between two grid cells once
+    upsampled: the official PD (on the grid) removes it, PD on full-resolution logits keeps it."""
+    grid = torch.zeros(1, 3, 1, 2)
+    grid[0, 0, 0, 0] = 1.0  # class 0 on the left cell
+    grid[0, 1, 0, 1] = 1.0  # class 1 on the right cell
+    grid[0, 2] = 0.7  # class 2 second on both cells; first where they blend
+    seg, image, threshold = FixedGrid(grid), _blank(8, 16), 0.5
+    plain = infer_logits(seg, to_tensor_normalized(image, CLIP_MEAN, CLIP_STD)[None], InferenceConfig())
+    grid_conf = torch.softmax(10 * grid, 1).flatten(2).amax(-1)[0]
+    full_conf = torch.softmax(10 * plain, 1).flatten(2).amax(-1)[0]
+    assert grid_conf[2] < threshold < full_conf[2] and bool((grid_conf[:2] > threshold).all())
+
+    official = InferenceConfig(pd_threshold=threshold, pd_mode="official")
+    denoised = infer_logits(seg, to_tensor_normalized(image, CLIP_MEAN, CLIP_STD)[None], official)
+    assert bool((denoised[0, 2] == -100.0).all()) and torch.equal(denoised[0, :2], plain[0, :2])
+    # the same function on the upsampled logits would keep class 2
+    assert torch.equal(prompt_denoise_official(plain, threshold, 10.0), plain)
+    labels = segment(seg, image, official, background_index=None).labels
+    assert set(np.unique(labels).tolist()) == {0, 1}
+    safe = segment(seg, image, InferenceConfig(pd_threshold=threshold, pd_mode="safe"), background_index=None)
+    assert 2 in safe.labels  # the project's PD, on full-resolution logits, keeps it
+
+
+def test_official_prompt_denoising_settings_are_checked():
+    with pytest.raises(ValueError, match="pd_mode must be one of"):
+        PostprocessConfig(pd_mode="exact")
+    with pytest.raises(ValueError, match="official prompt denoising runs on each whole image's grid"):
+        InferenceConfig(mode="slide", pd_threshold=0.5, pd_mode="official")
+    InferenceConfig(mode="slide", pd_threshold=0.5, pd_mode="safe")  # the project's PD works in any mode
+    InferenceConfig(mode="slide", pd_mode="official")  # no threshold: no PD, nothing to refuse
+
+
 def test_prompt_denoising_with_synonyms_uses_class_logits():
     """PD scores a class by the max over its synonyms and removes all of its queries."""
     class_index = torch.tensor([0, 1, 1, 2])
@@ -424,7 +514,6 @@ def test_postprocess_has_its_own_settings_and_no_import_cycle():
     import ast
 
     import reclip.postprocess
-    from reclip.postprocess import PostprocessConfig
 
     tree = ast.parse(open(reclip.postprocess.__file__, encoding="utf-8").read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

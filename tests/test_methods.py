@@ -44,8 +44,12 @@ def test_reclip_family_reads_the_reclip_settings():
     # zero-shot-only settings stay at the InferenceConfig defaults (trained heads: scale 1, no thresholds)
     assert (cfg.logit_scale, cfg.prob_thd, cfg.area_thd) == (DEFAULTS.logit_scale, None, None)
     official = inference_config(RECLIPPP, p, prompt_denoising="official")
-    assert (official.pd_threshold, official.pd_scale) == (0.85, 10.0)
-    assert official == dataclasses.replace(cfg, pd_threshold=0.85, pd_scale=10.0)  # nothing else changes
+    assert (official.pd_threshold, official.pd_scale, official.pd_mode) == (0.85, 10.0, "official")
+    # nothing else changes
+    assert official == dataclasses.replace(cfg, pd_threshold=0.85, pd_scale=10.0, pd_mode="official")
+    safe = inference_config(RECLIPPP, p, prompt_denoising="official-safe")
+    assert safe == dataclasses.replace(official, pd_mode="safe")  # the same threshold and scale
+    assert cfg.pd_mode == "safe"  # the default (unused without a threshold)
     bg = inference_config(RECLIPPP, load_protocol("voc21"), prompt_denoising="official")
     assert bg.prob_thd is None and bg.area_thd is None and bg.pd_threshold == 1.0
     assert inference_config(RECLIPPP, p, prompt_denoising="none") == cfg
@@ -53,20 +57,29 @@ def test_reclip_family_reads_the_reclip_settings():
 
 def test_prompt_denoising_choices_are_checked_and_belong_to_the_rectified_family():
     p = load_protocol("voc20")
-    with pytest.raises(ValueError, match="allowed.*none.*official"):
+    with pytest.raises(ValueError, match="allowed.*none.*official.*official-safe"):
         inference_config(RECLIPPP, p, prompt_denoising="paper")
     with pytest.raises(ValueError, match="'prompt_denoising' is an option of the rectified family"):
         inference_config("maskclip", p, prompt_denoising="official")
     folder = load_protocol("folder")
     with pytest.raises(ValueError, match="no official prompt-denoising threshold.*give one with --pd-threshold"):
         inference_config(RECLIPPP, folder, prompt_denoising="official")
+    with pytest.raises(ValueError, match="no official prompt-denoising threshold"):
+        inference_config(RECLIPPP, folder, prompt_denoising="official-safe")
     assert inference_config(RECLIPPP, folder, prompt_denoising="official", pd_threshold=0.9).pd_threshold == 0.9
-    # an explicit threshold works on its own, with the method's own PD scale, and wins over the official one
+    # an explicit threshold works on its own (the project's PD), with the method's own PD scale,
+    # and wins over the official one with either PD
     alone = inference_config(RECLIPPP, p, pd_threshold=0.7)
-    assert (alone.pd_threshold, alone.pd_scale) == (0.7, 10.0)
+    assert (alone.pd_threshold, alone.pd_scale, alone.pd_mode) == (0.7, 10.0, "safe")
     conference = inference_config("reclip", p, pd_threshold=0.7)
-    assert (conference.pd_threshold, conference.pd_scale) == (0.7, 100.0)
-    assert inference_config(RECLIPPP, p, prompt_denoising="official", pd_threshold=0.7).pd_threshold == 0.7
+    assert (conference.pd_threshold, conference.pd_scale, conference.pd_mode) == (0.7, 100.0, "safe")
+    exact = inference_config(RECLIPPP, p, prompt_denoising="official", pd_threshold=0.7)
+    assert (exact.pd_threshold, exact.pd_mode) == (0.7, "official")
+    safe = inference_config(RECLIPPP, p, prompt_denoising="official-safe", pd_threshold=0.7)
+    assert safe == alone
+    with pytest.raises(ValueError, match="official prompt denoising runs on each whole image's grid"):
+        inference_config(RECLIPPP, p, prompt_denoising="official", mode="slide")
+    assert inference_config(RECLIPPP, p, prompt_denoising="official-safe", mode="slide").pd_threshold == 1.0
     with pytest.raises(ValueError, match="'none' contradicts a PD threshold of 0.7"):
         inference_config(RECLIPPP, p, prompt_denoising="none", pd_threshold=0.7)
     # a generic caller may pass every option as None: nothing is set, nothing refused
@@ -164,6 +177,9 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         if settings.pd_threshold is None:
             return
         official = inference_config(method, p, prompt_denoising="official")
+        assert official.pd_mode == "official" and official.mode == "whole"
+        assert inference_config(method, p, prompt_denoising="official-safe") == dataclasses.replace(
+            official, pd_mode="safe")
         if method.name == "reclip":  # the conference version's own PD threshold and scale
             v1 = settings.pd_threshold_v1
             assert official.pd_threshold == (v1 if v1 is not None else settings.pd_threshold)

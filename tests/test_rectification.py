@@ -65,6 +65,7 @@ def test_evaluate_and_segment_with_the_trained_head(trained, tmp_path, capsys):
                  "--prompt-denoising", "official", "--output", "rectified", "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["inference"]["pd_threshold"] == 1.0  # the official evaluator's VOC PD
+    assert result["settings"]["inference"]["pd_mode"] == "official"  # exactly: on the head's grid
     assert result["settings"]["output"] == "rectified"
     photos = tmp_path / "photos"
     photos.mkdir()

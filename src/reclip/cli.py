@@ -28,7 +28,7 @@ from reclip.data.io import DECODE_FACTOR, MAX_PIXELS
 from reclip.data.protocol import list_protocols, load_protocol
 from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
-from reclip.families.rectified import PD_CHOICES
+from reclip.families.rectified import PD_CHOICES, PD_HELP
 from reclip.heads.rectify import ABLATIONS, OUTPUTS
 from reclip.methods import METHODS
 from reclip.templates import TEMPLATE_SETS
@@ -114,10 +114,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=POSITIVE_INT, help="windows per forward pass")
     g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
     g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
-    g.add_argument("--pd-threshold", type=FRACTION, help="prompt-denoising threshold (ReCLIP)")
+    g.add_argument("--pd-threshold", type=FRACTION,
+                   help="prompt-denoising threshold (ReCLIP); replaces the protocol's with --prompt-denoising "
+                        "official or official-safe, alone it runs the project's PD (official-safe)")
     g.add_argument("--prompt-denoising", choices=PD_CHOICES,
-                   help="reclip++/reclip: none (default, the paper: argmax of M_o) or official (the official "
-                        "evaluator's PD at the protocol's per-dataset threshold)")
+                   help="reclip++/reclip: " + "; ".join(f"{name} = {PD_HELP[name]}" for name in PD_CHOICES))
     g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
     g.add_argument("--max-long-side", type=POSITIVE_INT, help="cap on the long side of the short-side resize")
     g.add_argument("--area-thd", type=FRACTION,

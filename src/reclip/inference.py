@@ -14,7 +14,9 @@ channel per class (trained heads). This module knows nothing about which method 
 - :func:`segment` is the predictor-style convenience: uint8 image in, label map out.
 
 Turning query logits into class probabilities and labels (synonym reduction, prompt
-denoising, PAMR, the SCLIP-family filters) is :mod:`reclip.postprocess`.
+denoising, PAMR, the SCLIP-family filters) is :mod:`reclip.postprocess`, with one
+exception: the official prompt denoising (``pd_mode="official"``) acts on the
+segmentor's grid, before upsampling, so :func:`infer_logits` applies it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear, resize_short_side, to_tensor_normalized
-from reclip.postprocess import PostprocessConfig, postprocess
+from reclip.postprocess import PostprocessConfig, postprocess, prompt_denoise_official
 
 __all__ = [
     "AUTOCAST_MODES",
@@ -57,8 +59,11 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 @dataclass(kw_only=True)
 class InferenceConfig(PostprocessConfig):
     """How to run a segmentor, and (inherited from :class:`~reclip.postprocess.PostprocessConfig`:
-    ``logit_scale``, ``prob_thd``, ``area_thd``, ``pd_threshold``, ``pd_scale``, ``pamr*``)
-    how to post-process its logits.
+    ``logit_scale``, ``prob_thd``, ``area_thd``, ``pd_threshold``, ``pd_scale``, ``pd_mode``,
+    ``pamr*``) how to post-process its logits. ``pd_mode="official"`` with a
+    ``pd_threshold`` needs ``mode="whole"``: the official PD is defined on each whole
+    image's grid (the official evaluator is whole-image only); per window it would judge
+    each window on its own and average -100 fills into other windows' logits.
 
     Attributes:
         mode: "whole" (one forward per image) or "slide" (overlapping windows).
@@ -89,6 +94,12 @@ class InferenceConfig(PostprocessConfig):
         super().__post_init__()
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {self.mode!r}")
+        if self.pd_mode == "official" and self.pd_threshold is not None and self.mode != "whole":
+            raise ValueError(
+                f"the official prompt denoising runs on each whole image's grid, but mode is {self.mode!r}; "
+                "use mode='whole' (as the official evaluator) or pd_mode='safe' (the project's PD, which "
+                "works on the full-resolution logits of any mode)"
+            )
         if self.short_side is not None and not (isinstance(self.short_side, int) and self.short_side > 0):
             raise ValueError(f"short_side must be a positive int or None, got {self.short_side!r}")
         if self.max_long_side is not None and not (isinstance(self.max_long_side, int) and self.max_long_side > 0):
@@ -177,9 +188,20 @@ def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:
 
 
 def _infer_whole(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig, size: tuple[int, int]) -> Tensor:
-    """Whole-image inference, ``batch_size`` images per call; logits resized to ``size``."""
-    chunks = [resize_bilinear(_call(segmentor, images[i : i + cfg.batch_size], cfg), size)
-              for i in range(0, images.shape[0], cfg.batch_size)]
+    """Whole-image inference, ``batch_size`` images per call; logits resized to ``size``.
+
+    With ``cfg.pd_mode == "official"`` and a ``pd_threshold``, the official prompt
+    denoising runs on each image's grid logits before the resize (as the official
+    evaluator), with the segmentor's ``class_index`` when it has one.
+    """
+    official_pd = cfg.pd_threshold is not None and cfg.pd_mode == "official"
+    class_index = getattr(segmentor, "class_index", None)
+    chunks = []
+    for i in range(0, images.shape[0], cfg.batch_size):
+        grid = _call(segmentor, images[i : i + cfg.batch_size], cfg)  # (n, S, h, w)
+        if official_pd:
+            grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
+        chunks.append(resize_bilinear(grid, size))
     return torch.cat(chunks)  # (B, S, *size)
 
 
@@ -219,7 +241,11 @@ def infer_logits(
 
     Channel-agnostic: the S channels (query logits, or class logits when S == C) are
     resized and averaged over windows as they are; reduce them with
-    :func:`reclip.postprocess.postprocess`.
+    :func:`reclip.postprocess.postprocess`. The one exception is the official prompt
+    denoising (``cfg.pd_mode == "official"`` with a ``pd_threshold``, whole mode only),
+    applied here to each image's grid logits before upsampling
+    (:func:`reclip.postprocess.prompt_denoise_official`, with the segmentor's
+    ``class_index``); the project's PD (``pd_mode="safe"``) is left to ``postprocess``.
 
     Args:
         segmentor: callable (B, 3, H, W) -> (B, S, h, w) raw scores.

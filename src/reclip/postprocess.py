@@ -7,7 +7,9 @@ long, the class of each query channel (None when S == C, one channel per class).
 NACLIP order (``postprocess_result``): softmax(logit_scale * logits) over all S
 queries; a class's probability is the max over its synonyms (:func:`probabilities`);
 everything after that works on class probabilities (B, C, H, W). The steps are small
-pure functions: :func:`prompt_denoise` (ReCLIP/ReCLIP++ "PD"), :func:`pamr`
+pure functions: :func:`prompt_denoise` (ReCLIP/ReCLIP++ "PD", the project's variant;
+:func:`prompt_denoise_official` is the official one, which runs on the segmentor's grid
+inside :func:`reclip.inference.infer_logits`), :func:`pamr`
 (pixel-adaptive mask refinement, Araslanov & Roth, CVPR 2020), :func:`area_filter` and
 :func:`background_threshold` (SCLIP family).
 
@@ -34,7 +36,9 @@ __all__ = [
     "PostprocessConfig",
     "class_logits",
     "probabilities",
+    "PD_MODES",
     "prompt_denoise",
+    "prompt_denoise_official",
     "pamr",
     "area_filter",
     "background_threshold",
@@ -44,6 +48,10 @@ __all__ = [
 
 # ReCLIP++ official test script: removed classes get this logit (dogehhh/ReCLIP tools/test.py).
 PD_SUPPRESSED_LOGIT = -100.0
+# PostprocessConfig.pd_mode values: "safe" = :func:`prompt_denoise` on the full-resolution
+# logits in :func:`postprocess`; "official" = :func:`prompt_denoise_official` on the
+# segmentor's grid, in :func:`reclip.inference.infer_logits` (whole-image mode only).
+PD_MODES = ("safe", "official")
 # PAMR defaults of the official implementation (visinf/1-stage-wseg, core/config.py:
 # PAMR_ITER = 10, PAMR_KERNEL = [1, 2, 4, 8, 12, 24]).
 PAMR_ITERATIONS = 10
@@ -68,6 +76,15 @@ class PostprocessConfig:
         pd_threshold: ReCLIP prompt denoising threshold (None = off); paper values VOC
             1.0, Context 0.85, ADE 0.5, Cityscapes 0.5, COCO 0.95.
         pd_scale: scale inside PD's softmax (ReCLIP++ 10; conference ReCLIP 100).
+        pd_mode: which PD runs when ``pd_threshold`` is set. "safe" (default):
+            :func:`prompt_denoise`, the project's variant, applied here by
+            :func:`postprocess` to the full-resolution logits; it never removes an
+            image's most confident class. "official": :func:`prompt_denoise_official`,
+            exactly the official evaluator's, applied by
+            :func:`reclip.inference.infer_logits` to the segmentor's grid before any
+            upsampling (whole-image mode only); it can remove every class.
+            :func:`postprocess` does not apply it again: its logits are already
+            denoised, and applying it to upsampled logits would not be the official PD.
         pamr: refine probabilities with PAMR at full resolution.
         pamr_iter, pamr_dilations: PAMR iterations and dilations.
     """
@@ -77,6 +94,7 @@ class PostprocessConfig:
     area_thd: float | None = None
     pd_threshold: float | None = None
     pd_scale: float = 10.0
+    pd_mode: str = "safe"
     pamr: bool = False
     pamr_iter: int = PAMR_ITERATIONS
     pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
@@ -90,6 +108,9 @@ class PostprocessConfig:
                 raise ValueError(f"{name} must be in [0, 1] or None (off), got {value!r}")
         if not self.pd_scale > 0:
             raise ValueError(f"pd_scale must be > 0, got {self.pd_scale!r}")
+        if self.pd_mode not in PD_MODES:
+            raise ValueError(f"pd_mode must be one of {list(PD_MODES)}, got {self.pd_mode!r} (safe = the project's "
+                             "PD on full-resolution logits; official = the official PD on the segmentor's grid)")
         if not (isinstance(self.pamr_iter, int) and self.pamr_iter > 0):
             raise ValueError(f"pamr_iter must be a positive int, got {self.pamr_iter!r}")
         self.pamr_dilations = tuple(self.pamr_dilations)
@@ -156,9 +177,23 @@ def probabilities(logits: Tensor, logit_scale: float = 1.0, class_index: Tensor 
     return max_over_synonyms(probs, class_index, num_classes, dim=1)  # (B, C, H, W)
 
 
+def _pd_confidence(logits: Tensor, scale: float, class_index: Tensor | None) -> Tensor:
+    """(B, C) spatial max of softmax(scale * class logits) over classes, per image."""
+    scores = class_logits(logits, class_index)  # (B, C, H, W)
+    return torch.softmax(scores.float() * scale, dim=1).flatten(2).amax(-1)
+
+
+def _queries_of(remove: Tensor, class_index: Tensor | None) -> Tensor:
+    """(B, C) per-class mask -> (B, S) per-query mask."""
+    if _is_identity(class_index):
+        return remove
+    return remove[:, class_index.to(remove.device)]
+
+
 def prompt_denoise(logits: Tensor, threshold: float, scale: float = 10.0,
                    class_index: Tensor | None = None) -> Tensor:
-    """ReCLIP prompt denoising: drop classes that are nowhere confident.
+    """ReCLIP prompt denoising, the project's variant ("safe"): drop classes that are
+    nowhere confident, but never an image's most confident class.
 
     PD is defined on class logits (ReCLIP has one query per class): with synonyms the
     class logits are the max over each class's synonyms of the query logits
@@ -170,7 +205,8 @@ def prompt_denoise(logits: Tensor, threshold: float, scale: float = 10.0,
     1.0 every class can be removed and argmax then silently returns class 0). The fill
     is -100, or lower when a logit is already below -100, so a removed class never wins
     an argmax. The official code applies PD on the head's grid before upsampling; here
-    it applies to whatever resolution it is given.
+    it applies to whatever resolution it is given (:func:`postprocess`: the full-resolution
+    logits). The exact official PD is :func:`prompt_denoise_official`.
 
     Args:
         logits: (B, S, H, W) raw query logits.
@@ -178,13 +214,43 @@ def prompt_denoise(logits: Tensor, threshold: float, scale: float = 10.0,
     Returns:
         (B, S, H, W) query logits with the queries of removed classes filled.
     """
-    scores = class_logits(logits, class_index)  # (B, C, H, W)
-    conf = torch.softmax(scores.float() * scale, dim=1).flatten(2).amax(-1)  # (B, C)
+    conf = _pd_confidence(logits, scale, class_index)  # (B, C)
     remove = (conf < threshold) & (conf < conf.amax(dim=1, keepdim=True))  # keep the best
-    if not _is_identity(class_index):
-        remove = remove[:, class_index.to(remove.device)]  # (B, S)
+    remove = _queries_of(remove, class_index)  # (B, S)
     fill = min(PD_SUPPRESSED_LOGIT, float(logits.detach().amin()) - 1.0)
     return logits.masked_fill(remove[:, :, None, None], fill)
+
+
+def prompt_denoise_official(logits: Tensor, threshold: float, scale: float = 10.0,
+                            class_index: Tensor | None = None) -> Tensor:
+    """ReCLIP prompt denoising exactly as the official evaluator (dogehhh/ReCLIP
+    tools/test.py) applies it.
+
+    For each image, a class whose spatial max of softmax(scale * class logits) over the
+    classes is strictly below ``threshold`` gets the logit -100 everywhere (exactly -100,
+    whatever the other logits are), on every one of its queries (with synonyms the class
+    logits are the max over each class's synonyms, as in :func:`prompt_denoise`; the
+    official head has one channel per class). Nothing protects the most confident
+    class: when no class reaches the threshold (at VOC's 1.0, any class whose softmax
+    does not round to exactly 1.0 in float32) every class is removed, all logits are -100,
+    and the argmax returns class 0 at every pixel (``torch.argmax`` returns the first of
+    equal maxima; bilinear upsampling keeps the classes equal). A kept class whose logit
+    is below -100 somewhere loses those pixels to the removed classes, as officially.
+
+    The official code runs it on the head's grid, before upsampling:
+    :func:`reclip.inference.infer_logits` does that when ``cfg.pd_mode == "official"``.
+
+    Args:
+        logits: (B, S, h, w) raw query logits on the segmentor's grid.
+        threshold: per-dataset threshold (ReCLIP++: VOC 1.0, Context 0.85, ADE 0.5,
+            Cityscapes 0.5, COCO 0.95).
+        scale: scale inside the softmax (ReCLIP++ 10, ReCLIP 100).
+        class_index: (S,) int64 class of each query, or None when S == C.
+    Returns:
+        (B, S, h, w) query logits with the queries of removed classes set to -100.
+    """
+    remove = _queries_of(_pd_confidence(logits, scale, class_index) < threshold, class_index)  # (B, S)
+    return logits.masked_fill(remove[:, :, None, None], PD_SUPPRESSED_LOGIT)
 
 
 def _shift(x: Tensor, padded: Tensor, pad: int, dy: int, dx: int) -> Tensor:
@@ -303,14 +369,16 @@ def postprocess(
 ) -> tuple[Tensor, Tensor]:
     """Query logits -> (labels, class probabilities) with the configured post-processing.
 
-    Order: prompt denoising on class logits (ReCLIP; removes whole classes), then the
+    Order: prompt denoising on class logits (ReCLIP; removes whole classes; only
+    ``pd_mode="safe"``: the official PD already ran on the grid in
+    :func:`reclip.inference.infer_logits` and is not applied again here), then the
     official SCLIP-family order: softmax(logit_scale * logits) over all S queries, class
     probability = max over each class's synonyms (:func:`probabilities`); then, on class
     probabilities: PAMR, SCLIP area filter, argmax, SCLIP background threshold.
 
     Args:
         logits: (B, S, H, W) query logits at full resolution (S == C without synonyms).
-        cfg: logit_scale, pd_threshold/pd_scale, pamr*, area_thd, prob_thd.
+        cfg: logit_scale, pd_threshold/pd_scale/pd_mode, pamr*, area_thd, prob_thd.
         class_index: (S,) int64 class of each logit channel (``segmentor.class_index``),
             or None when channel c is class c.
         background_index: index of the background class, or None when the vocabulary
@@ -332,7 +400,7 @@ def postprocess(
         raise ValueError(f"background_index {background_index} is outside the classes 0..{num_classes - 1}")
     if cfg.pamr and image is None:
         raise ValueError("cfg.pamr is on but no image was given; pass image=(B, 3, H, W) or set pamr=False")
-    if cfg.pd_threshold is not None:
+    if cfg.pd_threshold is not None and cfg.pd_mode == "safe":
         logits = prompt_denoise(logits, cfg.pd_threshold, cfg.pd_scale, class_index)
     probs = probabilities(logits, cfg.logit_scale, class_index)  # (B, C, H, W)
     if cfg.pamr:

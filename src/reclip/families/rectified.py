@@ -34,11 +34,23 @@ PROMPT_DENOISING: dict[str, tuple[tuple[str, ...], float]] = {
     "reclip": (("pd_threshold_v1", "pd_threshold"), 100.0),
 }
 # ``prompt_denoising`` choices: "none" is the paper (section III-D, Inference: the label
-# of a pixel is the argmax of M_o); "official" is the official evaluator's PD with its
-# per-dataset thresholds (the protocol's ``reclip`` section), which depends on the
-# absolute scale of the logits (at VOC's 1.0 a class survives only where softmax(10 M_o)
-# rounds to exactly 1 in float32) and so can remove classes that are present.
-PD_CHOICES = ("none", "official")
+# of a pixel is the argmax of M_o); "official" is the official evaluator's PD exactly, at
+# its per-dataset thresholds (the protocol's ``reclip`` section): on the head's grid,
+# before upsampling, with no protection, so it can remove every class (then every pixel
+# is class 0); it depends on the absolute scale of the logits (at VOC's 1.0 a class
+# survives only where softmax(10 M_o) rounds to exactly 1 in float32) and so can remove
+# classes that are present. "official-safe" is the project's variant at the same
+# thresholds and scale: on the full-resolution logits, never removing an image's most
+# confident class. PD_CHOICE_MODES maps each PD choice to ``PostprocessConfig.pd_mode``.
+PD_CHOICES = ("none", "official", "official-safe")
+PD_CHOICE_MODES = {"official": "official", "official-safe": "safe"}
+PD_HELP = {
+    "none": "the paper: argmax of M_o, no prompt denoising (default)",
+    "official": "the official evaluator's PD exactly: on the head's grid at the protocol's per-dataset threshold; "
+                "can remove every class (every pixel is then class 0)",
+    "official-safe": "the project's PD at the same thresholds: on the full-resolution logits, always keeps each "
+                     "image's most confident class",
+}
 
 
 def test_settings(method: Method, settings: ReclipSettings, protocol: Any, *,
@@ -46,19 +58,24 @@ def test_settings(method: Method, settings: ReclipSettings, protocol: Any, *,
     """The ``reclip`` section: whole image at the test short side, and prompt denoising:
 
     - by default none (the paper);
-    - ``prompt_denoising="official"``: the official evaluator's, at the protocol's threshold;
-    - ``pd_threshold=T``: PD at T (a user's threshold; with "official" it replaces the
-      protocol's, with "none" it is a contradiction and refused).
+    - ``prompt_denoising="official"``: the official evaluator's PD exactly
+      (``pd_mode="official"``), at the protocol's threshold;
+    - ``prompt_denoising="official-safe"``: the project's PD (``pd_mode="safe"``) at the
+      protocol's threshold;
+    - ``pd_threshold=T``: PD at T (a user's threshold; with "official" or "official-safe"
+      it replaces the protocol's, alone it is the project's PD, with "none" it is a
+      contradiction and refused).
 
     PD always uses the method's own softmax scale (ReCLIP++ 10, ReCLIP 100).
     """
     if prompt_denoising not in (None, *PD_CHOICES):
         raise ValueError(f"prompt_denoising={prompt_denoising!r}; allowed: {list(PD_CHOICES)} "
-                         "(none = the paper's argmax of M_o; official = the official evaluator's PD)")
+                         "(none = the paper's argmax of M_o; official = the official evaluator's PD exactly; "
+                         "official-safe = the project's PD at the official thresholds)")
     if prompt_denoising == "none" and pd_threshold is not None:
         raise ValueError(f"prompt denoising 'none' contradicts a PD threshold of {pd_threshold}; give one of them")
     values = common_test_settings(settings)
-    if prompt_denoising != "official" and pd_threshold is None:
+    if prompt_denoising in (None, "none") and pd_threshold is None:
         return values
     if method.name not in PROMPT_DENOISING:
         raise ValueError(f"no prompt-denoising setting for method {method.name!r}; add it to "
@@ -69,7 +86,8 @@ def test_settings(method: Method, settings: ReclipSettings, protocol: Any, *,
         if pd_threshold is None:
             raise ValueError(f"protocol {protocol.name!r} gives no official prompt-denoising threshold for "
                              f"{method.name} (reclip section: {' or '.join(fields)}); give one with --pd-threshold")
-    return {**values, "pd_threshold": pd_threshold, "pd_scale": scale}
+    mode = PD_CHOICE_MODES.get(prompt_denoising, "safe")  # a threshold alone: the project's PD
+    return {**values, "pd_threshold": pd_threshold, "pd_scale": scale, "pd_mode": mode}
 
 
 def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: Any = None) -> Rectifier:
