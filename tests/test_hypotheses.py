@@ -327,7 +327,9 @@ def test_cli_writes_a_file_with_the_protocol_threshold(tmp_path, monkeypatch, ca
     assert "wrote hypotheses of 2 images" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["t"] == 0.07 and data["r"] == 0.5 and data["dataset"] == "voc20" and data["split"] == "train"
-    vocab = SegmentationDataset("voc20", root, "train").vocabulary
+    # the ReCLIP family's own class names (the protocol's reclip.classes_file), not ClearCLIP's
+    assert data["classes"][0] == "airplane" and data["classes"][-1] == "tv monitor"
+    vocab = SegmentationDataset("voc20", root, "train", classes_file="reclip_voc20.txt").vocabulary
     hyps = load_hypotheses(out, vocabulary=vocab, clip=load_clip(clip_file))
     assert sorted(hyps) == ["2007_000000", "2007_000001"]
     code = main(["hypotheses", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root),

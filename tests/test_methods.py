@@ -193,3 +193,27 @@ def test_a_rectified_method_without_prompt_denoising_settings_is_refused_when_pd
     assert inference_config(stranger, load_protocol("voc20")).pd_threshold is None  # the paper: no PD needed
     with pytest.raises(ValueError, match="PROMPT_DENOISING"):
         inference_config(stranger, load_protocol("voc20"), prompt_denoising="official")
+
+
+def test_each_method_family_reads_its_own_pd_threshold_per_protocol():
+    official = {}
+    for name in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27"):
+        p = load_protocol(name)
+        official[name] = tuple((c.pd_threshold, c.pd_scale) for c in (
+            inference_config("reclip++", p, prompt_denoising="official"),
+            inference_config("reclip", p, prompt_denoising="official")))
+    assert official == {  # ReCLIP++: TEST.PD per dataset; ReCLIP: TEST.ReCLIP_PD 0.5, Context 0.6
+        "voc20": ((1.0, 10.0), (0.5, 100.0)), "context59": ((0.85, 10.0), (0.6, 100.0)),
+        "ade150": ((0.5, 10.0), (0.5, 100.0)), "cityscapes19": ((0.5, 10.0), (0.5, 100.0)),
+        "cocostuff27": ((0.95, 10.0), (0.5, 100.0))}
+
+
+def test_the_class_file_of_a_method_is_the_users_then_its_familys_then_the_protocols(tmp_path):
+    from reclip.methods import classes_file_for
+
+    voc = load_protocol("voc20")
+    assert classes_file_for("reclip++", voc).name == "reclip_voc20.txt"
+    assert classes_file_for("reclip", voc).name == "reclip_voc20.txt"
+    assert classes_file_for("maskclip", voc) is None  # the protocol's (ClearCLIP's) list
+    assert classes_file_for("reclip++", voc, "mine.txt") == "mine.txt"
+    assert classes_file_for("reclip++", load_protocol("voc21")) is None  # no official list with background

@@ -39,6 +39,8 @@ def test_run_directory_holds_config_and_trained_parameters_only(trained):
     assert config["method"] == "reclip++" and config["protocol"] == "voc20"
     assert config["clip_fingerprint"] == load_clip(clip_file)._reclip_fingerprint
     assert len(config["classes"]) == 20 and config["train"]["steps"] == 3
+    # trained on the official ReCLIP class names (voc20's reclip.classes_file), not ClearCLIP's
+    assert config["classes"][0] == "airplane" and "dining table" in config["classes"]
     # the protocol's preset is recorded as read; the CLI's options replaced parts of it
     assert config["preset"] == {"base_short_side": 336, "crop": 336, "batch_size": 1, "lr": 0.01, "epochs": 50,
                                 "poly_epochs": 200}

@@ -37,7 +37,7 @@ from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
-from reclip.methods import build_segmentor, get_method, inference_config
+from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config
 from reclip.bias import SpacePreference, class_preference
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
@@ -179,7 +179,9 @@ def evaluate(
 
     Args:
         dataset: a protocol name (``voc20``, ``ade150``, ...), a protocol YAML or a Protocol.
-        classes_file: class list replacing the protocol's (same order as the label ids).
+        classes_file: class list replacing the protocol's (same order as the label ids);
+            default: the method family's own list where the protocol names one (the
+            ReCLIP family's official prompt names), else the protocol's.
         inference: InferenceConfig fields overriding the protocol's published settings
             (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...).
         absent_as_zero: the official ReCLIP mean (classes that never occur count as 0).
@@ -203,6 +205,7 @@ def evaluate(
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
+    classes_file = classes_file_for(method, protocol, classes_file)  # e.g. ReCLIP's own class names
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")

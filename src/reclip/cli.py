@@ -30,7 +30,7 @@ from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
 from reclip.families.rectified import PD_CHOICES, PD_HELP
 from reclip.heads.rectify import ABLATIONS, OUTPUTS
-from reclip.methods import METHODS
+from reclip.methods import METHODS, classes_file_for
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
 
@@ -231,7 +231,10 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
     from reclip.hypotheses import config_for_protocol, generate_hypotheses
     from reclip.text import query_embeddings
 
-    data = SegmentationDataset(args.dataset, args.data_root, args.split, classes_file=args.classes_file,
+    protocol = load_protocol(args.dataset)
+    # hypotheses serve the ReCLIP family's training: its own class names unless a file is given
+    classes_file = classes_file_for("reclip++", protocol, args.classes_file)
+    data = SegmentationDataset(protocol, args.data_root, args.split, classes_file=classes_file,
                                check_sizes=False, max_pixels=args.max_pixels)
     config = config_for_protocol(data.protocol, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
                                  top_k=args.top_k, batch_size=args.batch_size, resize=args.resize)

@@ -23,8 +23,8 @@ from reclip.inference import InferenceConfig
 from reclip.text import QueryEmbeddings, Vocabulary
 from reclip.train import load_run
 
-__all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "get_family", "get_method",
-           "inference_config", "load_trained"]
+__all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "classes_file_for", "get_family",
+           "get_method", "inference_config", "load_trained"]
 
 # The registry: one line per family.
 FAMILIES: dict[str, Family] = {
@@ -128,6 +128,17 @@ def load_trained(
 
 
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
+
+
+def classes_file_for(method: str | Method, protocol: Any, given: str | os.PathLike | None = None):
+    """The class file ``method`` reads on ``protocol``: ``given`` (a user's) if any, else its
+    family's own (the ``classes_file`` of its protocol section, e.g. the official ReCLIP
+    prompt names), else None: the protocol's ``classes_file``."""
+    if given is not None:
+        return given
+    family = get_family(method)
+    own = getattr(getattr(protocol, family.section), "classes_file", None)
+    return None if own is None else protocol.resolve_class_file(own)
 
 
 def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> InferenceConfig:

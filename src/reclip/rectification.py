@@ -79,6 +79,8 @@ def rectify(
 
     Args:
         hypotheses: the file of ``reclip hypotheses`` for the same CLIP and class list.
+        classes_file: the class list; default: the protocol's ``reclip.classes_file`` (the
+            official ReCLIP prompt names) where it names one, else the protocol's list.
         config: rectifier settings (default: the method's preset; ablations are fields).
         max_steps: stop after this many steps (default: the preset's epochs).
         train_overrides: :class:`~reclip.train.TrainConfig` fields (batch_size, seed,
@@ -100,6 +102,8 @@ def rectify(
         raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
     if optimizer is not None and "lr" in overrides:
         raise ValueError("give the learning rate in the optimizer config, not as a training override as well")
+    if classes_file is None and protocol.reclip.classes_file is not None:  # ReCLIP's own class names
+        classes_file = protocol.resolve_class_file(protocol.reclip.classes_file)
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary

@@ -44,6 +44,8 @@ YAML schema (``?`` = optional, defaults in brackets)::
       stride?: int | null
       pd_threshold: float | null    # prompt denoising, softmax(10 * logits) (ReCLIP++)
       pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
+      classes_file?: str | null     # the family's own class names (official prompt list);
+                                    # null = the protocol's classes_file
     rectify?:                       # ReCLIP / ReCLIP++ rectification training preset
                                     # (dogehhh/ReCLIP config/*_train_ori_cfg.yaml); absent = VOC's
       base_short_side?: int [336]   # random scale 0.5-2.0 of this short side
@@ -210,6 +212,9 @@ class ReclipSettings:
     stride: int | None = None
     pd_threshold_v1: float | None = None
     max_long_side: int = 2048  # ReCLIP configs: SCALE [2048, short_side]
+    # The family's own class names (the official prompt list), resolved like the protocol's
+    # classes_file; None = the protocol's file.
+    classes_file: str | None = None
 
     def __post_init__(self) -> None:
         _check_inference(self, "reclip")
@@ -360,11 +365,15 @@ class Protocol:
                     raise ProtocolError(f"{where}: label_map entries must be non-negative int: int, got {k!r}: {v!r}")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ProtocolError(f"{where}: num_classes must be positive, got {self.num_classes}")
-        if self.classes_file is not None:
-            n = len(self.classes())
+        class_files = [("classes_file", self.classes_file), ("reclip.classes_file", self.reclip.classes_file)]
+        for field_name, name in class_files:
+            if name is None:
+                continue
+            path = self.resolve_class_file(name)
+            n = len(read_class_file(path))
             if self.num_classes is not None and n != self.num_classes:
                 raise ProtocolError(
-                    f"{where}: class file {self.classes_path()} has {n} classes but the protocol's labels "
+                    f"{where}: {field_name} {path} has {n} classes but the protocol's labels "
                     f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
                 )
 
@@ -376,13 +385,17 @@ class Protocol:
 
     # -- classes ---------------------------------------------------------------------
     def classes_path(self) -> Path:
-        """Resolve classes_file: as given (absolute or from the cwd), next to the YAML, then
-        in the package's configs/classes/."""
+        """Resolve classes_file (:meth:`resolve_class_file`)."""
         if self.classes_file is None:
             raise ProtocolError(
                 f"protocol {self.name!r} has no class list; pass one (classes_file=... / --classes-file)"
             )
-        given = Path(self.classes_file).expanduser()
+        return self.resolve_class_file(self.classes_file)
+
+    def resolve_class_file(self, name: str | os.PathLike) -> Path:
+        """A class file named by this protocol: as given (absolute or from the cwd), next to
+        the YAML, then in the package's configs/classes/."""
+        given = Path(name).expanduser()
         candidates = [given]
         if not given.is_absolute():
             if self.source:
@@ -392,7 +405,7 @@ class Protocol:
             if c.is_file():
                 return c
         raise ProtocolError(
-            f"protocol {self.name!r}: class file {self.classes_file!r} not found; looked in: "
+            f"protocol {self.name!r}: class file {str(name)!r} not found; looked in: "
             + ", ".join(str(c) for c in candidates)
         )
 
