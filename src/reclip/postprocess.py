@@ -325,7 +325,8 @@ def area_filter(probs: Tensor, area_thd: float, background_index: int = 0) -> Te
 
     For each image, the argmax area of every non-background class is compared with
     ``area_thd`` x the total non-background argmax area; classes at or below it get
-    probability 0 (SCLIP ``postprocess_result``, area_thd 0.1 for VOC21/COCO-Object).
+    probability 0 (SCLIP ``postprocess_result``; SCLIP's VOC21 config sets area_thd 0.1,
+    its COCO-Object config none).
 
     Args:
         probs: (B, C, H, W) probabilities.
