@@ -69,7 +69,8 @@ class PostprocessConfig:
             1.0, Context 0.85, ADE 0.5, Cityscapes 0.5, COCO 0.95.
         pd_scale: scale inside PD's softmax (ReCLIP++ 10; conference ReCLIP 100).
         pamr: refine probabilities with PAMR at full resolution.
-        pamr_iter, pamr_dilations: PAMR iterations and dilations.
+        pamr_iter, pamr_dilations: PAMR iterations and dilations (default: the official
+            PAMR's, 10 and (1, 2, 4, 8, 12, 24); NACLIP: 10 and (8, 16)).
     """
 
     logit_scale: float = 1.0
@@ -90,11 +91,14 @@ class PostprocessConfig:
                 raise ValueError(f"{name} must be in [0, 1] or None (off), got {value!r}")
         if not self.pd_scale > 0:
             raise ValueError(f"pd_scale must be > 0, got {self.pd_scale!r}")
-        if not (isinstance(self.pamr_iter, int) and self.pamr_iter > 0):
+        if not (isinstance(self.pamr_iter, int) and not isinstance(self.pamr_iter, bool) and self.pamr_iter > 0):
             raise ValueError(f"pamr_iter must be a positive int, got {self.pamr_iter!r}")
-        self.pamr_dilations = tuple(self.pamr_dilations)
-        if not self.pamr_dilations or not all(isinstance(d, int) and d > 0 for d in self.pamr_dilations):
-            raise ValueError(f"pamr_dilations must be positive ints, got {self.pamr_dilations!r}")
+        dilations = self.pamr_dilations
+        if (not isinstance(dilations, (list, tuple)) or not dilations
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dilations)):
+            raise ValueError(f"pamr_dilations must be a non-empty sequence of positive ints (e.g. (8, 16), "
+                             f"NACLIP's), got {dilations!r}")
+        self.pamr_dilations = tuple(dilations)
 
 
 def _num_classes(class_index: Tensor | None, num_queries: int) -> int:
