@@ -19,6 +19,7 @@ from reclip.clip.convert import CheckpointError
 from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip, save_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import read_label
+from reclip.data.protocol import load_protocol
 from reclip.inference import segment
 from reclip.methods import build_segmentor, inference_config
 
@@ -65,6 +66,64 @@ def test_evaluate_writes_json_matching_an_independent_loop(tmp_path, clip_file, 
             union[c] += (p | g).sum()
     iou = inter[union > 0] / union[union > 0]
     assert result["mIoU"] == pytest.approx(100 * iou.mean(), abs=1e-3)
+
+
+def test_evaluate_with_naclips_own_protocol(tmp_path, clip_file):
+    """--test-settings naclip: NACLIP's section of the protocol, its class file and PAMR, end to end."""
+    root = write_voc(tmp_path / "voc", n_val=2)
+    out = tmp_path / "res.json"
+    base = ["evaluate", "--clip", str(clip_file), "--method", "naclip", "--dataset", "voc21", "--data-root",
+            str(root), "--quiet", "--templates", "single", "--short-side", "48", "--json", str(out)]
+    argv = [*base, "--test-settings", "naclip", "--pamr-iter", "2"]
+    assert main(argv) == 0
+    settings = json.loads(out.read_text())["settings"]
+    inference = settings["inference"]
+    assert settings["test_settings"] == "naclip"
+    assert (inference["mode"], inference["short_side"], inference["logit_scale"]) == ("whole", 48, 40)
+    assert (inference["prob_thd"], inference["area_thd"]) == (0.1, None)
+    assert (inference["pamr"], inference["pamr_iter"], list(inference["pamr_dilations"])) == (True, 2, [8, 16])
+    assert settings["classes"][0].startswith("background: sky, wall, tree")  # NACLIP's (= SCLIP's) class file
+    # a class file on the command line wins over the section's; the default section is ClearCLIP's
+    assert main([*argv, "--classes-file", "voc21.txt", "--pamr-dilations", "1,2", "--no-pamr"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["classes"][0] == "background" and settings["inference"]["pamr"] is False
+    assert list(settings["inference"]["pamr_dilations"]) == [1, 2]
+    assert main(base) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["test_settings"] == "zero_shot" and settings["inference"]["logit_scale"] == 50
+    assert settings["classes"][0] == "background" and settings["inference"]["pamr"] is False
+
+
+def test_inference_flags_reach_the_inference_config(monkeypatch):
+    import reclip.cli
+
+    seen = {}
+
+    def evaluate(clip, method, dataset, data_root, split, **kwargs):
+        seen.update(method=method, dataset=dataset, **kwargs)
+        raise ValueError("spied")
+
+    monkeypatch.setattr(reclip.cli, "_load", lambda args: None)
+    monkeypatch.setattr(api, "evaluate", evaluate)
+    argv = ["evaluate", "--clip", "m.pt", "--method", "sclip", "--dataset", "cityscapes19", "--data-root", "r"]
+    assert main([*argv, "--test-settings", "naclip", "--pamr-iter", "3", "--pamr-dilations", "8, 16,32"]) == 2
+    assert seen["inference"] == {"test_settings": "naclip", "pamr_iter": 3, "pamr_dilations": (8, 16, 32)}
+    cfg = inference_config(seen["method"], load_protocol(seen["dataset"]), **seen["inference"])
+    assert (cfg.short_side, cfg.window, cfg.stride, cfg.logit_scale) == (560, 224, 112, 40)
+    assert (cfg.pamr, cfg.pamr_iter, cfg.pamr_dilations) == (True, 3, (8, 16, 32))
+    assert main([*argv, "--pamr", "--pamr-dilations", "8,16"]) == 2
+    cfg = inference_config(seen["method"], load_protocol(seen["dataset"]), **seen["inference"])
+    assert (cfg.short_side, cfg.pamr, cfg.pamr_iter, cfg.pamr_dilations) == (448, True, 10, (8, 16))
+
+
+def test_test_settings_of_another_family_are_refused_before_reading_data(monkeypatch, capsys):
+    import reclip.cli
+
+    monkeypatch.setattr(reclip.cli, "_load", lambda args: None)
+    argv = ["evaluate", "--clip", "m.pt", "--dataset", "voc21", "--data-root", "nowhere"]
+    assert main([*argv, "--method", "reclip++", "--test-settings", "naclip"]) == 2
+    assert ("test settings 'naclip' are for the zero_shot family; 'reclip++' (rectified) reads 'reclip'"
+            in capsys.readouterr().err)
 
 
 def test_evaluate_and_segment_normalise_with_the_models_mean_and_std(tmp_path, clip_file):
@@ -347,7 +406,9 @@ def test_classes_are_names_and_classes_file_is_a_file_whatever_is_on_disk(tmp_pa
     ("segment", "--batch-size", "0"), ("segment", "--max-long-side", "-1"), ("segment", "--logit-scale", "0"),
     ("segment", "--prob-thd", "1.5"), ("segment", "--area-thd", "nan"),
     ("evaluate", "--limit", "-1"), ("evaluate", "--limit", "0"), ("evaluate", "--workers", "-1"),
-    ("evaluate", "--window", "x"),
+    ("evaluate", "--window", "x"), ("evaluate", "--pamr-iter", "0"), ("evaluate", "--pamr-dilations", "8,0"),
+    ("evaluate", "--pamr-dilations", "8,x"), ("evaluate", "--pamr-dilations", "-8"), ("segment", "--pamr-dilations", "8,"),
+    ("segment", "--pamr-iter", "1.5"),
     ("hypotheses", "--batch-size", "0"), ("hypotheses", "--save-every", "0"), ("hypotheses", "--top-k", "0"),
     ("hypotheses", "--r", "0"), ("hypotheses", "--threshold", "inf"),
     ("rectify", "--max-steps", "0"), ("rectify", "--batch-size", "-2"), ("rectify", "--workers", "-1"),

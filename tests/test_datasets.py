@@ -368,7 +368,7 @@ RECLIP_NAMES = {
 def test_the_reclip_family_reads_the_official_reclip_class_names(name):
     protocol = load_protocol(name)
     assert protocol.reclip.classes_file == f"reclip_{name}.txt"
-    names = read_class_file(protocol.resolve_class_file(protocol.reclip.classes_file)).names
+    names = read_class_file(protocol.classes_path(protocol.reclip.classes_file)).names
     assert list(names) == RECLIP_NAMES[name]
     assert names != protocol.vocabulary().names  # the training-free (ClearCLIP) list differs
     # COCO-Stuff-27's official list equals the protocol's, so it needs no file of its own
@@ -380,6 +380,72 @@ def test_a_reclip_class_file_of_the_wrong_length_is_refused(tmp_path):
     with pytest.raises(ProtocolError, match="reclip.classes_file .*short.txt has 2 classes.* have 20"):
         load_protocol(_user_yaml(tmp_path, reclip={"short_side": 336, "pd_threshold": 1.0,
                                                    "classes_file": "short.txt"}))
+
+
+# NACLIP's own protocol, written independently of the YAML files (sinahmr/NACLIP configs/cfg_*.py
+# and naclip.py defaults): (short_side, mode, window, stride, prob_thd, classes_file). Every
+# dataset: max_long_side 2048, logit scale 40, no area filter, PAMR on with 10 iterations and
+# dilations (8, 16). cocostuff27 / folder: not published, NACLIP's COCO-Stuff-164k / default values.
+NACLIP_SLIDE = (224, 112)
+EXPECTED_NACLIP = {
+    "voc21": (336, "whole", None, None, 0.1, "voc21_sclip.txt"),
+    "voc20": (336, "whole", None, None, None, "voc20_sclip.txt"),
+    "context60": (336, "slide", *NACLIP_SLIDE, 0.1, None),
+    "context59": (336, "slide", *NACLIP_SLIDE, None, None),
+    "cocoobject": (336, "slide", *NACLIP_SLIDE, 0.1, "cocoobject_sclip.txt"),
+    "ade150": (336, "slide", *NACLIP_SLIDE, None, None),
+    "cityscapes19": (560, "slide", *NACLIP_SLIDE, None, None),
+    "cocostuff171": (336, "slide", *NACLIP_SLIDE, None, None),
+    "cocostuff27": (336, "slide", *NACLIP_SLIDE, None, None),
+    "folder": (336, "slide", *NACLIP_SLIDE, None, None),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_naclip_sections_hold_naclips_published_values(name):
+    p = load_protocol(name)
+    nc = p.naclip
+    assert (nc.short_side, nc.mode, nc.window, nc.stride, nc.prob_thd, nc.classes_file) == EXPECTED_NACLIP[name]
+    assert (nc.max_long_side, nc.logit_scale, nc.area_thd) == (2048, 40, None)
+    assert (nc.pamr, nc.pamr_iter, nc.pamr_dilations) == (True, 10, (8, 16))
+    assert "naclip" in yaml.safe_load(open(p.source))  # written out in every shipped YAML
+    # the default training-free section is still ClearCLIP's, without PAMR
+    assert (p.zero_shot.short_side, p.zero_shot.pamr, p.zero_shot.classes_file) == (448, False, None)
+    if nc.classes_file is not None:  # NACLIP's class files are SCLIP's (26 background words on VOC21)
+        vocabulary = p.with_overrides(classes_file=nc.classes_file).vocabulary()
+        assert len(vocabulary.to_list()) == p.num_classes
+        if p.background:
+            assert vocabulary.names[0] == "background" and len(vocabulary.to_list()[0]) == 26
+
+
+def test_naclip_section_is_optional_and_checked(tmp_path):
+    assert load_protocol(_user_yaml(tmp_path)).naclip is not None  # voc20's, copied
+    data = yaml.safe_load(open(_user_yaml(tmp_path)))
+    data.pop("naclip")
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_protocol(path).naclip is None
+    assert load_protocol(path).with_overrides(ignore_index=0).naclip is None  # stays out through copies
+    path.write_text(yaml.safe_dump({**data, "naclip": None}))
+    assert load_protocol(path).naclip is None
+    naclip = load_protocol("voc20").naclip
+    base = dataclasses.asdict(naclip)
+    for change, match in (
+        ({"pamr_dilations": [8, 0]}, r"naclip\.pamr_dilations must be a non-empty list of positive integers"),
+        ({"pamr_dilations": []}, r"naclip\.pamr_dilations must be a non-empty list"),
+        ({"pamr_dilations": [8.5]}, r"pamr_dilations = \[8\.5\] has type list"),
+        ({"pamr_dilations": 8}, r"pamr_dilations = 8 has type int"),
+        ({"pamr_iter": 0}, r"naclip\.pamr_iter must be a positive integer"),
+        ({"pamr": "yes"}, r"pamr = 'yes' has type str"),
+        ({"logit_scale": 0}, r"naclip\.logit_scale must be > 0"),  # named as the section read
+        ({"prob_thd": 0.1}, r"naclip\.prob_thd .*need a background class"),  # voc20 has none
+        ({"classes_file": "voc21.txt"}, r"naclip\.classes_file .*voc21\.txt has 21 classes .* have 20"),
+        ({"classes_file": "nowhere.txt"}, r"class file 'nowhere\.txt' not found"),
+        ({"pamr_steps": 10}, r"naclip: unknown key\(s\) \['pamr_steps'\]"),
+    ):
+        path.write_text(yaml.safe_dump({**data, "naclip": {**base, "pamr_dilations": [8, 16], **change}}))
+        with pytest.raises(ProtocolError, match=match):
+            load_protocol(path)
 
 
 # Training presets and hypothesis settings of the ReCLIP family, written independently of the

@@ -106,6 +106,61 @@ def test_overrides_apply_and_none_is_ignored(method):
     assert inference_config(method, p, **unset) == base
 
 
+def test_naclip_settings_are_read_instead_of_zero_shot_when_asked_for():
+    """NACLIP's own protocol (the protocols' naclip section; values in test_datasets.EXPECTED_NACLIP)."""
+    voc20, voc21, city = (load_protocol(n) for n in ("voc20", "voc21", "cityscapes19"))
+    cfg = inference_config("naclip", voc20, test_settings="naclip")
+    assert (cfg.mode, cfg.short_side, cfg.max_long_side, cfg.logit_scale) == ("whole", 336, 2048, 40)
+    assert (cfg.window, cfg.stride) == (DEFAULTS.window, DEFAULTS.stride)  # whole image: no windows
+    assert (cfg.pamr, cfg.pamr_iter, cfg.pamr_dilations) == (True, 10, (8, 16))
+    assert cfg.prob_thd is None and cfg.area_thd is None
+    cfg = inference_config("naclip", voc21, test_settings="naclip")
+    assert (cfg.mode, cfg.short_side, cfg.prob_thd, cfg.area_thd, cfg.logit_scale) == ("whole", 336, 0.1, None, 40)
+    cfg = inference_config("naclip", city, test_settings="naclip")
+    assert (cfg.mode, cfg.short_side, cfg.window, cfg.stride) == ("slide", 560, 224, 112)
+    # any training-free method may be tested with them; None = the default section (ClearCLIP's)
+    assert inference_config("clearclip", city, test_settings="naclip") == cfg
+    default = inference_config("naclip", voc21, test_settings=None)
+    assert default == inference_config("naclip", voc21)
+    assert (default.short_side, default.logit_scale, default.prob_thd, default.pamr) == (448, 50, 0.5, False)
+    assert (default.pamr_iter, default.pamr_dilations) == (DEFAULTS.pamr_iter, DEFAULTS.pamr_dilations)
+    # per-run options still win: NACLIP without PAMR (its ablation), other PAMR numbers
+    off = inference_config("naclip", voc21, test_settings="naclip", pamr=False)
+    assert not off.pamr and off.short_side == 336
+    tuned = inference_config("naclip", voc21, test_settings="naclip", pamr_iter=3, pamr_dilations=(1, 2))
+    assert (tuned.pamr, tuned.pamr_iter, tuned.pamr_dilations) == (True, 3, (1, 2))
+    # PAMR on the default settings keeps the official PAMR numbers
+    on = inference_config("clearclip", voc21, pamr=True)
+    assert (on.pamr_iter, on.pamr_dilations) == (10, (1, 2, 4, 8, 12, 24))
+
+
+def test_test_settings_of_another_family_or_a_missing_section_are_refused():
+    p = load_protocol("voc21")
+    assert FAMILIES["zero_shot"].sections == ("zero_shot", "naclip")
+    assert FAMILIES["rectified"].sections == ("reclip",)
+    with pytest.raises(ValueError, match="'naclip' are for the zero_shot family; 'reclip\\+\\+' .* reads 'reclip'"):
+        inference_config(RECLIPPP, p, test_settings="naclip")
+    with pytest.raises(ValueError, match="'reclip' are for the rectified family; 'naclip' .* 'zero_shot' or 'naclip'"):
+        inference_config("naclip", p, test_settings="reclip")
+    with pytest.raises(ValueError, match="'naklip' are unknown"):
+        inference_config("naclip", p, test_settings="naklip")
+    plain = SimpleNamespace(name="mine", zero_shot=p.zero_shot, naclip=None, background=True)
+    with pytest.raises(ValueError, match="protocol 'mine' has no 'naclip' section.*default 'zero_shot'"):
+        inference_config("naclip", plain, test_settings="naclip")
+    assert inference_config("naclip", plain).short_side == 448
+
+
+def test_invalid_pamr_overrides_are_refused():
+    p = load_protocol("voc21")
+    for dilations in ((8, 0), (), "8,16", (8, True), (8.0, 16)):
+        with pytest.raises(ValueError, match="pamr_dilations must be a non-empty sequence of positive ints"):
+            inference_config("naclip", p, pamr_dilations=dilations)
+    for iterations in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="pamr_iter must be a positive int"):
+            inference_config("naclip", p, pamr_iter=iterations)
+    assert inference_config("naclip", p, pamr_dilations=[8, 16]).pamr_dilations == (8, 16)
+
+
 def test_sclip_settings_as_overrides():
     """SCLIP's VOC21 protocol on top of the shipped (ClearCLIP) one, as documented in voc21.yaml."""
     cfg = inference_config("sclip", load_protocol("voc21"), short_side=336, window=224, stride=112, logit_scale=65,
@@ -168,6 +223,9 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert (cfg.window, cfg.stride) == (settings.window, settings.stride)
     if method.family == "zero_shot":
         assert cfg.logit_scale == settings.logit_scale
+        assert not cfg.pamr  # neither ClearCLIP nor any other default uses PAMR
+        naclip = inference_config(method, p, test_settings="naclip")
+        assert (naclip.short_side, naclip.logit_scale, naclip.pamr_dilations) == (p.naclip.short_side, 40, (8, 16))
         assert cfg.prob_thd == (settings.prob_thd if p.background else None)
         assert cfg.area_thd == (settings.area_thd if p.background else None)
         assert cfg.pd_threshold is None

@@ -37,7 +37,7 @@ from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
-from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config
+from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config, settings_section
 from reclip.bias import SpacePreference, class_preference
 from reclip.metrics import ConfusionMatrix
 from reclip.text import Vocabulary, read_class_file
@@ -183,7 +183,11 @@ def evaluate(
             default: the method family's own list where the protocol names one (the
             ReCLIP family's official prompt names), else the protocol's.
         inference: InferenceConfig fields overriding the protocol's published settings
-            (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...).
+            (``short_side``, ``window``, ``stride``, ``mode``, ``prob_thd`` ...), the
+            family's options, and ``test_settings``: the protocol section those settings
+            come from (:func:`reclip.methods.inference_config`; e.g. ``"naclip"``, NACLIP's
+            own protocol). A section's ``classes_file`` replaces the protocol's unless
+            ``classes_file`` is given.
         absent_as_zero: the official ReCLIP mean (classes that never occur count as 0).
         bias: also compute the bias diagnostics (``reclip.bias``) in the same pass.
         limit: evaluate only the first ``limit`` images (a quick look, not a result); a
@@ -205,7 +209,9 @@ def evaluate(
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
-    classes_file = classes_file_for(method, protocol, classes_file)  # e.g. ReCLIP's own class names
+    section, _ = settings_section(method, protocol, dict(inference or {}).get("test_settings"))
+    # the class file the method's test settings were published with (ReCLIP's or NACLIP's own)
+    classes_file = classes_file_for(method, protocol, classes_file, section)
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
@@ -218,6 +224,7 @@ def evaluate(
                                 description=f"{method} on {protocol.name}/{split}")
     result.method = method
     result.settings.update({
+        "test_settings": section,
         "strategy": dataclasses.asdict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
         "templates": templates or get_method(method).templates,
         "clip": getattr(clip, "spec", None),
@@ -481,8 +488,9 @@ def segment_files(
     Writes ``out_dir/<name>.png`` (palette PNG of class indices), ``<name>_overlay.jpg``
     and ``legend.png``, where no two outputs ever share a path (names from
     :func:`collect_images`). Inference settings default to the ``folder`` protocol's (the
-    ClearCLIP protocol: short side 448, 448/224 windows); ``background=True`` makes class
-    0 a background class for ``prob_thd``.
+    ClearCLIP protocol: short side 448, 448/224 windows; ``inference={"test_settings":
+    "naclip"}``: its NACLIP settings, short side 336, 224/112 windows, PAMR);
+    ``background=True`` makes class 0 a background class for ``prob_thd``.
 
     Bad input never stops the run: unreadable files, broken links, symbolic-link loops
     and duplicate paths are reported in ``skipped``; an image of more than

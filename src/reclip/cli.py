@@ -2,6 +2,7 @@
 
     reclip segment  --clip SPEC --method maskclip --classes "cat,dog" --out DIR IMAGES...
     reclip evaluate --clip SPEC --method clearclip --dataset voc20 --data-root DIR --json OUT.json
+    reclip evaluate --clip SPEC --method naclip --test-settings naclip --dataset voc21 --data-root DIR
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
@@ -30,7 +31,7 @@ from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
 from reclip.families.rectified import PD_CHOICES, PD_HELP
 from reclip.heads.rectify import ABLATIONS, OUTPUTS
-from reclip.methods import METHODS, classes_file_for
+from reclip.methods import METHODS, TEST_SETTINGS, classes_file_for
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
 
@@ -77,6 +78,19 @@ FRACTION = _ranged(float, 0, 1)  # probabilities and area / vote fractions
 FINITE = _ranged(float, -math.inf)  # any real number, not NaN or infinite
 
 
+def _dilations(text: str) -> tuple[int, ...]:
+    """--pamr-dilations value: comma-separated positive integers, e.g. 8,16."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers (e.g. 8,16 for NACLIP; PAMR's own 1,2,4,8,12,24), got {text!r}")
+    return values
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +121,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (default: the protocol's published settings)")
+    g.add_argument("--test-settings", choices=TEST_SETTINGS,
+                   help="which published test settings of the protocol to start from (flags below override them): "
+                        "zero_shot (training-free default: ClearCLIP's protocol, one for every method), naclip "
+                        "(NACLIP's own: short side 336, Cityscapes 560, 224/112 windows, whole image on VOC, logit "
+                        "scale 40, its thresholds and class files, PAMR 10 x (8, 16)), reclip (rectified default)")
     g.add_argument("--mode", choices=("whole", "slide"))
     g.add_argument("--short-side", type=POSITIVE_INT, help="resize the short side to this before inference")
     g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
@@ -120,6 +139,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-denoising", choices=PD_CHOICES,
                    help="reclip++/reclip: " + "; ".join(f"{name} = {PD_HELP[name]}" for name in PD_CHOICES))
     g.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
+    g.add_argument("--pamr-iter", type=POSITIVE_INT,
+                   help="PAMR iterations (default: the test settings', else 10)")
+    g.add_argument("--pamr-dilations", type=_dilations, metavar="D,D,...",
+                   help="PAMR dilations, comma-separated (default: the test settings', else 1,2,4,8,12,24; "
+                        "NACLIP: 8,16)")
     g.add_argument("--max-long-side", type=POSITIVE_INT, help="cap on the long side of the short-side resize")
     g.add_argument("--area-thd", type=FRACTION,
                    help="SCLIP's area filter: drop classes below this fraction of the predicted foreground")
@@ -151,8 +175,8 @@ def _add_max_pixels_arg(p: argparse.ArgumentParser, labels: bool) -> None:
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale", "prob_thd",
-            "area_thd", "pd_threshold", "prompt_denoising", "pamr")
+    keys = ("test_settings", "mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale",
+            "prob_thd", "area_thd", "pd_threshold", "prompt_denoising", "pamr", "pamr_iter", "pamr_dilations")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.autocast is not None:
         values["autocast"] = False if args.autocast == "off" else args.autocast

@@ -24,7 +24,7 @@ from reclip.text import QueryEmbeddings, Vocabulary
 from reclip.train import load_run
 
 __all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "classes_file_for", "get_family",
-           "get_method", "inference_config", "load_trained"]
+           "get_method", "inference_config", "load_trained", "settings_section", "TEST_SETTINGS"]
 
 # The registry: one line per family.
 FAMILIES: dict[str, Family] = {
@@ -32,6 +32,8 @@ FAMILIES: dict[str, Family] = {
     rectified.FAMILY.name: rectified.FAMILY,
 }
 METHODS: dict[str, Method] = {m.name: m for family in FAMILIES.values() for m in family.methods}
+# Every protocol section some family can read its test settings from (``--test-settings``).
+TEST_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(k for family in FAMILIES.values() for k in family.sections))
 
 
 def get_method(name: str | Method) -> Method:
@@ -130,36 +132,68 @@ def load_trained(
 _INFERENCE_KEYS = {f.name for f in fields(InferenceConfig)}
 
 
-def classes_file_for(method: str | Method, protocol: Any, given: str | os.PathLike | None = None):
-    """The class file ``method`` reads on ``protocol``: ``given`` (a user's) if any, else its
-    family's own (the ``classes_file`` of its protocol section, e.g. the official ReCLIP
-    prompt names), else None: the protocol's ``classes_file``."""
+def settings_section(method: str | Method, protocol: Any, test_settings: str | None = None) -> tuple[str, Any]:
+    """``(name, settings)`` of the protocol section ``method`` is tested with.
+
+    ``test_settings`` None: the family's own section (``Family.section``: ``zero_shot``,
+    ClearCLIP's protocol for every training-free method; ``reclip``); else another section
+    of the same kind (``Family.sections``, e.g. ``naclip``: NACLIP's own protocol).
+
+    Raises:
+        ValueError: a section the method's family cannot read, or one the protocol leaves out.
+    """
+    method = get_method(method)
+    family = get_family(method)
+    name = family.section if test_settings is None else test_settings
+    if name not in family.sections:
+        owners = [f.name for f in FAMILIES.values() if name in f.sections]
+        whose = f"are for the {' and '.join(owners)} family" if owners else "are unknown"
+        raise ValueError(f"test settings {name!r} {whose}; {method.name!r} ({family.name}) reads "
+                         f"{' or '.join(repr(k) for k in family.sections)}")
+    settings = getattr(protocol, name, None)
+    if settings is None:
+        where = getattr(protocol, "source", None) or getattr(protocol, "name", "the protocol")
+        raise ValueError(f"protocol {getattr(protocol, 'name', '?')!r} has no {name!r} section ({where}); "
+                         f"add one (schema: reclip.data.protocol) or use the default {family.section!r}")
+    return name, settings
+
+
+def classes_file_for(method: str | Method, protocol: Any, given: str | os.PathLike | None = None,
+                     test_settings: str | None = None):
+    """The class file ``method`` reads on ``protocol``: ``given`` (a user's) if any, else the
+    one its test settings name (the ``classes_file`` of the section, e.g. the official
+    ReCLIP prompt names, or NACLIP's), else None: the protocol's ``classes_file``."""
     if given is not None:
         return given
-    family = get_family(method)
-    own = getattr(getattr(protocol, family.section), "classes_file", None)
-    return None if own is None else protocol.resolve_class_file(own)
+    own = getattr(settings_section(method, protocol, test_settings)[1], "classes_file", None)
+    return None if own is None else protocol.classes_path(own)
 
 
-def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> InferenceConfig:
+def inference_config(method: str | Method, protocol: Any, test_settings: str | None = None,
+                     **overrides: Any) -> InferenceConfig:
     """The published test settings of ``protocol`` for ``method``'s family, then overrides.
 
     This is the one place where a protocol's test settings and per-run options (CLI
     flags, API ``inference=`` dicts) become an :class:`InferenceConfig`: the family
     reads its section of the protocol (``Family.section``, e.g. ``zero_shot`` or
-    ``reclip``) with its ``test_settings``.
+    ``reclip``, or the one ``test_settings`` names) with its ``test_settings``.
 
     Args:
         method: a method name or Method.
         protocol: a reclip.data.protocol.Protocol (anything with the family's section
             and ``background``).
+        test_settings: the protocol section to start from (:func:`settings_section`;
+            None: the family's own). E.g. ``"naclip"``: NACLIP's own protocol (sizes,
+            thresholds, PAMR 10 x (8, 16)) for a training-free method. The section's
+            ``classes_file`` is not read here: :func:`reclip.api.evaluate` applies it.
         overrides: InferenceConfig fields, and the family's ``test_options`` (e.g.
             ``prompt_denoising`` and ``pd_threshold`` of the rectified family), which its
             ``test_settings`` reads; ``None`` values are ignored (also for another
             family's options) so CLI flags that were not given leave the protocol's value.
     Raises:
         ValueError: an override that is neither an InferenceConfig field nor an option of
-            the method's family (lists the allowed ones), or settings InferenceConfig rejects.
+            the method's family (lists the allowed ones), settings InferenceConfig rejects,
+            or a ``test_settings`` section the family cannot read or the protocol lacks.
     """
     method = get_method(method)
     family = get_family(method)
@@ -177,6 +211,7 @@ def inference_config(method: str | Method, protocol: Any, **overrides: Any) -> I
                                  f"{method.name!r} ({family.name})")
         raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {sorted(_INFERENCE_KEYS)}"
                          + (f" and {list(family.test_options)}" if family.test_options else ""))
-    values = family.test_settings(method, getattr(protocol, family.section), protocol, **options)
+    _, settings = settings_section(method, protocol, test_settings)
+    values = family.test_settings(method, settings, protocol, **options)
     values.update(overrides)
     return InferenceConfig(**values)

@@ -86,7 +86,8 @@ class PostprocessConfig:
             :func:`postprocess` does not apply it again: its logits are already
             denoised, and applying it to upsampled logits would not be the official PD.
         pamr: refine probabilities with PAMR at full resolution.
-        pamr_iter, pamr_dilations: PAMR iterations and dilations.
+        pamr_iter, pamr_dilations: PAMR iterations and dilations (default: the official
+            PAMR's, 10 and (1, 2, 4, 8, 12, 24); NACLIP: 10 and (8, 16)).
     """
 
     logit_scale: float = 1.0
@@ -111,11 +112,14 @@ class PostprocessConfig:
         if self.pd_mode not in PD_MODES:
             raise ValueError(f"pd_mode must be one of {list(PD_MODES)}, got {self.pd_mode!r} (safe = the project's "
                              "PD on full-resolution logits; official = the official PD on the segmentor's grid)")
-        if not (isinstance(self.pamr_iter, int) and self.pamr_iter > 0):
+        if not (isinstance(self.pamr_iter, int) and not isinstance(self.pamr_iter, bool) and self.pamr_iter > 0):
             raise ValueError(f"pamr_iter must be a positive int, got {self.pamr_iter!r}")
-        self.pamr_dilations = tuple(self.pamr_dilations)
-        if not self.pamr_dilations or not all(isinstance(d, int) and d > 0 for d in self.pamr_dilations):
-            raise ValueError(f"pamr_dilations must be positive ints, got {self.pamr_dilations!r}")
+        dilations = self.pamr_dilations
+        if (not isinstance(dilations, (list, tuple)) or not dilations
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dilations)):
+            raise ValueError(f"pamr_dilations must be a non-empty sequence of positive ints (e.g. (8, 16), "
+                             f"NACLIP's), got {dilations!r}")
+        self.pamr_dilations = tuple(dilations)
 
 
 def _num_classes(class_index: Tensor | None, num_queries: int) -> int:

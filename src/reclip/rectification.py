@@ -103,7 +103,7 @@ def rectify(
     if optimizer is not None and "lr" in overrides:
         raise ValueError("give the learning rate in the optimizer config, not as a training override as well")
     if classes_file is None and protocol.reclip.classes_file is not None:  # ReCLIP's own class names
-        classes_file = protocol.resolve_class_file(protocol.reclip.classes_file)
+        classes_file = protocol.classes_path(protocol.reclip.classes_file)
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary

@@ -36,6 +36,16 @@ YAML schema (``?`` = optional, defaults in brackets)::
       prob_thd: float | null        # background probability threshold; needs background
       area_thd?: float | null [null]  # SCLIP area filter (fraction of the foreground area);
                                     # needs background; null = off
+      pamr?: bool [false]           # PAMR refinement of the class probabilities
+      pamr_iter?: int | null [null]   # PAMR iterations; null = reclip.postprocess's (10)
+      pamr_dilations?: [int] | null [null]  # PAMR dilations; null = reclip.postprocess's
+                                    # (1, 2, 4, 8, 12, 24)
+      classes_file?: str | null [null]  # the class file these settings were published with,
+                                    # same classes in the same order (checked against
+                                    # num_classes); null = the protocol's classes_file
+    naclip?:                        # NACLIP's own test settings (sinahmr/NACLIP configs/cfg_*.py,
+                                    # naclip.py), same schema as zero_shot; read instead of
+                                    # zero_shot with test_settings="naclip" (--test-settings naclip)
     reclip:                         # ReCLIP / ReCLIP++ test settings
       short_side: int
       max_long_side?: int [2048]
@@ -79,6 +89,17 @@ SCLIP, ClearCLIP, NACLIP, raw CLIP): ClearCLIP's official configs and class file
 way. SCLIP's own settings are documented in each YAML and its differing class files ship
 as ``<name>_sclip.txt``; reproduce SCLIP by overriding the inference settings and the class
 file (see voc21.yaml).
+
+NACLIP's own protocol is a second training-free section, ``naclip:`` (sinahmr/NACLIP
+configs/cfg_*.py and naclip.py defaults: short side 336, Cityscapes 560; 224 / 112
+windows, whole image on VOC20 / VOC21; logit scale 40; probability threshold 0.1 on VOC21,
+Context60 and COCO-Object; no area filter; PAMR with 10 iterations and dilations (8, 16),
+on for its main results; its class files are SCLIP's). A family reads its default section
+(``Family.section``) unless another section of the same kind is chosen
+(``reclip.methods.inference_config(..., test_settings="naclip")``, ``--test-settings
+naclip``). Two differences from NACLIP's code remain: reclip's PAMR refines the class
+probabilities after the softmax, NACLIP's the query logits before it; and reclip's PAMR
+reads the original image, NACLIP's the network input resized back to the original size.
 """
 
 from __future__ import annotations
@@ -134,6 +155,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
+    if origin in (list, tuple):  # list[X] / tuple[X, ...]: a YAML list of X
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
     return isinstance(value, hint)
 
 
@@ -180,7 +203,13 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class ZeroShotSettings:
-    """Published test settings of the training-free family (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."""
+    """Published test settings of the training-free family (MaskCLIP/SCLIP/ClearCLIP/NACLIP).
+
+    The schema of the ``zero_shot:`` section (ClearCLIP's protocol, every method's default)
+    and of ``naclip:`` (NACLIP's own). ``pamr_iter`` / ``pamr_dilations`` None leave
+    reclip.postprocess's defaults (the official PAMR: 10 iterations, dilations 1..24);
+    ``classes_file`` None keeps the protocol's class file.
+    """
 
     short_side: int
     mode: str
@@ -190,6 +219,10 @@ class ZeroShotSettings:
     prob_thd: float | None
     max_long_side: int = 2048  # mmseg Resize(scale=(2048, short_side), keep_ratio=True)
     area_thd: float | None = None  # SCLIP area filter (wangf3014/SCLIP clip_segmentor.py); None = off
+    pamr: bool = False
+    pamr_iter: int | None = None
+    pamr_dilations: tuple[int, ...] | None = None
+    classes_file: str | None = None
 
     def __post_init__(self) -> None:
         _check_inference(self, "zero_shot")
@@ -199,6 +232,15 @@ class ZeroShotSettings:
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ProtocolError(f"zero_shot.{name} must be in [0, 1] or null, got {v}")
+        if self.pamr_iter is not None and not (_type_ok(self.pamr_iter, int) and self.pamr_iter > 0):
+            raise ProtocolError(f"zero_shot.pamr_iter must be a positive integer or null, got {self.pamr_iter!r}")
+        if self.pamr_dilations is not None:
+            dilations = self.pamr_dilations
+            if (not isinstance(dilations, (list, tuple)) or not dilations
+                    or not all(_type_ok(d, int) and d > 0 for d in dilations)):
+                raise ProtocolError(f"zero_shot.pamr_dilations must be a non-empty list of positive integers "
+                                    f"(NACLIP: [8, 16]) or null, got {dilations!r}")
+            object.__setattr__(self, "pamr_dilations", tuple(dilations))  # YAML gives a list
 
 
 @dataclass(frozen=True)
@@ -301,12 +343,20 @@ class HypothesisSettings:
 # The nested sections of a protocol: YAML key (= Protocol field) -> settings dataclass. A
 # section is optional in the YAML when Protocol gives its field a default. A method family
 # reads its test settings from one of them (reclip.families.spec.Family.section).
+# Several sections may share a dataclass: a family can read any section of its kind instead
+# of its default (Family.sections; inference_config(..., test_settings=...)).
 SECTIONS: dict[str, type] = {
     "zero_shot": ZeroShotSettings,
+    "naclip": ZeroShotSettings,
     "reclip": ReclipSettings,
     "rectify": RectifySettings,
     "hypotheses": HypothesisSettings,
 }
+
+
+# The section whose name a settings class's own messages use (another section of the same
+# class is named in its place).
+_CANONICAL = {cls: key for key, cls in reversed(SECTIONS.items())}
 
 
 def _section(cls: type, data: Any, where: str, key: str) -> Any:
@@ -315,7 +365,11 @@ def _section(cls: type, data: Any, where: str, key: str) -> Any:
     try:
         return cls(**kw)
     except ProtocolError as err:
-        raise ProtocolError(f"{where}: {err}") from None
+        message = str(err)
+        canonical = _CANONICAL[cls]
+        if key != canonical and message.startswith(canonical):
+            message = key + message[len(canonical):]
+        raise ProtocolError(f"{where}: {message}") from None
 
 
 # Flat override keys applied to every split (Protocol.with_overrides).
@@ -335,6 +389,7 @@ class Protocol:
     reclip: ReclipSettings
     rectify: RectifySettings = field(default_factory=RectifySettings)
     hypotheses: HypothesisSettings = field(default_factory=HypothesisSettings)
+    naclip: ZeroShotSettings | None = None  # NACLIP's own test settings; None: not written down
     description: str = ""
     num_classes: int | None = None
     reduce_zero_label: bool = False
@@ -354,7 +409,7 @@ class Protocol:
         needs_bg = self.background_settings_without_background()
         if needs_bg:
             raise ProtocolError(
-                f"{where}: {', '.join('zero_shot.' + n for n in needs_bg)} assign pixels to class 0 and need "
+                f"{where}: {', '.join(needs_bg)} assign pixels to class 0 and need "
                 "a background class (background: true); set them to null"
             )
         if isinstance(self.label_map, str) and self.label_map not in LABEL_MAPS:
@@ -365,37 +420,41 @@ class Protocol:
                     raise ProtocolError(f"{where}: label_map entries must be non-negative int: int, got {k!r}: {v!r}")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ProtocolError(f"{where}: num_classes must be positive, got {self.num_classes}")
-        class_files = [("classes_file", self.classes_file), ("reclip.classes_file", self.reclip.classes_file)]
-        for field_name, name in class_files:
-            if name is None:
-                continue
-            path = self.resolve_class_file(name)
-            n = len(read_class_file(path))
-            if self.num_classes is not None and n != self.num_classes:
-                raise ProtocolError(
-                    f"{where}: {field_name} {path} has {n} classes but the protocol's labels "
-                    f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
-                )
+        if self.classes_file is not None:
+            self._check_class_count(self.classes_file, "class file", where)
+
+    def _check_class_count(self, classes_file: str, what: str, where: str) -> None:
+        n = len(read_class_file(self.classes_path(classes_file)).to_list())
+        if self.num_classes is not None and n != self.num_classes:
+            raise ProtocolError(
+                f"{where}: {what} {self.classes_path(classes_file)} has {n} classes but the protocol's labels "
+                f"have {self.num_classes}; give a class file with {self.num_classes} lines in train-id order"
+            )
+
+    def _zero_shot_sections(self) -> list[tuple[str, ZeroShotSettings]]:
+        """(key, settings) of the training-free sections present (zero_shot, naclip, ...)."""
+        return [(key, getattr(self, key)) for key, cls in SECTIONS.items()
+                if cls is ZeroShotSettings and getattr(self, key) is not None]
 
     def background_settings_without_background(self) -> list[str]:
-        """zero_shot settings that are on although the protocol has no background class."""
+        """Training-free settings (``section.name``) that are on although the protocol has no
+        background class."""
         if self.background:
             return []
-        return [n for n in ("prob_thd", "area_thd") if getattr(self.zero_shot, n) is not None]
+        return [f"{key}.{n}" for key, s in self._zero_shot_sections() for n in ("prob_thd", "area_thd")
+                if getattr(s, n) is not None]
 
     # -- classes ---------------------------------------------------------------------
-    def classes_path(self) -> Path:
-        """Resolve classes_file (:meth:`resolve_class_file`)."""
-        if self.classes_file is None:
+    def classes_path(self, classes_file: str | None = None) -> Path:
+        """Resolve classes_file (or another class file of this protocol, e.g. a section's):
+        as given (absolute or from the cwd), next to the YAML, then in the package's
+        configs/classes/."""
+        classes_file = self.classes_file if classes_file is None else classes_file
+        if classes_file is None:
             raise ProtocolError(
                 f"protocol {self.name!r} has no class list; pass one (classes_file=... / --classes-file)"
             )
-        return self.resolve_class_file(self.classes_file)
-
-    def resolve_class_file(self, name: str | os.PathLike) -> Path:
-        """A class file named by this protocol: as given (absolute or from the cwd), next to
-        the YAML, then in the package's configs/classes/."""
-        given = Path(name).expanduser()
+        given = Path(classes_file).expanduser()
         candidates = [given]
         if not given.is_absolute():
             if self.source:
@@ -405,7 +464,7 @@ class Protocol:
             if c.is_file():
                 return c
         raise ProtocolError(
-            f"protocol {self.name!r}: class file {str(name)!r} not found; looked in: "
+            f"protocol {self.name!r}: class file {classes_file!r} not found; looked in: "
             + ", ".join(str(c) for c in candidates)
         )
 
@@ -442,8 +501,9 @@ class Protocol:
         """A validated copy with some values replaced (e.g. from command-line options).
 
         Keys: any top-level field (``classes_file``, ``num_classes``, ``background``,
-        ``ignore_index``, ...; the sections ``zero_shot`` / ``reclip`` / ``rectify`` /
-        ``hypotheses`` and ``splits`` as dicts that are merged into the current values,
+        ``ignore_index``, ...; the sections ``zero_shot`` / ``naclip`` / ``reclip`` /
+        ``rectify`` / ``hypotheses`` and ``splits`` as dicts that are merged into the
+        current values (an absent optional section is built from the dict alone),
         e.g. ``zero_shot={"prob_thd": None}``, ``hypotheses={"t": 0.1}``); and the
         flat split keys ``img_dir``, ``img_suffix``, ``label_dir``, ``label_suffix``,
         ``split_file``, applied to every split. None is a value (e.g.
@@ -461,7 +521,7 @@ class Protocol:
             hint = ""
             fam = {f.name for c in (ZeroShotSettings, ReclipSettings) for f in dataclasses.fields(c)}
             if set(unknown) & fam:
-                hint = ("; test settings go in zero_shot={...} / reclip={...}, or per run through "
+                hint = ("; test settings go in zero_shot={...} / naclip={...} / reclip={...}, or per run through "
                         "reclip.methods.inference_config(..., **overrides)")
             for sec in ("rectify", "hypotheses"):
                 if set(unknown) & {f.name for f in dataclasses.fields(SECTIONS[sec])}:
@@ -474,7 +534,7 @@ class Protocol:
             if (key in SECTIONS or key == "splits") and not isinstance(value, dict):
                 raise ProtocolError(f"with_overrides: {key} must be a dict of fields to replace, got {value!r}")
             if key in SECTIONS:
-                data[key].update(copy.deepcopy(value))
+                data.setdefault(key, {}).update(copy.deepcopy(value))  # an absent optional section: new
             elif key == "splits":
                 for split, spec in value.items():
                     if not isinstance(spec, dict):
@@ -492,7 +552,9 @@ def _to_dict(p: Protocol) -> dict[str, Any]:
     d = {f.name: copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "source"}
     d["splits"] = {k: dataclasses.asdict(v) for k, v in p.splits.items()}
     for key in SECTIONS:
-        d[key] = dataclasses.asdict(getattr(p, key))
+        section = d.pop(key)
+        if section is not None:  # an optional section left out stays out
+            d[key] = dataclasses.asdict(section)
     return d
 
 
@@ -503,7 +565,10 @@ def _protocol_from_dict(data: Any, source: str | None, where: str) -> Protocol:
         raise ProtocolError(f"{where}: splits must be a non-empty mapping of split name -> folders")
     splits = {str(name): SplitSpec(**_build(SplitSpec, spec, f"{where}: splits.{name}"))
               for name, spec in splits_raw.items()}
-    sections = {key: _section(cls, data[key], where, key) for key, cls in SECTIONS.items() if key in data}
+    # `naclip: null` is the same as no naclip section (a section whose Protocol default is None)
+    optional = {f.name for f in dataclasses.fields(Protocol) if f.name in SECTIONS and f.default is None}
+    sections = {key: _section(cls, data[key], where, key) for key, cls in SECTIONS.items()
+                if key in data and not (key in optional and data[key] is None)}
     rest = {k: v for k, v in data.items() if k != "splits" and k not in SECTIONS}
     return Protocol(splits=splits, source=source, **sections, **rest)
 
@@ -538,4 +603,11 @@ def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
         data = yaml.safe_load(read_text_file(path, "protocol file"))
     except yaml.YAMLError as e:
         raise ProtocolError(f"{path}: invalid YAML: {e}") from e
-    return _protocol_from_dict(data, source=str(path), where=str(path))
+    protocol = _protocol_from_dict(data, source=str(path), where=str(path))
+    # A section's class file is checked as the YAML gives it; a copy with another label set
+    # (with_overrides(classes_file=..., num_classes=...)) is not held to it.
+    for key in SECTIONS:
+        settings = getattr(protocol, key, None)
+        if getattr(settings, "classes_file", None) is not None:
+            protocol._check_class_count(settings.classes_file, f"{key}.classes_file", str(path))
+    return protocol

@@ -45,7 +45,7 @@ class Family:
         name: the family's name (``Method.family``).
         section: the protocol YAML section holding its published test settings (a key of
             :data:`reclip.data.protocol.SECTIONS`, an attribute of ``Protocol``; its
-            dataclass is :attr:`settings`).
+            dataclass is :attr:`settings`); the default of :attr:`sections`.
         methods: the family's methods.
         test_settings: ``(method, section settings, protocol, **options) -> {InferenceConfig
             field: value}``, the published test settings of one method on one protocol.
@@ -92,6 +92,13 @@ class Family:
     def settings(self) -> type:
         """The dataclass of its protocol section (``reclip.data.protocol``)."""
         return SECTIONS[self.section]
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The protocol sections it can read: its own (first) and every other section of
+        the same dataclass (e.g. the training-free family's ``zero_shot`` and ``naclip``),
+        chosen with ``reclip.methods.inference_config(..., test_settings=...)``."""
+        return (self.section, *(k for k, cls in SECTIONS.items() if cls is self.settings and k != self.section))
 
     @property
     def trained(self) -> bool:

@@ -2,7 +2,8 @@
 
 Each method is a dense-feature strategy (:mod:`reclip.features`) under the zero-shot
 head (:class:`reclip.heads.zero_shot.ZeroShotSegmentor`), tested with the protocol's
-``zero_shot`` section (one protocol for all of them: ClearCLIP's).
+``zero_shot`` section (one protocol for all of them: ClearCLIP's), or with another
+section of the same schema when asked (``naclip``: NACLIP's own protocol).
 """
 
 from __future__ import annotations
@@ -51,14 +52,20 @@ def build(
 
 
 def test_settings(method: Method, settings: ZeroShotSettings, protocol: Any) -> dict[str, Any]:
-    """The ``zero_shot`` section; ``prob_thd`` / ``area_thd`` only where the protocol has a
-    background class (both assign pixels to class 0)."""
-    return {
+    """A training-free section (``zero_shot``, ``naclip``); ``prob_thd`` / ``area_thd`` only
+    where the protocol has a background class (both assign pixels to class 0); PAMR's
+    iterations and dilations where the section gives them (else reclip.postprocess's)."""
+    values = {
         **common_test_settings(settings),
         "logit_scale": settings.logit_scale,
         "prob_thd": settings.prob_thd if protocol.background else None,
         "area_thd": settings.area_thd if protocol.background else None,
+        "pamr": settings.pamr,
     }
+    for name in ("pamr_iter", "pamr_dilations"):
+        if getattr(settings, name) is not None:
+            values[name] = getattr(settings, name)
+    return values
 
 
 FAMILY = Family(name=NAME, section="zero_shot", methods=METHODS, test_settings=test_settings, build=build)
