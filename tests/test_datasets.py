@@ -371,8 +371,18 @@ def test_the_reclip_family_reads_the_official_reclip_class_names(name):
     names = read_class_file(protocol.classes_path(protocol.reclip.classes_file)).names
     assert list(names) == RECLIP_NAMES[name]
     assert names != protocol.vocabulary().names  # the training-free (ClearCLIP) list differs
-    # COCO-Stuff-27's official list equals the protocol's, so it needs no file of its own
-    assert load_protocol("cocostuff27").reclip.classes_file is None
+    # a user's class list replaces the section's own too
+    mine = protocol.with_overrides(classes_file="cocostuff27.txt", num_classes=None)
+    assert mine.reclip.classes_file is None and mine.section_classes_path("reclip") is None
+
+
+def test_cocostuff27_needs_no_reclip_file_its_list_is_the_official_one():
+    official = ["electronic", "appliance", "food things", "furniture things", "indoor", "kitchen", "accessory",
+                "animal", "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food stuff",
+                "furniture stuff", "raw material", "textile", "wall", "window", "building", "ground", "plant",
+                "sky", "solid", "structural", "water"]  # dogehhh/ReCLIP coco_stuff_classes_27
+    protocol = load_protocol("cocostuff27")
+    assert protocol.reclip.classes_file is None and list(protocol.vocabulary().names) == official
 
 
 def test_a_reclip_class_file_of_the_wrong_length_is_refused(tmp_path):

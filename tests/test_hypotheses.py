@@ -335,6 +335,11 @@ def test_cli_writes_a_file_with_the_protocol_threshold(tmp_path, monkeypatch, ca
     code = main(["hypotheses", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root),
                  "--out", str(out), "--templates", "single", "--r", "0.5", "--t", "0.3", "--quiet"])
     assert code == 2 and "--no-resume" in capsys.readouterr().err
+    # a user's --classes-file wins over the ReCLIP names
+    mine = tmp_path / "mine.json"
+    assert main(["hypotheses", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root),
+                 "--out", str(mine), "--templates", "single", "--classes-file", "voc20.txt", "--quiet"]) == 0
+    assert json.loads(mine.read_text())["classes"][0] == "aeroplane"
 
 
 def test_cli_uses_the_hypotheses_section_of_a_user_yaml(tmp_path, monkeypatch, capsys):

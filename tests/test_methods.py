@@ -239,9 +239,7 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert inference_config(method, p, prompt_denoising="official-safe") == dataclasses.replace(
             official, pd_mode="safe")
         if method.name == "reclip":  # the conference version's own PD threshold and scale
-            v1 = settings.pd_threshold_v1
-            assert official.pd_threshold == (v1 if v1 is not None else settings.pd_threshold)
-            assert official.pd_scale == 100.0
+            assert official.pd_threshold == settings.pd_threshold_v1 and official.pd_scale == 100.0
         else:
             assert official.pd_threshold == settings.pd_threshold and official.pd_scale == 10.0
 
@@ -255,15 +253,23 @@ def test_a_rectified_method_without_prompt_denoising_settings_is_refused_when_pd
 
 def test_each_method_family_reads_its_own_pd_threshold_per_protocol():
     official = {}
-    for name in ("voc20", "context59", "ade150", "cityscapes19", "cocostuff27"):
+    for name in list_protocols():
         p = load_protocol(name)
+        if p.reclip.pd_threshold is None:  # `folder`: no official threshold, refused (tested above)
+            continue
         official[name] = tuple((c.pd_threshold, c.pd_scale) for c in (
             inference_config("reclip++", p, prompt_denoising="official"),
             inference_config("reclip", p, prompt_denoising="official")))
     assert official == {  # ReCLIP++: TEST.PD per dataset; ReCLIP: TEST.ReCLIP_PD 0.5, Context 0.6
-        "voc20": ((1.0, 10.0), (0.5, 100.0)), "context59": ((0.85, 10.0), (0.6, 100.0)),
+        "voc20": ((1.0, 10.0), (0.5, 100.0)), "voc21": ((1.0, 10.0), (0.5, 100.0)),
+        "context59": ((0.85, 10.0), (0.6, 100.0)), "context60": ((0.85, 10.0), (0.6, 100.0)),
         "ade150": ((0.5, 10.0), (0.5, 100.0)), "cityscapes19": ((0.5, 10.0), (0.5, 100.0)),
-        "cocostuff27": ((0.95, 10.0), (0.5, 100.0))}
+        "cocostuff27": ((0.95, 10.0), (0.5, 100.0)), "cocostuff171": ((0.95, 10.0), (0.5, 100.0)),
+        "cocoobject": ((0.95, 10.0), (0.5, 100.0))}
+    # the conference version never falls back to ReCLIP++'s threshold
+    no_v1 = load_protocol("voc20").with_overrides(reclip={"pd_threshold_v1": None})
+    with pytest.raises(ValueError, match="no official prompt-denoising threshold for reclip"):
+        inference_config("reclip", no_v1, prompt_denoising="official")
 
 
 def test_the_class_file_of_a_method_is_the_users_then_its_familys_then_the_protocols(tmp_path):

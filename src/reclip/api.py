@@ -209,13 +209,13 @@ def evaluate(
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
+    cfg = inference_config(method, protocol, **dict(inference or {}))  # settings errors before any data is read
     section, _ = settings_section(method, protocol, dict(inference or {}).get("test_settings"))
     # the class file the method's test settings were published with (ReCLIP's or NACLIP's own)
     classes_file = classes_file_for(method, protocol, classes_file, section)
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
-    cfg = inference_config(method, protocol, **dict(inference or {}))
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights

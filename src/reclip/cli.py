@@ -31,7 +31,7 @@ from reclip.features import ATTENTIONS, get_strategy
 from reclip.heads.reference import NAME_TOKENS
 from reclip.families.rectified import PD_CHOICES, PD_HELP
 from reclip.heads.rectify import ABLATIONS, OUTPUTS
-from reclip.methods import METHODS, TEST_SETTINGS, classes_file_for
+from reclip.methods import METHODS, TEST_SETTINGS
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
 
@@ -257,7 +257,7 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
 
     protocol = load_protocol(args.dataset)
     # hypotheses serve the ReCLIP family's training: its own class names unless a file is given
-    classes_file = classes_file_for("reclip++", protocol, args.classes_file)
+    classes_file = args.classes_file if args.classes_file is not None else protocol.section_classes_path("reclip")
     data = SegmentationDataset(protocol, args.data_root, args.split, classes_file=classes_file,
                                check_sizes=False, max_pixels=args.max_pixels)
     config = config_for_protocol(data.protocol, rule=args.rule, r=args.r, t=args.t, threshold=args.threshold,
@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="val")
-    p.add_argument("--classes-file", help="class list replacing the protocol's, in label-id order")
+    p.add_argument("--classes-file", help="class list replacing the protocol's (and the method's own: ReCLIP's "
+                                          "names for reclip++/reclip, NACLIP's for --test-settings naclip), "
+                                          "in label-id order")
     p.add_argument("--absent-as-zero", action="store_true",
                    help="official ReCLIP mean: classes that never occur count as 0")
     p.add_argument("--bias", action="store_true",
@@ -387,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
     p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
     p.add_argument("--split", default="train")
-    p.add_argument("--classes-file", help="class list replacing the protocol's")
+    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's (the protocol's "
+                                          "reclip.classes_file, else its own list)")
     p.add_argument("--templates", default="reclip85", choices=sorted(TEMPLATE_SETS),
                    help="query prompt templates (default: ReCLIP's 85)")
     p.add_argument("--out", required=True, help="hypotheses JSON file (resumed if it exists)")
@@ -434,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protocol name or a protocol .yaml file (its train split is used)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--classes-file", help="class list replacing the protocol's")
+    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's (the protocol's "
+                                          "reclip.classes_file, else its own list)")
     p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after N steps (default: the official epochs)")

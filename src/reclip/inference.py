@@ -97,8 +97,8 @@ class InferenceConfig(PostprocessConfig):
         if self.pd_mode == "official" and self.pd_threshold is not None and self.mode != "whole":
             raise ValueError(
                 f"the official prompt denoising runs on each whole image's grid, but mode is {self.mode!r}; "
-                "use mode='whole' (as the official evaluator) or pd_mode='safe' (the project's PD, which "
-                "works on the full-resolution logits of any mode)"
+                "use mode='whole' (--mode whole, as the official evaluator) or the project's PD, which works "
+                "on the full-resolution logits of any mode (--prompt-denoising official-safe; pd_mode='safe')"
             )
         if self.short_side is not None and not (isinstance(self.short_side, int) and self.short_side > 0):
             raise ValueError(f"short_side must be a positive int or None, got {self.short_side!r}")

@@ -165,8 +165,7 @@ def classes_file_for(method: str | Method, protocol: Any, given: str | os.PathLi
     ReCLIP prompt names, or NACLIP's), else None: the protocol's ``classes_file``."""
     if given is not None:
         return given
-    own = getattr(settings_section(method, protocol, test_settings)[1], "classes_file", None)
-    return None if own is None else protocol.classes_path(own)
+    return protocol.section_classes_path(settings_section(method, protocol, test_settings)[0])
 
 
 def inference_config(method: str | Method, protocol: Any, test_settings: str | None = None,

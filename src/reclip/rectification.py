@@ -102,8 +102,8 @@ def rectify(
         raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
     if optimizer is not None and "lr" in overrides:
         raise ValueError("give the learning rate in the optimizer config, not as a training override as well")
-    if classes_file is None and protocol.reclip.classes_file is not None:  # ReCLIP's own class names
-        classes_file = protocol.classes_path(protocol.reclip.classes_file)
+    if classes_file is None:  # the ReCLIP family's own class names where the protocol names them
+        classes_file = protocol.section_classes_path("reclip")
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary
@@ -182,7 +182,9 @@ def rectifier_from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None 
     if vocabulary is not None and vocabulary != trained:
         raise ValueError(
             f"{run.run_dir} was trained for the classes {list(trained.names)}, not {list(vocabulary.names)}: "
-            "a rectifier's Reference prompt and decoder are per class; train one for this class list"
+            "a rectifier's Reference prompt and decoder are per class: pass --classes-file with the run's list "
+            "(config.json 'classes'; a run trained before the ReCLIP class files existed used the protocol's "
+            "own, e.g. voc20.txt), or train one for this class list"
         )
     queries = query_embeddings(clip, trained, saved.get("query_templates", QUERY_TEMPLATES), cache_dir=text_cache)
     model = Rectifier(clip, queries, trained.names, RectifierConfig.from_dict(saved["rectifier"]))

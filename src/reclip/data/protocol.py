@@ -445,6 +445,12 @@ class Protocol:
                 if getattr(s, n) is not None]
 
     # -- classes ---------------------------------------------------------------------
+    def section_classes_path(self, section: str) -> Path | None:
+        """The class file a test-settings section names (e.g. ``reclip``: the official ReCLIP
+        prompt names), resolved; None when it names none (the protocol's list applies)."""
+        name = getattr(getattr(self, section, None), "classes_file", None)
+        return None if name is None else self.classes_path(name)
+
     def classes_path(self, classes_file: str | None = None) -> Path:
         """Resolve classes_file (or another class file of this protocol, e.g. a section's):
         as given (absolute or from the cwd), next to the YAML, then in the package's
@@ -509,7 +515,8 @@ class Protocol:
         ``split_file``, applied to every split. None is a value (e.g.
         ``zero_shot={"prob_thd": None}`` turns the threshold off): pass only what the user
         set. Changing classes_file on a protocol with a fixed num_classes is checked against
-        it; set num_classes too when evaluating a different label set.
+        it; set num_classes too when evaluating a different label set. A new classes_file
+        also clears the class files of the test-settings sections (unless given with them).
 
         Per-run inference settings (short side, window, logit scale, thresholds, ...) are
         not overridden here: ``reclip.methods.inference_config(method, protocol, **overrides)``
@@ -542,6 +549,11 @@ class Protocol:
                     data["splits"].setdefault(split, {}).update(copy.deepcopy(spec))
             elif key in top:
                 data[key] = copy.deepcopy(value)
+                if key == "classes_file":  # a user's class list replaces every section's own too
+                    for section in SECTIONS:
+                        if isinstance(data.get(section), dict) and "classes_file" in data[section] \
+                                and section not in kw:
+                            data[section]["classes_file"] = None
             else:
                 for spec in data["splits"].values():
                     spec[key] = value

@@ -27,11 +27,11 @@ METHODS = (
 
 # Prompt denoising of each method as the official evaluator applies it (dogehhh/ReCLIP
 # tools/test.py): the protocol fields that may hold its threshold (the first one set wins)
-# and the scale inside PD's softmax. The conference version has its own threshold where
-# the protocol gives one (ReCLIP_PD).
+# and the scale inside PD's softmax. The conference version has its own threshold
+# (ReCLIP_PD), never ReCLIP++'s.
 PROMPT_DENOISING: dict[str, tuple[tuple[str, ...], float]] = {
     "reclip++": (("pd_threshold",), 10.0),
-    "reclip": (("pd_threshold_v1", "pd_threshold"), 100.0),
+    "reclip": (("pd_threshold_v1",), 100.0),
 }
 # ``prompt_denoising`` choices: "none" is the paper (section III-D, Inference: the label
 # of a pixel is the argmax of M_o); "official" is the official evaluator's PD exactly, at
