@@ -137,8 +137,14 @@ def test_unlabeled_set_never_reads_labels(voc_train, monkeypatch):
     assert len(ds) == 4
     for k in range(len(ds)):
         item = ds[k]
-        assert set(item) == {"image", "hypotheses", "index", "image_id"}
+        assert set(item) == {"image", "valid", "hypotheses", "index", "image_id"}
         assert item["image"].shape == (3, 16, 20) and item["image"].dtype == torch.float32
+        # valid marks the image's pixels; the padding (zeros after normalisation) is not
+        valid = item["valid"]
+        assert valid.shape == (16, 20) and valid.dtype == torch.bool and valid[0, 0]
+        assert (item["image"][:, ~valid] == 0).all()
+        rows, cols = valid.any(1), valid.any(0)
+        assert valid.sum() == rows.sum() * cols.sum() and rows[: int(rows.sum())].all() and cols[: int(cols.sum())].all()
         assert item["hypotheses"].dtype == torch.bool and item["hypotheses"].shape == (21,)
         assert sorted(item["hypotheses"].nonzero().flatten().tolist()) == sorted({item["index"] % 21, 5})
 

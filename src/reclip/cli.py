@@ -35,6 +35,8 @@ from reclip.methods import METHODS, TEST_SETTINGS
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
 
+STUDENT_BACKBONE_NAMES = ("resnet101", "resnet50-v1c", "resnet50", "resnet18")  # reclip.backbones.resnet
+
 
 CLIP_CONFIG_HELP = (
     "open_clip config of the --clip weights: open_clip's model_configs/<name>.json or a hub open_clip_config.json. "
@@ -308,6 +310,36 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from reclip.distillation import DISTILL_PRESETS, distill
+
+    config = DISTILL_PRESETS[args.preset]
+    switches = {"backbone": args.backbone, "mask_loss": args.mask_loss, "feat_loss": args.feat_loss,
+                "text_loss": args.text_loss, "head": "fresh" if args.fresh_head else None}
+    config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
+    if (config.teacher == "rectified") == (args.teacher is None):
+        print(f"reclip distill: error: --preset {args.preset} "
+              + ("needs --teacher RUN_DIR (a `reclip rectify` run)" if args.teacher is None
+                 else "distils MaskCLIP itself and takes no --teacher"), file=sys.stderr)
+        return 2
+    train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
+                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers),
+                               ("device", None if args.device == "auto" else args.device))
+             if v is not None}
+    weights = None if args.weights.lower() == "none" else args.weights
+    result = distill(
+        _load(args), args.teacher, args.dataset, args.data_root, args.hypotheses, args.out, config=config,
+        weights=weights, classes_file=args.classes_file, split=args.split, max_steps=args.max_steps,
+        epochs=args.epochs, train_overrides=train, base_short_side=args.base_short_side, crop=args.crop,
+        resume=args.resume, progress=not args.quiet, max_pixels=args.max_pixels,
+    )
+    print(f"distilled a {config.backbone} student for {result.step} steps: {args.out}/model.safetensors + config.json")
+    print(f"use it with: reclip evaluate --method student --checkpoint {args.out} --clip {args.clip} ...")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from reclip.demo import run_demo
     from reclip.toy.pretrain import ToyConfig
@@ -455,6 +487,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     _add_max_pixels_arg(p, labels=False)
     p.set_defaults(func=cmd_rectify)
+
+    p = sub.add_parser("distill", parents=[common],
+                       help="distil a rectified CLIP into a DeepLab V2 student (ReCLIP++ III-E) or MaskCLIP+")
+    p.add_argument("--clip", required=True, metavar="SPEC", help="CLIP weights (the teacher's)")
+    p.add_argument("--teacher", metavar="RUN_DIR", help="the `reclip rectify` run to distil (not for maskclip+)")
+    p.add_argument("--preset", default="reclip++", choices=("reclip++", "maskclip+"),
+                   help="reclip++ (the paper) or maskclip+ (MaskCLIP's argmax as pseudo labels, query head only)")
+    p.add_argument("--backbone", choices=sorted(STUDENT_BACKBONE_NAMES),
+                   help="student ResNet (default resnet101, the paper; resnet50-v1c: the official code; "
+                        "resnet18: small)")
+    p.add_argument("--weights", default="imagenet",
+                   help="backbone initialisation: imagenet (downloaded; offline: a warning, random start), "
+                        "a weights file, or none")
+    p.add_argument("--mask-loss", action=argparse.BooleanOptionalAction, default=None, help="L_mask (Table VIII)")
+    p.add_argument("--feat-loss", action=argparse.BooleanOptionalAction, default=None, help="L_feat (Table VIII)")
+    p.add_argument("--text-loss", action=argparse.BooleanOptionalAction, default=None, help="L_text (Table VIII)")
+    p.add_argument("--fresh-head", action="store_true",
+                   help="train the bias and decoder from scratch instead of inheriting them (Table IX)")
+    p.add_argument("--dataset", required=True, help="protocol name or a protocol .yaml file")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's")
+    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` (L_text)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after N steps (default: --epochs)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100, help="epochs (official: VOC 100, ADE 150)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="global batch (default 16, official)")
+    p.add_argument("--lr", type=POSITIVE, help="SGD lr (default 0.01, official)")
+    p.add_argument("--seed", type=COUNT)
+    p.add_argument("--crop", type=POSITIVE_INT, help="training crop (default: the dataset's rectify preset)")
+    p.add_argument("--base-short-side", type=POSITIVE_INT, help="augmentation base scale (default: the preset)")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
+    p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
+    _add_max_pixels_arg(p, labels=False)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder")

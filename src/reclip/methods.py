@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from reclip.clip.model import CLIP
-from reclip.families import rectified, zero_shot
+from reclip.families import distilled, rectified, zero_shot
 from reclip.families.spec import Family, Method
 from reclip.inference import InferenceConfig
 from reclip.text import QueryEmbeddings, Vocabulary
@@ -30,6 +30,7 @@ __all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "classe
 FAMILIES: dict[str, Family] = {
     zero_shot.FAMILY.name: zero_shot.FAMILY,
     rectified.FAMILY.name: rectified.FAMILY,
+    distilled.FAMILY.name: distilled.FAMILY,
 }
 METHODS: dict[str, Method] = {m.name: m for family in FAMILIES.values() for m in family.methods}
 # Every protocol section some family can read its test settings from (``--test-settings``).

@@ -357,6 +357,7 @@ class UnlabeledTrainSet(Dataset):
     Items::
 
         {"image": (3, h, w) float32,   # augmented, CLIP-normalised, padded to ``crop``
+         "valid": (h, w) bool,         # True on the image, False on the padding
          "hypotheses": (C,) bool,      # classes of the image's hypothesis set H (eq. 6)
          "index": int,                 # index in ``dataset`` (for logs)
          "image_id": str}
@@ -506,8 +507,10 @@ class UnlabeledTrainSet(Dataset):
                            flip_prob=self.flip_prob, photometric=self.photometric, pad=False,
                            antialias=self.antialias)
         x = to_tensor_normalized(image, self.mean, self.std)  # (3, h', w'), h' <= crop h
+        valid = torch.zeros(self.crop, dtype=torch.bool)
+        valid[: x.shape[1], : x.shape[2]] = True  # the image's pixels, not the padding
         x = F.pad(x, (0, self.crop[1] - x.shape[2], 0, self.crop[0] - x.shape[1]), value=0.0)  # (3, h, w)
-        item = {"image": x, "hypotheses": torch.from_numpy(self._targets[index].copy()),
+        item = {"image": x, "valid": valid, "hypotheses": torch.from_numpy(self._targets[index].copy()),
                 "index": index, "image_id": self.image_ids[index]}
         assert "label" not in item  # unsupervised training: ground truth never leaves the dataset
         return item

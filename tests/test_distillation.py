@@ -1,0 +1,215 @@
+"""The distillation stage (ReCLIP++ III-E): the inherited head, the three losses, and a
+student trained end to end through the CLI (tiny random CLIP, synthetic VOC layout,
+the small ResNet-18-class student, random backbone)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from layouts import write_voc
+from tiny import tiny_clip
+import reclip.data.datasets as datasets_mod
+import reclip.data.io as io_mod
+from reclip.cli import main
+from reclip.clip.load import load_clip, save_clip
+from reclip.distillation import (
+    MASKCLIP_PLUS,
+    RECLIPPP_DISTILL,
+    DistillConfig,
+    Student,
+    StudentBackbone,
+    distillation_loss,
+    load_student,
+)
+from reclip.distillation import _Teacher
+from reclip.heads.inherited import InheritedHead, inherit
+from reclip.heads.rectify import RECLIPPP, Rectifier
+from reclip.rectification import load_rectifier
+from reclip.text import QueryEmbeddings
+
+SMALL = dict(backbone="resnet18", aspp_channels=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _teacher(clip, num_classes=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.functional.normalize(torch.randn(num_classes, clip.visual.output_dim, generator=g), dim=-1)
+    queries = QueryEmbeddings(w, torch.arange(num_classes), num_classes)
+    model = Rectifier(clip, queries, ["cat", "dog", "sky", "grass"], dataclasses.replace(RECLIPPP, reference_length=8))
+    with torch.no_grad():  # a decoder whose BN statistics are not the initial ones
+        model.head.decoder.norm.running_mean.normal_()
+        model.head.decoder.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_the_inherited_head_on_the_teachers_features_is_the_teachers_head():
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    x = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = teacher.forward_train(x)
+        head = inherit(teacher, (4, 5)).eval()
+        got = head.outputs(expected.features)
+    for name in ("query_logits", "bias_logits", "rectified", "decoded"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in head.parameters())  # frozen
+    head.train()
+    assert not head.decoder.training  # the teacher's BN statistics stay in use
+
+
+def test_the_bias_map_follows_the_students_grid():
+    clip = tiny_clip(perturb=0.02)
+    head = inherit(_teacher(clip), (4, 4)).eval()
+    z = torch.nn.functional.normalize(torch.randn(1, clip.visual.output_dim, 8, 8), dim=1)
+    out = head.outputs(z)
+    resized = torch.nn.functional.interpolate(head.bias_map, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.bias_logits, resized)
+    assert out.decoded.shape == (1, 4, 8, 8)
+
+
+def _student(clip, head, config=RECLIPPP_DISTILL):
+    config = dataclasses.replace(config, **SMALL)
+    backbone = StudentBackbone(config.backbone, clip.visual.output_dim, config.aspp_channels)
+    return Student(backbone, head, clip.image_mean, clip.image_std, config)
+
+
+@pytest.mark.parametrize("term", ["mask", "feat", "text"])
+def test_every_loss_term_trains_the_student(term):
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    config = dataclasses.replace(RECLIPPP_DISTILL, mask_loss=term == "mask", feat_loss=term == "feat",
+                                 text_loss=term == "text", **SMALL)
+    student = _student(clip, inherit(teacher, (4, 4)), config).train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[:, 24:] = False  # padding
+    batch = {"image": images, "valid": valid, "hypotheses": torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]).bool()}
+    gumbel = {"tau": 1.0, "scale": 30.0, "contrastive_scale": 100.0, "pool": "official"}
+    loss, logged = distillation_loss(student, _Teacher(teacher), config, gumbel, batch)
+    assert set(logged) == {"loss", term} and torch.isfinite(loss)
+    loss.backward()
+    grad = student.backbone.resnet.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the term reaches the student's first layer
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_mask_loss_ignores_the_padding():
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    config = dataclasses.replace(RECLIPPP_DISTILL, feat_loss=False, text_loss=False, **SMALL)
+    student = _student(clip, inherit(teacher, (4, 4)), config)
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    gumbel = {"tau": 1.0, "scale": 30.0, "contrastive_scale": 100.0, "pool": "official"}
+    full = torch.ones(1, 32, 32, dtype=torch.bool)
+    half = full.clone()
+    half[:, 16:] = False
+    losses = [distillation_loss(student, _Teacher(teacher), config, gumbel,
+                                {"image": images, "valid": v, "hypotheses": torch.ones(1, 4).bool()})[0]
+              for v in (full, half)]
+    assert not torch.isclose(losses[0], losses[1])  # the padded half is left out of the mean
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="every loss term is off"):
+        DistillConfig(mask_loss=False, feat_loss=False, text_loss=False)
+    with pytest.raises(ValueError, match="backbone"):
+        DistillConfig(backbone="vgg16")
+    with pytest.raises(ValueError, match="no bias or decoder"):
+        DistillConfig(teacher="maskclip", head="fresh")
+    assert (MASKCLIP_PLUS.teacher, MASKCLIP_PLUS.feat_loss, MASKCLIP_PLUS.text_loss) == ("maskclip", False, False)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """(clip file, VOC root, teacher run, student run) through the CLI, no label ever read."""
+    base = tmp_path_factory.mktemp("distil")
+    clip_file = save_clip(tiny_clip(perturb=0.02), base / "tiny.pt", format="openai")
+    root = write_voc(base / "voc", n_train=4, n_val=2)
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
+    assert main(["hypotheses", *common, "--split", "train", "--out", str(base / "hyp.json"), "--t", "0"]) == 0
+    assert main(["rectify", *common, "--hypotheses", str(base / "hyp.json"), "--out", str(base / "teacher"),
+                 "--max-steps", "2", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
+                 "--reference-length", "8", "--device", "cpu"]) == 0
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError("distillation read a ground-truth label")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(io_mod, "read_label", poisoned)
+    patch.setattr(datasets_mod, "read_label", poisoned)
+    try:
+        assert main(["distill", *common, "--teacher", str(base / "teacher"), "--hypotheses", str(base / "hyp.json"),
+                     "--out", str(base / "student"), "--backbone", "resnet18", "--weights", "none",
+                     "--max-steps", "2", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
+                     "--device", "cpu"]) == 0
+    finally:
+        patch.undo()
+    return clip_file, root, base / "teacher", base / "student"
+
+
+def test_a_student_run_holds_what_it_needs_and_runs_without_clip(distilled):
+    clip_file, _, teacher_run, run = distilled
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "student" and config["distill"]["backbone"] == "resnet18"
+    assert config["classes"][0] == "airplane"  # the ReCLIP class names, as its teacher
+    assert config["decoder"] and config["bias"] and config["train"]["steps"] == 2
+    student = load_student(run)  # no CLIP
+    teacher = load_rectifier(teacher_run, load_clip(clip_file))
+    torch.testing.assert_close(student.head.query, teacher.head.query_weights)
+    for name, p in student.head.decoder.state_dict().items():  # the teacher's decoder, unchanged by training
+        torch.testing.assert_close(p, teacher.head.decoder.state_dict()[name])
+    x = torch.randn(1, 3, 36, 44)
+    with torch.no_grad():
+        assert student(x).shape == (1, 20, 36, 44)
+
+
+def test_evaluate_and_segment_with_the_student(distilled, tmp_path):
+    clip_file, root, _, run = distilled
+    out = tmp_path / "s.json"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "student", "--checkpoint", str(run),
+                 "--dataset", "voc20", "--data-root", str(root), "--short-side", "40", "--json", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "student" and result["num_images"] == 2
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "student", "--checkpoint", str(run),
+                 "--dataset", "voc20", "--data-root", str(root), "--short-side", "40", "--output", "query",
+                 "--quiet"]) == 0
+
+
+def test_maskclip_plus_needs_no_teacher_and_refuses_one(distilled, tmp_path, capsys):
+    clip_file, root, teacher_run, _ = distilled
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
+              "--hypotheses", str(teacher_run.parent / "hyp.json"), "--backbone", "resnet18", "--weights", "none",
+              "--max-steps", "1", "--batch-size", "2", "--crop", "32", "--base-short-side", "40", "--device", "cpu"]
+    assert main(["distill", *common, "--preset", "maskclip+", "--out", str(tmp_path / "mcp")]) == 0
+    student = load_student(tmp_path / "mcp")
+    assert student.head.decoder is None and student.head.bias_map is None  # the query head alone
+    assert main(["distill", *common, "--preset", "maskclip+", "--teacher", str(teacher_run),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "takes no --teacher" in capsys.readouterr().err
+    assert main(["distill", *common, "--out", str(tmp_path / "y")]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+
+
+def test_a_fresh_head_is_trained_and_starts_new(distilled, tmp_path):
+    clip_file, root, teacher_run, _ = distilled
+    assert main(["distill", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
+                 "--teacher", str(teacher_run), "--hypotheses", str(teacher_run.parent / "hyp.json"),
+                 "--out", str(tmp_path / "fresh"), "--fresh-head", "--backbone", "resnet18", "--weights", "none",
+                 "--max-steps", "1", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
+                 "--device", "cpu"]) == 0
+    student = load_student(tmp_path / "fresh")
+    teacher = load_rectifier(teacher_run, load_clip(clip_file))
+    assert isinstance(student.head, InheritedHead) and student.head.trainable
+    assert not torch.allclose(student.head.decoder.conv.weight, teacher.head.decoder.conv.weight)
