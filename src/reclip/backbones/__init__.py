@@ -3,8 +3,22 @@
 Heads (:mod:`reclip.heads`) map Z to logits; :class:`reclip.segmentor.DenseSegmentor` puts a
 backbone and a head together. A backbone exposes ``stride`` (input pixels per grid cell)
 and ``embed_dim`` (D).
+
+- :mod:`~reclip.backbones.clip`: CLIP's ViT read densely (:class:`DenseCLIP`);
+- :mod:`~reclip.backbones.resnet`: the DeepLab V2 student's dilated ResNets (output stride
+  8; :func:`build_student_backbone`, :func:`load_backbone_weights`).
 """
 
 from reclip.backbones.clip import DenseCLIP
+from reclip.backbones.resnet import (
+    STUDENT_BACKBONES,
+    BackboneWeightsError,
+    ResNet,
+    build_student_backbone,
+    load_backbone_weights,
+)
 
-__all__ = ["DenseCLIP"]
+__all__ = [
+    "STUDENT_BACKBONES", "BackboneWeightsError", "DenseCLIP", "ResNet", "build_student_backbone",
+    "load_backbone_weights",
+]
