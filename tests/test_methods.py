@@ -18,8 +18,8 @@ DEFAULTS = InferenceConfig()
 
 
 def test_every_registered_method_has_a_known_family():
-    assert ZERO_SHOT and {m.family for m in METHODS.values()} == set(FAMILIES) == {"zero_shot", "rectified"}
-    assert [FAMILIES[f].section for f in FAMILIES] == ["zero_shot", "reclip"]
+    assert ZERO_SHOT and {m.family for m in METHODS.values()} == set(FAMILIES) == {"zero_shot", "rectified", "distilled"}
+    assert [FAMILIES[f].section for f in FAMILIES] == ["zero_shot", "reclip", "reclip"]
 
 
 @pytest.mark.parametrize("method", ZERO_SHOT)
@@ -140,7 +140,7 @@ def test_test_settings_of_another_family_or_a_missing_section_are_refused():
     assert FAMILIES["rectified"].sections == ("reclip",)
     with pytest.raises(ValueError, match="'naclip' are for the zero_shot family; 'reclip\\+\\+' .* reads 'reclip'"):
         inference_config(RECLIPPP, p, test_settings="naclip")
-    with pytest.raises(ValueError, match="'reclip' are for the rectified family; 'naclip' .* 'zero_shot' or 'naclip'"):
+    with pytest.raises(ValueError, match="'reclip' are for the rectified and distilled families; 'naclip' .* 'zero_shot' or 'naclip'"):
         inference_config("naclip", p, test_settings="reclip")
     with pytest.raises(ValueError, match="'naklip' are unknown"):
         inference_config("naclip", p, test_settings="naklip")
@@ -229,6 +229,8 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert cfg.prob_thd == (settings.prob_thd if p.background else None)
         assert cfg.area_thd == (settings.area_thd if p.background else None)
         assert cfg.pd_threshold is None
+    elif method.family == "distilled":  # the student: argmax, nothing else
+        assert cfg.pd_threshold is None and cfg.prob_thd is None and cfg.area_thd is None
     else:
         assert cfg.pd_threshold is None  # the paper: no prompt denoising
         assert cfg.prob_thd is None and cfg.area_thd is None

@@ -148,7 +148,8 @@ def settings_section(method: str | Method, protocol: Any, test_settings: str | N
     name = family.section if test_settings is None else test_settings
     if name not in family.sections:
         owners = [f.name for f in FAMILIES.values() if name in f.sections]
-        whose = f"are for the {' and '.join(owners)} family" if owners else "are unknown"
+        whose = (f"are for the {' and '.join(owners)} famil{'ies' if len(owners) > 1 else 'y'}" if owners
+                 else "are unknown")
         raise ValueError(f"test settings {name!r} {whose}; {method.name!r} ({family.name}) reads "
                          f"{' or '.join(repr(k) for k in family.sections)}")
     settings = getattr(protocol, name, None)
