@@ -213,3 +213,12 @@ def test_a_fresh_head_is_trained_and_starts_new(distilled, tmp_path):
     teacher = load_rectifier(teacher_run, load_clip(clip_file))
     assert isinstance(student.head, InheritedHead) and student.head.trainable
     assert not torch.allclose(student.head.decoder.conv.weight, teacher.head.decoder.conv.weight)
+
+
+def test_a_narrow_toy_student_has_no_pretrained_weights():
+    from reclip.backbones.resnet import build_student_backbone
+
+    narrow = StudentBackbone("resnet18", 32, 16, width=16)
+    assert narrow.resnet.out_channels == 128 and narrow(torch.randn(1, 3, 24, 24)).shape == (1, 32, 3, 3)
+    with pytest.raises(ValueError, match="published width"):
+        build_student_backbone("resnet18", "imagenet", base_channels=16)

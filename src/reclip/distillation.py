@@ -83,6 +83,8 @@ class DistillConfig:
         backbone: the student's ResNet (``reclip.backbones.resnet.STUDENT_BACKBONES``):
             "resnet101" (the paper's DeepLab V2), "resnet50-v1c" (the official code),
             "resnet18" (small, for the toy world and CPUs).
+        width: the ResNet's base width (64: the published networks, whose ImageNet weights
+            load; smaller for a toy student trained from scratch).
         aspp_channels: ASPP-V2's output channels (official 512), then a 1x1 projection to D.
         teacher: "rectified" (a trained ReCLIP++ / ReCLIP run) or "maskclip" (MaskCLIP+).
         head: "inherited" (the teacher's frozen W_q, bias and decoder; Table IX) or
@@ -94,6 +96,7 @@ class DistillConfig:
     """
 
     backbone: str = "resnet101"
+    width: int = 64
     aspp_channels: int = 512
     teacher: str = "rectified"
     head: str = "inherited"
@@ -142,9 +145,10 @@ DISTILL_PRESETS = {"reclip++": RECLIPPP_DISTILL, "maskclip+": MASKCLIP_PLUS}
 class StudentBackbone(nn.Module):
     """ResNet (output stride 8) -> ASPP-V2 -> Conv1x1 to D -> L2 norm per cell: Z_hat (B, D, h, w)."""
 
-    def __init__(self, name: str, embed_dim: int, aspp_channels: int = 512, weights: Any = None) -> None:
+    def __init__(self, name: str, embed_dim: int, aspp_channels: int = 512, weights: Any = None,
+                 width: int = 64) -> None:
         super().__init__()
-        self.resnet = build_student_backbone(name, weights)
+        self.resnet = build_student_backbone(name, weights, base_channels=width)
         self.aspp = ASPPV2(self.resnet.out_channels, aspp_channels)
         self.proj = nn.Conv2d(aspp_channels, embed_dim, kernel_size=1)
         self.embed_dim = embed_dim
@@ -332,7 +336,7 @@ def distill(
                 "protocol": protocol.name, "split": split, "augment": augment, "weights": str(weights)}
 
     def build() -> Student:
-        backbone = StudentBackbone(config.backbone, embed_dim, config.aspp_channels, weights)
+        backbone = StudentBackbone(config.backbone, embed_dim, config.aspp_channels, weights, config.width)
         return Student(backbone, copy.deepcopy(head), clip.image_mean, clip.image_std, config)
 
     def loss(model: Student, batch: dict[str, Any]):
@@ -383,7 +387,7 @@ def student_from_run(run: RunFiles, clip: CLIP | None = None, vocabulary: Vocabu
                          MaskDecoder(D, C) if saved.get("decoder") else None,
                          dependent=bool(saved.get("dependent")), bias_op=saved.get("bias_op", "subtract"),
                          trainable=config.head == "fresh")
-    backbone = StudentBackbone(config.backbone, D, config.aspp_channels, weights=None)
+    backbone = StudentBackbone(config.backbone, D, config.aspp_channels, weights=None, width=config.width)
     model = Student(backbone, head, saved["image_mean"], saved["image_std"], config)
     state = dict(run.state_dict)
     missing = sorted(set(model.state_dict()) - set(state))

@@ -285,7 +285,7 @@ def _variant(name: str) -> str:
 
 
 def build_student_backbone(
-    name: str, weights: str | os.PathLike | None = None, *, output_stride: int = 8
+    name: str, weights: str | os.PathLike | None = None, *, output_stride: int = 8, base_channels: int = 64
 ) -> ResNet:
     """A student backbone by name (:data:`STUDENT_BACKBONES`), output stride 8 by default.
 
@@ -298,10 +298,15 @@ def build_student_backbone(
             or read error) a ``UserWarning`` says so and the backbone stays random; a path:
             :func:`load_backbone_weights` (a file that cannot be read or does not fit raises).
         output_stride: 8 (DeepLab V2), 16 or 32.
+        base_channels: layer1's width: 64 for the published networks (and their weights);
+            smaller for a toy student (random initialisation only).
     """
     key = _variant(name)
     spec = STUDENT_BACKBONES[key]
-    backbone = ResNet(spec.block, spec.layers, deep_stem=spec.deep_stem, output_stride=output_stride, name=key)
+    if base_channels != 64 and weights is not None:
+        raise ValueError(f"pretrained weights exist for the published width (base_channels 64), not {base_channels}")
+    backbone = ResNet(spec.block, spec.layers, deep_stem=spec.deep_stem, output_stride=output_stride, name=key,
+                      base_channels=base_channels)
     if weights is None:
         return backbone
     if isinstance(weights, str) and weights.strip().lower() == "imagenet":
