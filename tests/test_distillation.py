@@ -104,6 +104,24 @@ def test_every_loss_term_trains_the_student(term):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_mask_loss_is_the_cross_entropy_to_the_teachers_argmax_over_the_image_pixels():
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    config = dataclasses.replace(RECLIPPP_DISTILL, feat_loss=False, text_loss=False, **SMALL)
+    student = _student(clip, inherit(teacher, (5, 5)), config).eval()
+    images = torch.randn(1, 3, 36, 36, generator=torch.Generator().manual_seed(5))  # not a multiple of 8 or 16
+    valid = torch.ones(1, 36, 36, dtype=torch.bool)
+    valid[:, :, 30:] = False
+    gumbel = {"tau": 1.0, "scale": 30.0, "contrastive_scale": 100.0, "pool": "official"}
+    loss, _ = distillation_loss(student, _Teacher(teacher), config, gumbel,
+                                {"image": images, "valid": valid, "hypotheses": torch.ones(1, 4).bool()})
+    with torch.no_grad():
+        pseudo = teacher(images).argmax(1)  # the teacher's M_o aligned to the image, argmax
+        logits = student(images)  # the student's M_o aligned to the image
+    expected = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[valid], pseudo[valid])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_mask_loss_ignores_the_padding():
     clip = tiny_clip(perturb=0.02)
     teacher = _teacher(clip)
@@ -213,6 +231,21 @@ def test_a_fresh_head_is_trained_and_starts_new(distilled, tmp_path):
     teacher = load_rectifier(teacher_run, load_clip(clip_file))
     assert isinstance(student.head, InheritedHead) and student.head.trainable
     assert not torch.allclose(student.head.decoder.conv.weight, teacher.head.decoder.conv.weight)
+    assert student.head.bias_map.requires_grad and student.head.decoder.conv.weight.requires_grad
+    assert student.head.bias_map.abs().sum() > 0  # started at zero, moved by the step
+
+
+def test_a_fresh_head_is_drawn_after_seeding():
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    torch.manual_seed(0)
+    a = inherit(teacher, (4, 4), fresh=True)
+    torch.manual_seed(0)
+    b = inherit(teacher, (4, 4), fresh=True)
+    torch.testing.assert_close(a.decoder.conv.weight, b.decoder.conv.weight)
+    assert (a.bias_map == 0).all() and a.bias_map.requires_grad
+    with pytest.raises(ValueError, match="fresh head is trained only by"):
+        DistillConfig(head="fresh", mask_loss=False, text_loss=False)
 
 
 def test_a_narrow_toy_student_has_no_pretrained_weights():

@@ -218,7 +218,9 @@ def evaluate(
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
-    mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
+    # preprocessing belongs to the weights: CLIP's, or what a student was trained with
+    mean = getattr(segmentor, "image_mean", clip.image_mean)
+    std = getattr(segmentor, "image_std", clip.image_std)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
                                 description=f"{method} on {protocol.name}/{split}")
@@ -512,7 +514,9 @@ def segment_files(
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
-    mean, std = clip.image_mean, clip.image_std  # preprocessing belongs to the weights
+    # preprocessing belongs to the weights: CLIP's, or what a student was trained with
+    mean = getattr(segmentor, "image_mean", clip.image_mean)
+    std = getattr(segmentor, "image_std", clip.image_std)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = SegmentSummary(skipped=list(found.skipped))

@@ -325,8 +325,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                  else "distils MaskCLIP itself and takes no --teacher"), file=sys.stderr)
         return 2
     train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
-                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers),
-                               ("device", None if args.device == "auto" else args.device))
+                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
              if v is not None}
     weights = None if args.weights.lower() == "none" else args.weights
     result = distill(
@@ -504,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat-loss", action=argparse.BooleanOptionalAction, default=None, help="L_feat (Table VIII)")
     p.add_argument("--text-loss", action=argparse.BooleanOptionalAction, default=None, help="L_text (Table VIII)")
     p.add_argument("--fresh-head", action="store_true",
-                   help="train the bias and decoder from scratch instead of inheriting them (Table IX)")
+                   help="train the bias and decoder from scratch instead of inheriting them (not a row of the "
+                        "paper's Table IX, which inherits all three parts for its best result)")
     p.add_argument("--dataset", required=True, help="protocol name or a protocol .yaml file")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")

@@ -28,7 +28,6 @@ it) and the pseudo labels are kept only where the training ground truth is not v
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import os
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reclip.backbones.resnet import STUDENT_BACKBONES, build_student_backbone
-from reclip.clip.model import CLIP, weights_fingerprint
+from reclip.clip.model import CLIP, pad_to_patch, weights_fingerprint
 from reclip.data.augment import UnlabeledTrainSet
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
@@ -51,7 +50,8 @@ from reclip.heads.inherited import InheritedHead, inherit
 from reclip.heads.losses import contrastive_loss, gumbel_masks
 from reclip.heads.rectify import class_query_weights
 from reclip.hypotheses import load_hypotheses
-from reclip.rectification import QUERY_TEMPLATES, load_rectifier
+from reclip.rectification import QUERY_TEMPLATES, rectifier_from_run
+from reclip.train.checkpoint import WEIGHTS_NAME
 from reclip.segmentor import DenseSegmentor, align_to_input
 from reclip.text import Vocabulary, query_embeddings
 from reclip.train import (
@@ -87,8 +87,10 @@ class DistillConfig:
             load; smaller for a toy student trained from scratch).
         aspp_channels: ASPP-V2's output channels (official 512), then a 1x1 projection to D.
         teacher: "rectified" (a trained ReCLIP++ / ReCLIP run) or "maskclip" (MaskCLIP+).
-        head: "inherited" (the teacher's frozen W_q, bias and decoder; Table IX) or
-            "fresh" (same structure, bias and decoder trained from scratch).
+        head: "inherited" (the teacher's frozen W_q, bias and decoder: Table IX's best
+            row) or "fresh" (not a row of the paper: the same structure with the bias and
+            decoder re-initialised and trained; Table IX's other rows, DeepLab's own
+            classifier and partial inheritance, are not implemented yet).
         mask_loss, feat_loss, text_loss: the terms of eq. 10 (Table VIII switches).
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
         ce_scale: the student's logits are multiplied by this in L_mask; None: 1 with a
@@ -115,6 +117,8 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
         if not (self.mask_loss or self.feat_loss or self.text_loss):
             raise ValueError("DistillConfig: every loss term is off; nothing would train the student")
+        if self.head == "fresh" and not (self.mask_loss or self.text_loss):
+            raise ValueError("a fresh head is trained only by L_mask or L_text; with L_feat alone it stays random")
         if self.teacher == "maskclip" and self.head == "fresh":
             raise ValueError("a MaskCLIP teacher has no bias or decoder to re-initialise; use head='inherited'")
         for name in ("alpha", "beta"):
@@ -184,7 +188,8 @@ class Student(DenseSegmentor):
         return self.head.query_weights
 
     def forward_train(self, images: Tensor):
-        return self.head.outputs(self.features(images))
+        """images (B, 3, H, W) -> RectifierOutputs on the grid of the input padded to the stride (as ``forward``)."""
+        return self.head.outputs(self.features(pad_to_patch(images, self.backbone.stride)))
 
 
 def _to_image(x: Tensor, size: tuple[int, int], stride: int) -> Tensor:
@@ -204,6 +209,10 @@ class _Teacher:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if next(self.segmentor.parameters()).device != images.device:  # each process's own device (DDP)
+            self.segmentor.to(images.device)
+            if self.class_index is not None:
+                self.class_index = self.class_index.to(images.device)
         size = tuple(images.shape[-2:])
         stride = self.segmentor.backbone.stride
         padded = F.pad(images, (0, -size[1] % stride, 0, -size[0] % stride))
@@ -242,22 +251,20 @@ def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig
 
 
 def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocabulary: Vocabulary, grid: tuple,
-                      text_cache: Any) -> tuple[_Teacher, InheritedHead, dict[str, Any], dict[str, Any]]:
-    """The frozen teacher, the head the student starts with, the Gumbel settings of L_text,
-    and what identifies the teacher."""
+                      text_cache: Any) -> tuple[_Teacher, Any, dict[str, Any], dict[str, Any]]:
+    """The frozen teacher, a function making the head the student starts with, the Gumbel
+    settings of L_text, and what identifies the teacher (its settings and weights' digest)."""
     if config.teacher == "rectified":
-        rectifier = load_rectifier(teacher_run, clip, vocabulary, text_cache)
+        run = load_run(teacher_run)
+        rectifier = rectifier_from_run(run, clip, vocabulary, text_cache)
         rectifier.requires_grad_(False)
-        head = inherit(rectifier, grid, fresh=config.head == "fresh")
         rc = rectifier.config
         gumbel = {"tau": rc.gumbel_tau, "scale": rc.gumbel_scale, "contrastive_scale": rc.contrastive_scale,
                   "pool": rc.pool}
-        run = load_run(teacher_run)
-        identity = {"run": str(teacher_run), "method": run.config["method"], "rectifier": run.config["rectifier"],
-                    "weights": hashlib.sha256(b"".join(
-                        v.detach().cpu().contiguous().numpy().tobytes() for _, v in sorted(run.state_dict.items())
-                    )).hexdigest()[:16]}
-        return _Teacher(rectifier), head, gumbel, identity
+        digest = hashlib.sha256((run.run_dir / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+        identity = {"method": run.config["method"], "rectifier": run.config["rectifier"], "weights": digest}
+        # a fresh head's new parts are drawn in build(), after the engine has seeded the generators
+        return _Teacher(rectifier), lambda: inherit(rectifier, grid, fresh=config.head == "fresh"), gumbel, identity
     from reclip.methods import build_segmentor
 
     if teacher_run is not None:
@@ -265,10 +272,10 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
     maskclip = build_segmentor("maskclip", clip, vocabulary, templates=QUERY_TEMPLATES, text_cache=text_cache)
     maskclip.requires_grad_(False)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
-    head = InheritedHead(class_query_weights(queries))
+    w_q = class_query_weights(queries)
     index = None if queries.is_one_per_class else queries.class_index
     gumbel = {"tau": 1.0, "scale": 100.0, "contrastive_scale": 100.0, "pool": "official"}
-    return _Teacher(maskclip, index), head, gumbel, {"run": None, "method": "maskclip"}
+    return _Teacher(maskclip, index), lambda: InheritedHead(w_q), gumbel, {"method": "maskclip"}
 
 
 def distill(
@@ -305,7 +312,12 @@ def distill(
             momentum 0.9, weight decay 5e-4, poly 0.9 over the run; the official minimum
             lr 1e-4 is not applied).
         base_short_side, crop: augmentation (default: the protocol's ``rectify:`` preset).
-        The other arguments are :func:`reclip.rectification.rectify`'s.
+        classes_file, split, resume, progress, text_cache, max_pixels: as for
+            :func:`reclip.rectification.rectify`.
+
+    The logged "feat" and "text" terms include their weights alpha and beta. L_feat
+    compares D-channel maps at the crop's size: at batch 16 and crop 512 each is ~8.6 GB
+    in float32, so large crops need a smaller batch (or more devices).
     """
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     overrides = dict(train_overrides or {})
@@ -324,7 +336,8 @@ def distill(
                                  mean=clip.image_mean, std=clip.image_std)
     patch = clip.visual.patch_size
     grid = (-(-augment["crop"] // patch),) * 2  # the teacher's grid at the training crop
-    teacher, head, gumbel, teacher_id = _teacher_and_head(clip, teacher_run, config, vocabulary, grid, text_cache)
+    teacher, make_head, gumbel, teacher_id = _teacher_and_head(clip, teacher_run, config, vocabulary, grid,
+                                                               text_cache)
     batch_size = overrides.pop("batch_size", 16)
     spe = steps_per_epoch(len(trainset), batch_size)
     optimizer = SGDConfig(lr=overrides.pop("lr", 0.01), schedule=PolySchedule())
@@ -337,7 +350,7 @@ def distill(
 
     def build() -> Student:
         backbone = StudentBackbone(config.backbone, embed_dim, config.aspp_channels, weights, config.width)
-        return Student(backbone, copy.deepcopy(head), clip.image_mean, clip.image_std, config)
+        return Student(backbone, make_head(), clip.image_mean, clip.image_std, config)
 
     def loss(model: Student, batch: dict[str, Any]):
         return distillation_loss(model, teacher, config, gumbel, batch)

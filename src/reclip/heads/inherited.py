@@ -17,7 +17,8 @@ student runs without CLIP:
 :class:`InheritedHead` with ``decoder=None`` and no bias is MaskCLIP+'s head (the query
 alone). :func:`inherit` builds it from a trained :class:`~reclip.heads.rectify.Rectifier`;
 ``fresh=True`` keeps the structure but re-initialises the decoder and the bias map as
-trainable parameters (Table IX's "fresh head").
+trainable parameters (an option of ours; Table IX's rows are DeepLab's own classifier and
+partial inheritance).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class InheritedHead(nn.Module):
         decoder: a :class:`MaskDecoder`, or None (M_o = M).
         dependent: ReCLIP's bias (adds Z_hat W_r^T to the positional map).
         bias_op: "subtract" (eq. 3) or "add".
-        trainable: the decoder and the bias map are trained (Table IX "fresh head"); else
+        trainable: the decoder and the bias map are trained (a fresh head); else
             frozen (requires_grad False, decoder kept in eval mode).
     """
 
@@ -114,8 +115,8 @@ def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False) -
     """The head a student inherits from a trained rectifier (paper III-E).
 
     ``grid``: (h0, w0), the teacher's feature grid at the training crop, where its
-    positional bias is read. ``fresh``: Table IX's "fresh head": the same structure with a
-    new (trainable) decoder and a zero (trainable) bias map; only W_q is kept.
+    positional bias is read. ``fresh``: the same structure with a new (trainable) decoder
+    and a zero (trainable) bias map; only W_q is kept (not a paper row).
     """
     head = teacher.head
     cfg = teacher.config
