@@ -7,6 +7,7 @@
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
     reclip evaluate --clip SPEC --method reclip++ --checkpoint RUN_DIR --dataset voc20 --data-root DIR
+    reclip probe    --clip SPEC --method student --checkpoint RUN_DIR --dataset voc20 --data-root DIR  (SUPERVISED)
     reclip demo     [--out DIR]
     reclip bench
     reclip methods | datasets
@@ -339,6 +340,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from reclip.probe import probe, supervised_banner
+
+    result = probe(
+        _load(args), args.method, args.dataset, args.data_root, train_split=args.train_split, split=args.split,
+        checkpoint=args.checkpoint, classes_file=args.classes_file, label_dir=args.label_dir,
+        strategy_overrides=_strategy_overrides(args), max_pixels=args.max_pixels, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, short_side=args.short_side, max_long_side=args.max_long_side, crop=args.crop,
+        seed=args.seed, limit_train=args.limit_train, limit=args.limit, num_workers=args.workers,
+        autocast=False if args.autocast == "off" else args.autocast, progress=not args.quiet,
+    )
+    info = result.probe
+    print(supervised_banner(result.settings["features"]))
+    print(f"(not an unsupervised result: a 1x1 classifier trained on {info['train_images']} labelled "
+          f"{info['train_split']} images, {info['epochs']} epochs, short side {info['short_side']}, "
+          f"crop {info['crop']}, seed {info['seed']})")
+    print(result.table())
+    print(f"linear probe of {result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
+          f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped; "
+          f"{len(info['train_skipped'])} training images skipped)")
+    for path, reason in result.skipped:
+        print(f"  skipped {path}: {reason}")
+    for entry in info["train_skipped"]:
+        print(f"  skipped (training) {entry['path']}: {entry['error']}")
+    if args.json:
+        print(f"wrote {result.save_json(args.json)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from reclip.demo import run_demo
     from reclip.toy.pretrain import ToyConfig
@@ -526,6 +556,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
     _add_max_pixels_arg(p, labels=False)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("probe", parents=[common],
+                       help="SUPERVISED diagnostic: linear probe (Table I 'LP') on a method's frozen features, "
+                            "trained WITH labels")
+    p.add_argument("--clip", required=True, metavar="SPEC",
+                   help="CLIP weights (the features of CLIP-based methods; a student's normalisation)")
+    p.add_argument("--method", default="maskclip", choices=sorted(METHODS),
+                   help="whose features: a training-free method's CLIP dense features (its last-block strategy), "
+                        "reclip++/reclip (their strategy's CLIP features) or student (Z_hat; needs --checkpoint)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", help="run of a trained method (`reclip rectify` / `distill`)")
+    p.add_argument("--attention", choices=ATTENTIONS, help="last-block attention (training-free methods)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the last block's residual (training-free methods)")
+    p.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the last block's FFN (training-free methods)")
+    p.add_argument("--dataset", required=True,
+                   help=f"protocol name ({', '.join(list_protocols())}) or a protocol .yaml file")
+    p.add_argument("--data-root", required=True, help="dataset root (e.g. VOCdevkit/VOC2012)")
+    p.add_argument("--train-split", default="train", help="labelled split the classifier is trained on")
+    p.add_argument("--split", default="val", help="split the probe is scored on")
+    p.add_argument("--classes-file", help="class list replacing the protocol's (names only; in label-id order)")
+    p.add_argument("--label-dir", help="label folder replacing the protocol's (the `folder` protocol)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10, help="passes over the training split (default 10)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="training crops per step (default 8)")
+    p.add_argument("--short-side", type=POSITIVE_INT,
+                   help="training and scoring short side (default: the protocol's reclip short side)")
+    p.add_argument("--max-long-side", type=POSITIVE_INT,
+                   help="cap on the long side (default: the protocol's reclip max_long_side)")
+    p.add_argument("--crop", type=POSITIVE_INT, help="training centre crop (default: the short side)")
+    p.add_argument("--seed", type=COUNT, default=0, help="training order (default 0)")
+    p.add_argument("--limit-train", type=POSITIVE_INT, help="train on the first N images only")
+    p.add_argument("--limit", type=POSITIVE_INT, help="score the first N images only (a quick look, not a result)")
+    p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
+    p.add_argument("--autocast", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision of the feature extraction (default auto: bf16 on CUDA, off on CPU); "
+                        "the classifier runs in float32")
+    p.add_argument("--json", help="write the metrics, per-class IoU, confusion and probe settings here")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
+    _add_max_pixels_arg(p, labels=True)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("demo", parents=[common], help="the embedded demo (runs anywhere, no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder")
