@@ -11,19 +11,21 @@ import reclip.demo
 import reclip.rectification
 from reclip.bias import class_preference
 from reclip.metrics import ConfusionMatrix
-from reclip.demo import TOY_RECTIFICATION, VARIANTS, run_demo
+from reclip.demo import TOY_DISTILLATION, TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
 
 # ReCLIP++ on a few train scenes for a few steps, two seeds: the pipeline, not its quality.
 SMALL_RECTIFICATION = dataclasses.replace(TOY_RECTIFICATION, num_train=8, steps=3, batch_size=4, seeds=(0, 1))
+SMALL_DISTILLATION = dataclasses.replace(TOY_DISTILLATION, width=8, aspp_channels=8, steps=2, batch_size=4)
 RECLIP_ROWS = [name for name, _, _ in SMALL_RECTIFICATION.rows()]
+STUDENT_ROWS = ["reclip++ student", "maskclip+ student"]
 
 
 def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     cache, _ = toy_ci_checkpoint
     rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12,
-                    rectification=SMALL_RECTIFICATION, progress=False)
-    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS]
+                    rectification=SMALL_RECTIFICATION, distillation=SMALL_DISTILLATION, progress=False)
+    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS, *STUDENT_ROWS]
     assert RECLIP_ROWS == ["reclip++ toy: M_o", "reclip++ toy: M", "reclip++ toy, no decoder: M",
                            "reclip++ as published: M_o", "reclip++ as published: M"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -54,8 +56,15 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
         assert f"<td>{row.name}</td>" in report
     # each configuration and seed is its own run; the rows of one configuration read one set of runs
     assert {label: len(dirs) for label, dirs in results["runs"].items()} == {
-        "toy": 2, "toy, no decoder": 2, "as published": 2}
-    assert len({d for dirs in results["runs"].values() for d in dirs}) == 6
+        "toy": 2, "toy, no decoder": 2, "as published": 2, "reclip++ student": 2, "maskclip+ student": 2}
+    assert len({d for dirs in results["runs"].values() for d in dirs}) == 10
+    # each seed's ReCLIP++ student learnt from that seed's 'toy' run; MaskCLIP+ from MaskCLIP on the same features
+    for teacher, student in zip(results["runs"]["toy"], results["runs"]["reclip++ student"]):
+        saved = json.loads((Path(student) / "config.json").read_text())
+        assert saved["teacher"]["method"] == "reclip++" and saved["distill"]["width"] == 8
+        assert saved["train"]["seed"] == json.loads((Path(teacher) / "config.json").read_text())["train"]["seed"]
+    mcp = json.loads((Path(results["runs"]["maskclip+ student"][0]) / "config.json").read_text())["distill"]
+    assert mcp["teacher"] == "maskclip" and mcp["teacher_overrides"] == {"residual": False, "ffn": False}
     assert "differ from the paper: gumbel_scale 30.0 (paper 100.0); reference_length 8 (paper 73" in report
     assert Path(results["hypotheses"]).is_file()
     # segmentation that means something: the best training-free row classifies object pixels
@@ -73,9 +82,9 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
 def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, monkeypatch):
     cache, _ = toy_ci_checkpoint
     kwargs = dict(config=ToyConfig.ci(), cache_dir=cache, num_scenes=4, rectification=SMALL_RECTIFICATION,
-                  progress=False)
+                  distillation=SMALL_DISTILLATION, progress=False)
     first = run_demo(tmp_path / "out", **kwargs)
-    runs = sorted((tmp_path / "out").glob("reclip++-*"))
+    runs = sorted([*(tmp_path / "out").glob("reclip++-*"), *(tmp_path / "out").glob("student-*")])
     written = {run: (run / "model.safetensors").stat().st_mtime_ns for run in runs}
 
     def no_training(*args, **kwargs):
@@ -86,8 +95,8 @@ def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, m
     monkeypatch.setattr(reclip.demo, "ProcessPoolExecutor", no_training)
     second = run_demo(tmp_path / "out", **kwargs)
     assert [r.summary() for r in second] == [r.summary() for r in first]
-    assert sorted((tmp_path / "out").glob("reclip++-*")) == runs
-    assert len(runs) == 6  # the second demo reused the first one's runs (3 configurations x 2 seeds)
+    assert sorted([*(tmp_path / "out").glob("reclip++-*"), *(tmp_path / "out").glob("student-*")]) == runs
+    assert len(runs) == 10  # reused: 3 rectifier configurations and 2 students, x 2 seeds
     assert {run: (run / "model.safetensors").stat().st_mtime_ns for run in runs} == written
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     toy = [json.loads((Path(d) / "config.json").read_text()) for d in results["runs"]["toy"]]

@@ -95,6 +95,9 @@ class DistillConfig:
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
         ce_scale: the student's logits are multiplied by this in L_mask; None: 1 with a
             decoder (its BN outputs are logits already), 100 without (cosines, CLIP's scale).
+        teacher_overrides: LastBlock fields replacing MaskCLIP's for a MaskCLIP teacher
+            (e.g. ``{"residual": False, "ffn": False}``, what a rectified teacher of the toy
+            world reads), None: MaskCLIP as published.
     """
 
     backbone: str = "resnet101"
@@ -108,6 +111,7 @@ class DistillConfig:
     alpha: float = 0.5
     beta: float = 0.5
     ce_scale: float | None = None
+    teacher_overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in STUDENT_BACKBONES:
@@ -269,7 +273,8 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
 
     if teacher_run is not None:
         raise ValueError("a MaskCLIP teacher is CLIP itself: give no teacher run (MaskCLIP+)")
-    maskclip = build_segmentor("maskclip", clip, vocabulary, templates=QUERY_TEMPLATES, text_cache=text_cache)
+    maskclip = build_segmentor("maskclip", clip, vocabulary, templates=QUERY_TEMPLATES, text_cache=text_cache,
+                               strategy_overrides=config.teacher_overrides)
     maskclip.requires_grad_(False)
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
     w_q = class_query_weights(queries)
