@@ -24,3 +24,22 @@ def test_rectification_benches_run_on_a_tiny_model():
     assert hypotheses
     train = bench_train_step(clip, batch_size=2, crop=32, num_classes=3, steps=1)
     assert train["steps_per_s"] > 0 and train["peak_mib"] > 0
+
+
+def test_distillation_benches_run_on_a_tiny_model(capsys):
+    import dataclasses
+
+    from reclip.bench_distill import bench_distill_step, bench_student_inference
+    from reclip.heads.rectify import RECLIPPP
+
+    small = dict(backbone="resnet18", width=8, aspp_channels=16, num_classes=3,
+                 rectifier_config=dataclasses.replace(RECLIPPP, reference_length=8))
+    step = bench_distill_step(tiny_clip(), crop=32, batch_size=2, steps=1, **small)
+    assert step["steps_per_s"] > 0 and step["peak_mib"] > 0
+    inference = bench_student_inference("cpu", size=32, images=1, clip=tiny_clip(), **small)
+    assert inference["student_images_per_s"] > 0 and inference["teacher_images_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "steps/s" in out and "peak memory" in out and "student / teacher" in out
+    if not torch.cuda.is_available():  # the bf16 path exists and says why it did not run
+        assert bench_distill_step(tiny_clip(), device="cuda", crop=32, batch_size=2, **small) is None
+        assert "skipped: no CUDA device" in capsys.readouterr().out
