@@ -155,7 +155,7 @@ class ToyDistillation:
     width: int = 16
     aspp_channels: int = 64
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 0.01
 
     def configs(self, features: str) -> dict[str, DistillConfig]:
