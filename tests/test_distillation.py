@@ -255,3 +255,28 @@ def test_a_narrow_toy_student_has_no_pretrained_weights():
     assert narrow.resnet.out_channels == 128 and narrow(torch.randn(1, 3, 24, 24)).shape == (1, 32, 3, 3)
     with pytest.raises(ValueError, match="published width"):
         build_student_backbone("resnet18", "imagenet", base_channels=16)
+
+
+def test_feat_loss_on_the_students_grid_equals_the_image_one_when_the_grids_coincide():
+    clip = tiny_clip(perturb=0.02)  # 8 px patches: at 32 px the teacher's grid is the student's (4 x 4)
+    teacher = _teacher(clip)
+    gumbel = {"tau": 1.0, "scale": 30.0, "contrastive_scale": 100.0, "pool": "official"}
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[:, 16:, :] = False  # the lower half is padding: out of both means
+    with torch.no_grad():
+        z = teacher.features(images)
+    losses = {}
+    for where in ("image", "student_grid"):
+        config = dataclasses.replace(RECLIPPP_DISTILL, mask_loss=False, text_loss=False, feat_at=where, **SMALL)
+        student = _student(clip, inherit(teacher, (4, 4)), config).eval()
+        offset = torch.zeros_like(z)
+        offset[:, :, :2] = 0.1  # Z_hat = Z + 0.1 on the image's cells, + 0 on the padding's
+        student.backbone.forward = lambda x, z=z, offset=offset: z + offset
+        batch = {"image": images, "valid": valid, "hypotheses": torch.ones(2, 4).bool()}
+        with torch.no_grad():
+            losses[where] = float(distillation_loss(student, _Teacher(teacher), config, gumbel, batch)[0])
+    assert losses["student_grid"] == pytest.approx(0.5 * 0.1, rel=1e-3)  # alpha * |0.1|
+    assert losses["image"] == pytest.approx(losses["student_grid"], rel=0.15)  # bilinear blur at the boundary
+    with pytest.raises(ValueError, match="feat_at"):
+        DistillConfig(feat_at="grid")

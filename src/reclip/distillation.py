@@ -72,6 +72,7 @@ __all__ = ["DISTILL_PRESETS", "MASKCLIP_PLUS", "RECLIPPP_DISTILL", "DistillConfi
 
 TEACHERS = ("rectified", "maskclip")
 HEADS = ("inherited", "fresh")
+FEAT_AT = ("image", "student_grid")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps"}
 
 
@@ -95,6 +96,10 @@ class DistillConfig:
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
         ce_scale: the student's logits are multiplied by this in L_mask; None: 1 with a
             decoder (its BN outputs are logits already), 100 without (cosines, CLIP's scale).
+        feat_at: where L_feat compares Z and Z_hat: "image" (the paper: both resized to the
+            crop) or "student_grid" (Z resized to the student's grid: no D-channel maps at
+            the crop's size, about half the step time of a small student; the same
+            comparison where the two grids coincide, as on the toy world's 96 px scenes).
         teacher_overrides: LastBlock fields replacing MaskCLIP's for a MaskCLIP teacher
             (e.g. ``{"residual": False, "ffn": False}``, what a rectified teacher of the toy
             world reads), None: MaskCLIP as published.
@@ -111,12 +116,13 @@ class DistillConfig:
     alpha: float = 0.5
     beta: float = 0.5
     ce_scale: float | None = None
+    feat_at: str = "image"
     teacher_overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in STUDENT_BACKBONES:
             raise ValueError(f"DistillConfig.backbone={self.backbone!r}; available: {sorted(STUDENT_BACKBONES)}")
-        for name, allowed in (("teacher", TEACHERS), ("head", HEADS)):
+        for name, allowed in (("teacher", TEACHERS), ("head", HEADS), ("feat_at", FEAT_AT)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
         if not (self.mask_loss or self.feat_loss or self.text_loss):
@@ -243,8 +249,16 @@ def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig
         scale = config.ce_scale or (1.0 if student.head.decoder is not None else 100.0)
         terms["mask"] = F.cross_entropy(scale * _to_image(out.decoded, size, stride), pseudo, ignore_index=255)
     if config.feat_loss:
-        l1 = (_to_image(out.features, size, stride) - z_t).abs().mean(1)  # (B, H, W)
-        terms["feat"] = config.alpha * l1[valid].mean()
+        if config.feat_at == "image":  # paper: both resized to the image
+            l1 = (_to_image(out.features, size, stride) - z_t).abs().mean(1)  # (B, H, W)
+            terms["feat"] = config.alpha * l1[valid].mean()
+        else:  # Z on the student's grid; a cell counts where its pixels are mostly the image's
+            grid = tuple(out.features.shape[-2:])
+            pad = (0, grid[1] * stride - size[1], 0, grid[0] * stride - size[0])  # the student's padded input
+            z_grid = F.interpolate(F.pad(z_t, pad), size=grid, mode="bilinear", align_corners=False)
+            cell_valid = F.interpolate(F.pad(valid[:, None].float(), pad), size=grid, mode="area")[:, 0] > 0.5
+            l1 = (out.features - z_grid).abs().mean(1)  # (B, h, w)
+            terms["feat"] = config.alpha * l1[cell_valid].mean()
     if config.text_loss:
         masks = gumbel_masks(out.decoded, tau=gumbel["tau"], scale=gumbel["scale"])
         terms["text"] = config.beta * contrastive_loss(out.features, masks, student.query_weights,
