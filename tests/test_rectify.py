@@ -423,3 +423,20 @@ def test_contrastive_loss_matches_the_official_loop():
     assert len({round(v.item(), 4) for v in (ours, area, cosine)}) == 3
     zero = contrastive_loss(feat, masks, text, torch.zeros(3, 6, dtype=torch.bool))
     assert zero.item() == 0.0
+
+
+def test_the_reference_is_encoded_once_without_gradients_and_again_when_it_changes():
+    model = rectifier(tiny_clip()).eval()
+    ref = model.head.reference
+    with torch.no_grad():
+        first = ref()
+        assert ref() is first  # reused: inference encodes the prompt once
+        ref.context.add_(0.1)  # trained or loaded weights: in place
+        changed = ref()
+    assert changed is not first and not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, ref.forward_full())
+    live = ref()  # with gradients: always encoded, differentiable
+    assert live.requires_grad and live is not changed
+    model.load_trainable_state_dict({k: v.clone() for k, v in rectifier(tiny_clip()).trainable_state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(ref(), ref.forward_full())  # a loaded state is seen
