@@ -888,3 +888,13 @@ def test_suffix_protocols_list_linked_folders_and_each_real_file_once(tmp_path):
     with pytest.warns(UserWarning, match="same file"):
         data = SegmentationDataset("cityscapes19", root, "val", check_sizes=False)
     assert len(data) == 4 and sum(i.startswith("lindau/") for i in data.image_ids) == 2
+
+
+def test_distillation_presets_follow_the_official_configs():
+    # dogehhh/ReCLIP config/*_distill_ori_cfg.yaml: SCALE, CROP_SIZE, BATCH_SIZE, LR, MAX_EPOCH
+    got = {n: dataclasses.astuple(load_protocol(n).distill) for n in ("voc20", "context59", "ade150", "cityscapes19",
+                                                                         "cocostuff27")}
+    assert got == {"voc20": (512, 512, 16, 0.01, 100), "context59": (520, 480, 16, 0.01, 150),
+                   "ade150": (512, 512, 16, 0.01, 150), "cityscapes19": (512, 512, 16, 0.01, 100),
+                   "cocostuff27": (512, 512, 16, 0.01, 50)}
+    assert dataclasses.astuple(load_protocol("folder").distill) == (512, 512, 16, 0.01, 100)  # VOC's, by default

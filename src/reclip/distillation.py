@@ -310,7 +310,7 @@ def distill(
     classes_file: str | os.PathLike | None = None,
     split: str = "train",
     max_steps: int | None = None,
-    epochs: int = 100,
+    epochs: int | None = None,
     train_overrides: dict[str, Any] | None = None,
     base_short_side: int | None = None,
     crop: int | None = None,
@@ -326,11 +326,12 @@ def distill(
         hypotheses: the image-level hypotheses of the train split (L_text).
         weights: the student backbone's initialisation: "imagenet" (downloaded by name;
             offline, a warning and a random start), a file, or None (random).
-        epochs: the run's length when ``max_steps`` is None (official: VOC 100, ADE 150).
-        train_overrides: TrainConfig fields and ``lr`` (default: batch 16, lr 0.01, SGD
-            momentum 0.9, weight decay 5e-4, poly 0.9 over the run; the official minimum
-            lr 1e-4 is not applied).
-        base_short_side, crop: augmentation (default: the protocol's ``rectify:`` preset).
+        epochs: the run's length when ``max_steps`` is None (default: the protocol's
+            ``distill:`` preset, official VOC 100, Context and ADE 150, COCO 50).
+        train_overrides: TrainConfig fields and ``lr`` (default: the ``distill:`` preset's
+            batch 16 and lr 0.01; SGD momentum 0.9, weight decay 5e-4, poly 0.9 over the run;
+            the official minimum lr 1e-4 is not applied).
+        base_short_side, crop: augmentation (default: the protocol's ``distill:`` preset).
         classes_file, split, resume, progress, text_cache, max_pixels: as for
             :func:`reclip.rectification.rectify`.
 
@@ -348,7 +349,7 @@ def distill(
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary
-    preset = protocol.rectify
+    preset = protocol.distill  # the protocol YAML's `distill:` section
     augment = {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop}
     hyp = load_hypotheses(hypotheses, vocabulary=vocabulary, clip=clip)
     trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes, **augment, seed=overrides.get("seed", 0),
@@ -357,10 +358,10 @@ def distill(
     grid = (-(-augment["crop"] // patch),) * 2  # the teacher's grid at the training crop
     teacher, make_head, gumbel, teacher_id = _teacher_and_head(clip, teacher_run, config, vocabulary, grid,
                                                                text_cache)
-    batch_size = overrides.pop("batch_size", 16)
+    batch_size = overrides.pop("batch_size", preset.batch_size)
     spe = steps_per_epoch(len(trainset), batch_size)
-    optimizer = SGDConfig(lr=overrides.pop("lr", 0.01), schedule=PolySchedule())
-    steps = max_steps if max_steps is not None else epochs * spe
+    optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr), schedule=PolySchedule())
+    steps = max_steps if max_steps is not None else (epochs or preset.epochs) * spe
     train_config = TrainConfig(steps=steps, batch_size=batch_size, **overrides)
     embed_dim = clip.visual.output_dim
     identity = {"method": "student", "distill": config.to_dict(), "teacher": teacher_id,

@@ -64,6 +64,13 @@ YAML schema (``?`` = optional, defaults in brackets)::
       lr?: float [0.01]             # SGD, poly power 0.9
       epochs?: int [50]             # length of the run
       poly_epochs?: int [200]       # poly horizon (>= epochs; the official lr never reaches 0)
+    distill?:                       # ReCLIP++ distillation training preset (the student)
+                                    # (dogehhh/ReCLIP config/*_distill_ori_cfg.yaml); absent = VOC's
+      base_short_side?: int [512]   # random scale 0.5-2.0 of this short side
+      crop?: int [512]
+      batch_size?: int [16]
+      lr?: float [0.01]             # SGD, momentum 0.9, weight decay 5e-4, poly 0.9 over the run
+      epochs?: int [100]
     hypotheses?:                    # image-level hypotheses of the rectification stage
       r?: float [1/6]               # window / image side (paper IV-A)
       t?: float [0]                 # vote-frequency threshold in [0, 1) (paper IV-A: 0.07 for
@@ -73,9 +80,9 @@ YAML schema (``?`` = optional, defaults in brackets)::
       top_k?: int [2]               # ReCLIP's whole-image rule: classes kept when none passes
                                     # (official DATASET.K; default VOC's)
 
-A YAML without ``rectify`` / ``hypotheses`` (e.g. a user's own dataset) gets the defaults
-in brackets: VOC's training preset (the smallest scale) and t = 0, the paper's value for
-every dataset but VOC and Cityscapes.
+A YAML without ``rectify`` / ``distill`` / ``hypotheses`` (e.g. a user's own dataset) gets
+the defaults in brackets: VOC's training presets and t = 0, the paper's value for every
+dataset but VOC and Cityscapes.
 
 Class files: one class per line; synonyms on the same line separated by commas (the
 class's score is the max over its synonyms); ``label: word, word`` gives a display label
@@ -312,6 +319,30 @@ class RectifySettings:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """Training preset of ReCLIP++'s distillation stage (the student; paper III-E).
+
+    Official values: dogehhh/ReCLIP config/*_distill_ori_cfg.yaml (SCALE, CROP_SIZE,
+    TRAIN.BATCH_SIZE, MAX_EPOCH, LR). The defaults are VOC's, what a dataset without a
+    ``distill:`` section gets.
+    """
+
+    base_short_side: int = 512  # random scale 0.5-2.0 of this short side
+    crop: int = 512
+    batch_size: int = 16
+    lr: float = 0.01
+    epochs: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("base_short_side", "crop", "batch_size", "epochs"):
+            v = getattr(self, name)
+            if not (_type_ok(v, int) and v >= 1):
+                raise ProtocolError(f"distill.{name} must be a positive integer, got {v!r}")
+        if not 0.0 < self.lr < math.inf:
+            raise ProtocolError(f"distill.lr must be a finite number > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
 class HypothesisSettings:
     """Image-level hypothesis settings of the rectification stage (``reclip.hypotheses``).
 
@@ -351,6 +382,7 @@ SECTIONS: dict[str, type] = {
     "reclip": ReclipSettings,
     "rectify": RectifySettings,
     "hypotheses": HypothesisSettings,
+    "distill": DistillSettings,
 }
 
 
@@ -389,6 +421,7 @@ class Protocol:
     reclip: ReclipSettings
     rectify: RectifySettings = field(default_factory=RectifySettings)
     hypotheses: HypothesisSettings = field(default_factory=HypothesisSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     naclip: ZeroShotSettings | None = None  # NACLIP's own test settings; None: not written down
     description: str = ""
     num_classes: int | None = None
@@ -530,7 +563,7 @@ class Protocol:
             if set(unknown) & fam:
                 hint = ("; test settings go in zero_shot={...} / naclip={...} / reclip={...}, or per run through "
                         "reclip.methods.inference_config(..., **overrides)")
-            for sec in ("rectify", "hypotheses"):
+            for sec in ("rectify", "hypotheses", "distill"):
                 if set(unknown) & {f.name for f in dataclasses.fields(SECTIONS[sec])}:
                     hint += f"; {sec} settings go in {sec}={{...}}"
             raise ProtocolError(
