@@ -143,7 +143,7 @@ def test_config_validation():
         DistillConfig(mask_loss=False, feat_loss=False, text_loss=False)
     with pytest.raises(ValueError, match="backbone"):
         DistillConfig(backbone="vgg16")
-    with pytest.raises(ValueError, match="no bias or decoder"):
+    with pytest.raises(ValueError, match="only its Query head"):
         DistillConfig(teacher="maskclip", head="fresh")
     assert (MASKCLIP_PLUS.teacher, MASKCLIP_PLUS.feat_loss, MASKCLIP_PLUS.text_loss) == ("maskclip", False, False)
 
@@ -224,7 +224,7 @@ def test_a_fresh_head_is_trained_and_starts_new(distilled, tmp_path):
     clip_file, root, teacher_run, _ = distilled
     assert main(["distill", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
                  "--teacher", str(teacher_run), "--hypotheses", str(teacher_run.parent / "hyp.json"),
-                 "--out", str(tmp_path / "fresh"), "--fresh-head", "--backbone", "resnet18", "--weights", "none",
+                 "--out", str(tmp_path / "fresh"), "--head", "fresh", "--backbone", "resnet18", "--weights", "none",
                  "--max-steps", "1", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
                  "--device", "cpu"]) == 0
     student = load_student(tmp_path / "fresh")
@@ -280,3 +280,38 @@ def test_feat_loss_on_the_students_grid_equals_the_image_one_when_the_grids_coin
     assert losses["image"] == pytest.approx(losses["student_grid"], rel=0.15)  # bilinear blur at the boundary
     with pytest.raises(ValueError, match="feat_at"):
         DistillConfig(feat_at="grid")
+
+
+@pytest.mark.parametrize("parts", ["query", "query_bias", "deeplab"])
+def test_the_table_ix_heads_inherit_what_their_row_says(parts):
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    head = inherit(teacher, (4, 4), parts=parts)
+    assert (head.bias_map is not None) == (parts == "query_bias")
+    assert head.decoder is None
+    assert (head.classifier is not None) == (parts == "deeplab")
+    torch.testing.assert_close(head.query, teacher.head.query_weights)  # W_q kept (L_text) in every row
+    z = torch.nn.functional.normalize(torch.randn(1, clip.visual.output_dim, 4, 4), dim=1)
+    out = head.outputs(z)
+    if parts == "deeplab":  # its own classifier, trained
+        assert head.classifier.weight.requires_grad
+        torch.testing.assert_close(out.query_logits, head.classifier(z))
+    else:
+        torch.testing.assert_close(out.query_logits, torch.einsum("bdhw,cd->bchw", z, head.query))
+    torch.testing.assert_close(out.decoded, out.rectified)  # no decoder: M_o = M
+    with pytest.raises(ValueError, match="parts"):
+        inherit(teacher, (4, 4), parts="decoder")
+
+
+def test_a_deeplab_head_student_round_trips(tmp_path):
+    from reclip.distillation import save_student_run
+    from reclip.text import Vocabulary
+
+    clip = tiny_clip(perturb=0.02)
+    config = dataclasses.replace(RECLIPPP_DISTILL, head="deeplab", **SMALL)
+    student = _student(clip, inherit(_teacher(clip), (4, 4), parts="deeplab"), config).eval()
+    save_student_run(tmp_path / "run", student, Vocabulary.from_names(["cat", "dog", "sky", "grass"]))
+    loaded = load_student(tmp_path / "run")
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student(x))

@@ -71,7 +71,7 @@ __all__ = ["DISTILL_PRESETS", "MASKCLIP_PLUS", "RECLIPPP_DISTILL", "DistillConfi
            "distill", "load_student", "student_from_run"]
 
 TEACHERS = ("rectified", "maskclip")
-HEADS = ("inherited", "fresh")
+HEADS = ("inherited", "query", "query_bias", "deeplab", "fresh")
 FEAT_AT = ("image", "student_grid")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps"}
 
@@ -88,10 +88,11 @@ class DistillConfig:
             load; smaller for a toy student trained from scratch).
         aspp_channels: ASPP-V2's output channels (official 512), then a 1x1 projection to D.
         teacher: "rectified" (a trained ReCLIP++ / ReCLIP run) or "maskclip" (MaskCLIP+).
-        head: "inherited" (the teacher's frozen W_q, bias and decoder: Table IX's best
-            row) or "fresh" (not a row of the paper: the same structure with the bias and
-            decoder re-initialised and trained; Table IX's other rows, DeepLab's own
-            classifier and partial inheritance, are not implemented yet).
+        head: Table IX's rows: "inherited" (the teacher's frozen W_q, bias and decoder:
+            the paper's), "query" (W_q alone), "query_bias" (W_q and the bias, no decoder),
+            "deeplab" (DeepLab's own trained 1x1 classifier, "Ori. Head"); or "fresh" (not a
+            paper row: the structure of "inherited" with the bias and decoder re-initialised
+            and trained).
         mask_loss, feat_loss, text_loss: the terms of eq. 10 (Table VIII switches).
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
         ce_scale: the student's logits are multiplied by this in L_mask; None: 1 with a
@@ -127,10 +128,12 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
         if not (self.mask_loss or self.feat_loss or self.text_loss):
             raise ValueError("DistillConfig: every loss term is off; nothing would train the student")
-        if self.head == "fresh" and not (self.mask_loss or self.text_loss):
-            raise ValueError("a fresh head is trained only by L_mask or L_text; with L_feat alone it stays random")
-        if self.teacher == "maskclip" and self.head == "fresh":
-            raise ValueError("a MaskCLIP teacher has no bias or decoder to re-initialise; use head='inherited'")
+        if self.head in ("fresh", "deeplab") and not (self.mask_loss or self.text_loss):
+            raise ValueError(f"a {self.head} head is trained only by L_mask or L_text; with L_feat alone it stays "
+                             "random")
+        if self.teacher == "maskclip" and self.head not in ("inherited", "deeplab"):
+            raise ValueError("a MaskCLIP teacher has only its Query head to inherit; use head='inherited' (the "
+                             "query head, MaskCLIP+) or 'deeplab'")
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -282,7 +285,8 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
         digest = hashlib.sha256((run.run_dir / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
         identity = {"method": run.config["method"], "rectifier": run.config["rectifier"], "weights": digest}
         # a fresh head's new parts are drawn in build(), after the engine has seeded the generators
-        return _Teacher(rectifier), lambda: inherit(rectifier, grid, fresh=config.head == "fresh"), gumbel, identity
+        parts = "all" if config.head == "inherited" else config.head
+        return _Teacher(rectifier), lambda: inherit(rectifier, grid, parts=parts), gumbel, identity
     from reclip.methods import build_segmentor
 
     if teacher_run is not None:
@@ -294,7 +298,8 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
     w_q = class_query_weights(queries)
     index = None if queries.is_one_per_class else queries.class_index
     gumbel = {"tau": 1.0, "scale": 100.0, "contrastive_scale": 100.0, "pool": "official"}
-    return _Teacher(maskclip, index), lambda: InheritedHead(w_q), gumbel, {"method": "maskclip"}
+    classifier = config.head == "deeplab"
+    return _Teacher(maskclip, index), lambda: InheritedHead(w_q, classifier=classifier), gumbel, {"method": "maskclip"}
 
 
 def distill(
@@ -394,6 +399,7 @@ def save_student_run(run_dir: str | os.PathLike, model: Student, vocabulary: Voc
         "embed_dim": model.backbone.embed_dim,
         "decoder": head.decoder is not None,
         "bias": head.bias_map is not None,
+        "classifier": head.classifier is not None,
         "grid": list(head.bias_map.shape[-2:]) if head.bias_map is not None else None,
         "dependent": head.dependent,
         "bias_op": head.bias_op,
@@ -419,7 +425,7 @@ def student_from_run(run: RunFiles, clip: CLIP | None = None, vocabulary: Vocabu
                          torch.zeros(1, C, *grid) if saved.get("bias") else None,
                          MaskDecoder(D, C) if saved.get("decoder") else None,
                          dependent=bool(saved.get("dependent")), bias_op=saved.get("bias_op", "subtract"),
-                         trainable=config.head == "fresh")
+                         trainable=config.head == "fresh", classifier=bool(saved.get("classifier")))
     backbone = StudentBackbone(config.backbone, D, config.aspp_channels, weights=None, width=config.width)
     model = Student(backbone, head, saved["image_mean"], saved["image_std"], config)
     state = dict(run.state_dict)

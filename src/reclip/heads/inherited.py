@@ -33,7 +33,7 @@ from reclip.heads.bias import DependentBias, positional_grid
 from reclip.heads.decoder import MaskDecoder
 from reclip.heads.rectify import OUTPUTS, Rectifier, RectifierOutputs
 
-__all__ = ["InheritedHead", "inherit"]
+__all__ = ["PARTS", "InheritedHead", "inherit"]
 
 
 class InheritedHead(nn.Module):
@@ -52,7 +52,7 @@ class InheritedHead(nn.Module):
 
     def __init__(self, query: Tensor, reference: Tensor | None = None, bias_map: Tensor | None = None,
                  decoder: MaskDecoder | None = None, *, dependent: bool = False, bias_op: str = "subtract",
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, classifier: bool = False) -> None:
         super().__init__()
         if dependent and reference is None:
             raise ValueError("a dependent bias needs the Reference embeddings W_r")
@@ -65,6 +65,9 @@ class InheritedHead(nn.Module):
         else:
             self.register_buffer("bias_map", bias_map.detach().float().clone())
         self.decoder = decoder
+        # Table IX's "Ori. Head": DeepLab's own classifier (a trained 1x1 conv D -> C)
+        # gives M_q; W_q stays for L_text.
+        self.classifier = nn.Conv2d(self.query.shape[1], self.query.shape[0], 1) if classifier else None
         self.dependent = dependent
         self.bias_op = bias_op
         self.trainable = trainable
@@ -96,7 +99,7 @@ class InheritedHead(nn.Module):
         z = features.float()
         h, w = z.shape[-2:]
         with torch.autocast(z.device.type, enabled=False):
-            m_q = torch.einsum("bdhw,cd->bchw", z, self.query)
+            m_q = self.classifier(z) if self.classifier is not None else torch.einsum("bdhw,cd->bchw", z, self.query)
             m_b = torch.zeros_like(m_q)
             if self.bias_map is not None:
                 m_b = m_b + F.interpolate(self.bias_map, size=(h, w), mode="bilinear", align_corners=False)
@@ -110,14 +113,25 @@ class InheritedHead(nn.Module):
         return getattr(self.outputs(features), OUTPUTS[self.output])
 
 
+PARTS = ("all", "query", "query_bias", "deeplab", "fresh")
+
+
 @torch.no_grad()
-def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False) -> InheritedHead:
+def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False, parts: str = "all") -> InheritedHead:
     """The head a student inherits from a trained rectifier (paper III-E).
 
     ``grid``: (h0, w0), the teacher's feature grid at the training crop, where its
-    positional bias is read. ``fresh``: the same structure with a new (trainable) decoder
-    and a zero (trainable) bias map; only W_q is kept (not a paper row).
+    positional bias is read. ``parts`` (Table IX): "all" (Query, bias and decoder, the
+    paper's), "query" (the Query head alone), "query_bias" (Query and bias, no decoder),
+    "deeplab" (DeepLab's own classifier, "Ori. Head": nothing inherited), or "fresh" (not a
+    paper row: the structure of "all" with a new trainable decoder and a zero trainable
+    bias map). ``fresh=True`` is ``parts="fresh"``.
     """
+    parts = "fresh" if fresh else parts
+    if parts not in PARTS:
+        raise ValueError(f"parts={parts!r}; allowed: {list(PARTS)}")
+    if parts in ("query", "deeplab"):
+        return InheritedHead(teacher.head.query_weights.detach(), classifier=parts == "deeplab")
     head = teacher.head
     cfg = teacher.config
     w_q = head.query_weights.detach()
@@ -128,7 +142,8 @@ def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False) -
         bias_map = head.bias.proj_net(pe)  # (1, C, h0, w0)
     else:
         bias_map = torch.einsum("odhw,cd->ochw", head.bias.pe_proj(pe), w_r)  # eq. 2 on the grid
-    decoder = copy.deepcopy(head.decoder) if head.decoder is not None else None
+    decoder = copy.deepcopy(head.decoder) if head.decoder is not None and parts != "query_bias" else None
+    fresh = parts == "fresh"
     if fresh:
         bias_map = torch.zeros_like(bias_map)
         if decoder is not None:
