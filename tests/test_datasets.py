@@ -894,7 +894,8 @@ def test_distillation_presets_follow_the_official_configs():
     # dogehhh/ReCLIP config/*_distill_ori_cfg.yaml: SCALE, CROP_SIZE, BATCH_SIZE, LR, MAX_EPOCH
     got = {n: dataclasses.astuple(load_protocol(n).distill) for n in ("voc20", "context59", "ade150", "cityscapes19",
                                                                          "cocostuff27")}
-    assert got == {"voc20": (512, 512, 16, 0.01, 100), "context59": (520, 480, 16, 0.01, 150),
-                   "ade150": (512, 512, 16, 0.01, 150), "cityscapes19": (512, 512, 16, 0.01, 100),
-                   "cocostuff27": (512, 512, 16, 0.01, 50)}
-    assert dataclasses.astuple(load_protocol("folder").distill) == (512, 512, 16, 0.01, 100)  # VOC's, by default
+    # (short side, long-side cap, crop, batch, lr, epochs); SCALE [520, 520] caps both sides at 520
+    assert got == {"voc20": (512, 2048, 512, 16, 0.01, 100), "context59": (520, 520, 480, 16, 0.01, 150),
+                   "ade150": (512, 2048, 512, 16, 0.01, 150), "cityscapes19": (512, 1024, 512, 16, 0.01, 100),
+                   "cocostuff27": (512, 2048, 512, 16, 0.01, 50)}
+    assert dataclasses.astuple(load_protocol("folder").distill) == (512, 2048, 512, 16, 0.01, 100)  # VOC's

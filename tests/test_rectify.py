@@ -431,12 +431,24 @@ def test_the_reference_is_encoded_once_without_gradients_and_again_when_it_chang
     with torch.no_grad():
         first = ref()
         assert ref() is first  # reused: inference encodes the prompt once
-        ref.context.add_(0.1)  # trained or loaded weights: in place
+        ref.context.add_(torch.randn_like(ref.context))  # trained or loaded weights: in place
         changed = ref()
-    assert changed is not first and not torch.allclose(changed, first)
+        assert (changed - first).abs().max() > 1e-3
+        ref.clip.ln_final.weight.mul_(2.0)  # the text tower changed in place: encoded again
+        assert not torch.allclose(ref(), changed)
+    with torch.inference_mode():
+        inferred = ref()
+    with torch.no_grad():
+        assert ref() is not inferred  # an inference-mode tensor is not handed out of inference mode
     torch.testing.assert_close(changed, ref.forward_full())
     live = ref()  # with gradients: always encoded, differentiable
     assert live.requires_grad and live is not changed
-    model.load_trainable_state_dict({k: v.clone() for k, v in rectifier(tiny_clip()).trainable_state_dict().items()})
     with torch.no_grad():
-        torch.testing.assert_close(ref(), ref.forward_full())  # a loaded state is seen
+        before = ref()
+    other = {k: v.clone() for k, v in rectifier(tiny_clip()).trainable_state_dict().items()}
+    other["head.reference.context"] = torch.randn_like(other["head.reference.context"])
+    model.load_trainable_state_dict(other)
+    with torch.no_grad():
+        after = ref()
+        assert (after - before).abs().max() > 1e-3  # a loaded state is seen
+        torch.testing.assert_close(after, ref.forward_full())

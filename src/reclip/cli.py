@@ -318,7 +318,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     config = DISTILL_PRESETS[args.preset]
     switches = {"backbone": args.backbone, "mask_loss": args.mask_loss, "feat_loss": args.feat_loss,
-                "text_loss": args.text_loss, "head": args.head}
+                "text_loss": args.text_loss, "head": args.head, "feat_at": args.feat_at}
     config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
     if (config.teacher == "rectified") == (args.teacher is None):
         print(f"reclip distill: error: --preset {args.preset} "
@@ -532,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-loss", action=argparse.BooleanOptionalAction, default=None, help="L_mask (Table VIII)")
     p.add_argument("--feat-loss", action=argparse.BooleanOptionalAction, default=None, help="L_feat (Table VIII)")
     p.add_argument("--text-loss", action=argparse.BooleanOptionalAction, default=None, help="L_text (Table VIII)")
+    p.add_argument("--feat-at", choices=("image", "student_grid"),
+                   help="where L_feat compares Z and Z_hat: image (the paper, default) or student_grid (cell by "
+                        "cell on the student's grid; cheaper)")
     p.add_argument("--head", choices=("inherited", "query", "query_bias", "deeplab", "fresh"),
                    help="Table IX: inherited (W_q, bias and decoder, frozen; default), query, query_bias, deeplab "
                         "(DeepLab's own classifier, 'Ori. Head'); fresh: inherited's structure re-initialised and "

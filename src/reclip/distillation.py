@@ -95,12 +95,15 @@ class DistillConfig:
             and trained).
         mask_loss, feat_loss, text_loss: the terms of eq. 10 (Table VIII switches).
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
-        ce_scale: the student's logits are multiplied by this in L_mask; None: 1 with a
-            decoder (its BN outputs are logits already), 100 without (cosines, CLIP's scale).
-        feat_at: where L_feat compares Z and Z_hat: "image" (the paper: both resized to the
-            crop) or "student_grid" (Z resized to the student's grid: no D-channel maps at
-            the crop's size, about half the step time of a small student; the same
-            comparison where the two grids coincide, as on the toy world's 96 px scenes).
+        ce_scale: the student's logits are multiplied by this in L_mask; None: 100 where they
+            are cosines (no decoder, no classifier: CLIP's scale), else 1 (the decoder's BN
+            outputs and DeepLab's classifier give logits already).
+        feat_at: where L_feat compares Z and Z_hat: "image" (the paper: both resized
+            bilinearly to the crop) or "student_grid" (cell by cell on the student's grid:
+            the teacher's Z as it is where the two grids are the same cells, as on the toy
+            world's 96 px scenes, else its area average; no D-channel maps at the crop's
+            size, about half the step time of a small student). Not the same number as
+            "image": bilinear upsampling blends neighbouring cells before the L1.
         teacher_overrides: LastBlock fields replacing MaskCLIP's for a MaskCLIP teacher
             (e.g. ``{"residual": False, "ffn": False}``, what a rectified teacher of the toy
             world reads), None: MaskCLIP as published.
@@ -235,7 +238,11 @@ class _Teacher:
             from reclip.postprocess import class_logits
 
             logits = class_logits(logits, self.class_index)
-        return _to_image(z, size, stride), _to_image(logits, size, stride)
+        return z, _to_image(logits, size, stride)  # Z on the teacher's grid, pseudo-label logits on the image
+
+    @property
+    def stride(self) -> int:
+        return self.segmentor.backbone.stride
 
 
 def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig, gumbel: dict[str, Any],
@@ -249,16 +256,21 @@ def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig
     terms: dict[str, Tensor] = {}
     if config.mask_loss:
         pseudo = logits_t.argmax(1).masked_fill(~valid, 255)  # no label where the crop is padding
-        scale = config.ce_scale or (1.0 if student.head.decoder is not None else 100.0)
+        cosines = student.head.decoder is None and student.head.classifier is None
+        scale = config.ce_scale or (100.0 if cosines else 1.0)
         terms["mask"] = F.cross_entropy(scale * _to_image(out.decoded, size, stride), pseudo, ignore_index=255)
     if config.feat_loss:
         if config.feat_at == "image":  # paper: both resized to the image
-            l1 = (_to_image(out.features, size, stride) - z_t).abs().mean(1)  # (B, H, W)
+            z_image = _to_image(z_t, size, teacher.stride)
+            l1 = (_to_image(out.features, size, stride) - z_image).abs().mean(1)  # (B, H, W)
             terms["feat"] = config.alpha * l1[valid].mean()
         else:  # Z on the student's grid; a cell counts where its pixels are mostly the image's
             grid = tuple(out.features.shape[-2:])
             pad = (0, grid[1] * stride - size[1], 0, grid[0] * stride - size[0])  # the student's padded input
-            z_grid = F.interpolate(F.pad(z_t, pad), size=grid, mode="bilinear", align_corners=False)
+            if tuple(z_t.shape[-2:]) == grid and teacher.stride == stride:
+                z_grid = z_t  # the same cells: the teacher's Z as it is
+            else:
+                z_grid = F.interpolate(F.pad(_to_image(z_t, size, teacher.stride), pad), size=grid, mode="area")
             cell_valid = F.interpolate(F.pad(valid[:, None].float(), pad), size=grid, mode="area")[:, 0] > 0.5
             l1 = (out.features - z_grid).abs().mean(1)  # (B, h, w)
             terms["feat"] = config.alpha * l1[cell_valid].mean()
@@ -355,7 +367,8 @@ def distill(
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary
     preset = protocol.distill  # the protocol YAML's `distill:` section
-    augment = {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop}
+    augment = {"base_short_side": base_short_side or preset.base_short_side, "crop": crop or preset.crop,
+               "max_long_side": preset.max_long_side}
     hyp = load_hypotheses(hypotheses, vocabulary=vocabulary, clip=clip)
     trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes, **augment, seed=overrides.get("seed", 0),
                                  mean=clip.image_mean, std=clip.image_std)

@@ -66,7 +66,8 @@ YAML schema (``?`` = optional, defaults in brackets)::
       poly_epochs?: int [200]       # poly horizon (>= epochs; the official lr never reaches 0)
     distill?:                       # ReCLIP++ distillation training preset (the student)
                                     # (dogehhh/ReCLIP config/*_distill_ori_cfg.yaml); absent = VOC's
-      base_short_side?: int [512]   # random scale 0.5-2.0 of this short side
+      base_short_side?: int [512]   # random scale 0.5-2.0 of this short side, unless the
+      max_long_side?: int [2048]    # long side would pass this (official SCALE [long, short])
       crop?: int [512]
       batch_size?: int [16]
       lr?: float [0.01]             # SGD, momentum 0.9, weight decay 5e-4, poly 0.9 over the run
@@ -327,14 +328,15 @@ class DistillSettings:
     ``distill:`` section gets.
     """
 
-    base_short_side: int = 512  # random scale 0.5-2.0 of this short side
+    base_short_side: int = 512  # random scale 0.5-2.0 of this short side ...
+    max_long_side: int = 2048  # ... unless the long side would pass this (mmseg's SCALE [long, short])
     crop: int = 512
     batch_size: int = 16
     lr: float = 0.01
     epochs: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("base_short_side", "crop", "batch_size", "epochs"):
+        for name in ("base_short_side", "max_long_side", "crop", "batch_size", "epochs"):
             v = getattr(self, name)
             if not (_type_ok(v, int) and v >= 1):
                 raise ProtocolError(f"distill.{name} must be a positive integer, got {v!r}")

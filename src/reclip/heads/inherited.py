@@ -15,10 +15,11 @@ student runs without CLIP:
 - ``decoder``: the trained mask decoder (eq. 4), in eval mode (its BN running statistics).
 
 :class:`InheritedHead` with ``decoder=None`` and no bias is MaskCLIP+'s head (the query
-alone). :func:`inherit` builds it from a trained :class:`~reclip.heads.rectify.Rectifier`;
-``fresh=True`` keeps the structure but re-initialises the decoder and the bias map as
-trainable parameters (an option of ours; Table IX's rows are DeepLab's own classifier and
-partial inheritance).
+alone). :func:`inherit` builds it from a trained :class:`~reclip.heads.rectify.Rectifier`
+with the parts of a Table IX row: all three (the paper's), the Query head alone, Query +
+bias, or none ("deeplab": DeepLab's own trained 1x1 classifier); ``fresh`` (an option of
+ours) keeps the structure of all three but re-initialises the decoder and the bias map as
+trainable parameters.
 """
 
 from __future__ import annotations

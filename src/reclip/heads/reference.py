@@ -227,12 +227,19 @@ class ReferencePrompt(nn.Module):
         if torch.is_grad_enabled():
             self.__dict__.pop("_frozen_w_r", None)
             return self._encode()
-        key = (self.context.data_ptr(), self.context._version, self.context.device, self.context.dtype)
+        key = self._cache_key()
         cached = self.__dict__.get("_frozen_w_r")
-        if cached is None or cached[0] != key:
+        stale_mode = cached is not None and cached[1].is_inference() and not torch.is_inference_mode_enabled()
+        if cached is None or cached[0] != key or stale_mode:
             cached = (key, self._encode())
             self.__dict__["_frozen_w_r"] = cached  # not a buffer: never saved
         return cached[1]
+
+    def _cache_key(self) -> tuple:
+        """What W_r depends on: the context and the text tower's tensors (identity, in-place version)."""
+        tensors = [self.context, *self.clip.transformer.parameters(), *self.clip.ln_final.parameters(),
+                   self.clip.text_projection, self.clip.token_embedding.weight, self.clip.positional_embedding]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     def _encode(self) -> Tensor:
         blocks = self.clip.transformer.resblocks
