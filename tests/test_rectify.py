@@ -434,15 +434,18 @@ def test_the_reference_is_encoded_once_without_gradients_and_again_when_it_chang
         ref.context.add_(torch.randn_like(ref.context))  # trained or loaded weights: in place
         changed = ref()
         assert (changed - first).abs().max() > 1e-3
+        torch.testing.assert_close(changed, ref.forward_full())
         ref.clip.text_projection.add_(torch.randn_like(ref.clip.text_projection))  # the text tower changed: again
-        assert not torch.allclose(ref(), changed)
+        retowered = ref()
+        assert not torch.allclose(retowered, changed)
+        ref.context.add_(torch.randn_like(ref.context))
     with torch.inference_mode():
-        inferred = ref()
+        inferred = ref()  # encoded in inference mode ...
+        assert inferred.is_inference() and ref() is inferred
     with torch.no_grad():
-        assert ref() is not inferred  # an inference-mode tensor is not handed out of inference mode
-    torch.testing.assert_close(changed, ref.forward_full())
+        assert ref() is not inferred and not ref().is_inference()  # ... never handed out of it
     live = ref()  # with gradients: always encoded, differentiable
-    assert live.requires_grad and live is not changed
+    assert live.requires_grad
     with torch.no_grad():
         before = ref()
     other = {k: v.clone() for k, v in rectifier(tiny_clip()).trainable_state_dict().items()}
