@@ -295,9 +295,7 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     switches = {"strategy": strategy, "reference_length": args.reference_length, "gumbel_scale": args.gumbel_scale,
                 "reference_name_tokens": args.reference_name_tokens}
     config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
-    train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
-                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
-             if v is not None}
+    train = _training_overrides(args)
     result = rectify(
         _load(args), args.dataset, args.data_root, args.hypotheses, args.out, method=args.method, config=config,
         classes_file=args.classes_file, split=args.split, max_steps=args.max_steps, train_overrides=train,
@@ -325,9 +323,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
               + ("needs --teacher RUN_DIR (a `reclip rectify` run)" if args.teacher is None
                  else "distils MaskCLIP itself and takes no --teacher"), file=sys.stderr)
         return 2
-    train = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
-                               ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
-             if v is not None}
+    train = _training_overrides(args)
     weights = None if args.weights.lower() == "none" else args.weights
     result = distill(
         _load(args), args.teacher, args.dataset, args.data_root, args.hypotheses, args.out, config=config,
@@ -394,6 +390,39 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     for name in list_protocols():
         print(f"{name:<14} {load_protocol(name).description}")
     return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser, preset: str) -> None:
+    """The data, run and SGD options every training command takes; ``preset`` names the
+    protocol YAML section their defaults come from (``rectify`` or ``distill``)."""
+    p.add_argument("--dataset", required=True, help="protocol name or a protocol .yaml file (its train split is used)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's (the protocol's "
+                                          "reclip.classes_file, else its own list)")
+    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help=f"stop after N steps (default: the {preset} preset's epochs)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help=f"global batch (default: the dataset's {preset} preset)")
+    p.add_argument("--lr", type=POSITIVE, help=f"SGD lr (default: the dataset's {preset} preset)")
+    p.add_argument("--seed", type=COUNT)
+    p.add_argument("--crop", type=POSITIVE_INT, help=f"training crop (default: the dataset's {preset} preset)")
+    p.add_argument("--base-short-side", type=POSITIVE_INT,
+                   help=f"augmentation base scale (default: the dataset's {preset} preset)")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
+    p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
+    _add_max_pixels_arg(p, labels=False)
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig fields and lr given on the command line."""
+    return {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
+                              ("checkpoint_every", args.checkpoint_every), ("workers", args.workers))
+            if v is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,27 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-name-tokens", choices=NAME_TOKENS,
                    help="class names longer than the Reference's slots: keep_eot (default) or official (the "
                         "official code's layout: EOT lost, read at the largest-id token; to reproduce its numbers)")
-    p.add_argument("--dataset", required=True,
-                   help="protocol name or a protocol .yaml file (its train split is used)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's (the protocol's "
-                                          "reclip.classes_file, else its own list)")
-    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after N steps (default: the official epochs)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, help="global batch (default: the dataset's official one)")
-    p.add_argument("--lr", type=POSITIVE)
-    p.add_argument("--seed", type=COUNT)
-    p.add_argument("--crop", type=POSITIVE_INT, help="training crop (default: the dataset's official one)")
-    p.add_argument("--base-short-side", type=POSITIVE_INT, help="augmentation base scale (default: official)")
-    p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
-    p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
-    _add_max_pixels_arg(p, labels=False)
+    _add_training_args(p, "rectify")
     p.set_defaults(func=cmd_rectify)
 
     p = sub.add_parser("distill", parents=[common],
@@ -539,27 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Table IX: inherited (W_q, bias and decoder, frozen; default), query, query_bias, deeplab "
                         "(DeepLab's own classifier, 'Ori. Head'); fresh: inherited's structure re-initialised and "
                         "trained (not a paper row)")
-    p.add_argument("--dataset", required=True, help="protocol name or a protocol .yaml file")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's")
-    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` (L_text)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after N steps (default: --epochs)")
     p.add_argument("--epochs", type=POSITIVE_INT,
                    help="epochs (default: the dataset's distill preset, official VOC 100, ADE 150)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, help="global batch (default: the preset's, official 16)")
-    p.add_argument("--lr", type=POSITIVE, help="SGD lr (default: the preset's, official 0.01)")
-    p.add_argument("--seed", type=COUNT)
-    p.add_argument("--crop", type=POSITIVE_INT, help="training crop (default: the dataset's distill preset)")
-    p.add_argument("--base-short-side", type=POSITIVE_INT, help="augmentation base scale (default: the preset)")
-    p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
-    p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--clip-config", metavar="FILE", help=CLIP_CONFIG_HELP)
-    _add_max_pixels_arg(p, labels=False)
+    _add_training_args(p, "distill")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("probe", parents=[common],

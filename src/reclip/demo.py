@@ -378,40 +378,9 @@ def _distill(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, h
             runs[label].append(run_dir)
             jobs.append(_DistillJob(str(checkpoint), str(voc), str(classes), str(hypotheses), str(run_dir),
                                     config.to_dict(), seed, settings.steps, settings.batch_size, settings.lr,
-                                    scene_size, str(out / "text_cache"), teacher_run))
+                                    scene_size, str(out / "text_cache"), teacher_run=teacher_run))
     _run_jobs(jobs, clip, progress, "students")
     return runs
-
-
-@dataclass(frozen=True)
-class _DistillJob:
-    """One student of the demo, picklable for a worker process."""
-
-    clip_path: str
-    voc: str
-    classes: str
-    hypotheses: str
-    run_dir: str
-    config: dict[str, Any]
-    seed: int
-    steps: int
-    batch_size: int
-    lr: float
-    scene_size: int
-    text_cache: str
-    teacher_run: str | None
-
-    def run(self, clip: Any = None) -> str:
-        if clip is None:
-            torch.set_num_threads(1)
-            clip = load_clip(self.clip_path)
-        distill(clip, self.teacher_run, "voc21", self.voc, self.hypotheses, self.run_dir,
-                config=DistillConfig.from_dict(self.config), weights=None, classes_file=self.classes,
-                max_steps=self.steps, base_short_side=self.scene_size, crop=self.scene_size, resume=True,
-                train_overrides={"batch_size": self.batch_size, "lr": self.lr, "device": "cpu", "seed": self.seed,
-                                 "checkpoint_every": 500},
-                progress=False, text_cache=self.text_cache)
-        return self.run_dir
 
 
 def _run_jobs(jobs: list[Any], clip: Any, progress: bool, description: str) -> None:
@@ -471,13 +440,26 @@ class _TrainJob:
         if clip is None:
             torch.set_num_threads(1)
             clip = load_clip(self.clip_path)
-        rectify(clip, "voc21", self.voc, self.hypotheses, self.run_dir, config=RectifierConfig.from_dict(self.config),
-                classes_file=self.classes, max_steps=self.steps, base_short_side=self.scene_size,
-                crop=self.scene_size, resume=True,
-                train_overrides={"batch_size": self.batch_size, "lr": self.lr, "device": "cpu", "seed": self.seed,
-                                 "checkpoint_every": 500},
-                progress=False, text_cache=self.text_cache)
+        self._train(clip, base_short_side=self.scene_size, crop=self.scene_size, classes_file=self.classes,
+                    max_steps=self.steps, resume=True, progress=False, text_cache=self.text_cache,
+                    train_overrides={"batch_size": self.batch_size, "lr": self.lr, "device": "cpu",
+                                     "seed": self.seed, "checkpoint_every": 500})
         return self.run_dir
+
+    def _train(self, clip: Any, **common: Any) -> None:
+        rectify(clip, "voc21", self.voc, self.hypotheses, self.run_dir,
+                config=RectifierConfig.from_dict(self.config), **common)
+
+
+@dataclass(frozen=True)
+class _DistillJob(_TrainJob):
+    """One student of the demo (a random-start backbone), taught by ``teacher_run`` (None: MaskCLIP+)."""
+
+    teacher_run: str | None = None
+
+    def _train(self, clip: Any, **common: Any) -> None:
+        distill(clip, self.teacher_run, "voc21", self.voc, self.hypotheses, self.run_dir,
+                config=DistillConfig.from_dict(self.config), weights=None, **common)
 
 
 def _print_table(rows: list[DemoRow], pretrain: dict[str, Any]) -> None:
