@@ -182,6 +182,8 @@ def test_a_student_run_holds_what_it_needs_and_runs_without_clip(distilled):
     assert config["method"] == "student" and config["distill"]["backbone"] == "resnet18"
     assert config["classes"][0] == "airplane"  # the ReCLIP class names, as its teacher
     assert config["decoder"] and config["bias"] and config["train"]["steps"] == 2
+    assert config["image_mean"] == [0.485, 0.456, 0.406]  # the student's own (ImageNet) normalisation
+    assert "min_factor" not in config["optimizer"]["schedule"]  # the paper's schedule: no floor
     student = load_student(run)  # no CLIP
     teacher = load_rectifier(teacher_run, load_clip(clip_file))
     torch.testing.assert_close(student.head.query, teacher.head.query_weights)
@@ -315,3 +317,93 @@ def test_a_deeplab_head_student_round_trips(tmp_path):
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), student(x))
+
+
+def _reclip_teacher(clip, num_classes=4, seed=1):
+    from reclip.heads.rectify import RECLIP
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.functional.normalize(torch.randn(num_classes, clip.visual.output_dim, generator=g), dim=-1)
+    queries = QueryEmbeddings(w, torch.arange(num_classes), num_classes)
+    return Rectifier(clip, queries, ["cat", "dog", "sky", "grass"], dataclasses.replace(RECLIP, reference_length=8)).eval()
+
+
+def test_the_official_reclip_student_head_is_query_minus_reference_without_position(tmp_path):
+    from reclip.distillation import RECLIP_DISTILL, save_student_run
+    from reclip.text import Vocabulary
+
+    clip = tiny_clip(perturb=0.02)
+    teacher = _reclip_teacher(clip)
+    head = inherit(teacher, (4, 4), parts="query_reference")
+    assert head.bias_map is None and head.decoder is None and head.dependent
+    z = torch.nn.functional.normalize(torch.randn(2, clip.visual.output_dim, 3, 5), dim=1)
+    w_r = teacher.head.reference().detach()
+    expected = torch.einsum("bdhw,cd->bchw", z, teacher.head.query_weights) - torch.einsum("bdhw,cd->bchw", z, w_r)
+    torch.testing.assert_close(head(z), expected)
+    full = inherit(teacher, (4, 4))  # ReCLIP's own head keeps ProjNet(PE): not the same map
+    assert full.bias_map is not None and not torch.allclose(full(z), expected)
+    with pytest.raises(ValueError, match="ReCLIP teacher"):
+        inherit(_teacher(clip), (4, 4), parts="query_reference")
+    with pytest.raises(ValueError, match="query_reference"):
+        DistillConfig(head="query_reference", teacher_method="reclip++")
+    config = dataclasses.replace(RECLIP_DISTILL, head="query_reference")
+    student = _student(clip, head, config).eval()
+    save_student_run(tmp_path / "run", student, Vocabulary.from_names(["cat", "dog", "sky", "grass"]))
+    loaded = load_student(tmp_path / "run")  # W_r stored although there is no bias map
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student(x))
+
+
+def test_a_preset_refuses_a_teacher_of_the_other_method(distilled, tmp_path, capsys):
+    clip_file, root, teacher_run, _ = distilled  # a reclip++ teacher
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
+              "--hypotheses", str(teacher_run.parent / "hyp.json"), "--backbone", "resnet18", "--weights", "none",
+              "--max-steps", "1", "--batch-size", "2", "--crop", "32", "--device", "cpu"]
+    assert main(["distill", *common, "--teacher", str(teacher_run), "--preset", "reclip",
+                 "--out", str(tmp_path / "s")]) != 0
+    assert "a 'reclip++' run; this distillation preset needs a 'reclip' teacher" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_the_student_reads_its_own_normalisation_and_the_teacher_clips():
+    from reclip.distillation import INPUT_NORMS
+
+    clip = tiny_clip(perturb=0.02)
+    teacher = _teacher(clip)
+    seen = {}
+    for norm in ("imagenet", "clip"):
+        config = dataclasses.replace(RECLIPPP_DISTILL, input_norm=norm, feat_loss=False, text_loss=False)
+        student = _student(clip, inherit(teacher, (2, 2)), config)
+        student.image_mean, student.image_std = INPUT_NORMS[norm]
+        forward = student.forward_train
+        student.forward_train = lambda x, forward=forward, norm=norm: (seen.__setitem__(norm, x), forward(x))[1]
+        pixels = torch.rand(2, 3, 32, 32)  # 0..1
+        clip_input = (pixels - torch.tensor(clip.image_mean).view(1, 3, 1, 1)) / torch.tensor(clip.image_std).view(1, 3, 1, 1)
+        batch = {"image": clip_input, "valid": torch.ones(2, 32, 32, dtype=torch.bool),
+                 "hypotheses": torch.ones(2, 4)}
+        distillation_loss(student, _Teacher(teacher, norm=(clip.image_mean, clip.image_std)), config, {}, batch)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
+        torch.testing.assert_close(seen[norm], (pixels - mean) / std)
+    with pytest.raises(ValueError, match="input_norm"):
+        DistillConfig(input_norm="bgr")
+
+
+def test_the_official_schedule_is_per_epoch_and_floored():
+    from reclip.distillation import OFFICIAL_DISTILL_SCHEDULE
+    from reclip.train import PolySchedule, SGDConfig, describe
+
+    s = OFFICIAL_DISTILL_SCHEDULE
+    horizon = s.resolve_horizon(steps=100, steps_per_epoch=10)  # 10 epochs
+    assert horizon == 10
+    assert s.factor(0, 10, horizon) == s.factor(9, 10, horizon) == 1.0  # constant within an epoch
+    assert s.factor(10, 10, horizon) == pytest.approx(0.9 ** 0.9)
+    assert s.factor(99, 10, horizon) == pytest.approx(0.1 ** 0.9)  # last epoch: 0.126, above the floor
+    assert s.factor(1999, 10, 200) == 0.01  # (1/200)^0.9 = 0.0085 is clamped at the floor
+    assert PolySchedule().factor(99, 10, 100) == pytest.approx((1 / 100) ** 0.9)  # the paper's: no floor
+    assert PolySchedule(min_factor=0.2).factor(99, 10, 100) == 0.2
+    with pytest.raises(ValueError, match="min_factor"):
+        PolySchedule(min_factor=1.5)
+    # a floor of 0 is not recorded, so runs written before the floor existed still resume
+    assert "min_factor" not in describe(SGDConfig())["schedule"]
+    assert describe(SGDConfig(schedule=s))["schedule"]["min_factor"] == 0.01

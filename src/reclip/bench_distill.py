@@ -54,7 +54,7 @@ def _cuda_missing(device: torch.device, what: str) -> bool:
 def _models(clip: CLIP | None, *, num_classes: int, backbone: str, width: int, aspp_channels: int, crop: int,
             rectifier_config: RectifierConfig, device: torch.device, seed: int):
     """A random rectified teacher (frozen, eval) and a student with its inherited head, on ``device``."""
-    from reclip.distillation import DistillConfig, Student, StudentBackbone
+    from reclip.distillation import INPUT_NORMS, DistillConfig, Student, StudentBackbone
     from reclip.heads.inherited import inherit
 
     torch.manual_seed(seed)
@@ -69,7 +69,7 @@ def _models(clip: CLIP | None, *, num_classes: int, backbone: str, width: int, a
     grid = (-(-crop // clip.visual.patch_size),) * 2  # the teacher's grid at the training crop
     config = DistillConfig(backbone=backbone, width=width, aspp_channels=aspp_channels)
     student_backbone = StudentBackbone(backbone, clip.visual.output_dim, aspp_channels, weights=None, width=width)
-    student = Student(student_backbone, inherit(teacher, grid), clip.image_mean, clip.image_std, config)
+    student = Student(student_backbone, inherit(teacher, grid), *INPUT_NORMS[config.input_norm], config)
     return teacher, student.to(device), config
 
 

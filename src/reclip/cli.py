@@ -316,7 +316,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     config = DISTILL_PRESETS[args.preset]
     switches = {"backbone": args.backbone, "mask_loss": args.mask_loss, "feat_loss": args.feat_loss,
-                "text_loss": args.text_loss, "head": args.head, "feat_at": args.feat_at}
+                "text_loss": args.text_loss, "head": args.head, "feat_at": args.feat_at,
+                "input_norm": args.input_norm}
     config = dataclasses.replace(config, **{k: v for k, v in switches.items() if v is not None})
     if (config.teacher == "rectified") == (args.teacher is None):
         print(f"reclip distill: error: --preset {args.preset} "
@@ -329,7 +330,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         _load(args), args.teacher, args.dataset, args.data_root, args.hypotheses, args.out, config=config,
         weights=weights, classes_file=args.classes_file, split=args.split, max_steps=args.max_steps,
         epochs=args.epochs, train_overrides=train, base_short_side=args.base_short_side, crop=args.crop,
-        resume=args.resume, progress=not args.quiet, max_pixels=args.max_pixels,
+        resume=args.resume, progress=not args.quiet, max_pixels=args.max_pixels, schedule=args.schedule,
     )
     print(f"distilled a {config.backbone} student for {result.step} steps: {args.out}/model.safetensors + config.json")
     print(f"use it with: reclip evaluate --method student --checkpoint {args.out} --clip {args.clip} ...")
@@ -530,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="distil a rectified CLIP into a DeepLab V2 student (ReCLIP++ III-E) or MaskCLIP+")
     p.add_argument("--clip", required=True, metavar="SPEC", help="CLIP weights (the teacher's)")
     p.add_argument("--teacher", metavar="RUN_DIR", help="the `reclip rectify` run to distil (not for maskclip+)")
-    p.add_argument("--preset", default="reclip++", choices=("reclip++", "maskclip+"),
-                   help="reclip++ (the paper) or maskclip+ (MaskCLIP's argmax as pseudo labels, query head only)")
+    p.add_argument("--preset", default="reclip++", choices=("reclip++", "reclip", "maskclip+"),
+                   help="reclip++ (the paper; a reclip++ teacher), reclip (the conference version; a reclip "
+                        "teacher) or maskclip+ (MaskCLIP's argmax as pseudo labels, query head only)")
     p.add_argument("--backbone", choices=sorted(STUDENT_BACKBONE_NAMES),
                    help="student ResNet (default resnet101, the paper; resnet50-v1c: the official code; "
                         "resnet18: small)")
@@ -544,10 +546,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat-at", choices=("image", "student_grid"),
                    help="where L_feat compares Z and Z_hat: image (the paper, default) or student_grid (cell by "
                         "cell on the student's grid; cheaper)")
-    p.add_argument("--head", choices=("inherited", "query", "query_bias", "deeplab", "fresh"),
+    p.add_argument("--head", choices=("inherited", "query", "query_bias", "query_reference", "deeplab", "fresh"),
                    help="Table IX: inherited (W_q, bias and decoder, frozen; default), query, query_bias, deeplab "
                         "(DeepLab's own classifier, 'Ori. Head'); fresh: inherited's structure re-initialised and "
-                        "trained (not a paper row)")
+                        "trained (not a paper row); query_reference: the official ReCLIP student head (W_q - W_r, "
+                        "no positional term; reclip teachers)")
+    p.add_argument("--input-norm", choices=("imagenet", "clip"),
+                   help="the student's input normalisation: imagenet (default; what ImageNet ResNets and the "
+                        "official student use) or clip (the teacher's)")
+    p.add_argument("--schedule", default="paper", choices=("paper", "official"),
+                   help="lr schedule: paper (poly 0.9 per step over the run; default) or official (poly 0.9 per "
+                        "epoch, clamped at 0.01 x lr: the official code's min lr 1e-4)")
     p.add_argument("--epochs", type=POSITIVE_INT,
                    help="epochs (default: the dataset's distill preset, official VOC 100, ADE 150)")
     _add_training_args(p, "distill")

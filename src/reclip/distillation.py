@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reclip.backbones.resnet import STUDENT_BACKBONES, build_student_backbone
-from reclip.clip.model import CLIP, pad_to_patch, weights_fingerprint
+from reclip.clip.model import CLIP, CLIP_MEAN, CLIP_STD, pad_to_patch, weights_fingerprint
 from reclip.data.augment import UnlabeledTrainSet
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
@@ -67,12 +67,20 @@ from reclip.train import (
     train,
 )
 
-__all__ = ["DISTILL_PRESETS", "MASKCLIP_PLUS", "RECLIPPP_DISTILL", "DistillConfig", "Student", "StudentBackbone",
-           "distill", "load_student", "student_from_run"]
+__all__ = ["DISTILL_PRESETS", "MASKCLIP_PLUS", "OFFICIAL_DISTILL_SCHEDULE", "RECLIPPP_DISTILL", "RECLIP_DISTILL",
+           "DistillConfig", "Student", "StudentBackbone", "distill", "load_student", "student_from_run"]
 
 TEACHERS = ("rectified", "maskclip")
-HEADS = ("inherited", "query", "query_bias", "deeplab", "fresh")
+HEADS = ("inherited", "query", "query_bias", "query_reference", "deeplab", "fresh")
 FEAT_AT = ("image", "student_grid")
+TEACHER_METHODS = ("reclip++", "reclip")
+# the student's own input normalisation (0..1 scale): what its backbone's weights expect
+INPUT_NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision / mmseg ResNets
+               "clip": (CLIP_MEAN, CLIP_STD)}
+# The official ReCLIP distillation's lr schedule (tools/distill.py): poly 0.9 updated once per
+# epoch and clamped at min lr 1e-4 (0.01 of its lr 0.01). The paper states poly 0.9 only.
+OFFICIAL_DISTILL_SCHEDULE = PolySchedule(unit="epoch", min_factor=0.01)
+SCHEDULES = {"paper": PolySchedule(), "official": OFFICIAL_DISTILL_SCHEDULE}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps"}
 
 
@@ -88,11 +96,14 @@ class DistillConfig:
             load; smaller for a toy student trained from scratch).
         aspp_channels: ASPP-V2's output channels (official 512), then a 1x1 projection to D.
         teacher: "rectified" (a trained ReCLIP++ / ReCLIP run) or "maskclip" (MaskCLIP+).
+        teacher_method: the method a rectified teacher run must be ("reclip++", "reclip"),
+            None: either.
         head: Table IX's rows: "inherited" (the teacher's frozen W_q, bias and decoder:
             the paper's), "query" (W_q alone), "query_bias" (W_q and the bias, no decoder),
-            "deeplab" (DeepLab's own trained 1x1 classifier, "Ori. Head"); or "fresh" (not a
+            "deeplab" (DeepLab's own trained 1x1 classifier, "Ori. Head"); "fresh" (not a
             paper row: the structure of "inherited" with the bias and decoder re-initialised
-            and trained).
+            and trained); or "query_reference" (the official ReCLIP distillation head:
+            Z_hat W_q - Z_hat W_r, without ReCLIP's positional term; a ReCLIP teacher only).
         mask_loss, feat_loss, text_loss: the terms of eq. 10 (Table VIII switches).
         alpha, beta: weights of L_feat and L_text (paper 0.5 / 0.5).
         ce_scale: the student's logits are multiplied by this in L_mask; None: 100 where they
@@ -107,12 +118,16 @@ class DistillConfig:
         teacher_overrides: LastBlock fields replacing MaskCLIP's for a MaskCLIP teacher
             (e.g. ``{"residual": False, "ffn": False}``, what a rectified teacher of the toy
             world reads), None: MaskCLIP as published.
+        input_norm: the student's input normalisation: "imagenet" (what ImageNet-trained
+            ResNets expect, and the official student's IMG_NORM_CFG; the paper says nothing)
+            or "clip" (CLIP's, the teacher's). The teacher always reads CLIP's.
     """
 
     backbone: str = "resnet101"
     width: int = 64
     aspp_channels: int = 512
     teacher: str = "rectified"
+    teacher_method: str | None = None
     head: str = "inherited"
     mask_loss: bool = True
     feat_loss: bool = True
@@ -122,11 +137,13 @@ class DistillConfig:
     ce_scale: float | None = None
     feat_at: str = "image"
     teacher_overrides: dict[str, Any] | None = None
+    input_norm: str = "imagenet"
 
     def __post_init__(self) -> None:
         if self.backbone not in STUDENT_BACKBONES:
             raise ValueError(f"DistillConfig.backbone={self.backbone!r}; available: {sorted(STUDENT_BACKBONES)}")
-        for name, allowed in (("teacher", TEACHERS), ("head", HEADS), ("feat_at", FEAT_AT)):
+        for name, allowed in (("teacher", TEACHERS), ("head", HEADS), ("feat_at", FEAT_AT),
+                              ("input_norm", tuple(INPUT_NORMS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
         if not (self.mask_loss or self.feat_loss or self.text_loss):
@@ -134,6 +151,12 @@ class DistillConfig:
         if self.head in ("fresh", "deeplab") and not (self.mask_loss or self.text_loss):
             raise ValueError(f"a {self.head} head is trained only by L_mask or L_text; with L_feat alone it stays "
                              "random")
+        if self.teacher_method is not None and (self.teacher != "rectified"
+                                                or self.teacher_method not in TEACHER_METHODS):
+            raise ValueError(f"DistillConfig.teacher_method={self.teacher_method!r} needs teacher='rectified' and "
+                             f"one of {list(TEACHER_METHODS)}")
+        if self.head == "query_reference" and self.teacher_method == "reclip++":
+            raise ValueError("head='query_reference' is ReCLIP's (dependent bias); a ReCLIP++ teacher has none")
         if self.teacher == "maskclip" and self.head not in ("inherited", "deeplab"):
             raise ValueError("a MaskCLIP teacher has only its Query head to inherit; use head='inherited' (the "
                              "query head, MaskCLIP+) or 'deeplab'")
@@ -155,11 +178,16 @@ class DistillConfig:
         return cls(**values)
 
 
-RECLIPPP_DISTILL = DistillConfig()
+RECLIPPP_DISTILL = DistillConfig(teacher_method="reclip++")
+# ReCLIP (the conference version): the same student and losses (its abstract: mask-, feature-
+# and text-guided terms) taught by a ReCLIP rectifier, whose head (W_q, the dependent bias
+# Z_hat W_r + ProjNet(PE), no decoder) the student inherits. The official code's student
+# drops the positional term: head="query_reference".
+RECLIP_DISTILL = DistillConfig(teacher_method="reclip")
 # MaskCLIP+ (Zhou et al., the baseline of ReCLIP++ Tables I/II): MaskCLIP's argmax as
 # pseudo labels, the query head alone, cross-entropy only.
 MASKCLIP_PLUS = DistillConfig(teacher="maskclip", feat_loss=False, text_loss=False)
-DISTILL_PRESETS = {"reclip++": RECLIPPP_DISTILL, "maskclip+": MASKCLIP_PLUS}
+DISTILL_PRESETS = {"reclip++": RECLIPPP_DISTILL, "reclip": RECLIP_DISTILL, "maskclip+": MASKCLIP_PLUS}
 
 
 class StudentBackbone(nn.Module):
@@ -216,12 +244,23 @@ def _to_image(x: Tensor, size: tuple[int, int], stride: int) -> Tensor:
     return x
 
 
-class _Teacher:
-    """The frozen teacher: Z and pseudo-label logits of a batch, on the crop."""
+def renormalise(images: Tensor, src: tuple, dst: tuple) -> Tensor:
+    """Images normalised with ``src`` = (mean, std) (0..1 scale) -> normalised with ``dst``."""
+    if tuple(map(tuple, src)) == tuple(map(tuple, dst)):
+        return images
+    shape = (1, -1, 1, 1)
+    (m0, s0), (m1, s1) = ((images.new_tensor(v).view(shape) for v in pair) for pair in (src, dst))
+    return (images * s0 + m0 - m1) / s1
 
-    def __init__(self, segmentor: nn.Module, class_index: Tensor | None = None) -> None:
+
+class _Teacher:
+    """The frozen teacher: Z and pseudo-label logits of a batch (CLIP-normalised), on the crop."""
+
+    def __init__(self, segmentor: nn.Module, class_index: Tensor | None = None,
+                 norm: tuple = (CLIP_MEAN, CLIP_STD)) -> None:
         self.segmentor = segmentor.eval()
         self.class_index = class_index
+        self.norm = norm  # the normalisation of the batches it reads: CLIP's
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,7 +290,7 @@ def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig
     images, valid = batch["image"], batch["valid"].to(batch["image"].device)
     size = tuple(images.shape[-2:])
     z_t, logits_t = teacher(images)
-    out = student.forward_train(images)
+    out = student.forward_train(renormalise(images, teacher.norm, (student.image_mean, student.image_std)))
     stride = student.backbone.stride
     terms: dict[str, Tensor] = {}
     if config.mask_loss:
@@ -289,6 +328,9 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
     settings of L_text, and what identifies the teacher (its settings and weights' digest)."""
     if config.teacher == "rectified":
         run = load_run(teacher_run)
+        if config.teacher_method is not None and run.config.get("method") != config.teacher_method:
+            raise ValueError(f"{run.run_dir} is a {run.config.get('method')!r} run; this distillation preset needs a "
+                             f"{config.teacher_method!r} teacher (--preset {run.config.get('method')} distils it)")
         rectifier = rectifier_from_run(run, clip, vocabulary, text_cache)
         rectifier.requires_grad_(False)
         rc = rectifier.config
@@ -298,7 +340,8 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
         identity = {"method": run.config["method"], "rectifier": run.config["rectifier"], "weights": digest}
         # a fresh head's new parts are drawn in build(), after the engine has seeded the generators
         parts = "all" if config.head == "inherited" else config.head
-        return _Teacher(rectifier), lambda: inherit(rectifier, grid, parts=parts), gumbel, identity
+        return (_Teacher(rectifier, norm=(clip.image_mean, clip.image_std)),
+                lambda: inherit(rectifier, grid, parts=parts), gumbel, identity)
     from reclip.methods import build_segmentor
 
     if teacher_run is not None:
@@ -311,7 +354,8 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
     index = None if queries.is_one_per_class else queries.class_index
     gumbel = {"tau": 1.0, "scale": 100.0, "contrastive_scale": 100.0, "pool": "official"}
     classifier = config.head == "deeplab"
-    return _Teacher(maskclip, index), lambda: InheritedHead(w_q, classifier=classifier), gumbel, {"method": "maskclip"}
+    return (_Teacher(maskclip, index, norm=(clip.image_mean, clip.image_std)),
+            lambda: InheritedHead(w_q, classifier=classifier), gumbel, {"method": "maskclip"})
 
 
 def distill(
@@ -335,6 +379,7 @@ def distill(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    schedule: str | PolySchedule = "paper",
 ) -> TrainResult:
     """Train a student from a rectified teacher run (or MaskCLIP, ``config.teacher="maskclip"``).
 
@@ -346,8 +391,10 @@ def distill(
         epochs: the run's length when ``max_steps`` is None (default: the protocol's
             ``distill:`` preset, official VOC 100, Context and ADE 150, COCO 50).
         train_overrides: TrainConfig fields and ``lr`` (default: the ``distill:`` preset's
-            batch 16 and lr 0.01; SGD momentum 0.9, weight decay 5e-4, poly 0.9 over the run;
-            the official minimum lr 1e-4 is not applied).
+            batch 16 and lr 0.01; SGD momentum 0.9, weight decay 5e-4).
+        schedule: "paper" (poly 0.9 over the run, per step: paper IV-A), "official" (the
+            official code's: per epoch, clamped at 0.01 x lr, :data:`OFFICIAL_DISTILL_SCHEDULE`)
+            or a :class:`~reclip.train.PolySchedule`.
         base_short_side, crop: augmentation (default: the protocol's ``distill:`` preset).
         classes_file, split, resume, progress, text_cache, max_pixels: as for
             :func:`reclip.rectification.rectify`.
@@ -378,7 +425,10 @@ def distill(
                                                                text_cache)
     batch_size = overrides.pop("batch_size", preset.batch_size)
     spe = steps_per_epoch(len(trainset), batch_size)
-    optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr), schedule=PolySchedule())
+    if isinstance(schedule, str) and schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}; available: {list(SCHEDULES)} or a PolySchedule")
+    optimizer = SGDConfig(lr=overrides.pop("lr", preset.lr),
+                          schedule=SCHEDULES[schedule] if isinstance(schedule, str) else schedule)
     steps = max_steps if max_steps is not None else (epochs or preset.epochs) * spe
     train_config = TrainConfig(steps=steps, batch_size=batch_size, **overrides)
     embed_dim = clip.visual.output_dim
@@ -388,7 +438,7 @@ def distill(
 
     def build() -> Student:
         backbone = StudentBackbone(config.backbone, embed_dim, config.aspp_channels, weights, config.width)
-        return Student(backbone, make_head(), clip.image_mean, clip.image_std, config)
+        return Student(backbone, make_head(), *INPUT_NORMS[config.input_norm], config)
 
     def loss(model: Student, batch: dict[str, Any]):
         return distillation_loss(model, teacher, config, gumbel, batch)
@@ -412,6 +462,7 @@ def save_student_run(run_dir: str | os.PathLike, model: Student, vocabulary: Voc
         "embed_dim": model.backbone.embed_dim,
         "decoder": head.decoder is not None,
         "bias": head.bias_map is not None,
+        "reference": head.reference is not None,
         "classifier": head.classifier is not None,
         "grid": list(head.bias_map.shape[-2:]) if head.bias_map is not None else None,
         "dependent": head.dependent,
@@ -434,7 +485,8 @@ def student_from_run(run: RunFiles, clip: CLIP | None = None, vocabulary: Vocabu
     config = DistillConfig.from_dict(saved["distill"])
     C, D = trained.num_classes, int(saved["embed_dim"])
     grid = tuple(saved.get("grid") or (1, 1))
-    head = InheritedHead(torch.zeros(C, D), torch.zeros(C, D) if saved.get("bias") else None,
+    has_reference = saved.get("reference", saved.get("bias"))  # runs before "reference" was saved
+    head = InheritedHead(torch.zeros(C, D), torch.zeros(C, D) if has_reference else None,
                          torch.zeros(1, C, *grid) if saved.get("bias") else None,
                          MaskDecoder(D, C) if saved.get("decoder") else None,
                          dependent=bool(saved.get("dependent")), bias_op=saved.get("bias_op", "subtract"),

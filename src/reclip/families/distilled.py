@@ -37,14 +37,14 @@ def test_settings(method: Method, settings: ReclipSettings, protocol: Any) -> di
 def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: Any = None):
     """An untrained student: the small ResNet-18 backbone (random) with the head of an
     untrained ReCLIP++ rectifier (bias and decoder included), for contracts and tests."""
-    from reclip.distillation import RECLIPPP_DISTILL, Student, StudentBackbone
+    from reclip.distillation import INPUT_NORMS, RECLIPPP_DISTILL, Student, StudentBackbone
     import dataclasses
 
     queries = query_embeddings(clip, vocabulary, QUERY_TEMPLATES, cache_dir=text_cache)
     teacher = Rectifier(clip, queries, vocabulary.names, dataclasses.replace(RECLIPPP, reference_length=8)).eval()
     config = dataclasses.replace(RECLIPPP_DISTILL, backbone="resnet18", aspp_channels=64)
     backbone = StudentBackbone(config.backbone, clip.visual.output_dim, config.aspp_channels)
-    return Student(backbone, inherit(teacher, (4, 4)), clip.image_mean, clip.image_std, config)
+    return Student(backbone, inherit(teacher, (4, 4)), *INPUT_NORMS[config.input_norm], config)
 
 
 def write_run(run_dir: str | os.PathLike, model: Any, method: Method, clip: CLIP, vocabulary: Vocabulary) -> None:

@@ -114,7 +114,7 @@ class InheritedHead(nn.Module):
         return getattr(self.outputs(features), OUTPUTS[self.output])
 
 
-PARTS = ("all", "query", "query_bias", "deeplab", "fresh")
+PARTS = ("all", "query", "query_bias", "query_reference", "deeplab", "fresh")
 
 
 @torch.no_grad()
@@ -126,7 +126,9 @@ def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False, p
     paper's), "query" (the Query head alone), "query_bias" (Query and bias, no decoder),
     "deeplab" (DeepLab's own classifier, "Ori. Head": nothing inherited), or "fresh" (not a
     paper row: the structure of "all" with a new trainable decoder and a zero trainable
-    bias map). ``fresh=True`` is ``parts="fresh"``.
+    bias map), or "query_reference" (the official ReCLIP distillation head, ReCLIP_DISTILL_HEAD:
+    Z_hat W_q^T - Z_hat W_r^T, the positional ProjNet term dropped; a ReCLIP teacher only).
+    ``fresh=True`` is ``parts="fresh"``.
     """
     parts = "fresh" if fresh else parts
     if parts not in PARTS:
@@ -139,6 +141,11 @@ def inherit(teacher: Rectifier, grid: tuple[int, int], *, fresh: bool = False, p
     w_r = head.reference().detach()
     pe = positional_grid(teacher.clip.visual, *grid).to(w_q.device)
     dependent = isinstance(head.bias, DependentBias)
+    if parts == "query_reference":
+        if not dependent:
+            raise ValueError("parts='query_reference' is the official ReCLIP (conference) student head; it needs a "
+                             "ReCLIP teacher (dependent bias), not a ReCLIP++ one")
+        return InheritedHead(w_q, w_r, None, None, dependent=True, bias_op=cfg.bias_op)
     if dependent:
         bias_map = head.bias.proj_net(pe)  # (1, C, h0, w0)
     else:

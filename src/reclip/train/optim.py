@@ -41,11 +41,15 @@ class PolySchedule:
             above 0 (the official ReCLIP schedules: e.g. VOC 50 epochs of a 200-epoch poly).
         unit: "step" (t = step, lr updated every step) or "epoch" (t = epoch index: the
             official ReCLIP loop updates the lr once per epoch).
+        min_factor: the factor never falls below this (the lr is clamped at base lr x
+            min_factor; official ReCLIP distillation: min lr 1e-4 at lr 0.01, i.e. 0.01,
+            tools/distill.py adjust_learning_rate_poly). 0: no floor (the paper states none).
     """
 
     power: float = 0.9
     horizon: int | None = None
     unit: str = "step"
+    min_factor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -54,6 +58,8 @@ class PolySchedule:
             raise ValueError(f"PolySchedule.horizon must be positive or None, got {self.horizon}")
         if self.power < 0:
             raise ValueError(f"PolySchedule.power must be >= 0, got {self.power}")
+        if not 0.0 <= self.min_factor <= 1.0:
+            raise ValueError(f"PolySchedule.min_factor must be in [0, 1], got {self.min_factor}")
 
     def resolve_horizon(self, steps: int, steps_per_epoch: int) -> int:
         """The horizon in this schedule's unit for a run of ``steps`` steps."""
@@ -64,7 +70,7 @@ class PolySchedule:
     def factor(self, step: int, steps_per_epoch: int, horizon: int) -> float:
         """The lr factor at optimiser step ``step`` (0-based)."""
         t = step if self.unit == "step" else step // steps_per_epoch
-        return poly_lr(t, base_lr=1.0, horizon=horizon, power=self.power)
+        return max(poly_lr(t, base_lr=1.0, horizon=horizon, power=self.power), self.min_factor)
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -121,4 +127,7 @@ class AdamWConfig:
 
 def describe(config: Any) -> dict[str, Any]:
     """An optimiser config as a plain dict with its type (recorded in checkpoints and run configs)."""
-    return {"type": type(config).__name__, **dataclasses.asdict(config)}
+    out = {"type": type(config).__name__, **dataclasses.asdict(config)}
+    if isinstance(out.get("schedule"), dict) and out["schedule"].get("min_factor") == 0.0:
+        del out["schedule"]["min_factor"]  # recorded only when set: runs from before the floor existed resume
+    return out
