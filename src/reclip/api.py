@@ -39,7 +39,8 @@ from reclip.files import atomic_write_json
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config, settings_section
 from reclip.bias import SpacePreference, class_preference
-from reclip.metrics import ConfusionMatrix
+from reclip.class_split import ClassSplit, class_split
+from reclip.metrics import ConfusionMatrix, seen_unseen_miou
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
@@ -66,6 +67,9 @@ def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vo
 
 
 # --------------------------------------------------------------------------- evaluate
+
+# The zero-shot split's metrics (with unseen classes): mIoU of the seen and unseen classes, their harmonic mean.
+ZERO_SHOT_KEYS = ("mIoU_seen", "mIoU_unseen", "hIoU")
 
 
 class NothingEvaluatedError(ValueError):
@@ -108,8 +112,9 @@ class EvaluationResult:
         for name, value in zip(self.class_names, iou):
             lines.append(f"{name:<{width}}  {'-' if math.isnan(value) else f'{100 * value:6.2f}':>6}")
         lines.append("-" * (width + 8))
-        for key in ("mIoU", "mAcc", "aAcc"):
-            lines.append(f"{key:<{width}}  {100 * self.metrics[key]:6.2f}")
+        for key in ("mIoU", "mAcc", "aAcc", *(k for k in ZERO_SHOT_KEYS if k in self.metrics)):
+            value = self.metrics[key]
+            lines.append(f"{key:<{width}}  {'-' if math.isnan(value) else f'{100 * value:6.2f}':>6}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +129,7 @@ class EvaluationResult:
             "mIoU": clean(self.metrics["mIoU"]),
             "mAcc": clean(self.metrics["mAcc"]),
             "aAcc": clean(self.metrics["aAcc"]),
+            **{k: clean(self.metrics[k]) for k in ZERO_SHOT_KEYS if k in self.metrics},
             "IoU": {n: clean(float(v)) for n, v in zip(self.class_names, self.metrics["IoU"])},
             "skipped": [{"path": p, "error": e} for p, e in self.skipped],
             "downscaled": list(self.downscaled),
@@ -174,6 +180,7 @@ def evaluate(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    unseen_classes: str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
 
@@ -200,6 +207,9 @@ def evaluate(
         max_pixels: images of more pixels are segmented downscaled and scored at their
             label's size; labels of more than 4 x max_pixels are skipped (see
             :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
+        unseen_classes: the zero-shot split's unseen classes (a split file, e.g.
+            ``cocostuff171_unseen.txt``, or names; :mod:`reclip.class_split`): the result
+            also holds mIoU_seen, mIoU_unseen and hIoU (their harmonic mean). Any method.
 
     Raises:
         NothingEvaluatedError: no pixel was scored (every image skipped, or every label
@@ -216,6 +226,7 @@ def evaluate(
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
+    zero_shot = None if unseen_classes is None else class_split(data.vocabulary, unseen=unseen_classes)
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
@@ -223,7 +234,7 @@ def evaluate(
     std = getattr(segmentor, "image_std", clip.image_std)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
-                                description=f"{method} on {protocol.name}/{split}")
+                                description=f"{method} on {protocol.name}/{split}", unseen_classes=zero_shot)
     result.method = method
     result.settings.update({
         "test_settings": section,
@@ -250,12 +261,21 @@ def evaluate_segmentor(
     num_workers: int = 1,
     progress: bool = True,
     description: str = "evaluate",
+    unseen_classes: ClassSplit | str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Run any segmentor over a labelled dataset: confusion matrix, mIoU and, with
-    ``bias``, the class- and space-preference diagnostics in the same pass.
+    ``bias``, the class- and space-preference diagnostics in the same pass; with
+    ``unseen_classes`` (a :class:`~reclip.class_split.ClassSplit`, a split file or
+    names) also the zero-shot mIoU_seen, mIoU_unseen and hIoU.
 
     Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
     _check_limit_and_workers(limit, num_workers)
+    zero_shot = unseen_classes
+    if zero_shot is not None and not isinstance(zero_shot, ClassSplit):
+        zero_shot = class_split(data.vocabulary, unseen=zero_shot)  # before any image: a bad name fails now
+    if zero_shot is not None and list(zero_shot.names) != list(data.class_names):
+        raise ValueError(f"the class split is for the classes {list(zero_shot.names)[:8]}, not this dataset's "
+                         f"{data.class_names[:8]}")
     protocol = data.protocol
     background = 0 if protocol.background else None
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
@@ -291,19 +311,24 @@ def evaluate_segmentor(
         # Background is not an object: left out of both scores.
         diagnostics = {"class_preference": class_preference(confusion.matrix, exclude=(0,) if background == 0 else ()),
                        "space_preference": space.compute()}
+    metrics = confusion.compute(absent_as_zero=absent_as_zero)
+    settings: dict[str, Any] = {}
+    if zero_shot is not None:
+        metrics.update(seen_unseen_miou(metrics["IoU"], zero_shot.unseen_mask(), absent_as_zero=absent_as_zero))
+        settings["zero_shot"] = zero_shot.to_dict()
     return EvaluationResult(
         method=type(segmentor).__name__,
         protocol=protocol.name,
         split=data.split,
         class_names=data.class_names,
-        metrics=confusion.compute(absent_as_zero=absent_as_zero),
+        metrics=metrics,
         confusion=confusion.matrix.copy(),
         num_images=count - len(skipped),
         skipped=skipped,
         seconds=time.perf_counter() - start,
         settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
                   "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit,
-                  "max_pixels": data.max_pixels},
+                  "max_pixels": data.max_pixels, **settings},
         bias=diagnostics,
         downscaled=downscaled,
     )

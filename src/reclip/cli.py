@@ -228,11 +228,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, unseen_classes=args.unseen_classes,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
+    if "hIoU" in result.metrics:
+        m = result.metrics
+        print(f"zero-shot split ({len(result.settings['zero_shot']['unseen'])} unseen classes): mIoU seen "
+              f"{100 * m['mIoU_seen']:.2f}, unseen {100 * m['mIoU_unseen']:.2f}, hIoU {100 * m['hIoU']:.2f}")
     for path, reason in result.skipped:
         print(f"  skipped {path}: {reason}")
     if result.downscaled:
@@ -464,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    p.add_argument("--unseen-classes", metavar="FILE",
+                   help="zero-shot split: a file of the unseen classes' names, one per line (as given, else in the "
+                        "package's configs/classes/, e.g. cocostuff171_unseen.txt); also reports mIoU of the seen "
+                        "and the unseen classes and their harmonic mean hIoU")
     _add_max_pixels_arg(p, labels=True)
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
