@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tiny import tiny_clip
 from reclip.clip.model import CLIP
@@ -14,6 +18,15 @@ from reclip.maft.ipclip import (
     ip_clip_embeddings,
     ip_clip_tokens,
     proposal_attention_mask,
+)
+from reclip.maft.proposals import (
+    GridProposals,
+    PredictionProposals,
+    ProposalError,
+    ProposalFiles,
+    grid_proposals,
+    read_proposal_file,
+    regions_from_labels,
 )
 
 DEPTH = 3
@@ -195,3 +208,117 @@ def test_ipclip_refuses_bad_arguments(clip):
         ip_clip_embeddings(clip, images, masks[:, :0])
     with pytest.raises(ValueError, match=r"\(B, N, H', W'\)"):
         ip_clip_embeddings(clip, images, masks[0])
+
+
+# --- proposals ----------------------------------------------------------------------------
+
+def _save_npz(path, masks):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, masks=masks)
+    return path
+
+
+def test_npz_proposals_of_every_dtype_are_read_as_float_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    soft = rng.random((3, 6, 8)).astype(np.float32)
+    torch.testing.assert_close(read_proposal_file(_save_npz(tmp_path / "a.npz", soft)), torch.from_numpy(soft))
+    binary = soft > 0.5
+    for array in (binary, binary.astype(np.uint8)):
+        masks = read_proposal_file(_save_npz(tmp_path / "b.npz", array))
+        assert masks.dtype == torch.float32 and torch.equal(masks, torch.from_numpy(binary).float())
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones((6, 8), np.float32), r"shape \(6, 8\).*\(N, H, W\)"),
+    (np.zeros((0, 6, 8), bool), "N = 0"),
+    (np.full((1, 6, 8), 1.5, np.float32), r"outside \[0, 1\]"),
+    (np.full((1, 6, 8), 255, np.uint8), "0/1"),
+    (np.full((1, 6, 8), np.nan, np.float32), "NaN"),
+])
+def test_bad_npz_proposals_are_refused_naming_the_file(tmp_path, array, message):
+    path = _save_npz(tmp_path / "img.npz", array)
+    with pytest.raises(ProposalError, match=message) as err:
+        read_proposal_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_an_npz_without_masks_is_refused(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, other=np.ones((1, 2, 2)))
+    with pytest.raises(ProposalError, match="no array 'masks'"):
+        read_proposal_file(path)
+
+
+def test_png_proposals_are_an_id_map(tmp_path):
+    ids = np.zeros((6, 8), np.uint16)
+    ids[:3, :4] = 7
+    ids[3:, :] = 300  # 16-bit ids
+    Image.fromarray(ids).save(tmp_path / "a.png")
+    masks = read_proposal_file(tmp_path / "a.png")
+    assert masks.shape == (2, 6, 8)  # 0 is no proposal; ids ordered by value
+    assert torch.equal(masks[0], torch.from_numpy(ids == 7).float())
+    assert torch.equal(masks[1], torch.from_numpy(ids == 300).float())
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ProposalError, match="RGB PNG"):
+        read_proposal_file(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(ProposalError, match="no proposal"):
+        read_proposal_file(tmp_path / "empty.png")
+
+
+def test_proposal_files_are_found_by_image_id_and_resized_with_a_warning(tmp_path):
+    masks = np.zeros((2, 10, 12), bool)
+    masks[0, :, :6] = True
+    masks[1, :, 6:] = True
+    _save_npz(tmp_path / "sub" / "img1.npz", masks)
+    source = ProposalFiles(tmp_path)
+    image = np.zeros((10, 12, 3), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(source(image, "sub/img1"), torch.from_numpy(masks).float())
+    with pytest.warns(UserWarning, match=r"img1\.npz.*resized"):
+        resized = source(np.zeros((20, 24, 3), np.uint8), "sub/img1")
+    assert resized.shape == (2, 20, 24) and resized[0, :, :11].min() == 1 and resized[0, :, 13:].max() == 0
+    with pytest.raises(ProposalError, match=r"image 'img2'.*img2\.npz or \.png"):
+        source(image, "img2")
+    Image.fromarray(np.ones((10, 12), np.uint8)).save(tmp_path / "sub" / "img1.png")
+    with pytest.raises(ProposalError, match="two proposal files"):
+        source(image, "sub/img1")
+    with pytest.raises(FileNotFoundError, match="proposal folder"):
+        ProposalFiles(tmp_path / "missing")
+
+
+def test_regions_are_connected_components_per_class_plus_the_whole_image():
+    labels = np.zeros((8, 10), np.int64)
+    labels[1:3, 1:3] = 1  # class 1, blob A (4 px)
+    labels[5:8, 6:10] = 1  # class 1, blob B (12 px): another proposal
+    labels[0, 9] = 2  # 1 px of class 2: noise
+    labels[:, 0] = 255
+    masks = regions_from_labels(labels, min_area=0.02, ignore_index=255)
+    assert torch.equal(masks[0], torch.ones(8, 10))  # the whole image first
+    regions = [frozenset(map(tuple, m.nonzero().tolist())) for m in masks[1:]]
+    assert regions[0] == frozenset(map(tuple, np.argwhere(labels == 0)))  # the largest first
+    assert frozenset(map(tuple, np.argwhere(labels[5:8, 6:10] == 1) + [5, 6])) in regions
+    assert frozenset(map(tuple, np.argwhere(labels[1:3, 1:3] == 1) + [1, 1])) in regions
+    assert len(regions) == 3  # class 0, two blobs of class 1; class 2's pixel < 2 % and 255 ignored
+    assert [int(m.sum()) for m in masks[1:]] == sorted((int(m.sum()) for m in masks[1:]), reverse=True)
+    assert regions_from_labels(labels, min_area=0, ignore_index=255).shape[0] == 1 + 4
+    assert regions_from_labels(labels, min_area=0, max_regions=2, whole_image=False).shape[0] == 2
+
+
+def test_grid_proposals_tile_the_image():
+    masks = grid_proposals((7, 10), (2, 3))
+    assert masks.shape == (7, 7, 10)
+    assert torch.equal(masks[0], torch.ones(7, 10)) and torch.equal(masks[1:].sum(0), torch.ones(7, 10))
+    assert GridProposals((2, 2))(np.zeros((4, 4, 3), np.uint8), "x").shape == (5, 4, 4)
+
+
+def test_prediction_proposals_are_the_regions_of_the_prediction():
+    labels = np.zeros((6, 6), np.int64)
+    labels[:, 3:] = 4
+    source = PredictionProposals(lambda image: labels, "from:test", min_area=0)
+    masks = source(np.zeros((6, 6, 3), np.uint8), "a")
+    assert masks.shape == (3, 6, 6) and torch.equal(masks[1] + masks[2], torch.ones(6, 6))
+    bad = PredictionProposals(lambda image: labels[:3], "from:test")
+    with pytest.raises(ProposalError, match="from:test"):
+        bad(np.zeros((6, 6, 3), np.uint8), "a")
