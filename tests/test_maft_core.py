@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -9,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from tiny import tiny_clip
 from reclip.clip.model import CLIP
+from reclip.data.protocol import load_protocol
+from reclip.inference import InferenceConfig, image_context, infer_logits
 from reclip.maft.ipclip import (
     default_start_layer,
     ip_attention_mask,
@@ -28,6 +32,9 @@ from reclip.maft.proposals import (
     read_proposal_file,
     regions_from_labels,
 )
+from reclip.maft.segmentor import MAFTSegmentor, is_maft_trainable
+from reclip.methods import FAMILIES, METHODS, build_segmentor, inference_config, load_trained
+from reclip.text import QueryEmbeddings, Vocabulary
 
 DEPTH = 3
 
@@ -322,3 +329,144 @@ def test_prediction_proposals_are_the_regions_of_the_prediction():
     bad = PredictionProposals(lambda image: labels[:3], "from:test")
     with pytest.raises(ProposalError, match="from:test"):
         bad(np.zeros((6, 6, 3), np.uint8), "a")
+
+
+# --- the segmentor ------------------------------------------------------------------------
+
+def _queries(class_index=(0, 1, 2), seed=8):
+    weights = F.normalize(torch.randn(len(class_index), 32, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    index = torch.tensor(class_index)
+    return QueryEmbeddings(weights, index, int(index.max()) + 1)
+
+
+def _halves(size=(32, 48)):
+    """Two binary proposals, left and right half, plus a soft one over everything: (3, H, W)."""
+    masks = torch.zeros(3, *size)
+    masks[0, :, : size[1] // 2] = 1
+    masks[1, :, size[1] // 2:] = 1
+    masks[2] = 0.3
+    return masks
+
+
+def test_semseg_is_the_sum_of_proposal_class_probabilities_times_masks(clip):
+    seg = MAFTSegmentor(clip, _queries(), logit_scale=30.0).eval()
+    images, masks = _images(1), _halves()[None]
+    emb = F.normalize(ip_clip_embeddings(clip, images, masks, start_layer=seg.start_layer), dim=-1)
+    probs = (30.0 * emb @ seg.text_weights.t()).softmax(-1)  # (1, N, C)
+    torch.testing.assert_close(seg.proposal_probabilities(images, masks), probs)
+    expected = torch.einsum("bnc,bnhw->bchw", probs, masks)
+    torch.testing.assert_close(seg.semantic_scores(images, masks), expected)
+    # the left half is painted by proposals 0 and 2 only, the right by 1 and 2
+    torch.testing.assert_close(expected[0, :, 5, 3], probs[0, 0] + 0.3 * probs[0, 2])
+    torch.testing.assert_close(expected[0, :, 5, 40], probs[0, 1] + 0.3 * probs[0, 2])
+    assert (probs[0, 0] - probs[0, 1]).abs().max() > 1e-3  # the halves are told apart
+
+
+def test_synonyms_reduce_after_the_softmax(clip):
+    seg = MAFTSegmentor(clip, _queries((0, 1, 1, 2)))
+    images, masks = _images(1), _halves()[None]
+    q = seg.proposal_logits(images, masks).softmax(-1)  # (1, N, S = 4)
+    p = seg.proposal_probabilities(images, masks)
+    assert p.shape == (1, 3, 3)
+    torch.testing.assert_close(p[..., 1], torch.maximum(q[..., 1], q[..., 2]))
+    torch.testing.assert_close(p[..., 2], q[..., 3])
+
+
+def test_for_image_holds_that_images_proposals_and_forward_paints_them(clip):
+    seg = MAFTSegmentor(clip, _queries(), proposals=lambda image, image_id: _halves(image.shape[:2])).eval()
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    images = _images(1)
+    with torch.no_grad():
+        with image_context(seg, image, "a") as held:
+            assert torch.equal(held, _halves())
+            logits = seg(images)
+        grid = seg(images)  # outside: the whole image and a 3 x 3 grid
+    assert logits.shape == (1, 3, 32, 48) and torch.isfinite(logits).all()
+    # log(semseg): the inference layer's softmax gives semseg normalised per pixel
+    torch.testing.assert_close(logits.softmax(1), F.normalize(seg.semantic_scores(images, _halves()[None]), p=1, dim=1))
+    # constant over each half: the proposals, not the grid, painted it
+    assert (logits[..., :24] == logits[..., :1, :1]).all() and (logits[..., 24:] == logits[..., :1, 24:25]).all()
+    assert not torch.allclose(grid, logits)
+    # the inference layer resizes the input (short side) but the logits stay at the proposals' size
+    with image_context(seg, image, "a"):
+        full = infer_logits(seg, images, InferenceConfig(short_side=64))
+    assert full.shape == (1, 3, 32, 48)
+
+
+def test_a_window_or_a_batch_inside_for_image_is_refused(clip):
+    seg = MAFTSegmentor(clip, _queries(), proposals=lambda image, image_id: _halves(image.shape[:2]))
+    image = np.zeros((32, 48, 3), np.uint8)
+    with image_context(seg, image, "a"), pytest.raises(ValueError, match="whole image.*--mode whole"):
+        seg(_images(1, 32, 32))  # a square window of a 2:3 image
+    with image_context(seg, image, "a"), pytest.raises(ValueError, match="batch of 2"):
+        seg(_images(2))
+    wrong = MAFTSegmentor(clip, _queries(), proposals=lambda image, image_id: _halves((16, 48)))
+    with pytest.raises(ProposalError, match="have size"), image_context(wrong, image, "a"):
+        pass
+    # a segmentor without for_image gets a null context
+    with image_context(torch.nn.Identity(), image, "a") as nothing:
+        assert nothing is None
+
+
+# --- the registry: a MAFT run and the training-free baseline ------------------------------
+
+
+def test_a_maft_run_round_trips_through_the_registry(clip, tmp_path):
+    vocabulary = Vocabulary.from_names(["cat", "dog"])
+    family, method = FAMILIES["maft"], METHODS["maft"]
+    model = family.new_model(method, clip, vocabulary, text_cache=False).eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"clip.visual.ln_post.weight", "clip.visual.transformer.resblocks.0.attn.in_proj_weight",
+            "clip.visual.transformer.resblocks.2.ln_2.bias"} <= trainable
+    assert not trainable & {"clip.visual.proj", "clip.visual.conv1.weight", "clip.visual.ln_pre.weight",
+                            "clip.visual.transformer.resblocks.0.mlp.c_fc.weight", "clip.ln_final.weight"}
+    assert all(n.startswith("clip.visual.") and is_maft_trainable(n[len("clip.visual."):]) for n in trainable)
+    with torch.no_grad():  # "fine-tune" it
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    family.write_run(tmp_path, model, method, clip, vocabulary)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["method"], config["start_layer"], config["classes"]) == ("maft", 2, ["cat", "dog"])
+    x = _images(1)
+    loaded = build_segmentor("maft", clip, vocabulary, checkpoint=tmp_path, text_cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        frozen = build_segmentor("ipclip", clip, vocabulary, text_cache=False)(x)
+    assert (frozen - loaded(x)).abs().max() > 1e-3  # the fine-tuned weights count ...
+    assert loaded.clip is not clip and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():  # ... and the given CLIP is left as it was
+        torch.testing.assert_close(build_segmentor("ipclip", clip, vocabulary, text_cache=False)(x), frozen)
+    # open vocabulary: another class list than the training one
+    assert load_trained(tmp_path, clip, Vocabulary.from_names(["sky", "road", "tree"]), text_cache=False)(x).shape[1] == 3
+    # names relative to clip.visual (the other spelling of the contract) load the same
+    state = load_file(tmp_path / "model.safetensors")
+    relative = tmp_path / "relative"
+    relative.mkdir()
+    (relative / "config.json").write_text(json.dumps(config))
+    save_file({k[len("clip.visual."):]: v for k, v in state.items()}, relative / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_trained(relative, clip, vocabulary, text_cache=False)(x), loaded(x))
+
+
+def test_a_maft_run_that_does_not_fit_is_refused(clip, tmp_path):
+    vocabulary = Vocabulary.from_names(["cat", "dog"])
+    model = FAMILIES["maft"].new_model(METHODS["maft"], clip, vocabulary, text_cache=False)
+    FAMILIES["maft"].write_run(tmp_path, model, METHODS["maft"], clip, vocabulary)
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_trained(tmp_path, tiny_clip(4, vision_layers=DEPTH, vision_heads=2), vocabulary, text_cache=False)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({**state, "clip.transformer.resblocks.0.ln_1.weight": torch.ones(64)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not parameters of this CLIP's vision tower"):
+        load_trained(tmp_path, clip, vocabulary, text_cache=False)
+    save_file({"clip.visual.ln_post.weight": torch.ones(65)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        load_trained(tmp_path, clip, vocabulary, text_cache=False)
+
+
+def test_ipclip_refuses_strategy_overrides_and_slide(clip):
+    vocabulary = Vocabulary.from_names(["cat", "dog"])
+    with pytest.raises(ValueError, match="do not apply"):
+        build_segmentor("ipclip", clip, vocabulary, strategy_overrides={"residual": False}, text_cache=False)
+    with pytest.raises(ValueError, match="mode 'whole'"):
+        inference_config("ipclip", load_protocol("voc20"), mode="slide")
