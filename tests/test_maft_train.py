@@ -5,7 +5,6 @@ read, exact resume, and the run loading as ``--method maft``."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,7 +16,6 @@ from tiny import tiny_clip
 from reclip.class_split import class_split, read_class_names
 from reclip.data.protocol import load_protocol
 from reclip.maft.losses import (
-    class_probabilities,
     maft_loss,
     mask_aware_loss,
     minmax_normalize,
@@ -115,13 +113,6 @@ def test_self_distillation_is_smooth_l1_on_whole_image_scores_and_total_weights_
     ma = mask_aware_loss(PROBS, PROPOSALS, TARGETS)
     assert total.item() == pytest.approx(ma.item() + 0.1 * sd.item(), rel=1e-6)
     assert terms["self_distillation"].item() == pytest.approx(0.1 * sd.item(), rel=1e-6)
-
-
-def test_class_probabilities_are_the_softmax_of_100_cosines():
-    emb = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
-    text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    expected = torch.softmax(100 * torch.tensor([[1.0, 0.0], [2 ** -0.5, 2 ** -0.5]]), dim=-1)
-    torch.testing.assert_close(class_probabilities(emb, text), expected)
 
 
 # -- the zero-shot split --------------------------------------------------------------------------
@@ -237,3 +228,53 @@ def test_unlabelled_training_crops_open_no_label(tmp_path, monkeypatch):
                             base_short_side=24, crop=16)
     item = trainset[1]
     assert "target" not in item and item["proposals"][0][item["valid"]].eq(255).all()
+
+
+def _seen_segmentor(clip, names, start_layer=1):
+    from reclip.maft.segmentor import MAFTSegmentor, tuned_copy
+    from reclip.text import Vocabulary, query_embeddings
+
+    queries = query_embeddings(clip, Vocabulary.from_names(names), "single", cache_dir=False)
+    return MAFTSegmentor(tuned_copy(clip), queries, start_layer=start_layer)
+
+
+def test_one_step_moves_only_attention_and_layernorms_and_starts_without_distillation_loss(tmp_path):
+    from torch.utils.data import default_collate
+
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.maft.proposals import GridProposals
+    from reclip.maft.train import _FrozenSide, maft_step_loss
+    from reclip.maft.trainset import MaftTrainSet
+
+    clip = tiny_clip(perturb=0.02, vision_layers=3)
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=1)
+    data = SegmentationDataset("voc20", root, "train", check_sizes=False)
+    trainset = MaftTrainSet(data, GridProposals((2, 2)), labels=True, base_short_side=40, crop=32)
+    batch = default_collate([trainset[0], trainset[1]])
+    model = _seen_segmentor(clip, data.class_names)
+    loss, logged = maft_step_loss(model, _FrozenSide(clip), batch)
+    assert logged["mask_aware"] > 0
+    assert logged["self_distillation"] < 1e-8  # the copy starts as the frozen CLIP: same whole-image scores
+    loss.backward()
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    tuned = {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
+             "ln_1.bias", "ln_2.weight", "ln_2.bias"}
+    expected = {f"clip.visual.transformer.resblocks.{i}.{name}" for i in range(3) for name in tuned}
+    assert moved == expected | {"clip.visual.ln_post.weight", "clip.visual.ln_post.bias"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == moved
+    assert all(p.grad is None for p in clip.parameters())  # the frozen CLIP is not the trained copy
+
+
+def test_whole_image_scores_follow_the_segmentors_rule_synonyms_included():
+    from reclip.maft.train import whole_image_probabilities
+
+    clip = tiny_clip(perturb=0.02, vision_layers=2)
+    model = _seen_segmentor(clip, ["cat, kitten", "dog", "sky, heaven, air"], start_layer=1).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = whole_image_probabilities(model, model.clip, images)  # (B, C)
+        # IP-CLIP with one whole-image proposal masked only in the last block is CLIP's CLS path
+        model.start_layer = 1
+        via_proposals = model.proposal_probabilities(images, torch.ones(2, 1, 32, 32))[:, 0]
+    assert whole.shape == (2, 3) and not torch.allclose(whole.sum(-1), torch.ones(2))  # max over synonyms
+    torch.testing.assert_close(whole, via_proposals, rtol=1e-4, atol=1e-5)

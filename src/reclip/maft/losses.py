@@ -1,9 +1,11 @@
 """MAFT's fine-tuning losses (Jiao et al. 2023, section 3.3), as pure functions.
 
-    probs = class_probabilities(embeddings, text)                       # (B, N, C)
-    l_ma = mask_aware_loss(probs, proposals, targets, keep=keep)        # proposals vs class masks
-    l_sd = self_distillation_loss(student_probs, teacher_probs)         # whole image, (B, C)
+    l_ma = mask_aware_loss(probs, proposals, targets, keep=keep)   # probs (B, N, C) of the proposals
+    l_sd = self_distillation_loss(student_probs, teacher_probs)    # whole image, (B, C)
     loss = l_ma + SELF_DISTILLATION_WEIGHT * l_sd
+
+Class scores come from the segmentor being trained (``MAFTSegmentor.proposal_probabilities``
+and ``reclip.maft.train.whole_image_probabilities``: softmax of 100 x cosine).
 
 Mask-aware loss: for each image and each class c present in its class-mask map, the N
 proposals' softmax scores for c are regressed (SmoothL1, beta 1) onto their IoUs with
@@ -42,23 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IOU_EPS", "MINMAX_EPS", "SCORE_SCALE", "SELF_DISTILLATION_WEIGHT", "class_probabilities",
-           "mask_aware_loss", "maft_loss", "minmax_normalize", "proposal_class_iou", "self_distillation_loss"]
+__all__ = ["IOU_EPS", "MINMAX_EPS", "SELF_DISTILLATION_WEIGHT", "mask_aware_loss", "maft_loss", "minmax_normalize", "proposal_class_iou", "self_distillation_loss"]
 
-SCORE_SCALE = 100.0  # logits = 100 x cosine (official get_sim_logits temperature)
 IOU_EPS = 1e-7  # official get_iou
 MINMAX_EPS = 1e-8  # official mynorm
 SELF_DISTILLATION_WEIGHT = 0.1  # official cfg.MODEL.dis_weight
-
-
-def class_probabilities(embeddings: Tensor, text: Tensor, scale: float = SCORE_SCALE) -> Tensor:
-    """Softmax class scores of image or proposal embeddings.
-
-    embeddings (..., D) (not necessarily unit), text (C, D) class embeddings -> (..., C):
-    ``softmax(scale * cos(embedding, text_c))`` over the C classes.
-    """
-    logits = scale * F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()
-    return logits.softmax(dim=-1)
 
 
 def minmax_normalize(x: Tensor, dim: int = 0, eps: float = MINMAX_EPS) -> Tensor:
@@ -100,7 +90,7 @@ def mask_aware_loss(probs: Tensor, proposals: Tensor, targets: Tensor, *, keep: 
     """MAFT's mask-aware loss over a batch.
 
     Args:
-        probs: (B, N, C) softmax class scores of the proposals (:func:`class_probabilities`).
+        probs: (B, N, C) softmax class scores of the proposals.
         proposals: (B, N, H, W) proposal masks in [0, 1] (no gradient needed).
         targets: (B, H, W) class-mask map: class ids 0..C-1 (the classes supervised,
             e.g. the seen classes' ground truth or a teacher's pseudo labels) and
