@@ -5,6 +5,7 @@ read, exact resume, and the run loading as ``--method maft``."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -278,3 +279,160 @@ def test_whole_image_scores_follow_the_segmentors_rule_synonyms_included():
         via_proposals = model.proposal_probabilities(images, torch.ones(2, 1, 32, 32))[:, 0]
     assert whole.shape == (2, 3) and not torch.allclose(whole.sum(-1), torch.ones(2))  # max over synonyms
     torch.testing.assert_close(whole, via_proposals, rtol=1e-4, atol=1e-5)
+
+
+# -- through the command line ------------------------------------------------------------------
+
+def _train(steps: int = 2) -> list[str]:
+    return ["--max-steps", str(steps), "--batch-size", "2", "--crop", "32", "--base-short-side", "40", "--device",
+            "cpu", "--templates", "single", "--quiet"]
+
+
+TRAIN = _train()
+
+
+@pytest.fixture(scope="module")
+def maft_runs(tmp_path_factory):
+    """(clip file, VOC root, unseen file, supervised run) trained through the CLI, recording
+    the class names its text classifier was given."""
+    import reclip.maft.train as train_mod
+    from reclip.cli import main
+    from reclip.clip.load import save_clip
+
+    base = tmp_path_factory.mktemp("maft")
+    clip_file = save_clip(tiny_clip(perturb=0.02, vision_layers=3), base / "tiny.pt", format="openai")
+    root = write_voc(base / "voc", n_train=4, n_val=2)
+    unseen = base / "unseen.txt"
+    unseen.write_text("cat\ndog\n")
+    classified: list[list[str]] = []
+    original = train_mod.query_embeddings
+
+    def recording(clip, vocabulary, *args, **kwargs):
+        classified.append(list(vocabulary.names))
+        return original(clip, vocabulary, *args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train_mod, "query_embeddings", recording)
+    patch.setenv("RECLIP_CACHE", str(base / "cache"))
+    try:
+        assert main(["maft", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root),
+                     "--proposals", "grid:2x2", "--unseen-classes", str(unseen), "--out", str(base / "run"),
+                     *TRAIN]) == 0
+    finally:
+        patch.undo()
+    return clip_file, root, unseen, base / "run", classified
+
+
+def test_a_supervised_run_trains_on_seen_classes_and_records_its_split(maft_runs):
+    from safetensors.torch import load_file
+
+    clip_file, _, _, run, classified = maft_runs
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "maft" and config["start_layer"] == 2 and config["supervision"] == "labels"
+    assert len(config["classes"]) == 20 and config["unseen_classes"] == ["cat", "dog"]
+    assert len(config["seen_classes"]) == 18 and config["proposals"] == "grid:2x2"
+    assert config["train"]["steps"] == 2 and config["optimizer"]["type"] == "AdamWConfig"
+    assert config["optimizer"]["lr"] == 1e-5 and config["optimizer"]["schedule"]["power"] == 0.0
+    assert classified == [config["seen_classes"]]  # the text classifier never saw an unseen name
+    weights = load_file(run / "model.safetensors")
+    assert sorted(weights) == config["trainable"]
+    assert "transformer.resblocks.2.attn.in_proj_weight" in weights and "ln_post.weight" in weights
+    assert not any(k.startswith(("clip.", "visual.")) or "mlp" in k or "conv1" in k for k in weights)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 2 and metrics[-1]["mask_aware"] > 0
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(maft_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from reclip.cli import main
+
+    clip_file, root, unseen, run, _ = maft_runs
+    args = ["maft", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--proposals", "grid:2x2",
+            "--unseen-classes", str(unseen), "--out", str(tmp_path / "split")]
+    assert main([*args, *_train(steps=1)]) == 0  # one step, then stop
+    assert main([*args, *TRAIN]) == 2  # the run exists: no silent overwrite
+    assert main([*args, *TRAIN, "--resume"]) == 0
+    whole, resumed = load_file(run / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert sorted(whole) == sorted(resumed)
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_the_run_loads_as_method_maft_and_evaluates_with_hiou(maft_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from reclip.cli import main
+    from reclip.clip.load import load_clip
+    from reclip.methods import build_segmentor
+    from reclip.text import Vocabulary
+
+    clip_file, root, unseen, run, _ = maft_runs
+    clip = load_clip(clip_file)
+    segmentor = build_segmentor("maft", clip, Vocabulary.from_names("cat,dog"), checkpoint=run, templates="single")
+    weights = load_file(run / "model.safetensors")
+    tuned = dict(segmentor.clip.visual.named_parameters())
+    for name, value in weights.items():
+        torch.testing.assert_close(tuned[name], value)
+    assert not torch.equal(tuned["ln_post.weight"], clip.visual.ln_post.weight)  # trained, the given CLIP unchanged
+    torch.testing.assert_close(tuned["conv1.weight"], clip.visual.conv1.weight)  # frozen parts as CLIP's
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "maft", "--checkpoint", str(run), "--proposals",
+                 "grid:2x2", "--dataset", "voc20", "--data-root", str(root), "--templates", "single",
+                 "--short-side", "32", "--unseen-classes", str(unseen), "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    iou = np.array([np.nan if v is None else v / 100 for v in result["IoU"].values()])
+    expected = seen_unseen_miou(iou, np.isin(list(result["IoU"]), ["cat", "dog"]))
+    for key in ("mIoU_seen", "mIoU_unseen", "hIoU"):
+        assert (result[key] is None and math.isnan(expected[key])) or result[key] == pytest.approx(
+            100 * expected[key], abs=1e-3)
+    assert result["settings"]["zero_shot"]["unseen"] == ["cat", "dog"]
+
+
+def test_cli_errors_name_the_problem(maft_runs, tmp_path, capsys):
+    from reclip.cli import main
+
+    clip_file, root, _, run, _ = maft_runs
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--proposals", "grid",
+              "--out", str(tmp_path / "x"), *TRAIN]
+    assert main(["maft", *common, "--supervision", "pseudo"]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+    assert main(["maft", *common, "--teacher", str(run)]) == 2
+    assert "with --supervision pseudo" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("cat\nkitten\n")
+    assert main(["maft", *common, "--unseen-classes", str(bad)]) == 2
+    assert "['kitten']" in capsys.readouterr().err
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc20", "--data-root",
+                 str(root), "--unseen-classes", str(bad), "--quiet"]) == 2
+    assert "['kitten']" in capsys.readouterr().err
+
+
+def test_unsupervised_maft_from_a_rectifier_reads_no_label(maft_runs, tmp_path):
+    import reclip.data.datasets as datasets_mod
+    import reclip.data.io as io_mod
+    from reclip.cli import main
+
+    clip_file, root, _, _, _ = maft_runs
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
+    assert main(["hypotheses", *common, "--split", "train", "--out", str(tmp_path / "hyp.json"), "--t", "0"]) == 0
+    assert main(["rectify", *common, "--hypotheses", str(tmp_path / "hyp.json"), "--out", str(tmp_path / "teacher"),
+                 "--max-steps", "1", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
+                 "--reference-length", "8", "--device", "cpu"]) == 0
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError("unsupervised MAFT read a ground-truth label")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(io_mod, "read_label", poisoned)
+    patch.setattr(datasets_mod, "read_label", poisoned)
+    try:  # proposals from the same rectifier's prediction: nothing labelled anywhere
+        assert main(["maft", *common, "--proposals", f"from:{tmp_path / 'teacher'}", "--supervision", "pseudo",
+                     "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    finally:
+        patch.undo()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["supervision"] == "pseudo" and config["teacher"]["method"] == "reclip++"
+    assert config["unseen_classes"] == [] and len(config["seen_classes"]) == 20
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["mask_aware"] > 0  # the pseudo labels gave class masks

@@ -78,8 +78,10 @@ def whole_image_probabilities(model: MAFTSegmentor, clip: CLIP, images: Tensor) 
     """Class scores of ``clip``'s ordinary image embedding (the CLS path, no proposal) with
     ``model``'s classifier and rule (softmax of ``logit_scale`` x cosine over the queries,
     then each class's max over its synonyms): images (B, 3, H, W) -> (B, C)."""
-    emb = torch.nn.functional.normalize(clip.encode_image(images).float(), dim=-1)
-    probs = (model.logit_scale * emb @ model.text_weights.t()).softmax(dim=-1)  # (B, S)
+    emb = clip.encode_image(images)  # (B, D)
+    with torch.autocast(device_type=emb.device.type, enabled=False):  # float32 scores, as proposal_logits
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        probs = (model.logit_scale * emb @ model.text_weights.t()).softmax(dim=-1)  # (B, S)
     if probs.shape[-1] == model.num_classes:
         return probs
     return max_over_synonyms(probs, model.query_class, model.num_classes, dim=-1)
@@ -154,7 +156,7 @@ def finetune_maft(
     split: str = "train",
     start_layer: int | None = None,
     threshold: float = 0.5,
-    templates: str = TEMPLATES,
+    templates: str | None = None,
     max_steps: int = 1000,
     train_overrides: dict[str, Any] | None = None,
     base_short_side: int = MAFT_BASE_SHORT_SIDE,
@@ -175,6 +177,8 @@ def finetune_maft(
             ``from:RUN_DIR``, ``grid``; :func:`reclip.api.proposal_source`) or a callable
             ``(image, image_id) -> (N, H, W)`` (:mod:`reclip.maft.proposals`), applied to each
             ORIGINAL image; the masks follow the crop's geometry (:class:`MaftTrainSet`).
+            The source runs where the training set's items are read: a source that
+            segments with CLIP on CUDA needs ``workers`` 0 (the default).
         max_proposals: proposals per crop (the first ones; MAFT: 100).
         supervision: "labels" (class masks from the ground truth, seen classes only, as
             published) or "pseudo" (from the argmax of the frozen rectifier ``teacher_run``,
@@ -183,7 +187,7 @@ def finetune_maft(
             names, see :mod:`reclip.class_split`); default: every class is seen.
         start_layer: the first IP-CLIP masked block (default :func:`default_start_layer`).
         threshold: patch coverage inside a proposal (IP-CLIP).
-        templates: prompt templates of the class embeddings (the ``maft`` method's).
+        templates: prompt templates of the class embeddings (None: the ``maft`` method's).
         max_steps: optimiser steps (MAFT: 1000).
         train_overrides: TrainConfig fields (batch_size default 16, seed, device, ...) and
             ``lr`` (AdamW, default 1e-5).
@@ -218,6 +222,7 @@ def finetune_maft(
     trainset = MaftTrainSet(images, source, labels=supervision == "labels", seen=seen,
                             seed=overrides.get("seed", 0), max_proposals=max_proposals, mean=clip.image_mean,
                             std=clip.image_std, **augment)
+    templates = templates or TEMPLATES
     lines = vocabulary.to_lines()  # the classifier holds the seen classes only
     seen_vocabulary = Vocabulary.from_names([lines[c] for c in seen], shared_names=vocabulary.shared_names)
     queries = query_embeddings(clip, seen_vocabulary, templates, cache_dir=text_cache)
