@@ -7,6 +7,7 @@
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
     reclip evaluate --clip SPEC --method reclip++ --checkpoint RUN_DIR --dataset voc20 --data-root DIR
+    reclip evaluate --clip SPEC --method ipclip --proposals from:naclip --dataset voc20 --data-root DIR
     reclip probe    --clip SPEC --method student --checkpoint RUN_DIR --dataset voc20 --data-root DIR  (SUPERVISED)
     reclip demo     [--out DIR]
     reclip bench
@@ -122,6 +123,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None, help="keep the last block's FFN")
 
 
+def _add_proposals_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proposals", metavar="SRC",
+                   help=f"mask proposals for maft / ipclip (required there): {api.PROPOSALS_HELP}")
+
+
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (default: the protocol's published settings)")
     g.add_argument("--test-settings", choices=TEST_SETTINGS,
@@ -206,6 +212,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
+        proposals=args.proposals,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -228,7 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, proposals=args.proposals,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -442,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
     p.set_defaults(func=cmd_segment)
@@ -464,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=True)
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
