@@ -12,10 +12,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from layouts import write_voc
 from tiny import tiny_clip
+from reclip import api
+from reclip.cli import main
+from reclip.clip.load import load_clip, save_clip
 from reclip.clip.model import CLIP
 from reclip.data.protocol import load_protocol
-from reclip.inference import InferenceConfig, image_context, infer_logits
+from reclip.inference import InferenceConfig, image_context, infer_logits, segment
 from reclip.maft.ipclip import (
     default_start_layer,
     ip_attention_mask,
@@ -470,3 +474,109 @@ def test_ipclip_refuses_strategy_overrides_and_slide(clip):
         build_segmentor("ipclip", clip, vocabulary, strategy_overrides={"residual": False}, text_cache=False)
     with pytest.raises(ValueError, match="mode 'whole'"):
         inference_config("ipclip", load_protocol("voc20"), mode="slide")
+
+
+# --- API and CLI: proposals reach the segmentor per image ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
+
+
+@pytest.fixture(autouse=True)
+def _text_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+
+
+def _photos(folder):
+    """Two images and their proposals: a split into left / right and one into top / bottom."""
+    rng = np.random.default_rng(3)
+    shapes = {"a": (24, 40), "sub/b": (36, 28)}
+    for name, (h, w) in shapes.items():
+        (folder / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "images" / f"{name}.png")
+    left = np.zeros((2, 24, 40), bool)
+    left[0, :, :20], left[1, :, 20:] = True, True
+    _save_npz(folder / "proposals" / "a.npz", left)
+    ids = np.ones((36, 28), np.uint8)
+    ids[18:] = 2
+    (folder / "proposals" / "sub").mkdir()
+    Image.fromarray(ids).save(folder / "proposals" / "sub" / "b.png")
+    return shapes
+
+
+def test_segment_with_proposal_files_matches_an_independent_loop(tmp_path, clip_file, capsys):
+    _photos(tmp_path)
+    out = tmp_path / "masks"
+    code = main(["segment", "--clip", str(clip_file), "--method", "ipclip", "--classes", "cat,dog,grass",
+                 "--proposals", str(tmp_path / "proposals"), "--templates", "single", "--quiet", "--out", str(out),
+                 str(tmp_path / "images")])
+    assert code == 0, capsys.readouterr().err
+    clip = load_clip(clip_file)
+    seg = build_segmentor("ipclip", clip, Vocabulary.from_names(["cat", "dog", "grass"]), templates="single")
+    seg.proposals = ProposalFiles(tmp_path / "proposals")
+    cfg = inference_config("ipclip", load_protocol("folder"))
+    for name in ("a", "sub/b"):
+        image = np.asarray(Image.open(tmp_path / "images" / f"{name}.png"))
+        with torch.inference_mode(), image_context(seg, image, name):
+            expected = segment(seg, image, cfg, background_index=None).labels
+        written = np.asarray(Image.open(out / f"{name}.png"))
+        np.testing.assert_array_equal(written, expected)
+        halves = (written[:, :20], written[:, 20:]) if name == "a" else (written[:18], written[18:])
+        assert all((h == h.flat[0]).all() for h in halves)  # one class per proposal
+
+
+def test_evaluate_hands_each_image_its_id_and_records_the_source(tmp_path, clip_file):
+    root = write_voc(tmp_path / "voc", n_val=2)
+    seen = []
+
+    def source(image, image_id):
+        seen.append((image_id, image.shape[:2]))
+        return grid_proposals(image.shape[:2], (2, 2))
+
+    clip = load_clip(clip_file)
+    result = api.evaluate(clip, "ipclip", "voc21", root, templates="single", proposals=source, progress=False,
+                          num_workers=0)
+    assert [i for i, _ in seen] == ["2008_000000", "2008_000001"] and seen[0][1] == (20, 28)
+    assert result.num_images == 2 and result.settings["proposals"].startswith("<function")
+    assert result.settings["inference"]["mode"] == "whole" and result.settings["inference"]["short_side"] == 480
+    # from another method's prediction, by name
+    made = api.evaluate(clip, "ipclip", "voc21", root, templates="single", proposals="from:maskclip",
+                        progress=False, num_workers=0)
+    assert made.settings["proposals"] == "from:maskclip" and 0 <= made.miou <= 1
+
+
+def test_proposals_from_a_trained_run(tmp_path, clip_file):
+    clip = load_clip(clip_file)
+    vocabulary = Vocabulary.from_names(["cat", "dog"])
+    method = METHODS["reclip++"]
+    family = FAMILIES[method.family]
+    family.write_run(tmp_path / "run", family.new_model(method, clip, vocabulary, text_cache=False), method, clip,
+                     vocabulary)
+    source = api.proposal_source(f"from:{tmp_path / 'run'}", clip, vocabulary, load_protocol("folder"))
+    image = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    masks = source(image, "x")
+    assert masks.shape[1:] == (30, 44) and torch.equal(masks[0], torch.ones(30, 44))
+    # the regions of the run's prediction at its own test settings
+    run = load_trained(tmp_path / "run", clip)
+    labels = segment(run, image, inference_config("reclip++", load_protocol("folder")), background_index=None).labels
+    assert torch.equal(masks, regions_from_labels(labels)) and masks.shape[0] > 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ipclip"], "classifies mask proposals: give them"),
+    (["--method", "maskclip", "--proposals", "grid"], "takes no mask proposals; they are for maft, ipclip"),
+    (["--method", "ipclip", "--proposals", "/nonexistent/props"], "no such folder"),
+    (["--method", "ipclip", "--proposals", "from:segclip"], "neither a training-free method"),
+    (["--method", "ipclip", "--proposals", "from:reclip++"], "from:RUN_DIR"),
+    (["--method", "ipclip", "--proposals", "from:ipclip"], "classifies proposals itself"),
+    (["--method", "ipclip", "--proposals", "grid:3"], "RxC"),
+    (["--method", "ipclip", "--proposals", "grid", "--mode", "slide"], "mode 'whole'"),
+])
+def test_proposal_options_give_clear_errors(tmp_path, clip_file, capsys, argv, message):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.jpg")
+    code = main(["segment", "--clip", str(clip_file), "--classes", "a,b", "--out", str(tmp_path / "out"),
+                 "--templates", "single", "--quiet", *argv, str(tmp_path / "img.jpg")])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import numbers
 import os
@@ -36,8 +37,10 @@ from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_im
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
-from reclip.inference import InferenceConfig, segment
-from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config, settings_section
+from reclip.inference import InferenceConfig, image_context, segment
+from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
+from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
+                            load_trained, settings_section)
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
@@ -180,6 +183,7 @@ def evaluate(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    proposals: str | os.PathLike | ProposalSource | None = None,
     unseen_classes: str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
@@ -207,6 +211,9 @@ def evaluate(
         max_pixels: images of more pixels are segmented downscaled and scored at their
             label's size; labels of more than 4 x max_pixels are skipped (see
             :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
+        proposals: the mask proposals of a method that classifies them (maft, ipclip;
+            required there, refused elsewhere): see :func:`proposal_source`. Looked up
+            per image by its dataset id.
         unseen_classes: the zero-shot split's unseen classes (a split file, e.g.
             ``cocostuff171_unseen.txt``, or names; :mod:`reclip.class_split`): the result
             also holds mIoU_seen, mIoU_unseen and hIoU (their harmonic mean). Any method.
@@ -220,6 +227,7 @@ def evaluate(
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
     cfg = inference_config(method, protocol, **dict(inference or {}))  # settings errors before any data is read
+    _check_proposals_option(method, proposals)
     section, _ = settings_section(method, protocol, dict(inference or {}).get("test_settings"))
     # the class file the method's test settings were published with (ReCLIP's or NACLIP's own)
     classes_file = classes_file_for(method, protocol, classes_file, section)
@@ -229,6 +237,9 @@ def evaluate(
     zero_shot = None if unseen_classes is None else class_split(data.vocabulary, unseen=unseen_classes)
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
+    if proposals is not None:
+        segmentor.proposals = proposal_source(proposals, clip, data.vocabulary, protocol,
+                                              background=protocol.background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
     mean = getattr(segmentor, "image_mean", clip.image_mean)
     std = getattr(segmentor, "image_std", clip.image_std)
@@ -244,6 +255,7 @@ def evaluate(
         "clip_fingerprint": weights_fingerprint(clip),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "output": getattr(getattr(segmentor, "head", None), "output", None),
+        "proposals": _describe(proposals),
     })
     return result
 
@@ -293,7 +305,7 @@ def evaluate_segmentor(
             skipped.append((item["path"], item["error"]))
             bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        with torch.inference_mode():
+        with torch.inference_mode(), image_context(segmentor, item["image"], item["image_id"]):
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
         # An image read downscaled (over max_pixels) is still scored at its label's size.
         if result.labels.shape != item["label"].shape:
@@ -509,6 +521,7 @@ def segment_files(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    proposals: str | os.PathLike | ProposalSource | None = None,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
@@ -524,8 +537,13 @@ def segment_files(
     ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096;
     None: no reclip limit) is segmented downscaled (listed in ``downscaled``), or
     skipped when even that would decode too much (:func:`reclip.data.io.load_image`).
+
+    ``proposals``: the mask proposals of a method that classifies them (maft, ipclip):
+    see :func:`proposal_source`; files are looked up by each image's output name (its
+    path relative to the input folder, without suffix; a file given alone: its stem).
     """
     check_max_pixels(max_pixels)
+    _check_proposals_option(method, proposals)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
     inputs = list(inputs)
@@ -539,6 +557,9 @@ def segment_files(
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
+    if proposals is not None:
+        segmentor.proposals = proposal_source(proposals, clip, vocabulary, load_protocol("folder"),
+                                              background=background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
     mean = getattr(segmentor, "image_mean", clip.image_mean)
     std = getattr(segmentor, "image_std", clip.image_std)
@@ -558,10 +579,98 @@ def segment_files(
         image = loaded.image
         if loaded.downscaled:
             summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        with torch.inference_mode():
+        with torch.inference_mode(), image_context(segmentor, image, name.as_posix()):
             result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
         written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
                                     write_legend=False)
         summary.written.append(written["mask"])
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+# --------------------------------------------------------------------------- proposals
+
+PROPOSALS_HELP = ("a folder of <image id>.npz / .png files (reclip.maft.proposals), from:METHOD (the regions of a "
+                  "training-free method's prediction, e.g. from:naclip), from:RUN_DIR (of a trained run, e.g. a "
+                  "ReCLIP++ run), or grid / grid:RxC (the whole image and a grid, no knowledge of the image)")
+
+
+def _check_proposals_option(method: str, proposals: Any) -> None:
+    """Proposals go with the methods that classify them, and those need them."""
+    takes = [m for m in METHODS if get_family(m).proposals]
+    if get_family(method).proposals and proposals is None:
+        raise ValueError(f"{get_method(method).name!r} classifies mask proposals: give them (--proposals SRC): "
+                         f"{PROPOSALS_HELP}")
+    if not get_family(method).proposals and proposals is not None:
+        raise ValueError(f"{get_method(method).name!r} takes no mask proposals; they are for {', '.join(takes)}")
+
+
+def _describe(proposals: Any) -> str | None:
+    if proposals is None:
+        return None
+    return os.fspath(proposals) if isinstance(proposals, (str, os.PathLike)) else repr(proposals)
+
+
+def _grid(text: str) -> tuple[int, int]:
+    rows, _, cols = text.partition("x")
+    if rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0:
+        return int(rows), int(cols)
+    raise ValueError(f"proposals 'grid:{text}': give the grid as RxC, e.g. grid:3x3")
+
+
+def proposal_source(
+    proposals: str | os.PathLike | ProposalSource,
+    clip: CLIP,
+    vocabulary: Vocabulary,
+    protocol: Protocol,
+    *,
+    background: bool = False,
+    text_cache: Any = None,
+) -> ProposalSource:
+    """A proposal source (:mod:`reclip.maft.proposals`) from its description.
+
+    Args:
+        proposals: a callable ``(image, image_id) -> masks`` (used as it is), or
+            - a folder: :class:`~reclip.maft.proposals.ProposalFiles`;
+            - ``from:METHOD``: the regions of a training-free method's prediction
+              (``from:naclip``), made with ``clip`` for ``vocabulary`` at that method's
+              published test settings on ``protocol``;
+            - ``from:RUN_DIR``: the same with a trained run (its own method, classes and
+              test settings), e.g. a ReCLIP++ run;
+            - ``grid`` or ``grid:RxC``: the whole image and a 3 x 3 (R x C) grid.
+        background: class 0 is a background class (for the source method's thresholds).
+    """
+    if callable(proposals) and not isinstance(proposals, (str, os.PathLike)):
+        return proposals
+    text = os.fspath(proposals)
+    if text == "grid" or text.startswith("grid:"):
+        return GridProposals(_grid(text[len("grid:"):]) if text != "grid" else (3, 3))
+    if not text.startswith("from:"):
+        if not Path(text).is_dir():
+            raise ValueError(f"proposals {text!r}: no such folder; give {PROPOSALS_HELP}")
+        return ProposalFiles(text)
+    target = text[len("from:"):]
+    if target in METHODS:
+        if get_family(target).proposals:
+            raise ValueError(f"proposals {text!r}: {target} classifies proposals itself; make them with a method that "
+                             f"segments (e.g. from:naclip)")
+        if get_family(target).trained:
+            raise ValueError(f"proposals {text!r}: {target} is a trained method; give its run: from:RUN_DIR")
+        segmentor = build_segmentor(target, clip, vocabulary, text_cache=text_cache)
+        method = target
+    elif Path(target).is_dir():
+        segmentor = load_trained(target, clip, text_cache=text_cache)  # checks the run; its own classes
+        method = json.loads((Path(target) / "config.json").read_text(encoding="utf-8"))["method"]
+    else:
+        free = [m for m in METHODS if not get_family(m).trained and not get_family(m).proposals]
+        raise ValueError(f"proposals {text!r}: {target!r} is neither a training-free method ({', '.join(free)}) nor "
+                         f"a run folder")
+    cfg = inference_config(method, protocol)
+    mean = getattr(segmentor, "image_mean", clip.image_mean)
+    std = getattr(segmentor, "image_std", clip.image_std)
+    index = 0 if background else None
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return segment(segmentor, image, cfg, mean, std, background_index=index).labels
+
+    return PredictionProposals(predict, text)

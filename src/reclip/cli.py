@@ -7,6 +7,7 @@
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
     reclip evaluate --clip SPEC --method reclip++ --checkpoint RUN_DIR --dataset voc20 --data-root DIR
+    reclip evaluate --clip SPEC --method ipclip --proposals from:naclip --dataset voc20 --data-root DIR
     reclip maft     --clip SPEC --dataset cocostuff171 --data-root DIR --proposals SRC --out RUN_DIR
                     --unseen-classes cocostuff171_unseen.txt              (SUPERVISED on the seen classes)
     reclip maft     --clip SPEC --dataset voc20 --data-root DIR --proposals from:RUN_DIR --out RUN_DIR
@@ -127,6 +128,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None, help="keep the last block's FFN")
 
 
+def _add_proposals_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proposals", metavar="SRC",
+                   help=f"mask proposals for maft / ipclip (required there): {api.PROPOSALS_HELP}")
+
+
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (default: the protocol's published settings)")
     g.add_argument("--test-settings", choices=TEST_SETTINGS,
@@ -211,6 +217,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
+        proposals=args.proposals,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -233,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
-        max_pixels=args.max_pixels, unseen_classes=args.unseen_classes,
+        max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -488,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
     p.set_defaults(func=cmd_segment)
@@ -510,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    _add_proposals_arg(p)
     p.add_argument("--unseen-classes", metavar="FILE",
                    help="zero-shot split: a file of the unseen classes' names, one per line (as given, else in the "
                         "package's configs/classes/, e.g. cocostuff171_unseen.txt); also reports mIoU of the seen "
