@@ -353,7 +353,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_maft(args: argparse.Namespace) -> int:
-    from reclip.maft.train import finetune_maft
+    from reclip.maft.train import MAFT_BASE_SHORT_SIDE, MAFT_CROP, MAFT_STEPS, finetune_maft
 
     if (args.supervision == "pseudo") != (args.teacher is not None):
         print("reclip maft: error: " + ("--supervision pseudo needs --teacher RUN_DIR (a `reclip rectify` run)"
@@ -366,8 +366,8 @@ def cmd_maft(args: argparse.Namespace) -> int:
         _load(args), args.dataset, args.data_root, args.out, proposals=args.proposals, supervision=args.supervision,
         teacher_run=args.teacher, seen_classes=args.seen_classes, unseen_classes=args.unseen_classes,
         classes_file=args.classes_file, split=args.split, start_layer=args.start_layer, templates=args.templates,
-        max_proposals=args.max_proposals, max_steps=args.max_steps or 1000, train_overrides=train,
-        base_short_side=args.base_short_side or 480, crop=args.crop or 480, resume=args.resume,
+        max_proposals=args.max_proposals, max_steps=args.max_steps or MAFT_STEPS, train_overrides=train,
+        base_short_side=args.base_short_side or MAFT_BASE_SHORT_SIDE, crop=args.crop or MAFT_CROP, resume=args.resume,
         progress=not args.quiet, max_pixels=args.max_pixels,
     )
     print(f"fine-tuned CLIP with MAFT ({args.supervision}) for {result.step} steps: {args.out}/model.safetensors + "

@@ -63,14 +63,15 @@ from reclip.train import AdamWConfig, TrainConfig, TrainResult, describe, load_r
 from reclip.train.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_weights
 from reclip.train.distributed import is_rank0
 
-__all__ = ["MAFT_BASE_SHORT_SIDE", "MAFT_CROP", "SUPERVISIONS", "finetune_maft", "maft_step_loss", "save_maft_run",
-           "visual_state_dict", "whole_image_probabilities"]
+__all__ = ["MAFT_BASE_SHORT_SIDE", "MAFT_CROP", "MAFT_STEPS", "SUPERVISIONS", "finetune_maft", "maft_step_loss",
+           "save_maft_run", "visual_state_dict", "whole_image_probabilities"]
 
 SUPERVISIONS = ("labels", "pseudo")
 # Augmentation: the official crops 640 px windows of images rescaled to a short side of 320..1280 and feeds
 # CLIP the crop resized to 480 x 480, i.e. a 480 window of an image of short side 240..960: base 480 x [0.5, 2].
 MAFT_CROP = 480
 MAFT_BASE_SHORT_SIDE = 480
+MAFT_STEPS = 1000  # official SOLVER.MAX_ITER (batch 16, IMS_PER_BATCH)
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps"}
 
 
@@ -157,7 +158,7 @@ def finetune_maft(
     start_layer: int | None = None,
     threshold: float = 0.5,
     templates: str | None = None,
-    max_steps: int = 1000,
+    max_steps: int = MAFT_STEPS,
     train_overrides: dict[str, Any] | None = None,
     base_short_side: int = MAFT_BASE_SHORT_SIDE,
     crop: int = MAFT_CROP,
