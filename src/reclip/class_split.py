@@ -48,7 +48,8 @@ def resolve_class_file(path: str | os.PathLike) -> Path:
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """The names of a split file (one per line, ``#`` comments, blank lines skipped)."""
     resolved = resolve_class_file(path)
-    names = [" ".join(line.split("#", 1)[0].split()) for line in read_text_file(resolved, "class split file").split("\n")]
+    lines = read_text_file(resolved, "class split file").split("\n")
+    names = [" ".join(line.split("#", 1)[0].split()) for line in lines]  # comments dropped, spaces collapsed
     names = [n for n in names if n]
     if not names:
         raise ValueError(f"class split file {str(resolved)!r} lists no class; write one class name per line")

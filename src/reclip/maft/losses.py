@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IOU_EPS", "MINMAX_EPS", "SELF_DISTILLATION_WEIGHT", "mask_aware_loss", "maft_loss", "minmax_normalize", "proposal_class_iou", "self_distillation_loss"]
+__all__ = ["IOU_EPS", "MINMAX_EPS", "SELF_DISTILLATION_WEIGHT", "mask_aware_loss", "maft_loss", "minmax_normalize",
+           "proposal_class_iou", "self_distillation_loss"]
 
 IOU_EPS = 1e-7  # official get_iou
 MINMAX_EPS = 1e-8  # official mynorm
