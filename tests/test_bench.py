@@ -43,3 +43,21 @@ def test_distillation_benches_run_on_a_tiny_model(capsys):
     if not torch.cuda.is_available():  # the bf16 path exists and says why it did not run
         assert bench_distill_step(tiny_clip(), device="cuda", crop=32, batch_size=2, **small) is None
         assert "skipped: no CUDA device" in capsys.readouterr().out
+
+
+def test_maft_bench_runs_on_a_tiny_model(capsys):
+    from reclip.bench_maft import bench_proposals, box_proposals, masked_crop_embeddings
+
+    figures = bench_proposals(tiny_clip(vision_layers=2), size=48, proposals=5, crop=32)
+    assert figures["ipclip_per_s"] > 0 and figures["crop_per_s"] > 0
+    assert figures["speedup"] == figures["crop_s"] / figures["ipclip_s"]
+    assert "proposals/s" in capsys.readouterr().out
+    # the classic way: a crop of each box, masked, at the crop size; a whole-image box is CLIP on the image
+    clip = tiny_clip(vision_layers=2)
+    image = torch.randn(1, 3, 32, 32)
+    whole = masked_crop_embeddings(clip, image, torch.ones(1, 32, 32), crop=32)
+    torch.testing.assert_close(whole, clip.encode_image(image))
+    boxes = box_proposals(4, (40, 30))
+    assert boxes.shape == (4, 40, 30) and ((boxes == 0) | (boxes == 1)).all() and (boxes.sum((1, 2)) > 0).all()
+    if not torch.cuda.is_available():
+        assert bench_proposals(tiny_clip(), device="cuda", size=32, proposals=2, crop=32) is None

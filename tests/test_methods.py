@@ -18,8 +18,10 @@ DEFAULTS = InferenceConfig()
 
 
 def test_every_registered_method_has_a_known_family():
-    assert ZERO_SHOT and {m.family for m in METHODS.values()} == set(FAMILIES) == {"zero_shot", "rectified", "distilled"}
-    assert [FAMILIES[f].section for f in FAMILIES] == ["zero_shot", "reclip", "reclip"]
+    assert ZERO_SHOT and {m.family for m in METHODS.values()} == set(FAMILIES) == {"zero_shot", "rectified", "distilled",
+                                                                                  "maft", "ipclip"}
+    assert [FAMILIES[f].section for f in FAMILIES] == ["zero_shot", "reclip", "reclip", "maft", "maft"]
+    assert [f for f in FAMILIES if FAMILIES[f].proposals] == ["maft", "ipclip"]
 
 
 @pytest.mark.parametrize("method", ZERO_SHOT)
@@ -231,6 +233,11 @@ def test_every_shipped_protocol_and_method_give_a_valid_config(name, method):
         assert cfg.pd_threshold is None
     elif method.family == "distilled":  # the student: argmax, nothing else
         assert cfg.pd_threshold is None and cfg.prob_thd is None and cfg.area_thd is None
+    elif get_family(method).proposals:  # MAFT: log class probabilities, whole image, nothing else
+        assert (cfg.mode, cfg.short_side, cfg.logit_scale) == ("whole", 480, 1.0)
+        assert cfg.pd_threshold is None and cfg.prob_thd is None and cfg.area_thd is None
+        with pytest.raises(ValueError, match="whole image.*mode 'whole'"):
+            inference_config(method, p, mode="slide", window=224, stride=112)
     else:
         assert cfg.pd_threshold is None  # the paper: no prompt denoising
         assert cfg.prob_thd is None and cfg.area_thd is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import numbers
 import os
@@ -36,10 +37,13 @@ from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_im
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
-from reclip.inference import InferenceConfig, segment
-from reclip.methods import build_segmentor, classes_file_for, get_method, inference_config, settings_section
+from reclip.inference import InferenceConfig, image_context, segment
+from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
+from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
+                            load_trained, settings_section)
 from reclip.bias import SpacePreference, class_preference
-from reclip.metrics import ConfusionMatrix
+from reclip.class_split import ClassSplit, class_split
+from reclip.metrics import ConfusionMatrix, seen_unseen_miou
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
@@ -66,6 +70,9 @@ def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vo
 
 
 # --------------------------------------------------------------------------- evaluate
+
+# The zero-shot split's metrics (with unseen classes): mIoU of the seen and unseen classes, their harmonic mean.
+ZERO_SHOT_KEYS = ("mIoU_seen", "mIoU_unseen", "hIoU")
 
 
 class NothingEvaluatedError(ValueError):
@@ -108,8 +115,9 @@ class EvaluationResult:
         for name, value in zip(self.class_names, iou):
             lines.append(f"{name:<{width}}  {'-' if math.isnan(value) else f'{100 * value:6.2f}':>6}")
         lines.append("-" * (width + 8))
-        for key in ("mIoU", "mAcc", "aAcc"):
-            lines.append(f"{key:<{width}}  {100 * self.metrics[key]:6.2f}")
+        for key in ("mIoU", "mAcc", "aAcc", *(k for k in ZERO_SHOT_KEYS if k in self.metrics)):
+            value = self.metrics[key]
+            lines.append(f"{key:<{width}}  {'-' if math.isnan(value) else f'{100 * value:6.2f}':>6}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +132,7 @@ class EvaluationResult:
             "mIoU": clean(self.metrics["mIoU"]),
             "mAcc": clean(self.metrics["mAcc"]),
             "aAcc": clean(self.metrics["aAcc"]),
+            **{k: clean(self.metrics[k]) for k in ZERO_SHOT_KEYS if k in self.metrics},
             "IoU": {n: clean(float(v)) for n, v in zip(self.class_names, self.metrics["IoU"])},
             "skipped": [{"path": p, "error": e} for p, e in self.skipped],
             "downscaled": list(self.downscaled),
@@ -174,6 +183,8 @@ def evaluate(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    proposals: str | os.PathLike | ProposalSource | None = None,
+    unseen_classes: str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
 
@@ -200,6 +211,12 @@ def evaluate(
         max_pixels: images of more pixels are segmented downscaled and scored at their
             label's size; labels of more than 4 x max_pixels are skipped (see
             :mod:`reclip.data.io`). None: no reclip limit (Pillow's own check stays).
+        proposals: the mask proposals of a method that classifies them (maft, ipclip;
+            required there, refused elsewhere): see :func:`proposal_source`. Looked up
+            per image by its dataset id.
+        unseen_classes: the zero-shot split's unseen classes (a split file, e.g.
+            ``cocostuff171_unseen.txt``, or names; :mod:`reclip.class_split`): the result
+            also holds mIoU_seen, mIoU_unseen and hIoU (their harmonic mean). Any method.
 
     Raises:
         NothingEvaluatedError: no pixel was scored (every image skipped, or every label
@@ -210,20 +227,25 @@ def evaluate(
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
     cfg = inference_config(method, protocol, **dict(inference or {}))  # settings errors before any data is read
+    _check_proposals_option(method, proposals)
     section, _ = settings_section(method, protocol, dict(inference or {}).get("test_settings"))
     # the class file the method's test settings were published with (ReCLIP's or NACLIP's own)
     classes_file = classes_file_for(method, protocol, classes_file, section)
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
+    zero_shot = None if unseen_classes is None else class_split(data.vocabulary, unseen=unseen_classes)
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
+    if proposals is not None:
+        segmentor.proposals = proposal_source(proposals, clip, data.vocabulary, protocol,
+                                              background=protocol.background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
     mean = getattr(segmentor, "image_mean", clip.image_mean)
     std = getattr(segmentor, "image_std", clip.image_std)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
-                                description=f"{method} on {protocol.name}/{split}")
+                                description=f"{method} on {protocol.name}/{split}", unseen_classes=zero_shot)
     result.method = method
     result.settings.update({
         "test_settings": section,
@@ -233,6 +255,7 @@ def evaluate(
         "clip_fingerprint": weights_fingerprint(clip),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "output": getattr(getattr(segmentor, "head", None), "output", None),
+        "proposals": _describe(proposals),
     })
     return result
 
@@ -250,12 +273,21 @@ def evaluate_segmentor(
     num_workers: int = 1,
     progress: bool = True,
     description: str = "evaluate",
+    unseen_classes: ClassSplit | str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Run any segmentor over a labelled dataset: confusion matrix, mIoU and, with
-    ``bias``, the class- and space-preference diagnostics in the same pass.
+    ``bias``, the class- and space-preference diagnostics in the same pass; with
+    ``unseen_classes`` (a :class:`~reclip.class_split.ClassSplit`, a split file or
+    names) also the zero-shot mIoU_seen, mIoU_unseen and hIoU.
 
     Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
     _check_limit_and_workers(limit, num_workers)
+    zero_shot = unseen_classes
+    if zero_shot is not None and not isinstance(zero_shot, ClassSplit):
+        zero_shot = class_split(data.vocabulary, unseen=zero_shot)  # before any image: a bad name fails now
+    if zero_shot is not None and list(zero_shot.names) != list(data.class_names):
+        raise ValueError(f"the class split is for the classes {list(zero_shot.names)[:8]}, not this dataset's "
+                         f"{data.class_names[:8]}")
     protocol = data.protocol
     background = 0 if protocol.background else None
     confusion = ConfusionMatrix(data.num_classes, ignore_index=protocol.ignore_index)
@@ -273,7 +305,7 @@ def evaluate_segmentor(
             skipped.append((item["path"], item["error"]))
             bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        with torch.inference_mode():
+        with torch.inference_mode(), image_context(segmentor, item["image"], item["image_id"]):
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
         # An image read downscaled (over max_pixels) is still scored at its label's size.
         if result.labels.shape != item["label"].shape:
@@ -291,19 +323,24 @@ def evaluate_segmentor(
         # Background is not an object: left out of both scores.
         diagnostics = {"class_preference": class_preference(confusion.matrix, exclude=(0,) if background == 0 else ()),
                        "space_preference": space.compute()}
+    metrics = confusion.compute(absent_as_zero=absent_as_zero)
+    settings: dict[str, Any] = {}
+    if zero_shot is not None:
+        metrics.update(seen_unseen_miou(metrics["IoU"], zero_shot.unseen_mask(), absent_as_zero=absent_as_zero))
+        settings["zero_shot"] = zero_shot.to_dict()
     return EvaluationResult(
         method=type(segmentor).__name__,
         protocol=protocol.name,
         split=data.split,
         class_names=data.class_names,
-        metrics=confusion.compute(absent_as_zero=absent_as_zero),
+        metrics=metrics,
         confusion=confusion.matrix.copy(),
         num_images=count - len(skipped),
         skipped=skipped,
         seconds=time.perf_counter() - start,
         settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
                   "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit,
-                  "max_pixels": data.max_pixels},
+                  "max_pixels": data.max_pixels, **settings},
         bias=diagnostics,
         downscaled=downscaled,
     )
@@ -484,6 +521,7 @@ def segment_files(
     progress: bool = True,
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
+    proposals: str | os.PathLike | ProposalSource | None = None,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
@@ -499,8 +537,13 @@ def segment_files(
     ``max_pixels`` pixels (default :data:`reclip.data.io.MAX_PIXELS`, 4096 x 4096;
     None: no reclip limit) is segmented downscaled (listed in ``downscaled``), or
     skipped when even that would decode too much (:func:`reclip.data.io.load_image`).
+
+    ``proposals``: the mask proposals of a method that classifies them (maft, ipclip):
+    see :func:`proposal_source`; files are looked up by each image's output name (its
+    path relative to the input folder, without suffix; a file given alone: its stem).
     """
     check_max_pixels(max_pixels)
+    _check_proposals_option(method, proposals)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
     inputs = list(inputs)
@@ -514,6 +557,9 @@ def segment_files(
         cfg = inference_config(method, load_protocol("folder"), **dict(inference or {}))
     segmentor = build_segmentor(method, clip, vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
+    if proposals is not None:
+        segmentor.proposals = proposal_source(proposals, clip, vocabulary, load_protocol("folder"),
+                                              background=background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
     mean = getattr(segmentor, "image_mean", clip.image_mean)
     std = getattr(segmentor, "image_std", clip.image_std)
@@ -533,10 +579,98 @@ def segment_files(
         image = loaded.image
         if loaded.downscaled:
             summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        with torch.inference_mode():
+        with torch.inference_mode(), image_context(segmentor, image, name.as_posix()):
             result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
         written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
                                     write_legend=False)
         summary.written.append(written["mask"])
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+# --------------------------------------------------------------------------- proposals
+
+PROPOSALS_HELP = ("a folder of <image id>.npz / .png files (reclip.maft.proposals), from:METHOD (the regions of a "
+                  "training-free method's prediction, e.g. from:naclip), from:RUN_DIR (of a trained run, e.g. a "
+                  "ReCLIP++ run), or grid / grid:RxC (the whole image and a grid, no knowledge of the image)")
+
+
+def _check_proposals_option(method: str, proposals: Any) -> None:
+    """Proposals go with the methods that classify them, and those need them."""
+    takes = [m for m in METHODS if get_family(m).proposals]
+    if get_family(method).proposals and proposals is None:
+        raise ValueError(f"{get_method(method).name!r} classifies mask proposals: give them (--proposals SRC): "
+                         f"{PROPOSALS_HELP}")
+    if not get_family(method).proposals and proposals is not None:
+        raise ValueError(f"{get_method(method).name!r} takes no mask proposals; they are for {', '.join(takes)}")
+
+
+def _describe(proposals: Any) -> str | None:
+    if proposals is None:
+        return None
+    return os.fspath(proposals) if isinstance(proposals, (str, os.PathLike)) else repr(proposals)
+
+
+def _grid(text: str) -> tuple[int, int]:
+    rows, _, cols = text.partition("x")
+    if rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0:
+        return int(rows), int(cols)
+    raise ValueError(f"proposals 'grid:{text}': give the grid as RxC, e.g. grid:3x3")
+
+
+def proposal_source(
+    proposals: str | os.PathLike | ProposalSource,
+    clip: CLIP,
+    vocabulary: Vocabulary,
+    protocol: Protocol,
+    *,
+    background: bool = False,
+    text_cache: Any = None,
+) -> ProposalSource:
+    """A proposal source (:mod:`reclip.maft.proposals`) from its description.
+
+    Args:
+        proposals: a callable ``(image, image_id) -> masks`` (used as it is), or
+            - a folder: :class:`~reclip.maft.proposals.ProposalFiles`;
+            - ``from:METHOD``: the regions of a training-free method's prediction
+              (``from:naclip``), made with ``clip`` for ``vocabulary`` at that method's
+              published test settings on ``protocol``;
+            - ``from:RUN_DIR``: the same with a trained run (its own method, classes and
+              test settings), e.g. a ReCLIP++ run;
+            - ``grid`` or ``grid:RxC``: the whole image and a 3 x 3 (R x C) grid.
+        background: class 0 is a background class (for the source method's thresholds).
+    """
+    if callable(proposals) and not isinstance(proposals, (str, os.PathLike)):
+        return proposals
+    text = os.fspath(proposals)
+    if text == "grid" or text.startswith("grid:"):
+        return GridProposals(_grid(text[len("grid:"):]) if text != "grid" else (3, 3))
+    if not text.startswith("from:"):
+        if not Path(text).is_dir():
+            raise ValueError(f"proposals {text!r}: no such folder; give {PROPOSALS_HELP}")
+        return ProposalFiles(text)
+    target = text[len("from:"):]
+    if target in METHODS:
+        if get_family(target).proposals:
+            raise ValueError(f"proposals {text!r}: {target} classifies proposals itself; make them with a method that "
+                             f"segments (e.g. from:naclip)")
+        if get_family(target).trained:
+            raise ValueError(f"proposals {text!r}: {target} is a trained method; give its run: from:RUN_DIR")
+        segmentor = build_segmentor(target, clip, vocabulary, text_cache=text_cache)
+        method = target
+    elif Path(target).is_dir():
+        segmentor = load_trained(target, clip, text_cache=text_cache)  # checks the run; its own classes
+        method = json.loads((Path(target) / "config.json").read_text(encoding="utf-8"))["method"]
+    else:
+        free = [m for m in METHODS if not get_family(m).trained and not get_family(m).proposals]
+        raise ValueError(f"proposals {text!r}: {target!r} is neither a training-free method ({', '.join(free)}) nor "
+                         f"a run folder")
+    cfg = inference_config(method, protocol)
+    mean = getattr(segmentor, "image_mean", clip.image_mean)
+    std = getattr(segmentor, "image_std", clip.image_std)
+    index = 0 if background else None
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return segment(segmentor, image, cfg, mean, std, background_index=index).labels
+
+    return PredictionProposals(predict, text)

@@ -7,6 +7,12 @@
     reclip hypotheses --clip SPEC --dataset voc20 --data-root DIR --split train --out hyp.json
     reclip rectify  --clip SPEC --dataset voc20 --data-root DIR --hypotheses hyp.json --out RUN_DIR
     reclip evaluate --clip SPEC --method reclip++ --checkpoint RUN_DIR --dataset voc20 --data-root DIR
+    reclip evaluate --clip SPEC --method ipclip --proposals from:naclip --dataset voc20 --data-root DIR
+    reclip maft     --clip SPEC --dataset cocostuff171 --data-root DIR --proposals SRC --out RUN_DIR
+                    --unseen-classes cocostuff171_unseen.txt              (SUPERVISED on the seen classes)
+    reclip maft     --clip SPEC --dataset voc20 --data-root DIR --proposals from:RUN_DIR --out RUN_DIR
+                    --supervision pseudo --teacher RUN_DIR                (no label read)
+    reclip evaluate --clip SPEC --method maft --checkpoint RUN_DIR --proposals SRC --unseen-classes FILE ...
     reclip probe    --clip SPEC --method student --checkpoint RUN_DIR --dataset voc20 --data-root DIR  (SUPERVISED)
     reclip demo     [--out DIR]
     reclip bench
@@ -122,6 +128,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None, help="keep the last block's FFN")
 
 
+def _add_proposals_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proposals", metavar="SRC",
+                   help=f"mask proposals for maft / ipclip (required there): {api.PROPOSALS_HELP}")
+
+
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (default: the protocol's published settings)")
     g.add_argument("--test-settings", choices=TEST_SETTINGS,
@@ -206,6 +217,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
+        proposals=args.proposals,
     )
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -228,11 +240,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
+    if "hIoU" in result.metrics:
+        m = result.metrics
+        print(f"zero-shot split ({len(result.settings['zero_shot']['unseen'])} unseen classes): mIoU seen "
+              f"{100 * m['mIoU_seen']:.2f}, unseen {100 * m['mIoU_unseen']:.2f}, hIoU {100 * m['hIoU']:.2f}")
     for path, reason in result.skipped:
         print(f"  skipped {path}: {reason}")
     if result.downscaled:
@@ -337,6 +353,32 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maft(args: argparse.Namespace) -> int:
+    from reclip.maft.train import MAFT_BASE_SHORT_SIDE, MAFT_CROP, MAFT_STEPS, finetune_maft
+
+    if (args.supervision == "pseudo") != (args.teacher is not None):
+        print("reclip maft: error: " + ("--supervision pseudo needs --teacher RUN_DIR (a `reclip rectify` run)"
+                                        if args.teacher is None else
+                                        "--teacher is the pseudo labels' rectifier: give it with --supervision pseudo"),
+              file=sys.stderr)
+        return 2
+    train = _training_overrides(args)
+    result = finetune_maft(
+        _load(args), args.dataset, args.data_root, args.out, proposals=args.proposals, supervision=args.supervision,
+        teacher_run=args.teacher, seen_classes=args.seen_classes, unseen_classes=args.unseen_classes,
+        classes_file=args.classes_file, split=args.split, start_layer=args.start_layer, templates=args.templates,
+        max_proposals=args.max_proposals, max_steps=args.max_steps or MAFT_STEPS, train_overrides=train,
+        base_short_side=args.base_short_side or MAFT_BASE_SHORT_SIDE, crop=args.crop or MAFT_CROP, resume=args.resume,
+        progress=not args.quiet, max_pixels=args.max_pixels,
+    )
+    print(f"fine-tuned CLIP with MAFT ({args.supervision}) for {result.step} steps: {args.out}/model.safetensors + "
+          "config.json")
+    clip_config = f" --clip-config {args.clip_config}" if args.clip_config else ""
+    print(f"use it with: reclip evaluate --method maft --checkpoint {args.out} --proposals SRC --clip {args.clip}"
+          f"{clip_config} ...")
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from reclip.probe import probe, supervised_banner
 
@@ -393,23 +435,34 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_args(p: argparse.ArgumentParser, preset: str) -> None:
-    """The data, run and SGD options every training command takes; ``preset`` names the
-    protocol YAML section their defaults come from (``rectify`` or ``distill``)."""
+def _add_training_args(p: argparse.ArgumentParser, preset: str, *, hypotheses: bool = True,
+                       defaults: dict[str, str] | None = None, classes_help: str | None = None) -> None:
+    """The data, run and optimiser options every training command takes; ``preset`` names the
+    protocol YAML section their defaults come from (``rectify`` or ``distill``), unless
+    ``defaults`` gives an option's default as text (``maft``: fixed values). ``hypotheses``:
+    the command reads image-level hypotheses (``--hypotheses``, required)."""
+    fixed = defaults or {}
+    preset_value = f"the dataset's {preset} preset"
+
+    def default(option: str, otherwise: str = preset_value) -> str:
+        return fixed.get(option, otherwise)
+
     p.add_argument("--dataset", required=True, help="protocol name or a protocol .yaml file (its train split is used)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--classes-file", help="class list replacing the ReCLIP family's (the protocol's "
-                                          "reclip.classes_file, else its own list)")
-    p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
+    p.add_argument("--classes-file", help=classes_help or "class list replacing the ReCLIP family's (the protocol's "
+                                                          "reclip.classes_file, else its own list)")
+    if hypotheses:
+        p.add_argument("--hypotheses", required=True, help="the file of `reclip hypotheses` for this CLIP and classes")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--max-steps", type=POSITIVE_INT, help=f"stop after N steps (default: the {preset} preset's epochs)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, help=f"global batch (default: the dataset's {preset} preset)")
-    p.add_argument("--lr", type=POSITIVE, help=f"SGD lr (default: the dataset's {preset} preset)")
+    steps = default("max-steps", f"the {preset} preset's epochs")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help=f"stop after N steps (default: {steps})")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help=f"global batch (default: {default('batch-size')})")
+    p.add_argument("--lr", type=POSITIVE, help=f"learning rate (default: {default('lr', 'SGD, ' + preset_value)})")
     p.add_argument("--seed", type=COUNT)
-    p.add_argument("--crop", type=POSITIVE_INT, help=f"training crop (default: the dataset's {preset} preset)")
+    p.add_argument("--crop", type=POSITIVE_INT, help=f"training crop (default: {default('crop')})")
     p.add_argument("--base-short-side", type=POSITIVE_INT,
-                   help=f"augmentation base scale (default: the dataset's {preset} preset)")
+                   help=f"augmentation base scale (default: {default('base-short-side')})")
     p.add_argument("--checkpoint-every", type=POSITIVE_INT, help="steps between checkpoints")
     p.add_argument("--workers", type=COUNT, help="data-loading processes (0: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR exactly")
@@ -443,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
     p.set_defaults(func=cmd_segment)
@@ -465,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
+    _add_proposals_arg(p)
+    p.add_argument("--unseen-classes", metavar="FILE",
+                   help="zero-shot split: a file of the unseen classes' names, one per line (as given, else in the "
+                        "package's configs/classes/, e.g. cocostuff171_unseen.txt); also reports mIoU of the seen "
+                        "and the unseen classes and their harmonic mean hIoU")
     _add_max_pixels_arg(p, labels=True)
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -561,6 +620,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs (default: the dataset's distill preset, official VOC 100, ADE 150)")
     _add_training_args(p, "distill")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("maft", parents=[common],
+                       help="MAFT: mask-aware fine-tuning of CLIP's image tower (IP-CLIP; supervised on seen classes, "
+                            "or from a rectifier's pseudo labels)")
+    p.add_argument("--clip", required=True, metavar="SPEC", help="CLIP weights to fine-tune (a ViT)")
+    p.add_argument("--proposals", required=True, metavar="SRC",
+                   help=f"mask proposals of the training images: {api.PROPOSALS_HELP}")
+    p.add_argument("--supervision", default="labels", choices=("labels", "pseudo"),
+                   help="class masks from the ground truth of the seen classes (labels, as published; SUPERVISED) or "
+                        "from the argmax of a frozen `reclip rectify` run (pseudo, needs --teacher; no label read)")
+    p.add_argument("--teacher", metavar="RUN_DIR", help="the rectifier run whose pseudo labels give the class masks")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--seen-classes", metavar="FILE",
+                       help="zero-shot split: the classes trained on, one name per line (the rest are unseen)")
+    split.add_argument("--unseen-classes", metavar="FILE",
+                       help="zero-shot split: the classes left out of training, one name per line (as given, else in "
+                            "the package's configs/classes/, e.g. cocostuff171_unseen.txt)")
+    p.add_argument("--start-layer", type=COUNT, help="IP-CLIP's first masked block (default 8 of 12, scaled)")
+    p.add_argument("--templates", choices=sorted(TEMPLATE_SETS), help="prompt templates (default: the maft method's)")
+    p.add_argument("--max-proposals", type=POSITIVE_INT, default=100, help="proposals per crop (default 100, MAFT's)")
+    _add_training_args(p, "maft", hypotheses=False,
+                       defaults={"max-steps": "1000", "batch-size": "16", "lr": "AdamW 1e-5", "crop": "480",
+                                 "base-short-side": "480"},
+                       classes_help="class list replacing the protocol's (in label-id order)")
+    p.set_defaults(func=cmd_maft)
 
     p = sub.add_parser("probe", parents=[common],
                        help="SUPERVISED diagnostic: linear probe (Table I 'LP') on a method's frozen features, "

@@ -38,6 +38,7 @@ __all__ = [
     "InferenceConfig",
     "Segmentation",
     "slide_windows",
+    "image_context",
     "infer_logits",
     "segment",
 ]
@@ -273,6 +274,23 @@ def infer_logits(
         if cfg.mode == "whole":
             return _infer_whole(segmentor, image, cfg, out_size)
         return resize_bilinear(_infer_slide(segmentor, image, cfg), out_size)
+
+
+# --------------------------------------------------------------------------- per image
+
+
+def image_context(segmentor: Segmentor, image: np.ndarray, image_id: str) -> contextlib.AbstractContextManager:
+    """The segmentor's per-image context, for segmentors that need more than the pixels.
+
+    A segmentor may define ``for_image(image, image_id)``, a context manager entered
+    around the segmentation of one image (``image`` (H, W, 3) uint8 as read, ``image_id``
+    its dataset id or output name): MAFT looks up that image's mask proposals there
+    (:meth:`reclip.maft.segmentor.MAFTSegmentor.for_image`). Every other segmentor gets
+    a null context. The evaluation and file-segmentation loops of :mod:`reclip.api` use
+    it; a caller of :func:`segment` may too.
+    """
+    hook = getattr(segmentor, "for_image", None)
+    return hook(image, image_id) if callable(hook) else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- predictor

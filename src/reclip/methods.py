@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from reclip.clip.model import CLIP
-from reclip.families import distilled, rectified, zero_shot
+from reclip.families import distilled, maft, rectified, zero_shot
 from reclip.families.spec import Family, Method
 from reclip.inference import InferenceConfig
 from reclip.text import QueryEmbeddings, Vocabulary
@@ -31,6 +31,8 @@ FAMILIES: dict[str, Family] = {
     zero_shot.FAMILY.name: zero_shot.FAMILY,
     rectified.FAMILY.name: rectified.FAMILY,
     distilled.FAMILY.name: distilled.FAMILY,
+    maft.FAMILY.name: maft.FAMILY,
+    maft.FREE_FAMILY.name: maft.FREE_FAMILY,
 }
 METHODS: dict[str, Method] = {m.name: m for family in FAMILIES.values() for m in family.methods}
 # Every protocol section some family can read its test settings from (``--test-settings``).
@@ -215,4 +217,7 @@ def inference_config(method: str | Method, protocol: Any, test_settings: str | N
     _, settings = settings_section(method, protocol, test_settings)
     values = family.test_settings(method, settings, protocol, **options)
     values.update(overrides)
+    if family.proposals and values.get("mode") == "slide":
+        raise ValueError(f"{method.name!r} classifies mask proposals of the whole image; sliding windows would cut "
+                         f"them: use mode 'whole' (drop --mode slide)")
     return InferenceConfig(**values)

@@ -8,16 +8,21 @@ class absent from the ground truth but predicted has U_c > 0 and I_c = 0: IoU 0,
 ``compute(absent_as_zero=True)`` reproduces the official ReCLIP evaluation
 (dogehhh/ReCLIP utils/test_mIoU.py with nan_to_num=0, then sum / C): skipped classes
 count as 0 in the mean.
+
+:func:`seen_unseen_miou` splits the per-class IoUs as the zero-shot segmentation
+literature reports them (ZS3Net, SPNet, ZegFormer, MAFT): mIoU over the seen classes,
+over the unseen classes, and their harmonic mean hIoU.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "seen_unseen_miou"]
 
 
 class ConfusionMatrix:
@@ -177,3 +182,42 @@ class ConfusionMatrix:
             "num_pixels": int(self.matrix.sum()),
             "present": area_label > 0,
         }
+
+
+def _mean(values: np.ndarray, absent_as_zero: bool) -> float:
+    if values.size == 0:
+        return float("nan")
+    if absent_as_zero:
+        return float(np.nan_to_num(values, nan=0.0).sum() / values.size)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def seen_unseen_miou(iou: np.ndarray, unseen: np.ndarray, absent_as_zero: bool = False) -> dict[str, float]:
+    """The zero-shot split of per-class IoUs: mIoU of the seen classes, of the unseen ones, and hIoU.
+
+    hIoU = 2 s u / (s + u), the harmonic mean of the two (ZS3Net / SPNet / ZegFormer /
+    MAFT); 0 when both are 0, NaN when either is NaN (a group without a scored class).
+    Each group's mean follows :meth:`ConfusionMatrix.compute`: a nanmean over the group's
+    classes (classes with union 0 skipped), or with ``absent_as_zero`` those count as 0
+    and the sum is divided by the group's size.
+
+    Args:
+        iou: (C,) per-class IoU (``compute()["IoU"]``), NaN for classes with union 0.
+        unseen: (C,) bool, True for the unseen classes.
+
+    Returns:
+        {"mIoU_seen", "mIoU_unseen", "hIoU"} as fractions in [0, 1] (or NaN).
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    unseen = np.asarray(unseen, dtype=bool)
+    if iou.ndim != 1 or unseen.shape != iou.shape:
+        raise ValueError(f"seen_unseen_miou: iou {iou.shape} and unseen {unseen.shape} must both be (C,)")
+    seen_miou = _mean(iou[~unseen], absent_as_zero)
+    unseen_miou = _mean(iou[unseen], absent_as_zero)
+    if math.isnan(seen_miou) or math.isnan(unseen_miou):
+        h = float("nan")
+    elif seen_miou + unseen_miou == 0:
+        h = 0.0
+    else:
+        h = 2 * seen_miou * unseen_miou / (seen_miou + unseen_miou)
+    return {"mIoU_seen": seen_miou, "mIoU_unseen": unseen_miou, "hIoU": h}

@@ -56,6 +56,12 @@ YAML schema (``?`` = optional, defaults in brackets)::
       pd_threshold_v1?: float | null  # ReCLIP (conference) PD, softmax(100 * logits)
       classes_file?: str | null     # the family's own class names (official prompt list);
                                     # null = the protocol's classes_file
+    maft?:                          # MAFT / IP-CLIP proposal classification test settings
+                                    # (absent = the defaults, one for every dataset)
+      short_side?: int [480]        # official: CLIP input resized to 480 x 480 (MAFT.py);
+                                    # here the short side, aspect kept
+      max_long_side?: int [2048]
+      mode?: whole [whole]          # proposals cover the whole image: slide is refused
     rectify?:                       # ReCLIP / ReCLIP++ rectification training preset
                                     # (dogehhh/ReCLIP config/*_train_ori_cfg.yaml); absent = VOC's
       base_short_side?: int [336]   # random scale 0.5-2.0 of this short side
@@ -132,7 +138,7 @@ from reclip.text import Vocabulary, read_class_file
 
 __all__ = [
     "LAYOUTS", "ProtocolError", "SplitSpec", "ZeroShotSettings", "ReclipSettings", "RectifySettings",
-    "HypothesisSettings", "Protocol", "SECTIONS", "list_protocols", "load_protocol",
+    "HypothesisSettings", "MaftSettings", "Protocol", "SECTIONS", "list_protocols", "load_protocol",
 ]
 
 LAYOUTS = ("voc", "context", "ade", "cityscapes", "cocostuff", "cocoobject", "folder")
@@ -274,6 +280,29 @@ class ReclipSettings:
                 raise ProtocolError(f"reclip.{name} must be in [0, 1] or null, got {v}")
 
 
+@dataclass(frozen=True)
+class MaftSettings:
+    """Test settings of the MAFT family (MAFT and the frozen-CLIP baseline ``ipclip``).
+
+    The official code (jiaosiyu1999/MAFT freeseg/MAFT.py) resizes every test image to
+    480 x 480 for CLIP whatever the dataset, so one default serves every protocol; here
+    the short side goes to 480 with the aspect kept (any image size works). Whole image
+    only: a proposal covers the whole image, so a sliding window would cut it.
+    """
+
+    short_side: int = 480
+    max_long_side: int = 2048
+    mode: str = "whole"
+
+    def __post_init__(self) -> None:
+        if self.mode != "whole":
+            raise ProtocolError(f"maft.mode must be 'whole' (mask proposals cover the whole image), got {self.mode!r}")
+        for name in ("short_side", "max_long_side"):
+            v = getattr(self, name)
+            if not (_type_ok(v, int) and v > 0):
+                raise ProtocolError(f"maft.{name} must be a positive integer, got {v!r}")
+
+
 def _check_inference(s: ZeroShotSettings | ReclipSettings, family: str) -> None:
     if s.mode not in MODES:
         raise ProtocolError(f"{family}.mode must be one of {list(MODES)}, got {s.mode!r}")
@@ -385,6 +414,7 @@ SECTIONS: dict[str, type] = {
     "rectify": RectifySettings,
     "hypotheses": HypothesisSettings,
     "distill": DistillSettings,
+    "maft": MaftSettings,
 }
 
 
@@ -424,6 +454,7 @@ class Protocol:
     rectify: RectifySettings = field(default_factory=RectifySettings)
     hypotheses: HypothesisSettings = field(default_factory=HypothesisSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    maft: MaftSettings = field(default_factory=MaftSettings)
     naclip: ZeroShotSettings | None = None  # NACLIP's own test settings; None: not written down
     description: str = ""
     num_classes: int | None = None

@@ -54,6 +54,10 @@ class Family:
             through :func:`reclip.methods.inference_config`.
         outputs: trained families: the logits a segmentor can return (``--output``), the
             first being its default; the segmentor has ``select_output(name)``.
+        proposals: its segmentors classify mask proposals of the whole image (MAFT): they
+            take a proposal source (``--proposals``; the segmentor's ``proposals``
+            attribute, used per image through ``for_image``) and run whole-image only
+            (``reclip.methods.inference_config`` refuses ``mode="slide"``).
         build: training-free families: ``build(method, clip, vocabulary, *, strategy_overrides,
             templates, queries, text_cache, progress) -> segmentor``.
         from_run: trained families: ``from_run(run, clip, vocabulary, text_cache) -> segmentor``
@@ -75,6 +79,7 @@ class Family:
     write_run: Callable[..., None] | None = None
     test_options: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    proposals: bool = False
 
     def __post_init__(self) -> None:
         if self.section not in SECTIONS:
