@@ -165,14 +165,11 @@ class ToyDistillation:
     feat_at: str = "student_grid"
 
     def configs(self, features: str) -> dict[str, DistillConfig]:
-        """The students by row label, for rectified runs reading ``features`` (a VARIANTS name):
-        ReCLIP++'s (the paper's three losses), its Table VIII row with L_mask alone, and MaskCLIP+."""
+        """The two students by row label, for rectified runs reading ``features`` (a VARIANTS name)."""
         _, overrides = VARIANTS[features]
         small = {"backbone": "resnet18", "width": self.width, "aspp_channels": self.aspp_channels,
                  "feat_at": self.feat_at}
         return {"reclip++ student": dataclasses.replace(RECLIPPP_DISTILL, **small),
-                "reclip++ student, L_mask only": dataclasses.replace(RECLIPPP_DISTILL, feat_loss=False,
-                                                                     text_loss=False, **small),
                 "maskclip+ student": dataclasses.replace(MASKCLIP_PLUS, teacher_overrides=overrides or None, **small)}
 
 
@@ -546,8 +543,7 @@ def _rectification_notes(settings: ToyRectification, runs: dict[str, list[Path]]
             f"Student rows (ReCLIP++ III-E, MaskCLIP+): a {distill['backbone']} of base width {distill['width']} "
             f"(ASPP {distill['aspp_channels']} channels), trained from scratch for {st['steps']} steps of "
             f"{st['batch_size']} scenes; the ReCLIP++ student of each seed learns from that seed's 'toy' run (its "
-            f"frozen head inherited; L_mask + 0.5 L_feat + 0.5 L_text, L_feat compared at {distill['feat_at']}; "
-            "'L_mask only' is Table VIII's row without the feature- and text-guided terms), "
+            f"frozen head inherited; L_mask + 0.5 L_feat + 0.5 L_text, L_feat compared at {distill['feat_at']}), "
             "MaskCLIP+ from MaskCLIP's argmax on the same features (L_mask only, query head). No labels are read.")
     return [
         f"reclip++ rows: ReCLIP++'s rectification stage trained on {run['train_images']} unlabelled train scenes "
