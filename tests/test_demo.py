@@ -11,7 +11,7 @@ import reclip.demo
 import reclip.rectification
 from reclip.bias import class_preference
 from reclip.metrics import ConfusionMatrix
-from reclip.demo import TOY_DISTILLATION, TOY_RECTIFICATION, VARIANTS, run_demo
+from reclip.demo import TOY_DISTILLATION, TOY_MAFT, TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
 
 # ReCLIP++ on a few train scenes for a few steps, two seeds: the pipeline, not its quality.
@@ -19,13 +19,16 @@ SMALL_RECTIFICATION = dataclasses.replace(TOY_RECTIFICATION, num_train=8, steps=
 SMALL_DISTILLATION = dataclasses.replace(TOY_DISTILLATION, width=8, aspp_channels=8, steps=2, batch_size=4)
 RECLIP_ROWS = [name for name, _, _ in SMALL_RECTIFICATION.rows()]
 STUDENT_ROWS = ["reclip++ student", "maskclip+ student"]
+SMALL_MAFT = dataclasses.replace(TOY_MAFT, steps=2, batch_size=4)
+MAFT_ROWS = ["ipclip (frozen CLIP), reclip++ regions", "maft, labels of seen classes", "maft, reclip++ pseudo labels"]
 
 
 def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     cache, _ = toy_ci_checkpoint
     rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12,
-                    rectification=SMALL_RECTIFICATION, distillation=SMALL_DISTILLATION, progress=False)
-    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS, *STUDENT_ROWS]
+                    rectification=SMALL_RECTIFICATION, distillation=SMALL_DISTILLATION, maft=SMALL_MAFT,
+                    progress=False)
+    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS, *STUDENT_ROWS, *MAFT_ROWS]
     assert RECLIP_ROWS == ["reclip++ toy: M_o", "reclip++ toy: M", "reclip++ toy, no decoder: M",
                            "reclip++ as published: M_o", "reclip++ as published: M"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -56,8 +59,22 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
         assert f"<td>{row.name}</td>" in report
     # each configuration and seed is its own run; the rows of one configuration read one set of runs
     assert {label: len(dirs) for label, dirs in results["runs"].items()} == {
-        "toy": 2, "toy, no decoder": 2, "as published": 2, "reclip++ student": 2, "maskclip+ student": 2}
-    assert len({d for dirs in results["runs"].values() for d in dirs}) == 10
+        "toy": 2, "toy, no decoder": 2, "as published": 2, "reclip++ student": 2, "maskclip+ student": 2,
+        "maft, labels of seen classes": 2, "maft, reclip++ pseudo labels": 2}
+    assert len({d for dirs in results["runs"].values() for d in dirs}) == 14
+    # MAFT: the seen-class run never saw the unseen names; the pseudo-label run learnt from that seed's ReCLIP++ run
+    names = rows[0].result.class_names
+    unseen = SMALL_MAFT.unseen_classes(list(names))
+    for row in rows[-3:]:
+        assert set(row.zero_shot()) == {"mIoU_seen", "mIoU_unseen", "hIoU"}
+        assert row.result.settings["zero_shot"]["unseen"] == unseen
+    for seed, (teacher, labelled, pseudo) in enumerate(zip(results["runs"]["toy"], results["runs"][MAFT_ROWS[1]],
+                                                           results["runs"][MAFT_ROWS[2]])):
+        labelled, pseudo = (json.loads((Path(d) / "config.json").read_text()) for d in (labelled, pseudo))
+        assert labelled["supervision"] == "labels" and labelled["unseen_classes"] == unseen
+        assert pseudo["supervision"] == "pseudo" and pseudo["unseen_classes"] == []
+        assert pseudo["teacher"]["run"] == teacher and labelled["train"]["seed"] == pseudo["train"]["seed"] == seed
+    assert "mIoU_unseen (unseen split)" in report
     # each seed's ReCLIP++ student learnt from that seed's 'toy' run; MaskCLIP+ from MaskCLIP on the same features
     for teacher, student in zip(results["runs"]["toy"], results["runs"]["reclip++ student"]):
         saved = json.loads((Path(student) / "config.json").read_text())
@@ -82,9 +99,9 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
 def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, monkeypatch):
     cache, _ = toy_ci_checkpoint
     kwargs = dict(config=ToyConfig.ci(), cache_dir=cache, num_scenes=4, rectification=SMALL_RECTIFICATION,
-                  distillation=SMALL_DISTILLATION, progress=False)
+                  distillation=SMALL_DISTILLATION, maft=SMALL_MAFT, progress=False)
     first = run_demo(tmp_path / "out", **kwargs)
-    runs = sorted([*(tmp_path / "out").glob("reclip++-*"), *(tmp_path / "out").glob("student-*")])
+    runs = sorted(p for pattern in ("reclip++-*", "student-*", "maft-*") for p in (tmp_path / "out").glob(pattern))
     written = {run: (run / "model.safetensors").stat().st_mtime_ns for run in runs}
 
     def no_training(*args, **kwargs):
@@ -95,8 +112,8 @@ def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, m
     monkeypatch.setattr(reclip.demo, "ProcessPoolExecutor", no_training)
     second = run_demo(tmp_path / "out", **kwargs)
     assert [r.summary() for r in second] == [r.summary() for r in first]
-    assert sorted([*(tmp_path / "out").glob("reclip++-*"), *(tmp_path / "out").glob("student-*")]) == runs
-    assert len(runs) == 10  # reused: 3 rectifier configurations and 2 students, x 2 seeds
+    assert sorted(p for pattern in ("reclip++-*", "student-*", "maft-*") for p in (tmp_path / "out").glob(pattern)) == runs
+    assert len(runs) == 14  # reused: 3 rectifier configurations, 2 students and 2 MAFT runs, x 2 seeds
     assert {run: (run / "model.safetensors").stat().st_mtime_ns for run in runs} == written
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     toy = [json.loads((Path(d) / "config.json").read_text()) for d in results["runs"]["toy"]]

@@ -626,6 +626,7 @@ def proposal_source(
     *,
     background: bool = False,
     text_cache: Any = None,
+    whole_image: bool = True,
 ) -> ProposalSource:
     """A proposal source (:mod:`reclip.maft.proposals`) from its description.
 
@@ -639,6 +640,8 @@ def proposal_source(
               test settings), e.g. a ReCLIP++ run;
             - ``grid`` or ``grid:RxC``: the whole image and a 3 x 3 (R x C) grid.
         background: class 0 is a background class (for the source method's thresholds).
+        whole_image: ``from:`` sources add the whole image to the regions
+            (:class:`~reclip.maft.proposals.PredictionProposals`).
     """
     if callable(proposals) and not isinstance(proposals, (str, os.PathLike)):
         return proposals
@@ -673,4 +676,4 @@ def proposal_source(
     def predict(image: np.ndarray) -> np.ndarray:
         return segment(segmentor, image, cfg, mean, std, background_index=index).labels
 
-    return PredictionProposals(predict, text)
+    return PredictionProposals(predict, text, whole_image=whole_image)
