@@ -612,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "no positional term; reclip teachers)")
     p.add_argument("--input-norm", choices=("imagenet", "clip"),
                    help="the student's input normalisation: imagenet (default; what ImageNet ResNets and the "
-                        "official student use) or clip (the teacher's)")
+                        "official student use) or clip (the teacher's; what runs from before this option used: "
+                        "resume those with --input-norm clip)")
     p.add_argument("--schedule", default="paper", choices=("paper", "official"),
                    help="lr schedule: paper (poly 0.9 per step over the run; default) or official (poly 0.9 per "
                         "epoch, clamped at 0.01 x lr: the official code's min lr 1e-4)")
