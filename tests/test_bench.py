@@ -1,5 +1,6 @@
 """The benchmark code runs (on a tiny model) so `reclip bench` cannot rot; its figures are not asserted."""
 
+import pytest
 import torch
 
 from reclip.bench import bench_vs_hf, bench_zero_shot
@@ -61,3 +62,13 @@ def test_maft_bench_runs_on_a_tiny_model(capsys):
     assert boxes.shape == (4, 40, 30) and ((boxes == 0) | (boxes == 1)).all() and (boxes.sum((1, 2)) > 0).all()
     if not torch.cuda.is_available():
         assert bench_proposals(tiny_clip(), device="cuda", size=32, proposals=2, crop=32) is None
+
+
+def test_maft_bench_refuses_outputs_that_disagree(monkeypatch):
+    import reclip.bench_maft as bench_maft
+
+    real = bench_maft.masked_crop_embeddings
+    monkeypatch.setattr(bench_maft, "masked_crop_embeddings",
+                        lambda *args, **kwargs: real(*args, **kwargs)[:, :-1])  # one width fewer
+    with pytest.raises(RuntimeError, match="no longer compute the same thing"):
+        bench_maft.bench_proposals(tiny_clip(vision_layers=2), size=48, proposals=3, crop=32)

@@ -407,3 +407,44 @@ def test_the_official_schedule_is_per_epoch_and_floored():
     # a floor of 0 is not recorded, so runs written before the floor existed still resume
     assert "min_factor" not in describe(SGDConfig())["schedule"]
     assert describe(SGDConfig(schedule=s))["schedule"]["min_factor"] == 0.01
+
+
+def test_a_run_from_before_input_norm_resumes_with_clip_normalisation(distilled, tmp_path, capsys):
+    """A checkpoint written before DistillConfig had teacher_method and input_norm (its
+    identity holds neither) resumes with --input-norm clip, what it was trained with, and
+    is refused with the ImageNet default."""
+    clip_file, root, teacher_run, _ = distilled
+    run = tmp_path / "old"
+    common = ["distill", "--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet",
+              "--teacher", str(teacher_run), "--hypotheses", str(teacher_run.parent / "hyp.json"), "--out", str(run),
+              "--backbone", "resnet18", "--weights", "none", "--batch-size", "2", "--crop", "32",
+              "--base-short-side", "40", "--device", "cpu"]
+    assert main([*common, "--input-norm", "clip", "--max-steps", "1"]) == 0
+    for name in ("checkpoint.pt", "checkpoint.previous.pt"):  # as the old code wrote it
+        if (run / name).exists():
+            ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
+            for key in ("teacher_method", "input_norm"):
+                ckpt["trajectory"]["distill"].pop(key, None)
+            torch.save(ckpt, run / name)
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "1", "--resume"]) != 0  # the ImageNet default: not what it was trained with
+    assert "distill.input_norm: '(absent)' -> 'imagenet'" in capsys.readouterr().err
+    assert main([*common, "--input-norm", "clip", "--max-steps", "1", "--resume"]) == 0
+    assert "distilled a resnet18 student for 1 steps" in capsys.readouterr().out
+
+
+def test_an_old_student_run_reports_the_clip_normalisation_it_was_trained_with(distilled, tmp_path):
+    import shutil
+
+    from reclip.clip.model import CLIP_MEAN, CLIP_STD
+
+    _, _, _, run = distilled
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("teacher_method", "input_norm"):  # what a run written before these fields holds
+        del config["distill"][key]
+    config["image_mean"], config["image_std"] = list(CLIP_MEAN), list(CLIP_STD)
+    (old / "config.json").write_text(json.dumps(config))
+    student = load_student(old)
+    assert student.config.input_norm == "clip" and student.image_mean == tuple(CLIP_MEAN)

@@ -197,6 +197,35 @@ def test_masks_of_another_size_are_resized_to_the_image(clip):
     torch.testing.assert_close(inside_all[:, 0], clip.encode_image(images), rtol=1e-5, atol=1e-5)  # 4 px of 8: inside
 
 
+@pytest.mark.parametrize("size", [(34, 50), (33, 41), (36, 48)])
+def test_a_whole_image_proposal_covers_every_patch_at_any_image_size(clip, size):
+    # 34 = 4 x 8 + 2: the border patches hold 2 image rows of 8; judged on their image part they are inside
+    images = _images(1, *size)
+    emb = ip_clip_embeddings(clip, images, torch.ones(1, 1, *size), start_layer=DEPTH - 1)
+    torch.testing.assert_close(emb[:, 0], clip.encode_image(images), rtol=1e-5, atol=1e-5)
+    # a proposal of the image rows of the bottom patch row covers that row (its image part), and nothing else
+    masks = torch.zeros(1, 1, *size)
+    masks[..., (size[0] - 1) // 8 * 8:, :] = 1
+    frame = (-(-size[0] // 8) * 8, -(-size[1] // 8) * 8)
+    padded = F.pad(masks, (0, frame[1] - size[1], 0, frame[0] - size[0]))
+    inside = proposal_attention_mask(padded, (frame[0] // 8, frame[1] // 8), image_size=size)
+    assert inside[0, 0].view(frame[0] // 8, -1)[-1].all() and inside[0, 0].sum() == frame[1] // 8
+
+
+def test_the_coverage_threshold_is_a_fraction_in_0_1(clip):
+    images, masks = _images(1), torch.ones(1, 1, 32, 48)
+    for bad in (0, -0.5, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="threshold="):
+            ip_clip_embeddings(clip, images, masks, threshold=bad)
+        with pytest.raises(ValueError, match="threshold="):
+            proposal_attention_mask(masks, (4, 6), threshold=bad)
+        with pytest.raises(ValueError, match="threshold="):
+            MAFTSegmentor(clip, _queries(), threshold=bad)
+    assert proposal_attention_mask(masks, (4, 6), threshold=1).all()  # 1: wholly covered patches only
+    with pytest.raises(ValueError, match=r"start_layer=3: give the first masked block, 0\.\.2"):
+        MAFTSegmentor(clip, _queries(), start_layer=3)
+
+
 def test_gradients_reach_the_attention_and_layernorms(clip):
     model = tiny_clip(3, vision_layers=DEPTH, vision_heads=2)
     emb = ip_clip_embeddings(model, _images(1), _patch_masks(1, 2, (4, 6)))
@@ -429,13 +458,17 @@ def test_a_maft_run_round_trips_through_the_registry(clip, tmp_path):
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.threshold = 0.7  # not IP-CLIP's default: the run must carry it
     family.write_run(tmp_path, model, method, clip, vocabulary)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["method"], config["start_layer"], config["classes"]) == ("maft", 2, ["cat", "dog"])
     x = _images(1)
     loaded = build_segmentor("maft", clip, vocabulary, checkpoint=tmp_path, text_cache=False)
+    assert loaded.threshold == 0.7
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+        model.threshold = 0.5
+        assert (model(x) - loaded(x)).abs().max() > 1e-4  # the threshold matters for these (grid) proposals
         frozen = build_segmentor("ipclip", clip, vocabulary, text_cache=False)(x)
     assert (frozen - loaded(x)).abs().max() > 1e-3  # the fine-tuned weights count ...
     assert loaded.clip is not clip and not any(p.requires_grad for p in loaded.parameters())
@@ -443,14 +476,20 @@ def test_a_maft_run_round_trips_through_the_registry(clip, tmp_path):
         torch.testing.assert_close(build_segmentor("ipclip", clip, vocabulary, text_cache=False)(x), frozen)
     # open vocabulary: another class list than the training one
     assert load_trained(tmp_path, clip, Vocabulary.from_names(["sky", "road", "tree"]), text_cache=False)(x).shape[1] == 3
-    # names relative to clip.visual (the other spelling of the contract) load the same
+    # written as `reclip maft` writes runs: names relative to clip.visual
     state = load_file(tmp_path / "model.safetensors")
-    relative = tmp_path / "relative"
-    relative.mkdir()
-    (relative / "config.json").write_text(json.dumps(config))
-    save_file({k[len("clip.visual."):]: v for k, v in state.items()}, relative / "model.safetensors")
+    assert "ln_post.weight" in state and not any(k.startswith(("clip.", "visual.")) for k in state)
+    # a run written with the model's own names (clip.visual.*, as write_run wrote them before) loads the same
+    prefixed = tmp_path / "prefixed"
+    prefixed.mkdir()
+    (prefixed / "config.json").write_text(json.dumps(config))
+    save_file({f"clip.visual.{k}": v for k, v in state.items()}, prefixed / "model.safetensors")
     with torch.no_grad():
-        torch.testing.assert_close(load_trained(relative, clip, vocabulary, text_cache=False)(x), loaded(x))
+        torch.testing.assert_close(load_trained(prefixed, clip, vocabulary, text_cache=False)(x), loaded(x))
+    # a run that records no threshold (written before it was recorded) gets IP-CLIP's 0.5
+    del config["threshold"]
+    (prefixed / "config.json").write_text(json.dumps(config))
+    assert load_trained(prefixed, clip, vocabulary, text_cache=False).threshold == 0.5
 
 
 def test_a_maft_run_that_does_not_fit_is_refused(clip, tmp_path):
@@ -562,6 +601,16 @@ def test_proposals_from_a_trained_run(tmp_path, clip_file):
     run = load_trained(tmp_path / "run", clip)
     labels = segment(run, image, inference_config("reclip++", load_protocol("folder")), background_index=None).labels
     assert torch.equal(masks, regions_from_labels(labels)) and masks.shape[0] > 1
+
+
+def test_proposals_from_a_maft_run_are_refused(tmp_path, clip_file):
+    clip = load_clip(clip_file)
+    vocabulary = Vocabulary.from_names(["cat", "dog"])
+    family, method = FAMILIES["maft"], METHODS["maft"]
+    family.write_run(tmp_path / "maft", family.new_model(method, clip, vocabulary, text_cache=False), method, clip,
+                     vocabulary)
+    with pytest.raises(ValueError, match="a maft run, which classifies proposals itself"):
+        api.proposal_source(f"from:{tmp_path / 'maft'}", clip, vocabulary, load_protocol("folder"))
 
 
 @pytest.mark.parametrize("argv, message", [

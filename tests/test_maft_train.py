@@ -231,6 +231,20 @@ def test_unlabelled_training_crops_open_no_label(tmp_path, monkeypatch):
     assert "target" not in item and item["proposals"][0][item["valid"]].eq(255).all()
 
 
+@pytest.mark.parametrize("value", [1.5, -0.2, float("nan")])
+def test_proposals_outside_0_1_are_refused_naming_the_image(tmp_path, value):
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.maft.proposals import ProposalError
+    from reclip.maft.trainset import MaftTrainSet
+
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=1)
+    data = SegmentationDataset("voc20", root, "train", check_sizes=False)
+    trainset = MaftTrainSet(data, lambda image, image_id: torch.full((2, *image.shape[:2]), value), labels=False,
+                            base_short_side=24, crop=16)
+    with pytest.raises(ProposalError, match=f"image '{data.image_ids[1]}'"):
+        trainset[1]
+
+
 def _seen_segmentor(clip, names, start_layer=1):
     from reclip.maft.segmentor import MAFTSegmentor, tuned_copy
     from reclip.text import Vocabulary, query_embeddings
@@ -436,3 +450,71 @@ def test_unsupervised_maft_from_a_rectifier_reads_no_label(maft_runs, tmp_path):
     assert config["unseen_classes"] == [] and len(config["seen_classes"]) == 20
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["mask_aware"] > 0  # the pseudo labels gave class masks
+
+
+def _grid_source():
+    """A new function object at each call, as each process defining its proposal source makes."""
+    def source(image, image_id):
+        from reclip.maft.proposals import grid_proposals
+
+        return grid_proposals(image.shape[:2], (2, 2))
+
+    return source
+
+
+def test_a_run_with_a_function_as_proposal_source_resumes(maft_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from reclip.clip.load import load_clip
+    from reclip.maft.train import finetune_maft
+
+    clip_file, root, _, _, _ = maft_runs
+    clip = load_clip(clip_file)
+    common = dict(templates="single", train_overrides={"batch_size": 2, "device": "cpu"}, base_short_side=40,
+                  crop=32, progress=False)
+    finetune_maft(clip, "voc20", root, tmp_path / "split", proposals=_grid_source(), max_steps=1, **common)
+    finetune_maft(clip, "voc20", root, tmp_path / "split", proposals=_grid_source(), max_steps=2, resume=True,
+                  **common)
+    finetune_maft(clip, "voc20", root, tmp_path / "whole", proposals=_grid_source(), max_steps=2, **common)
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert config["proposals"] == "test_maft_train._grid_source.<locals>.source"  # no memory address
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "split"))
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_finetune_maft_checks_start_layer_and_threshold_before_reading_data(tmp_path):
+    from reclip.maft.train import finetune_maft
+
+    clip = tiny_clip(perturb=0.02, vision_layers=3)
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(ValueError, match=r"start_layer=3: give the first masked block, 0\.\.2"):
+        finetune_maft(clip, "voc20", missing, tmp_path / "run", proposals="grid", start_layer=3)
+    with pytest.raises(ValueError, match="threshold=0: .* in \\(0, 1\\]"):
+        finetune_maft(clip, "voc20", missing, tmp_path / "run", proposals="grid", threshold=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_takes_the_split_by_its_seen_classes(maft_runs, tmp_path, capsys):
+    from reclip.cli import main
+
+    clip_file, root, unseen, _, _ = maft_runs
+    seen = tmp_path / "seen.txt"
+    seen.write_text("\n".join(n for n in load_protocol("voc20").vocabulary().names if n not in ("cat", "dog")))
+    common = ["evaluate", "--clip", str(clip_file), "--method", "maskclip", "--dataset", "voc20", "--data-root",
+              str(root), "--templates", "single", "--short-side", "32", "--quiet"]
+    assert main([*common, "--seen-classes", str(seen), "--json", str(tmp_path / "seen.json")]) == 0
+    assert main([*common, "--unseen-classes", str(unseen), "--json", str(tmp_path / "unseen.json")]) == 0
+    by_seen, by_unseen = (json.loads((tmp_path / f).read_text()) for f in ("seen.json", "unseen.json"))
+    assert by_seen["settings"]["zero_shot"]["unseen"] == ["cat", "dog"]
+    assert by_seen["settings"]["zero_shot"] == by_unseen["settings"]["zero_shot"]
+    assert by_seen["hIoU"] == by_unseen["hIoU"] and by_seen["mIoU_seen"] == by_unseen["mIoU_seen"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, "--seen-classes", str(seen), "--unseen-classes", str(unseen)])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    from reclip import api
+    from reclip.clip.load import load_clip
+
+    with pytest.raises(ValueError, match="not both"):
+        api.evaluate(load_clip(clip_file), "maskclip", "voc20", root, seen_classes=["cat"], unseen_classes=["dog"])

@@ -185,6 +185,7 @@ def evaluate(
     max_pixels: int | None = MAX_PIXELS,
     proposals: str | os.PathLike | ProposalSource | None = None,
     unseen_classes: str | os.PathLike | Sequence[str] | None = None,
+    seen_classes: str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Score ``method`` on a dataset protocol: dataset-level confusion matrix -> mIoU.
 
@@ -217,12 +218,17 @@ def evaluate(
         unseen_classes: the zero-shot split's unseen classes (a split file, e.g.
             ``cocostuff171_unseen.txt``, or names; :mod:`reclip.class_split`): the result
             also holds mIoU_seen, mIoU_unseen and hIoU (their harmonic mean). Any method.
+        seen_classes: the same split given by its seen classes (the rest are unseen), as
+            ``reclip maft --seen-classes``; give one of the two.
 
     Raises:
         NothingEvaluatedError: no pixel was scored (every image skipped, or every label
             pixel ``ignore_index``): a run that measured nothing never returns a NaN mIoU.
     """
     _check_limit_and_workers(limit, num_workers)
+    if seen_classes is not None and unseen_classes is not None:
+        raise ValueError("give the seen classes or the unseen classes of the zero-shot split, not both (the other "
+                         "group is the rest)")
     protocol = dataset if isinstance(dataset, Protocol) else load_protocol(dataset)
     if label_dir is not None:
         protocol = protocol.with_overrides(label_dir=str(label_dir))
@@ -234,7 +240,9 @@ def evaluate(
     data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     if not data.has_labels:
         raise ValueError(f"{data_root}: split {split!r} of {protocol.name!r} has no labels to evaluate against")
-    zero_shot = None if unseen_classes is None else class_split(data.vocabulary, unseen=unseen_classes)
+    zero_shot = None
+    if seen_classes is not None or unseen_classes is not None:
+        zero_shot = class_split(data.vocabulary, seen=seen_classes, unseen=unseen_classes)
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     if proposals is not None:
@@ -611,6 +619,15 @@ def _describe(proposals: Any) -> str | None:
     return os.fspath(proposals) if isinstance(proposals, (str, os.PathLike)) else repr(proposals)
 
 
+def _run_method(run_dir: Path) -> str | None:
+    """The method a run's config.json names; None when it cannot be read (``load_trained`` then says why)."""
+    try:
+        method = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) else None
+
+
 def _grid(text: str) -> tuple[int, int]:
     rows, _, cols = text.partition("x")
     if rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0:
@@ -637,7 +654,8 @@ def proposal_source(
               (``from:naclip``), made with ``clip`` for ``vocabulary`` at that method's
               published test settings on ``protocol``;
             - ``from:RUN_DIR``: the same with a trained run (its own method, classes and
-              test settings), e.g. a ReCLIP++ run;
+              test settings), e.g. a ReCLIP++ run; not a run of a method that classifies
+              proposals itself (a MAFT run), as ``from:maft`` is refused;
             - ``grid`` or ``grid:RxC``: the whole image and a 3 x 3 (R x C) grid.
         background: class 0 is a background class (for the source method's thresholds).
         whole_image: ``from:`` sources add the whole image to the regions
@@ -662,8 +680,11 @@ def proposal_source(
         segmentor = build_segmentor(target, clip, vocabulary, text_cache=text_cache)
         method = target
     elif Path(target).is_dir():
+        method = _run_method(Path(target))
+        if method in METHODS and get_family(method).proposals:
+            raise ValueError(f"proposals {text!r}: that is a {method} run, which classifies proposals itself; make "
+                             f"them with a run or method that segments (e.g. a ReCLIP++ run, or from:naclip)")
         segmentor = load_trained(target, clip, text_cache=text_cache)  # checks the run; its own classes
-        method = json.loads((Path(target) / "config.json").read_text(encoding="utf-8"))["method"]
     else:
         free = [m for m in METHODS if not get_family(m).trained and not get_family(m).proposals]
         raise ValueError(f"proposals {text!r}: {target!r} is neither a training-free method ({', '.join(free)}) nor "

@@ -135,7 +135,10 @@ def bench_proposals(
           f"{depth}-block ViT/{clip.visual.patch_size} CLIP, {device}, {dtype}{threads}", flush=True)
     warm_ipclip = ipclip()  # warm-up
     warm_crops = run(lambda: masked_crop_embeddings(clip, image, masks[:2], crop))()  # warm-up, 2 proposals
-    assert warm_ipclip.shape[1:] == (proposals, *warm_crops.shape[1:])
+    if warm_ipclip.shape[1:] != (proposals, *warm_crops.shape[1:]):  # the two ways must measure the same output
+        raise RuntimeError(f"IP-CLIP gave embeddings {tuple(warm_ipclip.shape)} and the masked crops "
+                           f"{tuple(warm_crops.shape)}; expected (1, {proposals}, D) and (2, D) with one D: the "
+                           f"two ways no longer compute the same thing, so their speeds cannot be compared")
     ipclip_s = timed(ipclip)
     print(f"  IP-CLIP, one pass (blocks {default_start_layer(depth)}..{depth - 1} masked): {ipclip_s:.3f} s, "
           f"{proposals / ipclip_s:.1f} proposals/s", flush=True)

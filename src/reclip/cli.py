@@ -241,6 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
         num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
         max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
+        seen_classes=args.seen_classes,
     )
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
@@ -520,10 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_proposals_arg(p)
-    p.add_argument("--unseen-classes", metavar="FILE",
-                   help="zero-shot split: a file of the unseen classes' names, one per line (as given, else in the "
-                        "package's configs/classes/, e.g. cocostuff171_unseen.txt); also reports mIoU of the seen "
-                        "and the unseen classes and their harmonic mean hIoU")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--unseen-classes", metavar="FILE",
+                       help="zero-shot split: a file of the unseen classes' names, one per line (as given, else in "
+                            "the package's configs/classes/, e.g. cocostuff171_unseen.txt); also reports mIoU of the "
+                            "seen and the unseen classes and their harmonic mean hIoU")
+    split.add_argument("--seen-classes", metavar="FILE",
+                       help="zero-shot split by its seen classes, one name per line (the rest are unseen), as for "
+                            "`reclip maft`; reports the same scores")
     _add_max_pixels_arg(p, labels=True)
     _add_inference_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -612,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "no positional term; reclip teachers)")
     p.add_argument("--input-norm", choices=("imagenet", "clip"),
                    help="the student's input normalisation: imagenet (default; what ImageNet ResNets and the "
-                        "official student use) or clip (the teacher's)")
+                        "official student use) or clip (the teacher's; what runs from before this option used: "
+                        "resume those with --input-norm clip)")
     p.add_argument("--schedule", default="paper", choices=("paper", "official"),
                    help="lr schedule: paper (poly 0.9 per step over the run; default) or official (poly 0.9 per "
                         "epoch, clamped at 0.01 x lr: the official code's min lr 1e-4)")

@@ -120,7 +120,9 @@ class DistillConfig:
             world reads), None: MaskCLIP as published.
         input_norm: the student's input normalisation: "imagenet" (what ImageNet-trained
             ResNets expect, and the official student's IMG_NORM_CFG; the paper says nothing)
-            or "clip" (CLIP's, the teacher's). The teacher always reads CLIP's.
+            or "clip" (CLIP's, the teacher's). The teacher always reads CLIP's. Students
+            distilled before this field existed used "clip" (:func:`student_from_run` reads
+            them so; :func:`distill` resumes their runs with ``input_norm="clip"``).
     """
 
     backbone: str = "resnet101"
@@ -168,6 +170,21 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict[str, Any]:
+        """What of this config a resumed run must repeat (:func:`distill`'s ``run_settings``).
+
+        :meth:`to_dict` without ``teacher_method`` (a check of the teacher run, which never
+        changes the training) and without ``input_norm`` when it is "clip", the only
+        normalisation before the field existed: a run of that time resumes with
+        ``input_norm="clip"``, and with "imagenet" it is refused (``input_norm: '(absent)'
+        -> 'imagenet'``: it was trained with "clip").
+        """
+        identity = self.to_dict()
+        del identity["teacher_method"]
+        if identity["input_norm"] == "clip":
+            del identity["input_norm"]
+        return identity
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
@@ -432,7 +449,7 @@ def distill(
     steps = max_steps if max_steps is not None else (epochs or preset.epochs) * spe
     train_config = TrainConfig(steps=steps, batch_size=batch_size, **overrides)
     embed_dim = clip.visual.output_dim
-    identity = {"method": "student", "distill": config.to_dict(), "teacher": teacher_id,
+    identity = {"method": "student", "distill": config.run_identity(), "teacher": teacher_id,
                 "classes": vocabulary.to_lines(), "clip_fingerprint": weights_fingerprint(clip),
                 "protocol": protocol.name, "split": split, "augment": augment, "weights": str(weights)}
 
@@ -482,7 +499,8 @@ def student_from_run(run: RunFiles, clip: CLIP | None = None, vocabulary: Vocabu
     if vocabulary is not None and vocabulary != trained:
         raise ValueError(f"{run.run_dir} was distilled for the classes {list(trained.names)}, not "
                          f"{list(vocabulary.names)}: pass --classes-file with the run's list")
-    config = DistillConfig.from_dict(saved["distill"])
+    # a student distilled before input_norm existed was fed CLIP's normalisation (its saved image_mean is CLIP's)
+    config = DistillConfig.from_dict({"input_norm": "clip", **saved["distill"]})
     C, D = trained.num_classes, int(saved["embed_dim"])
     grid = tuple(saved.get("grid") or (1, 1))
     has_reference = saved.get("reference", saved.get("bias"))  # runs before "reference" was saved

@@ -10,13 +10,16 @@ Two families, because a family is either trained or training-free:
 Both take mask proposals (``--proposals``, :mod:`reclip.maft.proposals`), run whole-image
 only, and read the protocol's ``maft`` section (one default for every dataset).
 
-A MAFT run (``reclip.train.save_run``) is config.json with ``"method": "maft"``,
+A MAFT run (:func:`reclip.maft.train.save_maft_run`, the one writer of both
+``reclip maft`` and :func:`write_run`) is config.json with ``"method": "maft"``,
 ``"start_layer"`` (IP-CLIP's first masked block) and ``"classes"`` (the training
 vocabulary; informative: MAFT is open-vocabulary and classifies any class list),
-optionally ``"templates"`` and ``"clip_fingerprint"`` (of the CLIP it was fine-tuned
-from, checked when present), and model.safetensors with the fine-tuned vision
-parameters (attention, ln_1, ln_2 of every block, ln_post) under their names relative
-to ``clip.visual`` (a prefix ending in ``visual.``, e.g. ``clip.visual.``, is accepted).
+optionally ``"threshold"`` (IP-CLIP's patch coverage, default 0.5), ``"templates"`` and
+``"clip_fingerprint"`` (of the CLIP it was fine-tuned from, checked when present), and
+model.safetensors with the fine-tuned vision parameters (attention, ln_1, ln_2 of every
+block, ln_post) under their names relative to ``clip.visual`` (a prefix ending in
+``visual.``, e.g. ``clip.visual.``, as runs written by ``reclip.train.save_run`` have, is
+accepted).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from typing import Any, Mapping
 from reclip.clip.model import CLIP, weights_fingerprint
 from reclip.data.protocol import MaftSettings
 from reclip.families.spec import Family, Method
+from reclip.maft.ipclip import _check_threshold
 from reclip.maft.segmentor import MAFTSegmentor, load_visual_state, tuned_copy
 from reclip.text import QueryEmbeddings, Vocabulary, query_embeddings
-from reclip.train import RunFiles, save_run
+from reclip.train import RunFiles
 
 __all__ = ["FAMILY", "FREE_FAMILY"]
 
@@ -81,15 +85,18 @@ def new_model(method: Method, clip: CLIP, vocabulary: Vocabulary, text_cache: An
 
 def write_run(run_dir: str | os.PathLike, model: MAFTSegmentor, method: Method, clip: CLIP,
               vocabulary: Vocabulary) -> None:
-    """A run :func:`from_run` reads: the module docstring's format."""
-    save_run(run_dir, {
+    """A run :func:`from_run` reads: the module docstring's format, written as ``reclip maft`` writes it."""
+    from reclip.maft.train import save_maft_run
+
+    save_maft_run(run_dir, model, {
         "method": method.name,
         "start_layer": model.start_layer,
+        "threshold": model.threshold,
         "classes": vocabulary.to_lines(),
         "templates": method.templates,
         "clip": getattr(clip, "spec", None),
         "clip_fingerprint": weights_fingerprint(clip),
-    }, model)
+    })
 
 
 def from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None = None, text_cache: Any = None) -> MAFTSegmentor:
@@ -104,6 +111,10 @@ def from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None = None, te
     if isinstance(start_layer, bool) or not isinstance(start_layer, int):
         raise ValueError(f"{where}: 'start_layer' is {start_layer!r}; a MAFT run records IP-CLIP's first masked "
                          f"block as an int")
+    try:  # runs written before the threshold was recorded: IP-CLIP's 0.5
+        threshold = _check_threshold(saved.get("threshold", 0.5))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     fingerprint = saved.get("clip_fingerprint")
     if fingerprint is not None and fingerprint != weights_fingerprint(clip):
         raise ValueError(f"{run.run_dir} was fine-tuned from CLIP {saved.get('clip')!r} (fingerprint {fingerprint}); "
@@ -119,7 +130,8 @@ def from_run(run: RunFiles, clip: CLIP, vocabulary: Vocabulary | None = None, te
     weights_fingerprint(tuned, refresh=True)
     # the text tower is not fine-tuned: the frozen CLIP's query embeddings (and their cache) serve
     queries = query_embeddings(clip, vocabulary, saved.get("templates", TEMPLATES), cache_dir=text_cache)
-    return MAFTSegmentor(tuned, queries, start_layer=start_layer).to(next(clip.parameters()).device).eval()
+    return MAFTSegmentor(tuned, queries, start_layer=start_layer, threshold=threshold).to(
+        next(clip.parameters()).device).eval()
 
 
 FAMILY = Family(name="maft", section="maft", methods=METHODS, test_settings=test_settings, from_run=from_run,

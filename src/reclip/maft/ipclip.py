@@ -16,14 +16,16 @@ recomputing the patches.
 
 Which patches a proposal covers (:func:`proposal_attention_mask`): the mask, in the
 image's frame, is zero-padded like the image (``pad_to_patch``), averaged over each
-patch (area resize to the patch grid), and a patch is inside when its coverage is
-``>= threshold`` (0.5; the official code also lets exactly 0.5 through). The official
-code instead samples the mask bilinearly at the patch grid, i.e. reads the few pixels
-around each patch centre; the area average is the fraction of the patch the proposal
-covers, which is what "inside" means for binary masks. A proposal covering no patch
-that well (smaller than half a patch) falls back to its most-covered patch; a proposal
-with zero coverage everywhere sees no patch and its CLS copy attends only to itself (as
-in the official code): finite, never NaN.
+patch's pixels that lie in the image (area resize to the patch grid, divided by the
+in-image fraction of each patch: a border patch is judged by its image part, so a
+whole-image proposal covers every patch whatever the image size), and a patch is inside
+when its coverage is ``>= threshold`` (0.5; the official code also lets exactly 0.5
+through). The official code instead samples the mask bilinearly at the patch grid, i.e.
+reads the few pixels around each patch centre; the area average is the fraction of the
+patch the proposal covers, which is what "inside" means for binary masks. A proposal
+covering no patch that well (smaller than half a patch) falls back to its most-covered
+patch; a proposal with zero coverage everywhere sees no patch and its CLS copy attends
+only to itself (as in the official code): finite, never NaN.
 
 Facts from the official code (jiaosiyu1999/MAFT, see METHODS.md s.5): blocks 0-7 of 12
 run normally and 8-11 are masked; N is fixed to 100 there and the grid must be square;
@@ -31,6 +33,8 @@ here any N, any image size and any mask size work.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +65,30 @@ def _check_start_layer(start_layer: int | None, depth: int) -> int:
     return start_layer
 
 
-def proposal_attention_mask(masks: torch.Tensor, grid: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r}: give the patch coverage at which a patch is inside a proposal, "
+                         f"in (0, 1] (MAFT: 0.5)")
+    return float(threshold)
+
+
+def proposal_attention_mask(masks: torch.Tensor, grid: tuple[int, int], threshold: float = 0.5, *,
+                            image_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Which patches each proposal covers.
 
     masks (B, N, H, W), soft or binary in [0, 1], in the frame the grid tiles (for an
     image padded to the patch, the padded frame: see :func:`ip_clip_embeddings`) ->
-    bool (B, N, h * w), row-major over the (h, w) grid.
+    bool (B, N, h * w), row-major over the (h, w) grid. ``image_size`` (H0, W0): the
+    image's part of that frame (top-left; the rest is padding, outside every proposal),
+    None: all of it.
 
-    A patch is inside proposal n when the mean of mask n over the patch (area resize to
-    the grid) is ``>= threshold``. Empty proposals (no patch reaching the threshold)
+    A patch is inside proposal n when the mean of mask n over the patch's in-image pixels
+    (area resize to the grid, divided by the patch's in-image fraction) is
+    ``>= threshold``, in (0, 1]. Empty proposals (no patch reaching the threshold)
     keep their single most-covered patch if any patch has coverage > 0; a proposal that
     is zero everywhere gets an all-False row (its CLS copy will attend only to itself).
     """
+    threshold = _check_threshold(threshold)
     if masks.ndim != 4:
         raise ValueError(f"masks of shape {tuple(masks.shape)}: expected (B, N, H, W)")
     h, w = grid
@@ -80,6 +96,14 @@ def proposal_attention_mask(masks: torch.Tensor, grid: tuple[int, int], threshol
     if N == 0:
         return torch.zeros(B, 0, h * w, dtype=torch.bool, device=masks.device)
     coverage = F.interpolate(masks.float(), size=(h, w), mode="area").flatten(2)  # (B, N, h * w)
+    if image_size is not None:
+        H, W = masks.shape[-2:]
+        if not (0 < image_size[0] <= H and 0 < image_size[1] <= W):
+            raise ValueError(f"image_size={tuple(image_size)}: the image must lie in the masks' {H} x {W} frame")
+        image = F.pad(masks.new_ones(1, 1, *image_size, dtype=torch.float32),
+                      (0, W - image_size[1], 0, H - image_size[0]))  # 1 on the image, 0 on the padding
+        in_image = F.interpolate(image, size=(h, w), mode="area").flatten(2)  # (1, 1, h * w)
+        coverage = coverage / in_image.clamp_min(1e-12)  # a patch wholly in the padding has coverage 0 anyway
     inside = coverage >= threshold
     empty = ~inside.any(dim=-1) & (coverage.amax(dim=-1) > 0)  # (B, N)
     if empty.any():
@@ -191,8 +215,8 @@ def ip_clip_embeddings(
             a size other than (H, W) is resized (bilinear) to it first, then zero-padded
             like the image.
         start_layer: the first masked block (None: :func:`default_start_layer`).
-        threshold: patch coverage at which a patch is inside a proposal
-            (:func:`proposal_attention_mask`).
+        threshold: patch coverage at which a patch is inside a proposal, in (0, 1]
+            (:func:`proposal_attention_mask`; coverage of the patch's in-image part).
         chunk: at most this many proposals per pass (memory); the result equals one pass.
 
     Returns:
@@ -201,6 +225,7 @@ def ip_clip_embeddings(
     """
     visual = clip.visual
     start_layer = _check_start_layer(start_layer, len(visual.transformer.resblocks))
+    threshold = _check_threshold(threshold)
     _check_chunk(chunk)
     if images.ndim != 4 or masks.ndim != 4:
         raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)}: expected (B, 3, H, W) "
@@ -216,6 +241,6 @@ def ip_clip_embeddings(
         masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
     masks = pad_to_patch(masks, visual.patch_size)  # the image's padded frame, padding outside every proposal
     tokens, grid = visual.forward_blocks(images.to(clip.dtype), end=start_layer)  # (B, 1 + hw, width)
-    inside = proposal_attention_mask(masks, grid, threshold)  # (B, N, hw)
+    inside = proposal_attention_mask(masks, grid, threshold, image_size=(H, W))  # (B, N, hw)
     cls = ip_clip_tokens(visual, tokens, inside, start_layer=start_layer, chunk=chunk)  # (B, N, width)
     return visual.project(cls)  # (B, N, output_dim)

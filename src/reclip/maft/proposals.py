@@ -35,6 +35,7 @@ naming the file.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -47,7 +48,8 @@ from scipy import ndimage
 from torch import Tensor
 
 __all__ = ["GridProposals", "PredictionProposals", "ProposalError", "ProposalFiles", "ProposalSource",
-           "check_masks", "grid_proposals", "read_proposal_file", "regions_from_labels", "write_proposal_files"]
+           "check_masks", "describe_source", "grid_proposals", "read_proposal_file", "regions_from_labels",
+           "write_proposal_files"]
 
 PROPOSAL_SUFFIXES = (".npz", ".png")
 NPZ_KEY = "masks"
@@ -61,6 +63,32 @@ class ProposalSource(Protocol):
     """``source(image (H, W, 3) uint8, image_id) -> masks (N, H, W) float32 in [0, 1]``."""
 
     def __call__(self, image: np.ndarray, image_id: str) -> Tensor: ...
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def describe_source(source: Any) -> str:
+    """A description of a proposal source that is the same in every process (what a run records).
+
+    A description (folder, ``from:...``, ``grid``) as given; a source with a ``name``
+    (:class:`PredictionProposals`: its description); a source whose class has its own
+    ``__repr__`` without a memory address (:class:`ProposalFiles`, :class:`GridProposals`):
+    that repr; any other callable (a function, a lambda, a method, an object printed with
+    its address): ``module.qualname`` of the function, else of its class. Two functions of
+    the same name in one module read the same: the description names the code, not its state.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    if type(source).__repr__ is not object.__repr__ and not hasattr(source, "__qualname__"):
+        text = repr(source)
+        if not _ADDRESS.search(text):
+            return text
+    named = source if hasattr(source, "__qualname__") else type(source)
+    return f"{getattr(named, '__module__', None) or '?'}.{named.__qualname__}"
 
 
 def check_masks(masks: Any, where: str) -> Tensor:

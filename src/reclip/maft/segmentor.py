@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reclip.clip.model import CLIP, VisionTransformer, weights_fingerprint
-from reclip.maft.ipclip import default_start_layer, ip_clip_embeddings
+from reclip.maft.ipclip import _check_start_layer, _check_threshold, ip_clip_embeddings
 from reclip.maft.proposals import ProposalError, ProposalSource, check_masks, grid_proposals
 from reclip.text import QueryEmbeddings, max_over_synonyms
 
@@ -101,7 +101,7 @@ class MAFTSegmentor(nn.Module):
         clip: a CLIP with a ViT vision tower (MAFT: the fine-tuned copy; not copied here).
         queries: the query embeddings W_q (``reclip.text.query_embeddings``), synonyms allowed.
         start_layer: IP-CLIP's first masked block (None: ``default_start_layer``, 8 of 12).
-        threshold: patch coverage at which a patch is inside a proposal (IP-CLIP's 0.5).
+        threshold: patch coverage at which a patch is inside a proposal, in (0, 1] (IP-CLIP's 0.5).
         logit_scale: temperature of the class scores (MAFT: 100).
         chunk: at most this many proposals per IP-CLIP pass (memory; None: one pass).
         proposals: the proposal source used inside :meth:`for_image` (None: whole image + grid).
@@ -124,11 +124,8 @@ class MAFTSegmentor(nn.Module):
         grid: tuple[int, int] = (3, 3),
     ) -> None:
         super().__init__()
-        depth = len(clip.visual.transformer.resblocks)
-        if start_layer is None:
-            start_layer = default_start_layer(depth)
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
-            raise ValueError(f"start_layer={start_layer!r}: give a block 0..{depth - 1} of this {depth}-block tower")
+        start_layer = _check_start_layer(start_layer, len(clip.visual.transformer.resblocks))
+        threshold = _check_threshold(threshold)
         if not logit_scale > 0:
             raise ValueError(f"logit_scale={logit_scale!r}: give a temperature > 0 (MAFT: 100)")
         self.clip = clip

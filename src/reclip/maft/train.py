@@ -53,9 +53,9 @@ from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.families.maft import TEMPLATES
-from reclip.maft.ipclip import default_start_layer
+from reclip.maft.ipclip import _check_start_layer, _check_threshold
 from reclip.maft.losses import SELF_DISTILLATION_WEIGHT, maft_loss
-from reclip.maft.proposals import ProposalSource
+from reclip.maft.proposals import ProposalSource, describe_source
 from reclip.maft.segmentor import MAFTSegmentor, tuned_copy
 from reclip.maft.trainset import MaftTrainSet, seen_lookup
 from reclip.text import Vocabulary, max_over_synonyms, query_embeddings
@@ -179,15 +179,18 @@ def finetune_maft(
             ``(image, image_id) -> (N, H, W)`` (:mod:`reclip.maft.proposals`), applied to each
             ORIGINAL image; the masks follow the crop's geometry (:class:`MaftTrainSet`).
             The source runs where the training set's items are read: a source that
-            segments with CLIP on CUDA needs ``workers`` 0 (the default).
+            segments with CLIP on CUDA needs ``workers`` 0 (the default). The run records
+            it by :func:`~reclip.maft.proposals.describe_source` (a description as given; a
+            function by ``module.qualname``), and a resume needs the same description.
         max_proposals: proposals per crop (the first ones; MAFT: 100).
         supervision: "labels" (class masks from the ground truth, seen classes only, as
             published) or "pseudo" (from the argmax of the frozen rectifier ``teacher_run``,
             a ``reclip rectify`` run on the same CLIP; no ground truth is read).
         seen_classes, unseen_classes: the zero-shot split (one of them; a split file or
             names, see :mod:`reclip.class_split`); default: every class is seen.
-        start_layer: the first IP-CLIP masked block (default :func:`default_start_layer`).
-        threshold: patch coverage inside a proposal (IP-CLIP).
+        start_layer: the first IP-CLIP masked block (default
+            :func:`~reclip.maft.ipclip.default_start_layer`).
+        threshold: patch coverage inside a proposal (IP-CLIP), in (0, 1].
         templates: prompt templates of the class embeddings (None: the ``maft`` method's).
         max_steps: optimiser steps (MAFT: 1000).
         train_overrides: TrainConfig fields (batch_size default 16, seed, device, ...) and
@@ -206,8 +209,8 @@ def finetune_maft(
         raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(_TRAIN_FIELDS | {'lr'})}")
     if not hasattr(clip.visual, "transformer"):
         raise ValueError(f"MAFT fine-tunes a ViT image tower; this CLIP's is a {type(clip.visual).__name__}")
-    depth = len(clip.visual.transformer.resblocks)
-    start_layer = default_start_layer(depth) if start_layer is None else start_layer
+    start_layer = _check_start_layer(start_layer, len(clip.visual.transformer.resblocks))
+    threshold = _check_threshold(threshold)
     images = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, check_sizes=False,
                                  max_pixels=max_pixels)
     vocabulary = images.vocabulary
@@ -236,7 +239,7 @@ def finetune_maft(
     batch_size = overrides.pop("batch_size", 16)
     optimizer = AdamWConfig(lr=overrides.pop("lr", 1e-5), weight_decay=1e-4, no_decay=("ln_",))
     train_config = TrainConfig(steps=max_steps, batch_size=batch_size, **overrides)
-    source_name = os.fspath(proposals) if isinstance(proposals, (str, os.PathLike)) else repr(source)
+    source_name = describe_source(proposals)  # the same in every process: the run can be resumed
     identity = {"method": "maft", "classes": vocabulary.to_lines(), "seen": seen, "supervision": supervision,
                 "teacher": teacher_id, "proposals": source_name, "clip_fingerprint": weights_fingerprint(clip),
                 "start_layer": start_layer, "threshold": threshold, "templates": templates,
@@ -306,7 +309,8 @@ def save_maft_run(run_dir: str | os.PathLike, model: MAFTSegmentor, config: dict
     The files :func:`reclip.train.save_run` writes, with the weights' names relative to
     the image tower (``clip.visual.`` dropped), so that a run applies to any copy of
     ``clip.visual``; :func:`reclip.families.maft.from_run` reads it (``--method maft
-    --checkpoint RUN_DIR``).
+    --checkpoint RUN_DIR``). The one writer of MAFT runs: ``reclip maft`` and the family's
+    ``write_run`` (the minimal config: method, start_layer, threshold, classes, ...).
     """
     if not is_rank0():
         return

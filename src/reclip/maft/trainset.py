@@ -25,6 +25,7 @@ from reclip.data.augment import _pair, augment, sample_rng
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import ImageReadError, read_image
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_labels, to_tensor_normalized
+from reclip.maft.proposals import ProposalError, check_masks
 
 __all__ = ["MaftTrainSet", "seen_lookup"]
 
@@ -59,7 +60,9 @@ class MaftTrainSet(Dataset):
     Args:
         dataset: a :class:`~reclip.data.SegmentationDataset` (labelled when ``labels``).
         proposals: a proposal source (:mod:`reclip.maft.proposals`): ``(image (H, W, 3)
-            uint8, image_id) -> (N, H, W)`` in [0, 1].
+            uint8, image_id) -> (N, H, W)`` in [0, 1]; other masks (values outside [0, 1],
+            NaN, another shape) are a :class:`~reclip.maft.proposals.ProposalError` naming
+            the image.
         labels: read the ground truth (supervised MAFT); False never opens a label file.
         seen: the seen class ids (default all classes, in order).
         base_short_side, crop, seed: augmentation (see :func:`reclip.data.augment.augment`).
@@ -122,10 +125,11 @@ class MaftTrainSet(Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         index, image, target = self._read(position)
         image_id = self.dataset.image_ids[index]
-        masks = torch.as_tensor(self.proposals(image, image_id), dtype=torch.float32)  # (N, H, W)
-        if masks.ndim != 3 or tuple(masks.shape[1:]) != image.shape[:2]:
-            raise ValueError(f"the proposal source gave masks of shape {tuple(masks.shape)} for image {image_id!r} "
-                             f"of size {image.shape[:2]}; expected (N, H, W) at the image's size")
+        # (N, H, W) float32 in [0, 1]: values outside, or NaN, would wrap in the uint8 cast below
+        masks = check_masks(self.proposals(image, image_id), f"proposals of image {image_id!r}")
+        if tuple(masks.shape[1:]) != image.shape[:2]:
+            raise ProposalError(f"the proposal source gave masks of shape {tuple(masks.shape)} for image "
+                                f"{image_id!r} of size {image.shape[:2]}; expected (N, H, W) at the image's size")
         masks = masks[: self.max_proposals]
         # the crop's geometry as a map of source pixel indices (nearest, exact in float64): labels and
         # proposals are read through it
