@@ -594,12 +594,12 @@ def _maft(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, teac
 def _print_table(rows: list[DemoRow], pretrain: dict[str, Any]) -> None:
     print(f"\ntiny CLIP: zero-shot image accuracy {100 * pretrain['zero_shot_accuracy']:.1f}% "
           f"(pre-trained in {pretrain['train_seconds']:.0f} s)")
-    print(f"{'method':<34} {'mIoU':>6} {'+/-':>5}  {'class-pref':>10}  {'space-pref':>10}  seeds"
+    print(f"{'method':<40} {'mIoU':>6} {'+/-':>5}  {'class-pref':>10}  {'space-pref':>10}  seeds"
           "   (bias scores: higher = less bias)")
     for row in rows:
         s = row.summary()
         spread = f"{s['+/-']:5.2f}" if s["+/-"] != "" else " " * 5
-        print(f"{s['method']:<34} {s['mIoU']:6.2f} {spread}  {s['class-preference']:10.3f}  "
+        print(f"{s['method']:<40} {s['mIoU']:6.2f} {spread}  {s['class-preference']:10.3f}  "
               f"{s['space-preference']:+10.3f}  {s['seeds']}")
     split = [row for row in rows if row.zero_shot()]
     if split:
