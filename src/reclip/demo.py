@@ -336,22 +336,14 @@ def run_demo(
             for name, label, output in rectification.rows():
                 models = [build_segmentor("reclip++", clip, data.vocabulary, checkpoint=run, output=output)
                           for run in runs[label]]
-                results = [_evaluate(m, data, cfg, clip, progress, f"{name} (seed {s})")
-                           for m, s in zip(models, rectification.seeds)]
-                for result in results:
-                    result.method = name
-                rows.append(DemoRow(name, results, tuple(rectification.seeds)))
+                rows.append(_seeded_row(name, models, rectification.seeds, data, cfg, clip, progress))
                 segmentors[name] = models[0]
             if distillation is not None:
                 students = _distill(out, checkpoint, clip, voc, classes, hypotheses, runs["toy"], rectification,
                                     distillation, world, config.world.scene_size, progress)
                 for name, dirs in students.items():
                     models = [build_segmentor("student", clip, data.vocabulary, checkpoint=run) for run in dirs]
-                    results = [_evaluate(m, data, cfg, clip, progress, f"{name} (seed {s})")
-                               for m, s in zip(models, rectification.seeds)]
-                    for result in results:
-                        result.method = name
-                    rows.append(DemoRow(name, results, tuple(rectification.seeds)))
+                    rows.append(_seeded_row(name, models, rectification.seeds, data, cfg, clip, progress))
                     segmentors[name] = models[0]
                 runs.update(students)
             if maft is not None:
@@ -379,6 +371,15 @@ def _evaluate_all(clip: Any, data: SegmentationDataset, cfg: InferenceConfig, qu
         rows.append(DemoRow(name, [_evaluate(segmentor, data, cfg, clip, progress, name)]))
         segmentors[name] = segmentor
     return rows, segmentors
+
+
+def _seeded_row(name: str, models: list[Any], seeds: tuple[int, ...], data: SegmentationDataset,
+                cfg: InferenceConfig, clip: Any, progress: bool, unseen: list[str] | None = None) -> DemoRow:
+    """A trained row: one model per seed, each evaluated; the row averages the seeds."""
+    results = [_evaluate(m, data, cfg, clip, progress, f"{name} (seed {s})", unseen) for m, s in zip(models, seeds)]
+    for result in results:
+        result.method = name
+    return DemoRow(name, results, tuple(seeds))
 
 
 def _evaluate(segmentor: Any, data: SegmentationDataset, cfg: InferenceConfig, clip: Any, progress: bool,
@@ -573,11 +574,9 @@ def _maft(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, teac
     _run_jobs(jobs, clip, progress, "maft runs")
 
     def scored(name: str, models: list[Any]) -> tuple[DemoRow, Any]:
-        results = []
-        for model, seed, folder in zip(models, rectification.seeds, folders):
+        for model, folder in zip(models, folders):  # each seed's model reads that seed's proposals
             model.proposals = proposal_source(str(folder), clip, data.vocabulary, protocol)
-            results.append(_evaluate(model, data, cfg, clip, progress, f"{name} (seed {seed})", unseen))
-        return DemoRow(name, results, tuple(rectification.seeds)), models[0]
+        return _seeded_row(name, models, rectification.seeds, data, cfg, clip, progress, unseen), models[0]
 
     free = []
     for _ in folders:
