@@ -362,6 +362,33 @@ def test_prediction_proposals_are_the_regions_of_the_prediction():
     bad = PredictionProposals(lambda image: labels[:3], "from:test")
     with pytest.raises(ProposalError, match="from:test"):
         bad(np.zeros((6, 6, 3), np.uint8), "a")
+    regions = PredictionProposals(lambda image: labels, "from:test", min_area=0, whole_image=False)
+    assert torch.equal(regions(np.zeros((6, 6, 3), np.uint8), "a"), masks[1:])  # the same regions, no whole image
+    from reclip.maft.proposals import describe_source
+
+    assert describe_source(regions) != describe_source(source)  # a run records which of the two it used
+
+
+def test_written_proposal_files_read_back_as_the_source_gave_them(tmp_path):
+    from reclip.maft.proposals import write_proposal_files
+
+    labels = np.zeros((6, 8), np.int64)
+    labels[2:, 4:] = 1
+    source = PredictionProposals(lambda image: labels, "from:test", min_area=0)
+    soft = lambda image, image_id: torch.full((2, 6, 8), 0.25)  # noqa: E731
+    images = [{"image_id": f"sub/{i}", "image": np.zeros((6, 8, 3), np.uint8)} for i in range(3)]
+    write_proposal_files(source, images, tmp_path / "hard")
+    write_proposal_files(soft, images[:1], tmp_path / "soft")
+    files = ProposalFiles(tmp_path / "hard")
+    for item in images:
+        assert torch.equal(files(item["image"], item["image_id"]), source(item["image"], item["image_id"]))
+    assert torch.equal(ProposalFiles(tmp_path / "soft")(images[0]["image"], "sub/0"), torch.full((2, 6, 8), 0.25))
+    # files already written are kept: a killed run continues where it stopped
+    stamp = (tmp_path / "hard" / "sub" / "0.npz").stat().st_mtime_ns
+    write_proposal_files(lambda image, image_id: 1 / 0, images, tmp_path / "hard")
+    assert (tmp_path / "hard" / "sub" / "0.npz").stat().st_mtime_ns == stamp
+    with pytest.raises(ProposalError, match="sub/0"):
+        write_proposal_files(lambda image, image_id: torch.full((1, 6, 8), 2.0), images, tmp_path / "bad")
 
 
 # --- the segmentor ------------------------------------------------------------------------

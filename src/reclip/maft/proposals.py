@@ -296,7 +296,7 @@ class PredictionProposals:
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], name: str, *, min_area: float = 1e-3,
                  max_regions: int | None = 99, whole_image: bool = True) -> None:
         self.predict = predict
-        self.name = name
+        self.name = name if whole_image else f"{name} (no whole image)"  # what a run records (describe_source)
         self.min_area = min_area
         self.max_regions = max_regions
         self.whole_image = whole_image
@@ -310,7 +310,7 @@ class PredictionProposals:
                                    whole_image=self.whole_image)
 
     def __repr__(self) -> str:
-        return f"PredictionProposals({self.name!r}{'' if self.whole_image else ', whole_image=False'})"
+        return f"PredictionProposals({self.name!r})"
 
 
 def write_proposal_files(source: ProposalSource, images: Any, folder: str | os.PathLike, *,
