@@ -40,6 +40,7 @@ from reclip.files import atomic_write_json
 from reclip.heads.rectify import RECLIPPP, RectifierConfig
 from reclip.hypotheses import HypothesisConfig, generate_hypotheses
 from reclip.inference import InferenceConfig, image_context, segment
+from reclip.families.maft import TEMPLATES as MAFT_TEMPLATES
 from reclip.maft.proposals import write_proposal_files
 from reclip.maft.train import finetune_maft
 from reclip.families import zero_shot
@@ -557,7 +558,8 @@ def _maft(out: Path, checkpoint: Path, clip: Any, voc: Path, classes: Path, teac
         for images in (train_images, data):
             write_proposal_files(source, images, folder, progress=progress)
         folders.append(folder)
-    common = {"world": world, "settings": dataclasses.asdict(settings), "engine": CHECKPOINT_VERSION}
+    common = {"world": world, "settings": dataclasses.asdict(settings), "engine": CHECKPOINT_VERSION,
+              "templates": MAFT_TEMPLATES}
     variants = {"maft, labels of seen classes": ("labels", unseen), "maft, reclip++ pseudo labels": ("pseudo", [])}
     jobs, runs = [], {}
     for label, (supervision, held_out) in variants.items():

@@ -13,6 +13,7 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "RECLIP_TEMPLATES",
     "TEMPLATE_SETS",
+    "VILD_TEMPLATES",
     "resolve_templates",
 ]
 
@@ -113,10 +114,30 @@ RECLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + (
     "this is one {} in the scene.",
 )
 
+# ViLD's 14 prompts (Gu et al. 2022), the text classifier of MAFT's official code
+# (jiaosiyu1999/MAFT, `VILD_PROMPT`) and of the FreeSeg / OVSeg line it builds on; in this order.
+VILD_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
 # Registry of named template sets; `resolve_templates` looks names up here.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": IMAGENET_TEMPLATES,
     "reclip85": RECLIP_TEMPLATES,
+    "vild14": VILD_TEMPLATES,
     "single": ("a photo of a {}.",),
 }
 

@@ -37,9 +37,8 @@ from reclip.train import RunFiles
 
 __all__ = ["FAMILY", "FREE_FAMILY"]
 
-# The official text classifier uses 14 hard-coded ViLD prompts (METHODS.md s.5), which
-# reclip does not ship; both methods use the 80 ImageNet templates (--templates to change).
-TEMPLATES = "imagenet80"
+# The official text classifier: ViLD's 14 prompts (reclip.templates.VILD_TEMPLATES).
+TEMPLATES = "vild14"
 
 METHODS = (Method("maft", "maft", "raw", TEMPLATES,
                   "MAFT: mask proposals classified by mask-aware fine-tuned IP-CLIP (needs --checkpoint, "
