@@ -9,7 +9,7 @@ demo's start layer, MAFT with labels of the seen classes, MAFT with pseudo label
 the pixel-weighted accuracy and the mean top probability.
 
 The demo's toy world (2026-11-29): frozen 55.3% (mean top probability 0.981), MAFT with
-labels 35.8% (0.898), MAFT with ReCLIP++ pseudo labels 47.8% (0.885): fine-tuning makes
+labels 37.2% (0.908), MAFT with ReCLIP++ pseudo labels 47.8% (0.884): fine-tuning makes
 the proposals' classes both less confident and more often wrong.
 """
 
