@@ -8,6 +8,14 @@
 
 Both stream one image at a time (sliding windows are batched inside), show a tqdm bar,
 and report unreadable images instead of stopping: what was skipped is in the result.
+
+Under torchrun (``torchrun --nproc-per-node N -m reclip.cli evaluate ...``; in Python:
+any initialised process group) the images are split over the ranks in contiguous blocks
+(:func:`reclip.train.distributed.shard`): rank r takes images [r n / N, (r + 1) n / N).
+``evaluate`` sums the confusion matrices (all-reduce) and gathers the bias objects and
+the skipped images in rank order, so every rank returns the result of one process;
+``segment_files`` writes each rank's masks and returns the merged summary everywhere.
+Only rank 0 shows a progress bar (the CLI: prints and writes the JSON).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_fami
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
+from reclip.train.distributed import current_processes, gather, shard
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
@@ -303,15 +312,18 @@ def evaluate_segmentor(
     skipped: list[tuple[str, str]] = []
     downscaled: list[str] = []
     count = len(data) if limit is None else min(limit, len(data))
+    procs = current_processes()  # under torchrun: this rank's block of the images, merged below
+    rank0 = procs.rank == 0
     # Workers decode the next images while the model runs on this one.
-    loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
-                        collate_fn=_identity)
+    loader = DataLoader(Subset(data, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
+                        num_workers=num_workers, collate_fn=_identity)
     start = time.perf_counter()
-    bar = tqdm(loader, total=count, desc=description, unit="img", disable=not progress)
+    bar = tqdm(loader, desc=description, unit="img", disable=not (progress and rank0))
     for item in bar:
         if item["error"] is not None:
             skipped.append((item["path"], item["error"]))
-            bar.write(f"skipped {item['path']}: {item['error']}")
+            if rank0:
+                bar.write(f"skipped {item['path']}: {item['error']}")
             continue
         with torch.inference_mode(), image_context(segmentor, item["image"], item["image_id"]):
             result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
@@ -324,6 +336,8 @@ def evaluate_segmentor(
             space.update(pred, item["label"], item.get("instances"))
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
     bar.close()
+    if procs.world_size > 1:
+        skipped, downscaled = _merge_ranks(confusion, space, skipped, downscaled, procs.world_size)
     if confusion.matrix.sum() == 0:
         raise _nothing_evaluated(data, count, skipped)
     diagnostics = None
@@ -352,6 +366,24 @@ def evaluate_segmentor(
         bias=diagnostics,
         downscaled=downscaled,
     )
+
+
+def _merge_ranks(confusion: ConfusionMatrix, space: SpacePreference, skipped: list[tuple[str, str]],
+                 downscaled: list[str], world_size: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every rank's statistics merged into ``confusion`` and ``space`` on every rank; the
+    skipped and downscaled images of all ranks.
+
+    The confusion matrix is summed (an all-reduce of int64 counts: exact). The space
+    preference's objects, the skipped and the downscaled images are gathered and joined
+    in rank order; ranks hold contiguous blocks of the dataset (:func:`shard`), so that
+    is the order of one process, and the curve's sums are added in the same order.
+    """
+    confusion.all_reduce()
+    parts = gather((space.objects, skipped, downscaled), world_size)
+    space.objects = []
+    for objects, _, _ in parts:
+        space.merge(SpacePreference(space.num_classes, objects=objects))
+    return [s for _, part, _ in parts for s in part], [d for _, _, part in parts for d in part]
 
 
 def _check_limit_and_workers(limit: int | None, num_workers: int) -> None:
@@ -573,16 +605,22 @@ def segment_files(
     std = getattr(segmentor, "image_std", clip.image_std)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = SegmentSummary(skipped=list(found.skipped))
-    summary.legend = save_legend(out_dir / found.legend, names)  # one per run, replacing a stale one
+    procs = current_processes()  # under torchrun: each rank segments and writes its block of the images
+    rank0 = procs.rank == 0
+    summary = SegmentSummary(skipped=list(found.skipped) if rank0 else [])
+    summary.legend = out_dir / found.legend
+    if rank0:
+        save_legend(summary.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
-    bar = tqdm(found.pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
+    mine = [found.pairs[i] for i in shard(len(found.pairs), procs.rank, procs.world_size)]
+    bar = tqdm(mine, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
     for path, name in bar:
         try:
             loaded = load_image(path, max_pixels=max_pixels)
         except ImageReadError as err:
             summary.skipped.append((str(path), err.reason))
-            bar.write(f"skipped {path}: {err.reason}")
+            if rank0:
+                bar.write(f"skipped {path}: {err.reason}")
             continue
         image = loaded.image
         if loaded.downscaled:
@@ -592,6 +630,11 @@ def segment_files(
         written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
                                     write_legend=False)
         summary.written.append(written["mask"])
+    if procs.world_size > 1:  # every rank's lists, in rank order: the order of one process
+        parts = gather((summary.written, summary.skipped, summary.downscaled), procs.world_size)
+        summary.written = [p for part, _, _ in parts for p in part]
+        summary.skipped = [s for _, part, _ in parts for s in part]
+        summary.downscaled = [d for _, _, part in parts for d in part]
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -17,12 +17,17 @@
     reclip demo     [--out DIR]
     reclip bench
     reclip methods | datasets
+
+    torchrun --nproc-per-node N -m reclip.cli evaluate | hypotheses | segment ...
+                    (the images split over N processes; rank 0 prints and writes the one result)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -41,6 +46,7 @@ from reclip.heads.rectify import ABLATIONS, OUTPUTS
 from reclip.methods import METHODS, TEST_SETTINGS
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
+from reclip.train.distributed import Processes, is_rank0, setup_processes
 
 STUDENT_BACKBONE_NAMES = ("resnet101", "resnet50-v1c", "resnet50", "resnet18")  # reclip.backbones.resnet
 
@@ -207,6 +213,38 @@ def _load(args: argparse.Namespace):
     return load_clip(args.clip, device=_device(args.device), quick_gelu=args.quick_gelu, config=args.clip_config)
 
 
+def _join_processes(args: argparse.Namespace) -> Processes | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
+    ``args.device`` becomes this rank's device (cuda:LOCAL_RANK) and ``args.quiet`` is set
+    on every rank but 0, which alone prints and writes. None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r} under torchrun: give auto, cpu or cuda; each process takes the "
+                         "GPU of its LOCAL_RANK")
+    procs = setup_processes(args.device)
+    args.device = str(procs.device)
+    if procs.rank != 0:
+        args.quiet = True
+    return procs
+
+
+def _distributed(command):
+    """A command that splits its images over torchrun's processes (``torchrun
+    --nproc-per-node N -m reclip.cli COMMAND ...``); the command reports and writes its
+    results on rank 0 only (``is_rank0``)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        procs = _join_processes(args)
+        try:
+            return command(args)
+        finally:
+            if procs is not None:
+                procs.close()
+    return run
+
+
+@_distributed
 def cmd_segment(args: argparse.Namespace) -> int:
     # --classes is names and --classes-file a file, whatever exists on disk (argparse
     # makes them exclusive and one of them required)
@@ -219,6 +257,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
         proposals=args.proposals,
     )
+    if not is_rank0():  # under torchrun: rank 0 reports for all
+        return 0 if summary.written else 1
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
     for path, reason in summary.skipped:
@@ -232,6 +272,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+@_distributed
 def cmd_evaluate(args: argparse.Namespace) -> int:
     clip = _load(args)
     result = api.evaluate(
@@ -243,6 +284,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
         seen_classes=args.seen_classes,
     )
+    if not is_rank0():  # under torchrun: rank 0 reports and writes for all
+        return 0
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
@@ -270,6 +313,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_distributed
 def cmd_hypotheses(args: argparse.Namespace) -> int:
     from reclip.data.datasets import SegmentationDataset
     from reclip.hypotheses import config_for_protocol, generate_hypotheses
@@ -286,6 +330,8 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
     queries = query_embeddings(clip, data.vocabulary, templates=args.templates, progress=not args.quiet)
     summary = generate_hypotheses(clip, data, queries, config=config, out_path=args.out, progress=not args.quiet,
                                   resume=args.resume, templates=args.templates, save_every=args.save_every)
+    if not is_rank0():  # under torchrun: rank 0 reports for all
+        return 0 if summary.num_images else 1
     print(f"wrote hypotheses of {summary.num_images} images ({summary.computed} computed now; rule {config.rule}, "
           f"r {config.r:.4g}, t {config.t:.4g}) to {summary.path} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
