@@ -6,8 +6,11 @@
     print(result.table())
     reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
 
-Both stream one image at a time (sliding windows are batched inside), show a tqdm bar,
-and report unreadable images instead of stopping: what was skipped is in the result.
+Both stream the images (sliding windows are batched inside an image; in whole mode
+``evaluate`` also batches the images of one size among the next ``batch_size`` read,
+:func:`reclip.inference.segment_many`, with results equal to one at a time), show a
+tqdm bar, and report unreadable images instead of stopping: what was skipped is in the
+result.
 
 Under torchrun (``torchrun --nproc-per-node N -m reclip.cli evaluate ...``; in Python:
 any initialised process group) the images are split over the ranks in contiguous blocks
@@ -45,7 +48,7 @@ from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_im
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
-from reclip.inference import InferenceConfig, image_context, segment
+from reclip.inference import InferenceConfig, image_context, segment, segment_many
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
                             load_trained, settings_section)
@@ -317,6 +320,31 @@ def evaluate_segmentor(
     # Workers decode the next images while the model runs on this one.
     loader = DataLoader(Subset(data, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
                         num_workers=num_workers, collate_fn=_identity)
+    # Whole mode batches the images of one size among the next cfg.batch_size read (segment_many);
+    # a segmentor with a per-image context (MAFT's proposals) runs one image at a time inside it.
+    batched = cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None))
+    pending: list[dict[str, Any]] = []
+
+    def score(items: list[dict[str, Any]]) -> None:
+        with torch.inference_mode():
+            if batched:
+                results = segment_many(segmentor, [item["image"] for item in items], cfg, mean, std,
+                                       background_index=background)
+            else:
+                results = []
+                for item in items:
+                    with image_context(segmentor, item["image"], item["image_id"]):
+                        results.append(segment(segmentor, item["image"], cfg, mean, std, background_index=background))
+        for item, result in zip(items, results):
+            # An image read downscaled (over max_pixels) is still scored at its label's size.
+            if result.labels.shape != item["label"].shape:
+                downscaled.append(item["path"])
+            pred = resize_labels(result.labels, item["label"].shape)
+            confusion.update(pred, item["label"])
+            if bias:
+                space.update(pred, item["label"], item.get("instances"))
+        bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
+
     start = time.perf_counter()
     bar = tqdm(loader, desc=description, unit="img", disable=not (progress and rank0))
     for item in bar:
@@ -325,16 +353,12 @@ def evaluate_segmentor(
             if rank0:
                 bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        with torch.inference_mode(), image_context(segmentor, item["image"], item["image_id"]):
-            result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
-        # An image read downscaled (over max_pixels) is still scored at its label's size.
-        if result.labels.shape != item["label"].shape:
-            downscaled.append(item["path"])
-        pred = resize_labels(result.labels, item["label"].shape)
-        confusion.update(pred, item["label"])
-        if bias:
-            space.update(pred, item["label"], item.get("instances"))
-        bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
+        pending.append(item)
+        if len(pending) == (cfg.batch_size if batched else 1):
+            score(pending)
+            pending = []
+    if pending:
+        score(pending)
     bar.close()
     if procs.world_size > 1:
         skipped, downscaled = _merge_ranks(confusion, space, skipped, downscaled, procs.world_size)

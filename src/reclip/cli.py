@@ -150,7 +150,9 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--short-side", type=POSITIVE_INT, help="resize the short side to this before inference")
     g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
     g.add_argument("--stride", type=POSITIVE_INT, help="sliding-window stride")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="windows per forward pass")
+    g.add_argument("--batch-size", type=POSITIVE_INT,
+                   help="images (whole mode: evaluate batches the images of one size) or windows (slide mode) per "
+                        "forward pass (default 16)")
     g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
     g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
     g.add_argument("--pd-threshold", type=FRACTION,
