@@ -222,3 +222,43 @@ def test_torchrun_evaluate_writes_one_json_on_rank0(tmp_path, monkeypatch):
 
     assert listed(two.stdout) == listed(single.stdout) and len(listed(two.stdout)) == 1
     shutil.rmtree(tmp_path / "out")
+
+
+def test_torchrun_hypotheses_and_segment_match_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    root = _dataset(tmp_path / "voc")
+    clip_file = save_clip(tiny_clip(vision_layers=2), tmp_path / "tiny.pt", format="openai")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+    def run(processes: int, *argv: str) -> subprocess.CompletedProcess:
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else []
+        done = subprocess.run([sys.executable, *launch, "-m", "reclip.cli", *argv, "--clip", str(clip_file),
+                               "--device", "cpu", "--quiet"], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    hyp = ["hypotheses", "--dataset", "voc21", "--data-root", str(root), "--split", "val", "--templates", "single",
+           "--window-ratio", "0.34", "--t", "0.1", "--save-every", "1"]  # --r: torchrun's abbreviation
+    run(1, *hyp, "--out", str(tmp_path / "one.json"))
+    two = run(2, *hyp, "--out", str(tmp_path / "two.json"))
+    assert (tmp_path / "two.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert two.stdout.count("wrote hypotheses of 4 images (4 computed now") == 1  # rank 0 alone reports
+    # resumed under two processes: a file of one process without its last two images
+    data = json.loads((tmp_path / "one.json").read_text())
+    data["images"] = dict(list(data["images"].items())[:2])
+    (tmp_path / "cut.json").write_text(json.dumps(data))
+    resumed = run(2, *hyp, "--out", str(tmp_path / "cut.json"))
+    assert "(2 computed now" in resumed.stdout
+    assert (tmp_path / "cut.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+
+    seg = ["segment", "--method", "maskclip", "--classes", "cat,dog,grass", *COMMON_SEGMENT, str(root / "JPEGImages")]
+    single = run(1, *seg, "--out", str(tmp_path / "one"))
+    both = run(2, *seg, "--out", str(tmp_path / "two"))
+    assert _files(tmp_path / "two") == _files(tmp_path / "one") and len(_files(tmp_path / "one")) == 2 * 6 + 1  # train and val images
+    assert both.stdout.count("wrote 6 masks") == single.stdout.count("wrote 6 masks") == 1
+    listed = [[line for line in out.stdout.splitlines() if line.startswith("  skipped ")] for out in (single, both)]
+    assert listed[0] == listed[1] and len(listed[0]) == 1
+
+
+COMMON_SEGMENT = ["--templates", "single", *[f"--{k.replace('_', '-')}={v}" for k, v in INFERENCE.items()]]

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from reclip import api
 from reclip.clip.convert import CheckpointError
@@ -239,7 +240,10 @@ def _distributed(command):
     def run(args: argparse.Namespace) -> int:
         procs = _join_processes(args)
         try:
-            return command(args)
+            code = command(args)
+            if procs is not None:
+                dist.barrier()  # no rank leaves the group while another still works in it
+            return code
         finally:
             if procs is not None:
                 procs.close()
@@ -600,8 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="windows", choices=("windows", "any_vote", "whole_image"),
                    help="windows: paper eq. 6 (f > t); any_vote: official code (>= 1 vote); "
                         "whole_image: ReCLIP conference rule")
-    p.add_argument("--r", type=_ranged(float, 0, 1, above=True),
-                   help="window / image side (default: the protocol's hypotheses.r, 1/6)")
+    p.add_argument("--r", "--window-ratio", dest="r", type=_ranged(float, 0, 1, above=True),
+                   help="window / image side (default: the protocol's hypotheses.r, 1/6); under torchrun write "
+                        "--window-ratio (torchrun reads --r as an abbreviation of its own options)")
     p.add_argument("--t", type=FRACTION,
                    help="vote-frequency threshold (default: the protocol's hypotheses.t; paper IV-A: 0.07 for "
                         "VOC / Cityscapes, 0 otherwise)")
