@@ -604,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="windows", choices=("windows", "any_vote", "whole_image"),
                    help="windows: paper eq. 6 (f > t); any_vote: official code (>= 1 vote); "
                         "whole_image: ReCLIP conference rule")
-    p.add_argument("--r", "--window-ratio", dest="r", type=_ranged(float, 0, 1, above=True),
-                   help="window / image side (default: the protocol's hypotheses.r, 1/6); under torchrun write "
-                        "--window-ratio (torchrun reads --r as an abbreviation of its own options)")
+    p.add_argument("--r", type=_ranged(float, 0, 1, above=True),
+                   help="window / image side (default: the protocol's hypotheses.r, 1/6)")
+    p.add_argument("--window-ratio", dest="r", type=_ranged(float, 0, 1, above=True),
+                   help="--r under torchrun, whose own parser reads --r as an abbreviation of its options")
     p.add_argument("--t", type=FRACTION,
                    help="vote-frequency threshold (default: the protocol's hypotheses.t; paper IV-A: 0.07 for "
                         "VOC / Cityscapes, 0 otherwise)")
