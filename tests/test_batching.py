@@ -80,3 +80,31 @@ def test_evaluation_batches_and_scores_as_one_image_at_a_time(tmp_path, monkeypa
         out["settings"]["inference"].pop("batch_size")  # recorded as given
     np.testing.assert_array_equal(results[4].confusion, results[1].confusion)
     assert four == one and four["num_images"] == 6
+
+
+def test_segment_files_batches_and_writes_what_one_at_a_time_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(_images()):
+        Image.fromarray(image).save(folder / f"p{i}.png")
+    clip = tiny_clip(vision_layers=2, perturb=0.05)
+    real, groups = api.segment_many, []
+
+    def spy(segmentor, images, *args, **kwargs):
+        groups.append(len(images))
+        return real(segmentor, images, *args, **kwargs)
+
+    monkeypatch.setattr(api, "segment_many", spy)
+    files = {}
+    for batch in (1, 3):
+        out = tmp_path / f"out{batch}"
+        summary = api.segment_files(clip, "clearclip", "cat,dog,grass", [folder], out, templates="single",
+                                    inference={"mode": "whole", "short_side": 32, "batch_size": batch},
+                                    progress=False)
+        assert [p.name for p in summary.written] == [f"p{i}.png" for i in range(len(SIZES))]
+        files[batch] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert files[3] == files[1] and len(files[1]) == 2 * len(SIZES) + 1
+    assert groups == [1] * len(SIZES) + [3, 2]  # batch 3: the images read in threes, then grouped by size

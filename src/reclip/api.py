@@ -320,21 +320,11 @@ def evaluate_segmentor(
     # Workers decode the next images while the model runs on this one.
     loader = DataLoader(Subset(data, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
                         num_workers=num_workers, collate_fn=_identity)
-    # Whole mode batches the images of one size among the next cfg.batch_size read (segment_many);
-    # a segmentor with a per-image context (MAFT's proposals) runs one image at a time inside it.
-    batched = cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None))
     pending: list[dict[str, Any]] = []
 
     def score(items: list[dict[str, Any]]) -> None:
-        with torch.inference_mode():
-            if batched:
-                results = segment_many(segmentor, [item["image"] for item in items], cfg, mean, std,
-                                       background_index=background)
-            else:
-                results = []
-                for item in items:
-                    with image_context(segmentor, item["image"], item["image_id"]):
-                        results.append(segment(segmentor, item["image"], cfg, mean, std, background_index=background))
+        results = _segment_images(segmentor, [(item["image"], item["image_id"]) for item in items], cfg, mean, std,
+                                  background)
         for item, result in zip(items, results):
             # An image read downscaled (over max_pixels) is still scored at its label's size.
             if result.labels.shape != item["label"].shape:
@@ -354,7 +344,7 @@ def evaluate_segmentor(
                 bar.write(f"skipped {item['path']}: {item['error']}")
             continue
         pending.append(item)
-        if len(pending) == (cfg.batch_size if batched else 1):
+        if len(pending) == _images_per_step(segmentor, cfg):
             score(pending)
             pending = []
     if pending:
@@ -390,6 +380,28 @@ def evaluate_segmentor(
         bias=diagnostics,
         downscaled=downscaled,
     )
+
+
+def _images_per_step(segmentor: Any, cfg: InferenceConfig) -> int:
+    """Images read before the model runs: ``cfg.batch_size`` in whole mode, where
+    :func:`_segment_images` batches those of one size; else 1."""
+    return cfg.batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
+
+
+def _segment_images(segmentor: Any, images: list[tuple[np.ndarray, str]], cfg: InferenceConfig,
+                    mean: Sequence[float], std: Sequence[float], background: int | None) -> list[Any]:
+    """Segmentations of (image, image id) pairs, equal to one at a time: whole mode batches
+    the images of one size (:func:`reclip.inference.segment_many`); a segmentor with a
+    per-image context (MAFT's proposals, by image id) runs each image inside it."""
+    with torch.inference_mode():
+        if not callable(getattr(segmentor, "for_image", None)):
+            return segment_many(segmentor, [image for image, _ in images], cfg, mean, std,
+                                background_index=background)
+        results = []
+        for image, image_id in images:
+            with image_context(segmentor, image, image_id):
+                results.append(segment(segmentor, image, cfg, mean, std, background_index=background))
+        return results
 
 
 def _merge_ranks(confusion: ConfusionMatrix, space: SpacePreference, skipped: list[tuple[str, str]],
@@ -637,6 +649,16 @@ def segment_files(
         save_legend(summary.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
     mine = [found.pairs[i] for i in shard(len(found.pairs), procs.rank, procs.world_size)]
+    pending: list[tuple[np.ndarray, Path]] = []
+
+    def write(items: list[tuple[np.ndarray, Path]]) -> None:
+        results = _segment_images(segmentor, [(image, name.as_posix()) for image, name in items], cfg, mean, std,
+                                  0 if background else None)
+        for (image, name), result in zip(items, results):
+            written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
+                                        write_legend=False)
+            summary.written.append(written["mask"])
+
     bar = tqdm(mine, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
     for path, name in bar:
         try:
@@ -649,11 +671,12 @@ def segment_files(
         image = loaded.image
         if loaded.downscaled:
             summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        with torch.inference_mode(), image_context(segmentor, image, name.as_posix()):
-            result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
-        written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
-                                    write_legend=False)
-        summary.written.append(written["mask"])
+        pending.append((image, name))
+        if len(pending) == _images_per_step(segmentor, cfg):  # whole mode: the images of one size batched
+            write(pending)
+            pending = []
+    if pending:
+        write(pending)
     if procs.world_size > 1:  # every rank's lists, in rank order: the order of one process
         parts = gather((summary.written, summary.skipped, summary.downscaled), procs.world_size)
         summary.written = [p for part, _, _ in parts for p in part]
