@@ -35,13 +35,17 @@ def _segmentor(method: str, clip, vocabulary: Vocabulary, tmp_path):
     return load_trained(tmp_path / "run", clip)
 
 
-@pytest.mark.parametrize("method", BATCHED)
+@pytest.mark.parametrize("method", [*BATCHED, "naclip-own"])
 def test_batched_whole_images_equal_one_at_a_time(method, tmp_path, monkeypatch):
     monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
     clip = tiny_clip(vision_layers=2, perturb=0.05)
     vocabulary = Vocabulary.from_names("background,cat,dog,grass")
+    settings = {}
+    if method == "naclip-own":  # NACLIP's own test settings: PAMR on each image
+        method, settings = "naclip", {"test_settings": "naclip"}
     segmentor = _segmentor(method, clip, vocabulary, tmp_path)
-    cfg = inference_config(method, load_protocol("voc21"), mode="whole", short_side=32, batch_size=2)
+    cfg = inference_config(method, load_protocol("voc21"), mode="whole", short_side=32, batch_size=2, **settings)
+    assert cfg.pamr or not settings
     calls: list[int] = []
     hook = segmentor.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     images = _images()
