@@ -72,3 +72,13 @@ def test_maft_bench_refuses_outputs_that_disagree(monkeypatch):
                         lambda *args, **kwargs: real(*args, **kwargs)[:, :-1])  # one width fewer
     with pytest.raises(RuntimeError, match="no longer compute the same thing"):
         bench_maft.bench_proposals(tiny_clip(vision_layers=2), size=48, proposals=3, crop=32)
+
+
+def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
+    from reclip.bench_eval import main
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    assert main(["--images", "3", "--batch-size", "2", "--short-side", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "one image at a time" in out and "2 processes" in out and "images/s" in out
+    assert "0 of" in out.splitlines()[1]  # batching scores every pixel as one image at a time

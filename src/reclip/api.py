@@ -6,8 +6,19 @@
     print(result.table())
     reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
 
-Both stream one image at a time (sliding windows are batched inside), show a tqdm bar,
-and report unreadable images instead of stopping: what was skipped is in the result.
+Both stream the images (sliding windows are batched inside an image; in whole mode
+``evaluate`` also batches the images of one size among the next ``batch_size`` read,
+:func:`reclip.inference.segment_many`, with results equal to one at a time), show a
+tqdm bar, and report unreadable images instead of stopping: what was skipped is in the
+result.
+
+Under torchrun (``torchrun --nproc-per-node N -m reclip.cli evaluate ...``; in Python:
+any initialised process group) the images are split over the ranks in contiguous blocks
+(:func:`reclip.train.distributed.shard`): rank r takes images [r n / N, (r + 1) n / N).
+``evaluate`` sums the confusion matrices (all-reduce) and gathers the bias objects and
+the skipped images in rank order, so every rank returns the result of one process;
+``segment_files`` writes each rank's masks and returns the merged summary everywhere.
+Only rank 0 shows a progress bar (the CLI: prints and writes the JSON).
 """
 
 from __future__ import annotations
@@ -37,13 +48,14 @@ from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_im
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
-from reclip.inference import InferenceConfig, image_context, segment
+from reclip.inference import InferenceConfig, image_context, segment, segment_many
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
                             load_trained, settings_section)
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
+from reclip.train.distributed import current_processes, gather, shard
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
@@ -303,27 +315,43 @@ def evaluate_segmentor(
     skipped: list[tuple[str, str]] = []
     downscaled: list[str] = []
     count = len(data) if limit is None else min(limit, len(data))
+    procs = current_processes()  # under torchrun: this rank's block of the images, merged below
+    rank0 = procs.rank == 0
     # Workers decode the next images while the model runs on this one.
-    loader = DataLoader(Subset(data, range(count)), batch_size=None, shuffle=False, num_workers=num_workers,
-                        collate_fn=_identity)
+    loader = DataLoader(Subset(data, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
+                        num_workers=num_workers, collate_fn=_identity)
+    pending: list[dict[str, Any]] = []
+
+    def score(items: list[dict[str, Any]]) -> None:
+        results = _segment_images(segmentor, [(item["image"], item["image_id"]) for item in items], cfg, mean, std,
+                                  background)
+        for item, result in zip(items, results):
+            # An image read downscaled (over max_pixels) is still scored at its label's size.
+            if result.labels.shape != item["label"].shape:
+                downscaled.append(item["path"])
+            pred = resize_labels(result.labels, item["label"].shape)
+            confusion.update(pred, item["label"])
+            if bias:
+                space.update(pred, item["label"], item.get("instances"))
+        bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
+
     start = time.perf_counter()
-    bar = tqdm(loader, total=count, desc=description, unit="img", disable=not progress)
+    bar = tqdm(loader, desc=description, unit="img", disable=not (progress and rank0))
     for item in bar:
         if item["error"] is not None:
             skipped.append((item["path"], item["error"]))
-            bar.write(f"skipped {item['path']}: {item['error']}")
+            if rank0:
+                bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        with torch.inference_mode(), image_context(segmentor, item["image"], item["image_id"]):
-            result = segment(segmentor, item["image"], cfg, mean, std, background_index=background)
-        # An image read downscaled (over max_pixels) is still scored at its label's size.
-        if result.labels.shape != item["label"].shape:
-            downscaled.append(item["path"])
-        pred = resize_labels(result.labels, item["label"].shape)
-        confusion.update(pred, item["label"])
-        if bias:
-            space.update(pred, item["label"], item.get("instances"))
-        bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
+        pending.append(item)
+        if len(pending) == _images_per_step(segmentor, cfg):
+            score(pending)
+            pending = []
+    if pending:
+        score(pending)
     bar.close()
+    if procs.world_size > 1:
+        skipped, downscaled = _merge_ranks(confusion, space, skipped, downscaled, procs.world_size)
     if confusion.matrix.sum() == 0:
         raise _nothing_evaluated(data, count, skipped)
     diagnostics = None
@@ -352,6 +380,46 @@ def evaluate_segmentor(
         bias=diagnostics,
         downscaled=downscaled,
     )
+
+
+def _images_per_step(segmentor: Any, cfg: InferenceConfig) -> int:
+    """Images read before the model runs: ``cfg.batch_size`` in whole mode, where
+    :func:`_segment_images` batches those of one size; else 1."""
+    return cfg.batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
+
+
+def _segment_images(segmentor: Any, images: list[tuple[np.ndarray, str]], cfg: InferenceConfig,
+                    mean: Sequence[float], std: Sequence[float], background: int | None) -> list[Any]:
+    """Segmentations of (image, image id) pairs, equal to one at a time: whole mode batches
+    the images of one size (:func:`reclip.inference.segment_many`); a segmentor with a
+    per-image context (MAFT's proposals, by image id) runs each image inside it."""
+    with torch.inference_mode():
+        if not callable(getattr(segmentor, "for_image", None)):
+            return segment_many(segmentor, [image for image, _ in images], cfg, mean, std,
+                                background_index=background)
+        results = []
+        for image, image_id in images:
+            with image_context(segmentor, image, image_id):
+                results.append(segment(segmentor, image, cfg, mean, std, background_index=background))
+        return results
+
+
+def _merge_ranks(confusion: ConfusionMatrix, space: SpacePreference, skipped: list[tuple[str, str]],
+                 downscaled: list[str], world_size: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every rank's statistics merged into ``confusion`` and ``space`` on every rank; the
+    skipped and downscaled images of all ranks.
+
+    The confusion matrix is summed (an all-reduce of int64 counts: exact). The space
+    preference's objects, the skipped and the downscaled images are gathered and joined
+    in rank order; ranks hold contiguous blocks of the dataset (:func:`shard`), so that
+    is the order of one process, and the curve's sums are added in the same order.
+    """
+    confusion.all_reduce()
+    parts = gather((space.objects, skipped, downscaled), world_size)
+    space.objects = []
+    for objects, _, _ in parts:
+        space.merge(SpacePreference(space.num_classes, objects=objects))
+    return [s for _, part, _ in parts for s in part], [d for _, _, part in parts for d in part]
 
 
 def _check_limit_and_workers(limit: int | None, num_workers: int) -> None:
@@ -573,25 +641,47 @@ def segment_files(
     std = getattr(segmentor, "image_std", clip.image_std)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = SegmentSummary(skipped=list(found.skipped))
-    summary.legend = save_legend(out_dir / found.legend, names)  # one per run, replacing a stale one
+    procs = current_processes()  # under torchrun: each rank segments and writes its block of the images
+    rank0 = procs.rank == 0
+    summary = SegmentSummary(skipped=list(found.skipped) if rank0 else [])
+    summary.legend = out_dir / found.legend
+    if rank0:
+        save_legend(summary.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
-    bar = tqdm(found.pairs, desc=f"{get_method(method).name}", unit="img", disable=not progress)
+    mine = [found.pairs[i] for i in shard(len(found.pairs), procs.rank, procs.world_size)]
+    pending: list[tuple[np.ndarray, Path]] = []
+
+    def write(items: list[tuple[np.ndarray, Path]]) -> None:
+        results = _segment_images(segmentor, [(image, name.as_posix()) for image, name in items], cfg, mean, std,
+                                  0 if background else None)
+        for (image, name), result in zip(items, results):
+            written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
+                                        write_legend=False)
+            summary.written.append(written["mask"])
+
+    bar = tqdm(mine, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
     for path, name in bar:
         try:
             loaded = load_image(path, max_pixels=max_pixels)
         except ImageReadError as err:
             summary.skipped.append((str(path), err.reason))
-            bar.write(f"skipped {path}: {err.reason}")
+            if rank0:
+                bar.write(f"skipped {path}: {err.reason}")
             continue
         image = loaded.image
         if loaded.downscaled:
             summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        with torch.inference_mode(), image_context(segmentor, image, name.as_posix()):
-            result = segment(segmentor, image, cfg, mean, std, background_index=0 if background else None)
-        written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
-                                    write_legend=False)
-        summary.written.append(written["mask"])
+        pending.append((image, name))
+        if len(pending) == _images_per_step(segmentor, cfg):  # whole mode: the images of one size batched
+            write(pending)
+            pending = []
+    if pending:
+        write(pending)
+    if procs.world_size > 1:  # every rank's lists, in rank order: the order of one process
+        parts = gather((summary.written, summary.skipped, summary.downscaled), procs.world_size)
+        summary.written = [p for part, _, _ in parts for p in part]
+        summary.skipped = [s for _, part, _ in parts for s in part]
+        summary.downscaled = [d for _, _, part in parts for d in part]
     summary.seconds = time.perf_counter() - start
     return summary
 

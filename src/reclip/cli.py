@@ -17,18 +17,24 @@
     reclip demo     [--out DIR]
     reclip bench
     reclip methods | datasets
+
+    torchrun --nproc-per-node N -m reclip.cli evaluate | hypotheses | segment ...
+                    (the images split over N processes; rank 0 prints and writes the one result)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from reclip import api
 from reclip.clip.convert import CheckpointError
@@ -41,6 +47,7 @@ from reclip.heads.rectify import ABLATIONS, OUTPUTS
 from reclip.methods import METHODS, TEST_SETTINGS
 from reclip.templates import TEMPLATE_SETS
 from reclip.toy.world import CLASS_SETS
+from reclip.train.distributed import Processes, is_rank0, setup_processes
 
 STUDENT_BACKBONE_NAMES = ("resnet101", "resnet50-v1c", "resnet50", "resnet18")  # reclip.backbones.resnet
 
@@ -144,7 +151,9 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--short-side", type=POSITIVE_INT, help="resize the short side to this before inference")
     g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
     g.add_argument("--stride", type=POSITIVE_INT, help="sliding-window stride")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="windows per forward pass")
+    g.add_argument("--batch-size", type=POSITIVE_INT,
+                   help="images (whole mode: evaluate batches the images of one size) or windows (slide mode) per "
+                        "forward pass (default 16)")
     g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
     g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
     g.add_argument("--pd-threshold", type=FRACTION,
@@ -207,6 +216,41 @@ def _load(args: argparse.Namespace):
     return load_clip(args.clip, device=_device(args.device), quick_gelu=args.quick_gelu, config=args.clip_config)
 
 
+def _join_processes(args: argparse.Namespace) -> Processes | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
+    ``args.device`` becomes this rank's device (cuda:LOCAL_RANK) and ``args.quiet`` is set
+    on every rank but 0, which alone prints and writes. None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r} under torchrun: give auto, cpu or cuda; each process takes the "
+                         "GPU of its LOCAL_RANK")
+    procs = setup_processes(args.device)
+    args.device = str(procs.device)
+    if procs.rank != 0:
+        args.quiet = True
+    return procs
+
+
+def _distributed(command):
+    """A command that splits its images over torchrun's processes (``torchrun
+    --nproc-per-node N -m reclip.cli COMMAND ...``); the command reports and writes its
+    results on rank 0 only (``is_rank0``)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        procs = _join_processes(args)
+        try:
+            code = command(args)
+            if procs is not None:
+                dist.barrier()  # no rank leaves the group while another still works in it
+            return code
+        finally:
+            if procs is not None:
+                procs.close()
+    return run
+
+
+@_distributed
 def cmd_segment(args: argparse.Namespace) -> int:
     # --classes is names and --classes-file a file, whatever exists on disk (argparse
     # makes them exclusive and one of them required)
@@ -219,6 +263,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
         proposals=args.proposals,
     )
+    if not is_rank0():  # under torchrun: rank 0 reports for all
+        return 0 if summary.written else 1
     print(f"wrote {len(summary.written)} masks to {args.out} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
     for path, reason in summary.skipped:
@@ -232,6 +278,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+@_distributed
 def cmd_evaluate(args: argparse.Namespace) -> int:
     clip = _load(args)
     result = api.evaluate(
@@ -243,6 +290,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
         seen_classes=args.seen_classes,
     )
+    if not is_rank0():  # under torchrun: rank 0 reports and writes for all
+        return 0
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
           f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
@@ -270,6 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_distributed
 def cmd_hypotheses(args: argparse.Namespace) -> int:
     from reclip.data.datasets import SegmentationDataset
     from reclip.hypotheses import config_for_protocol, generate_hypotheses
@@ -286,6 +336,8 @@ def cmd_hypotheses(args: argparse.Namespace) -> int:
     queries = query_embeddings(clip, data.vocabulary, templates=args.templates, progress=not args.quiet)
     summary = generate_hypotheses(clip, data, queries, config=config, out_path=args.out, progress=not args.quiet,
                                   resume=args.resume, templates=args.templates, save_every=args.save_every)
+    if not is_rank0():  # under torchrun: rank 0 reports for all
+        return 0 if summary.num_images else 1
     print(f"wrote hypotheses of {summary.num_images} images ({summary.computed} computed now; rule {config.rule}, "
           f"r {config.r:.4g}, t {config.t:.4g}) to {summary.path} in {summary.seconds:.1f} s "
           f"({len(summary.skipped)} skipped)")
@@ -554,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole_image: ReCLIP conference rule")
     p.add_argument("--r", type=_ranged(float, 0, 1, above=True),
                    help="window / image side (default: the protocol's hypotheses.r, 1/6)")
+    p.add_argument("--window-ratio", dest="r", type=_ranged(float, 0, 1, above=True),
+                   help="--r under torchrun, whose own parser reads --r as an abbreviation of its options")
     p.add_argument("--t", type=FRACTION,
                    help="vote-frequency threshold (default: the protocol's hypotheses.t; paper IV-A: 0.07 for "
                         "VOC / Cityscapes, 0 otherwise)")

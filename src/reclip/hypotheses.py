@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from reclip.data.protocol import HypothesisSettings, Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.text import QueryEmbeddings, Vocabulary
+from reclip.train.distributed import current_processes, gather, on_rank0, shard
 
 if TYPE_CHECKING:
     from reclip.clip.model import CLIP
@@ -494,6 +495,12 @@ def generate_hypotheses(
     Unreadable images are reported in the summary and the file's "skipped" and retried
     by a later resumed run.
 
+    Under torchrun (an initialised process group) the images still to do are split
+    over the ranks in contiguous blocks, rank 0 alone reads and writes the file, after
+    each group of ``save_every`` images per rank; the file is the one a single process
+    writes, and a run killed under N processes resumes under any number. Every rank
+    returns the same summary.
+
     Args:
         clip: the CLIP whose image embedding classifies the crops.
         dataset: a :class:`~reclip.data.datasets.SegmentationDataset` (or anything with
@@ -529,8 +536,9 @@ def generate_hypotheses(
     path = Path(out_path)
     start = time.perf_counter()
 
-    done: dict[str, list[int]] = {}
-    if resume and path.exists():
+    def resumed() -> dict[str, list[int]]:
+        if not (resume and path.exists()):
+            return {}
         data = _read(path)
         expected = _header(**header_kw)
         differ = sorted(k for k, v in expected.items() if data.get(k) != v)
@@ -540,13 +548,22 @@ def generate_hypotheses(
                 + "; ".join(f"{k} {data.get(k)!r} vs {expected[k]!r}" for k in differ[:3])
                 + "); give another --out, delete it, or pass --no-resume to overwrite it"
             )
-        done = {str(k): list(v) for k, v in data["images"].items()}
+        return {str(k): list(v) for k, v in data["images"].items()}
+
+    # Under torchrun rank 0 alone reads and writes the file; the images still to do are
+    # split into contiguous blocks (reclip.train.distributed.shard), each rank hands its
+    # group's results to all the others after every group, and rank 0 rewrites the file.
+    procs = current_processes()
+    done: dict[str, list[int]] = on_rank0(resumed, procs)  # its error, if any, on every rank
 
     ids = [str(i) for i in dataset.image_ids]
+    order = {image_id: i for i, image_id in enumerate(ids)}
     todo = [i for i, image_id in enumerate(ids) if image_id not in done]
+    blocks = [[todo[i] for i in shard(len(todo), r, procs.world_size)] for r in range(procs.world_size)]
+    mine = blocks[procs.rank]
     skipped: dict[str, str] = {}
     bar = None
-    if progress:
+    if progress and procs.rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="hypotheses", unit="img")
@@ -557,26 +574,35 @@ def generate_hypotheses(
         known.update({k: v for k, v in done.items() if k not in known})
         return known
 
+    def save() -> None:
+        if procs.rank == 0:
+            in_order = dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(ids))))
+            save_hypotheses(path, ordered(), skipped=in_order, **header_kw)
+
     computed = 0
-    for g in range(0, len(todo), save_every):
-        group = todo[g : g + save_every]
-        images, group_ids = [], []
+    rounds = max(math.ceil(len(block) / save_every) for block in blocks)
+    for g in range(0, rounds * save_every, save_every):
+        group = mine[g : g + save_every]  # empty on a rank whose block is done
+        images, group_ids, found = [], [], {}
+        group_skipped: dict[str, str] = {}
         for index in group:
             try:
                 images.append(read_image(dataset.image_paths[index], max_pixels=max_pixels))
                 group_ids.append(ids[index])
             except OSError as err:  # ImageReadError is an OSError
-                skipped[ids[index]] = str(err)
+                group_skipped[ids[index]] = str(err)
         if images:
-            hyps = image_hypotheses(clip, images, queries, config=config, mean=mean, std=std)
-            done.update(zip(group_ids, hyps))
-            computed += len(images)
-        save_hypotheses(path, ordered(), skipped=skipped, **header_kw)
+            found = dict(zip(group_ids, image_hypotheses(clip, images, queries, config=config, mean=mean, std=std)))
+        for rank_found, rank_skipped in gather((found, group_skipped), procs.world_size):
+            done.update(rank_found)
+            skipped.update(rank_skipped)
+            computed += len(rank_found)
+        save()
         if bar is not None:
-            bar.update(len(group))
+            bar.update(sum(len(block[g : g + save_every]) for block in blocks))
             bar.set_postfix(skipped=len(skipped))
     if not todo:
-        save_hypotheses(path, ordered(), skipped=skipped, **header_kw)
+        save()
     if bar is not None:
         bar.close()
     return GenerationSummary(path=path, num_images=len(done), computed=computed,

@@ -41,6 +41,7 @@ __all__ = [
     "image_context",
     "infer_logits",
     "segment",
+    "segment_many",
 ]
 
 Segmentor = Callable[[Tensor], Tensor]
@@ -338,21 +339,90 @@ def segment(
         Segmentation(labels (H, W) int64, class probs (C, H, W) float32 if
         ``return_probs`` else None).
     """
+    _check_mean_std(mean, std)
+    device = torch.device(device) if device is not None else _device_of(segmentor)
+    normalised, raw = _prepare(image, cfg, mean, std, device)
+    logits = infer_logits(segmentor, normalised, cfg)  # (1, S, H, W)
+    return _finish(segmentor, logits, cfg, raw, background_index, return_probs)
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     if mean_t.shape != (3,) or std_t.shape != (3,) or bool((std_t <= 0).any()):
         raise ValueError(f"mean and std must be 3 values with std > 0, got {mean!r}, {std!r}")
     if bool((mean_t > 1).any()):
         raise ValueError(f"mean {mean!r} looks like 0-255 units; pass 0-1 units (divide mean and std by 255)")
-    device = torch.device(device) if device is not None else _device_of(segmentor)
+
+
+def _prepare(image: np.ndarray | Tensor, cfg: InferenceConfig, mean: Sequence[float], std: Sequence[float],
+             device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The normalised image (1, 3, H, W) on ``device``, and the raw one (1, 3, H, W) uint8 when PAMR needs it."""
     array = image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)  # (H, W, 3) uint8
     normalised = to_tensor_normalized(array, mean, std)[None].to(device)  # (1, 3, H, W)
     raw = None
     if cfg.pamr:  # PAMR works on the image itself; nothing else needs it on the device
         raw = torch.as_tensor(np.array(array, copy=True)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-    logits = infer_logits(segmentor, normalised, cfg)  # (1, S, H, W)
+    return normalised, raw
+
+
+def _finish(segmentor: Segmentor, logits: Tensor, cfg: InferenceConfig, raw: Tensor | None,
+            background_index: int | None, return_probs: bool) -> Segmentation:
+    """Post-processing of one image's full-size logits (1, S, H, W) into its Segmentation."""
     class_index = getattr(segmentor, "class_index", None)
     labels, probs = postprocess(logits, cfg, class_index, background_index=background_index, image=raw)
     return Segmentation(
         labels=labels[0].cpu().numpy().astype(np.int64),
         probs=probs[0].cpu().numpy() if return_probs else None,
     )
+
+
+def segment_many(
+    segmentor: Segmentor,
+    images: Sequence[np.ndarray | Tensor],
+    cfg: InferenceConfig,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    background_index: int | None = 0,
+    return_probs: bool = False,
+    device: torch.device | str | None = None,
+) -> list[Segmentation]:
+    """:func:`segment` of several images, equal to segmenting them one at a time.
+
+    Whole mode: the images whose size after ``cfg.short_side`` is the same go through the
+    segmentor together, ``cfg.batch_size`` images per call (in list order within a size);
+    each image's grid logits are then resized to its own size and post-processed alone.
+    Slide mode, and segmentors with a per-image context (``for_image``, see
+    :func:`image_context`: the caller enters it around each image), run one image at a
+    time. Returns one Segmentation per image, in order.
+    """
+    if cfg.mode != "whole" or callable(getattr(segmentor, "for_image", None)):
+        return [segment(segmentor, image, cfg, mean, std, background_index, return_probs, device)
+                for image in images]
+    _check_mean_std(mean, std)
+    device = torch.device(device) if device is not None else _device_of(segmentor)
+    prepared = [_prepare(image, cfg, mean, std, device) for image in images]
+    inputs: list[Tensor] = []
+    for normalised, _ in prepared:  # each resized alone: exactly what segment() feeds the segmentor
+        if cfg.short_side is not None:
+            normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
+                                           antialias=cfg.antialias)
+        inputs.append(normalised)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    official_pd = cfg.pd_threshold is not None and cfg.pd_mode == "official"
+    class_index = getattr(segmentor, "class_index", None)
+    results: list[Segmentation | None] = [None] * len(images)
+    with torch.no_grad():
+        for members in by_size.values():
+            for start in range(0, len(members), cfg.batch_size):
+                chunk = members[start : start + cfg.batch_size]
+                grids = _call(segmentor, torch.cat([inputs[i] for i in chunk]), cfg)  # (n, S, h, w)
+                for i, grid in zip(chunk, grids):
+                    grid = grid[None]  # (1, S, h, w)
+                    if official_pd:
+                        grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
+                    normalised, raw = prepared[i]
+                    logits = resize_bilinear(grid, tuple(normalised.shape[-2:]))  # (1, S, H, W)
+                    results[i] = _finish(segmentor, logits, cfg, raw, background_index, return_probs)
+    return results  # type: ignore[return-value]

@@ -1,4 +1,9 @@
-"""Processes: one, or one per device under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA)."""
+"""Processes: one, or one per device under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA).
+
+Training runs DDP on them; evaluation, hypotheses and file segmentation split their
+images over them (:func:`shard`): rank r takes the r-th contiguous block, and the
+per-rank results are gathered in rank order, which is dataset order.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Processes", "gather", "is_rank0", "on_rank0", "setup_processes", "to_device"]
+__all__ = ["Processes", "current_processes", "gather", "is_rank0", "on_rank0", "setup_processes", "shard",
+           "to_device"]
 
 
 @dataclass
@@ -46,6 +52,28 @@ def setup_processes(device: str) -> Processes:
         torch.cuda.set_device(local_rank)
         return Processes(rank, world, torch.device("cuda", local_rank), created)
     return Processes(rank, world, torch.device("cpu"), created)
+
+
+def current_processes() -> Processes:
+    """This process's place in an initialised process group (rank, world size), or a single
+    process; ``device`` is CPU and ``created_group`` False (the caller that joined owns it)."""
+    if dist.is_available() and dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), False)
+    return Processes(0, 1, torch.device("cpu"), False)
+
+
+def shard(count: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s share of ``count`` items: the contiguous block
+    ``[rank * count // world_size, (rank + 1) * count // world_size)``.
+
+    Every item is in exactly one block, blocks differ in size by at most one (any
+    ``count``, also fewer items than ranks: some blocks are then empty), and the blocks
+    in rank order are the items in order, so results gathered in rank order are in
+    dataset order.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return range(rank * count // world_size, (rank + 1) * count // world_size)
 
 
 def is_rank0() -> bool:

@@ -1,0 +1,199 @@
+"""``python -m reclip.bench_eval``: printed evaluation throughput figures (not timed tests).
+
+Measured side by side in one run, on CPU, with a small random ViT (MaskCLIP head, whole
+image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
+
+- the evaluation pipeline (whole-mode batching of the images of one size, ``--batch-size``)
+  against one image at a time (the official repositories' loop), same settings;
+- one process against two (``torchrun``-style: a gloo process group, each rank its
+  contiguous block of the images, statistics merged), the same threads in all.
+
+Random weights: the figures measure compute, not accuracy. Ratios, not absolute figures,
+are what carries over to other machines.
+
+    python -m reclip.bench_eval [--images 32] [--batch-size 8] [--short-side 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reclip.clip.model import CLIP
+from reclip.data.datasets import SegmentationDataset
+from reclip.data.transforms import CLIP_MEAN, CLIP_STD
+from reclip.heads.zero_shot import ZeroShotSegmentor
+from reclip.inference import InferenceConfig
+from reclip.text import QueryEmbeddings
+
+# a small ViT: ViT-B/16's patch size and text tower shape, a quarter of its vision depth and width
+SMALL_VIT = dict(embed_dim=256, image_resolution=224, vision_layers=4, vision_width=256, vision_patch_size=16,
+                 context_length=77, vocab_size=49408, transformer_width=256, transformer_heads=4,
+                 transformer_layers=2)
+# VOC's most common image shapes (H, W): most of val is 375 x 500 or 500 x 375, then 333 x 500
+VOC_SHAPES = ((375, 500), (375, 500), (500, 375), (333, 500))
+NUM_CLASSES = 21
+
+
+def write_dataset(root: str | os.PathLike, images: int, seed: int = 0) -> Path:
+    """A VOC2012 layout (JPEGImages, SegmentationClass palette PNGs, ImageSets val.txt) of random
+    images of VOC's common shapes; returns its root."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    ids = [f"2008_{i:06d}" for i in range(images)]
+    palette = [v for c in range(256) for v in (c, (37 * c) % 256, (91 * c) % 256)]
+    for i, image_id in enumerate(ids):
+        h, w = VOC_SHAPES[i % len(VOC_SHAPES)]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        label = np.repeat(rng.integers(0, NUM_CLASSES, (h, 1), dtype=np.uint8), w, axis=1)  # (H, W) stripes
+        png = Image.fromarray(label, mode="P")
+        png.putpalette(palette)
+        png.save(root / "SegmentationClass" / f"{image_id}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in ids))
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("")
+    return root
+
+
+def small_segmentor(seed: int = 0, **clip_shape: Any) -> ZeroShotSegmentor:
+    """MaskCLIP on a random CLIP of shape ``SMALL_VIT | clip_shape`` with random class queries."""
+    torch.manual_seed(seed)
+    clip = CLIP(**{**SMALL_VIT, **clip_shape}).eval().requires_grad_(False)
+    weights = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, clip.config.embed_dim), dim=-1)
+    queries = QueryEmbeddings(weights, torch.arange(NUM_CLASSES), NUM_CLASSES)
+    return ZeroShotSegmentor(clip, queries, "maskclip").eval()
+
+
+def _evaluate(segmentor: Any, root: Path, cfg: InferenceConfig) -> tuple[float, np.ndarray]:
+    """(seconds, confusion matrix) of one evaluation over ``root``."""
+    from reclip.api import evaluate_segmentor
+
+    data = SegmentationDataset("voc21", root, "val")
+    start = time.perf_counter()
+    result = evaluate_segmentor(segmentor, data, cfg, mean=CLIP_MEAN, std=CLIP_STD, num_workers=0, progress=False)
+    return time.perf_counter() - start, result.confusion
+
+
+def bench_batching(segmentor: Any, root: Path, *, short_side: int, batch_size: int,
+                   repeats: int = 1) -> dict[str, float]:
+    """images/s of whole-mode evaluation, batched (``batch_size``) and one image at a time,
+    timed in alternation after a warm-up of each; ``differ``: pixels scored differently (0)."""
+    images = len(SegmentationDataset("voc21", root, "val"))
+    configs = {name: InferenceConfig(mode="whole", short_side=short_side, batch_size=size, logit_scale=50.0)
+               for name, size in (("batched", batch_size), ("single", 1))}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    confusions = {}
+    for name, cfg in configs.items():  # warm-up
+        _, confusions[name] = _evaluate(segmentor, root, cfg)
+    for _ in range(repeats):
+        for name, cfg in configs.items():
+            seconds[name].append(_evaluate(segmentor, root, cfg)[0])
+    best = {name: min(times) for name, times in seconds.items()}
+    return {"batched_images_per_s": images / best["batched"], "single_images_per_s": images / best["single"],
+            "speedup": best["single"] / best["batched"], "differ": _differ(*confusions.values()),
+            "pixels": int(confusions["single"].sum())}
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> int:
+    """Pixels scored differently in two runs' confusion matrices (at least; 0: the same matrix)."""
+    return int(np.abs(a - b).sum()) // 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, root: str, cfg: InferenceConfig, threads: int, out: str) -> None:
+    """One process of the multi-process run: join the group, evaluate its block, rank 0 writes the time."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    try:
+        segmentor = small_segmentor()
+        dist.barrier()  # start together, after the model is built
+        seconds, confusion = _evaluate(segmentor, Path(root), cfg)
+        if rank == 0:
+            np.save(Path(out) / "confusion.npy", confusion)
+            (Path(out) / "seconds.txt").write_text(repr(seconds))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_processes(root: Path, *, short_side: int, batch_size: int, processes: int = 2,
+                    threads: int | None = None) -> dict[str, float]:
+    """Evaluation time of one process against ``processes`` processes on gloo (each
+    ``threads`` intra-op threads, default the machine's share per process, the single
+    process as many), after a warm-up; ``differ``: pixels scored differently, which only
+    the intra-op thread count changes (float rounding; equal thread counts give equal
+    matrices, tests/test_scale_out.py)."""
+    import torch.multiprocessing as mp
+
+    threads = threads or max(1, torch.get_num_threads() // processes)
+    cfg = InferenceConfig(mode="whole", short_side=short_side, batch_size=batch_size, logit_scale=50.0)
+    images = len(SegmentationDataset("voc21", root, "val"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads * processes)
+    try:
+        segmentor = small_segmentor()
+        _evaluate(segmentor, root, cfg)  # warm-up
+        one, confusion = _evaluate(segmentor, root, cfg)
+    finally:
+        torch.set_num_threads(before)
+    with tempfile.TemporaryDirectory() as out:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # fork: the workers inherit the imported modules, so the time is the evaluation's, not Python's start
+        mp.start_processes(_rank, args=(processes, _free_port(), str(root), cfg, threads, out), nprocs=processes,
+                           join=True, start_method="fork")
+        many = float((Path(out) / "seconds.txt").read_text())
+        differ = _differ(np.load(Path(out) / "confusion.npy"), confusion)
+    return {"one_images_per_s": images / one, "many_images_per_s": images / many, "speedup": one / many,
+            "threads": threads, "differ": differ, "pixels": int(confusion.sum())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reclip.bench_eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="images in the synthetic VOC layout")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass of the pipeline")
+    parser.add_argument("--short-side", type=int, default=224, help="short side of the whole-image resize")
+    parser.add_argument("--processes", type=int, default=2, help="processes of the multi-process run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each pipeline (best kept)")
+    args = parser.parse_args(argv)
+    print(f"reclip bench_eval: random small ViT ({SMALL_VIT['vision_layers']} layers, width "
+          f"{SMALL_VIT['vision_width']}, patch {SMALL_VIT['vision_patch_size']}), MaskCLIP whole image at short side "
+          f"{args.short_side}, {args.images} VOC-shaped images, CPU, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_dataset(Path(tmp) / "voc", args.images)
+        b = bench_batching(small_segmentor(), root, short_side=args.short_side, batch_size=args.batch_size,
+                           repeats=args.repeats)
+        print(f"evaluation, batch {args.batch_size} vs one image at a time: {b['batched_images_per_s']:.2f} vs "
+              f"{b['single_images_per_s']:.2f} images/s = {b['speedup']:.2f}x"
+              f" ({b['differ']} of {b['pixels']} pixels scored differently)")
+        p = bench_processes(root, short_side=args.short_side, batch_size=args.batch_size, processes=args.processes)
+        print(f"evaluation, {args.processes} processes x {p['threads']} thread(s) vs 1 process x "
+              f"{args.processes * p['threads']}: {p['many_images_per_s']:.2f} vs {p['one_images_per_s']:.2f} "
+              f"images/s = {p['speedup']:.2f}x ({p['differ']} of {p['pixels']} pixels scored differently: other "
+              f"thread counts round differently)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
