@@ -83,6 +83,20 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     mcp = json.loads((Path(results["runs"]["maskclip+ student"][0]) / "config.json").read_text())["distill"]
     assert mcp["teacher"] == "maskclip" and mcp["teacher_overrides"] == {"residual": False, "ffn": False}
     assert "differ from the paper: gumbel_scale 30.0 (paper 100.0); reference_length 8 (paper 73" in report
+    # a student reads its own input normalisation (ImageNet's), not CLIP's, in the demo's scores
+    from reclip.api import evaluate_segmentor
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.distillation import load_student
+    from reclip.inference import InferenceConfig
+
+    student = load_student(results["runs"]["reclip++ student"][0])
+    assert student.image_mean[0] == 0.485
+    data = SegmentationDataset("voc21", tmp_path / "out" / "toy_data" / "VOCdevkit" / "VOC2012", "val",
+                               classes_file=tmp_path / "out" / "toy_data" / "toy_classes.txt")
+    own = evaluate_segmentor(student, data, InferenceConfig(mode="whole", short_side=None, logit_scale=50.0),
+                             mean=student.image_mean, std=student.image_std, num_workers=0, progress=False)
+    row = next(r for r in rows if r.name == "reclip++ student")
+    assert np.array_equal(own.confusion, row.result.confusion)
     assert Path(results["hypotheses"]).is_file()
     # segmentation that means something: the best training-free row classifies object pixels
     # well above chance among the object classes (background is the tiny CLIP's weakest word)
