@@ -11,8 +11,9 @@ demo's seed-s "toy" rectifier run. Runs go to ``demo_out/experiments/<variant>-s
 The demo's toy world (2026-11-29; teachers' M_o 19.25 / 17.63 / 17.65): 1000 steps
 14.01 / 17.95 / 17.70; 1000 steps without L_text 19.66 / 18.81 / 18.44, without L_feat
 18.52 / 16.80 / 17.93, L_mask alone 19.45 / 18.30 / 17.67; batch 16 19.18 / 17.34 / 17.91;
-lr 0.02 17.47 / 13.69 / -; 2000 steps 19.46 / 18.87 / 18.26 (with CLIP's input normalisation
-for the first four variants, ImageNet's for the rest).
+lr 0.02 17.47 / 13.69 / -; 2000 steps 19.46 / 18.87 / 18.26. Those runs trained with CLIP's
+input normalisation (1000 steps, L_mask alone, batch 16, 2000 steps) or ImageNet's (the
+others) and were all scored with CLIP's; this script scores each student with its own.
 """
 
 from __future__ import annotations
