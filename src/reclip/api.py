@@ -7,7 +7,7 @@
     reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
 
 Both stream the images (sliding windows are batched inside an image; in whole mode
-``evaluate`` also batches the images of one size among the next ``batch_size`` read,
+``evaluate`` also batches the images of one size among the next ``whole_batch_size`` read,
 :func:`reclip.inference.segment_many`, with results equal to one at a time), show a
 tqdm bar, and report unreadable images instead of stopping: what was skipped is in the
 result.
@@ -383,9 +383,9 @@ def evaluate_segmentor(
 
 
 def _images_per_step(segmentor: Any, cfg: InferenceConfig) -> int:
-    """Images read before the model runs: ``cfg.batch_size`` in whole mode, where
+    """Images read before the model runs: ``cfg.whole_batch_size`` in whole mode, where
     :func:`_segment_images` batches those of one size; else 1."""
-    return cfg.batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
+    return cfg.whole_batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
 
 
 def _segment_images(segmentor: Any, images: list[tuple[np.ndarray, str]], cfg: InferenceConfig,
