@@ -3,7 +3,9 @@
 Two processes on an odd number of images (one unreadable) must give what one process
 gives: the same confusion matrix, bias statistics and JSON, the same hypotheses file
 (also resumed), the same mask files; the per-image context (MAFT's proposals) sees
-every image id exactly once, with its own image.
+every image id exactly once, with its own image. A second dataset, with an unreadable
+and a downscaled image in each rank's block and whole images batched two per forward,
+checks that the merged ``skipped`` and ``downscaled`` lists are in dataset order.
 """
 
 from __future__ import annotations
@@ -42,11 +44,24 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 N_VAL = 5  # odd: ranks of two processes get 2 and 3 images
 CORRUPT = "2008_000003"  # in rank 1's block: its skip is gathered
 INFERENCE = dict(short_side=48, mode="slide", window=32, stride=16)
+# The merge-order dataset: an unreadable image in each rank's block (ids 1 | 3), and every
+# readable one (ids 0 | 2, 4) over ORDER_MAX_PIXELS, so read downscaled, on both ranks.
+ORDER_CORRUPT = (1, 3)
+ORDER_MAX_PIXELS = 400  # the images are 560, 704 and 864 pixels; labels are never resized
+ORDER_INFERENCE = dict(mode="whole", short_side=48, whole_batch_size=2)  # batched whole images
 
 
 def _dataset(root: Path) -> Path:
     root = write_voc(root, n_val=N_VAL)
     (root / "JPEGImages" / f"{CORRUPT}.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _order_dataset(root: Path) -> Path:
+    root = write_voc(root, n_val=N_VAL)
+    ids = SegmentationDataset("voc21", root, "val").image_ids
+    for i in ORDER_CORRUPT:
+        (root / "JPEGImages" / f"{ids[i]}.jpg").write_bytes(b"not a jpeg")
     return root
 
 
@@ -106,7 +121,10 @@ def _runs(results: Path, shared: Path, root: Path) -> None:
                                       progress=False, save_every=2)
     masks = api.segment_files(clip, "maskclip", "cat,dog,grass", [root / "JPEGImages"], shared / "masks",
                               inference=INFERENCE, templates="single", progress=False)
+    order = api.evaluate(clip, "maskclip", "voc21", root.parent / "voc_order", inference=ORDER_INFERENCE,
+                         templates="single", bias=True, progress=False, num_workers=0, max_pixels=ORDER_MAX_PIXELS)
     out = {"evaluation": {k: v for k, v in evaluation.to_dict().items() if k != "seconds"},
+           "order": {k: v for k, v in order.to_dict().items() if k != "seconds"}, "order_confusion": order.confusion,
            "confusion": evaluation.confusion, "space_objects": evaluation.bias["space_preference"]["counts"],
            "context_confusion": by_id.confusion, "context_ids": context.ids, "context_skipped": by_id.skipped,
            "hypotheses": (fresh.num_images, fresh.computed, fresh.skipped),
@@ -145,6 +163,7 @@ def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
     root = _dataset(tmp_path / "voc")
+    order_root = _order_dataset(tmp_path / "voc_order")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:
@@ -176,10 +195,19 @@ def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got["context_confusion"], single["context_confusion"])
         np.testing.assert_array_equal(got["space_objects"], single["space_objects"])
         assert got["evaluation"] == single["evaluation"]  # mIoU, IoU, skipped, bias curve, settings
+        np.testing.assert_array_equal(got["order_confusion"], single["order_confusion"])
+        assert got["order"] == single["order"]  # whole mode, 2 images per forward; skipped and downscaled in order
         assert got["context_skipped"] == single["context_skipped"]
         assert got["hypotheses"] == single["hypotheses"]
         assert got["masks"] == single["masks"]
     assert single["space_objects"].sum() > 0 and single["evaluation"]["bias"]["class_preference"] is not None
+    # the merged lists are in dataset order: rank 0's block, then rank 1's (both ranks have entries)
+    ids = SegmentationDataset("voc21", order_root, "val").image_ids
+    path = {i: str(order_root / "JPEGImages" / f"{ids[i]}.jpg") for i in range(N_VAL)}
+    for got in [single, *ranks]:
+        assert [s["path"] for s in got["order"]["skipped"]] == [path[1], path[3]]
+        assert got["order"]["downscaled"] == [path[0], path[2], path[4]]
+        assert got["order"]["num_images"] == 3
     # the per-image context saw each readable image once, on one rank, in blocks
     ids = SegmentationDataset("voc21", root, "val").image_ids
     readable = [i for i in ids if i != CORRUPT]
