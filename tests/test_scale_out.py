@@ -145,6 +145,60 @@ def _worker(rank: int, world: int, port: int, out: str, root: str) -> None:
         dist.destroy_process_group()
 
 
+def _listing_worker(rank: int, world: int, port: int, out: str, folder: str, fail: bool) -> None:
+    """segment_files under 2 processes with a spy on collect_images: who lists, and what
+    each rank raises when rank 0's listing fails."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    calls: list[int] = []
+    real = api.collect_images
+
+    def spy(*args, **kwargs):
+        calls.append(rank)
+        if fail:
+            raise OSError(f"listing failed on rank {rank}")
+        return real(*args, **kwargs)
+
+    api.collect_images = spy  # a forked worker: the parent's module is not touched
+    try:
+        try:
+            summary = api.segment_files(tiny_clip(vision_layers=2), "maskclip", "cat,dog", [folder],
+                                        Path(out) / "masks", templates="single", inference=ORDER_INFERENCE,
+                                        progress=False)
+            result = {"written": [p.name for p in summary.written]}
+        except OSError as err:
+            result = {"error": str(err)}
+        result["calls"] = calls
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        api.collect_images = real
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_segment_files_lists_on_rank0_only(fail, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    root = write_voc(tmp_path / "voc", n_train=0, n_val=3)
+    ctx = mp.start_processes(_listing_worker, args=(2, _free_port(), str(tmp_path), str(root / "JPEGImages"), fail),
+                             nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the workers did not finish in 120 s (deadlock?)")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["calls"] for g in got] == [[0], []]  # rank 0 alone lists
+    if fail:  # rank 0's error, raised on both ranks
+        assert [g["error"] for g in got] == ["listing failed on rank 0"] * 2
+    else:
+        assert got[0]["written"] == got[1]["written"] == [f"2008_{i:06d}.png" for i in range(3)]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
