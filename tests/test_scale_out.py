@@ -3,7 +3,9 @@
 Two processes on an odd number of images (one unreadable) must give what one process
 gives: the same confusion matrix, bias statistics and JSON, the same hypotheses file
 (also resumed), the same mask files; the per-image context (MAFT's proposals) sees
-every image id exactly once, with its own image.
+every image id exactly once, with its own image. A second dataset, with an unreadable
+and a downscaled image in each rank's block and whole images batched two per forward,
+checks that the merged ``skipped`` and ``downscaled`` lists are in dataset order.
 """
 
 from __future__ import annotations
@@ -42,11 +44,24 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 N_VAL = 5  # odd: ranks of two processes get 2 and 3 images
 CORRUPT = "2008_000003"  # in rank 1's block: its skip is gathered
 INFERENCE = dict(short_side=48, mode="slide", window=32, stride=16)
+# The merge-order dataset: an unreadable image in each rank's block (ids 1 | 3), and every
+# readable one (ids 0 | 2, 4) over ORDER_MAX_PIXELS, so read downscaled, on both ranks.
+ORDER_CORRUPT = (1, 3)
+ORDER_MAX_PIXELS = 400  # the images are 560, 704 and 864 pixels; labels are never resized
+ORDER_INFERENCE = dict(mode="whole", short_side=48, whole_batch_size=2)  # batched whole images
 
 
 def _dataset(root: Path) -> Path:
     root = write_voc(root, n_val=N_VAL)
     (root / "JPEGImages" / f"{CORRUPT}.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _order_dataset(root: Path) -> Path:
+    root = write_voc(root, n_val=N_VAL)
+    ids = SegmentationDataset("voc21", root, "val").image_ids
+    for i in ORDER_CORRUPT:
+        (root / "JPEGImages" / f"{ids[i]}.jpg").write_bytes(b"not a jpeg")
     return root
 
 
@@ -106,7 +121,10 @@ def _runs(results: Path, shared: Path, root: Path) -> None:
                                       progress=False, save_every=2)
     masks = api.segment_files(clip, "maskclip", "cat,dog,grass", [root / "JPEGImages"], shared / "masks",
                               inference=INFERENCE, templates="single", progress=False)
+    order = api.evaluate(clip, "maskclip", "voc21", root.parent / "voc_order", inference=ORDER_INFERENCE,
+                         templates="single", bias=True, progress=False, num_workers=0, max_pixels=ORDER_MAX_PIXELS)
     out = {"evaluation": {k: v for k, v in evaluation.to_dict().items() if k != "seconds"},
+           "order": {k: v for k, v in order.to_dict().items() if k != "seconds"}, "order_confusion": order.confusion,
            "confusion": evaluation.confusion, "space_objects": evaluation.bias["space_preference"]["counts"],
            "context_confusion": by_id.confusion, "context_ids": context.ids, "context_skipped": by_id.skipped,
            "hypotheses": (fresh.num_images, fresh.computed, fresh.skipped),
@@ -127,6 +145,60 @@ def _worker(rank: int, world: int, port: int, out: str, root: str) -> None:
         dist.destroy_process_group()
 
 
+def _listing_worker(rank: int, world: int, port: int, out: str, folder: str, fail: bool) -> None:
+    """segment_files under 2 processes with a spy on collect_images: who lists, and what
+    each rank raises when rank 0's listing fails."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    calls: list[int] = []
+    real = api.collect_images
+
+    def spy(*args, **kwargs):
+        calls.append(rank)
+        if fail:
+            raise OSError(f"listing failed on rank {rank}")
+        return real(*args, **kwargs)
+
+    api.collect_images = spy  # a forked worker: the parent's module is not touched
+    try:
+        try:
+            summary = api.segment_files(tiny_clip(vision_layers=2), "maskclip", "cat,dog", [folder],
+                                        Path(out) / "masks", templates="single", inference=ORDER_INFERENCE,
+                                        progress=False)
+            result = {"written": [p.name for p in summary.written]}
+        except OSError as err:
+            result = {"error": str(err)}
+        result["calls"] = calls
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        api.collect_images = real
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_segment_files_lists_on_rank0_only(fail, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    root = write_voc(tmp_path / "voc", n_train=0, n_val=3)
+    ctx = mp.start_processes(_listing_worker, args=(2, _free_port(), str(tmp_path), str(root / "JPEGImages"), fail),
+                             nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the workers did not finish in 120 s (deadlock?)")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["calls"] for g in got] == [[0], []]  # rank 0 alone lists
+    if fail:  # rank 0's error, raised on both ranks
+        assert [g["error"] for g in got] == ["listing failed on rank 0"] * 2
+    else:
+        assert got[0]["written"] == got[1]["written"] == [f"2008_{i:06d}.png" for i in range(3)]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -145,6 +217,7 @@ def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
     root = _dataset(tmp_path / "voc")
+    order_root = _order_dataset(tmp_path / "voc_order")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:
@@ -176,10 +249,19 @@ def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got["context_confusion"], single["context_confusion"])
         np.testing.assert_array_equal(got["space_objects"], single["space_objects"])
         assert got["evaluation"] == single["evaluation"]  # mIoU, IoU, skipped, bias curve, settings
+        np.testing.assert_array_equal(got["order_confusion"], single["order_confusion"])
+        assert got["order"] == single["order"]  # whole mode, 2 images per forward; skipped and downscaled in order
         assert got["context_skipped"] == single["context_skipped"]
         assert got["hypotheses"] == single["hypotheses"]
         assert got["masks"] == single["masks"]
     assert single["space_objects"].sum() > 0 and single["evaluation"]["bias"]["class_preference"] is not None
+    # the merged lists are in dataset order: rank 0's block, then rank 1's (both ranks have entries)
+    ids = SegmentationDataset("voc21", order_root, "val").image_ids
+    path = {i: str(order_root / "JPEGImages" / f"{ids[i]}.jpg") for i in range(N_VAL)}
+    for got in [single, *ranks]:
+        assert [s["path"] for s in got["order"]["skipped"]] == [path[1], path[3]]
+        assert got["order"]["downscaled"] == [path[0], path[2], path[4]]
+        assert got["order"]["num_images"] == 3
     # the per-image context saw each readable image once, on one rank, in blocks
     ids = SegmentationDataset("voc21", root, "val").image_ids
     readable = [i for i in ids if i != CORRUPT]

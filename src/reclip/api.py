@@ -7,7 +7,7 @@
     reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
 
 Both stream the images (sliding windows are batched inside an image; in whole mode
-``evaluate`` also batches the images of one size among the next ``batch_size`` read,
+``evaluate`` also batches the images of one size among the next ``whole_batch_size`` read,
 :func:`reclip.inference.segment_many`, with results equal to one at a time), show a
 tqdm bar, and report unreadable images instead of stopping: what was skipped is in the
 result.
@@ -17,7 +17,9 @@ any initialised process group) the images are split over the ranks in contiguous
 (:func:`reclip.train.distributed.shard`): rank r takes images [r n / N, (r + 1) n / N).
 ``evaluate`` sums the confusion matrices (all-reduce) and gathers the bias objects and
 the skipped images in rank order, so every rank returns the result of one process;
-``segment_files`` writes each rank's masks and returns the merged summary everywhere.
+``segment_files`` lists the inputs on rank 0 (broadcast: every rank shards the same list;
+a listing error is raised on every rank), writes each rank's masks and returns the
+merged summary everywhere.
 Only rank 0 shows a progress bar (the CLI: prints and writes the JSON).
 """
 
@@ -55,7 +57,7 @@ from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_fami
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
-from reclip.train.distributed import current_processes, gather, shard
+from reclip.train.distributed import current_processes, gather, on_rank0, shard
 from reclip.text import Vocabulary, read_class_file
 from reclip.visualize import LEGEND_FILE, save_legend, save_segmentation, segmentation_files
 
@@ -383,9 +385,9 @@ def evaluate_segmentor(
 
 
 def _images_per_step(segmentor: Any, cfg: InferenceConfig) -> int:
-    """Images read before the model runs: ``cfg.batch_size`` in whole mode, where
+    """Images read before the model runs: ``cfg.whole_batch_size`` in whole mode, where
     :func:`_segment_images` batches those of one size; else 1."""
-    return cfg.batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
+    return cfg.whole_batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
 
 
 def _segment_images(segmentor: Any, images: list[tuple[np.ndarray, str]], cfg: InferenceConfig,
@@ -623,7 +625,10 @@ def segment_files(
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
     inputs = list(inputs)
-    found = collect_images(inputs, exclude=out_dir)
+    # under torchrun: rank 0 lists the inputs and every rank shards that one list (a listing
+    # on each rank could differ, e.g. files still being written); its error is raised everywhere
+    procs = current_processes()
+    found = on_rank0(lambda: collect_images(inputs, exclude=out_dir), procs)
     if not found.pairs:
         listed = "".join(f"\n  {path}: {reason}" for path, reason in found.skipped[:10])
         raise ValueError(f"no images found in {[str(p) for p in inputs]}{listed}")
@@ -641,7 +646,7 @@ def segment_files(
     std = getattr(segmentor, "image_std", clip.image_std)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    procs = current_processes()  # under torchrun: each rank segments and writes its block of the images
+    # under torchrun: each rank segments and writes its block of the images
     rank0 = procs.rank == 0
     summary = SegmentSummary(skipped=list(found.skipped) if rank0 else [])
     summary.legend = out_dir / found.legend

@@ -3,7 +3,7 @@
 Measured side by side in one run, on CPU, with a small random ViT (MaskCLIP head, whole
 image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
 
-- the evaluation pipeline (whole-mode batching of the images of one size, ``--batch-size``)
+- the evaluation pipeline (whole-mode batching of the images of one size, ``--batch-size`` = whole_batch_size)
   against one image at a time (the official repositories' loop), same settings;
 - one process against two (``torchrun``-style: a gloo process group, each rank its
   contiguous block of the images, statistics merged), the same threads in all.
@@ -93,7 +93,8 @@ def bench_batching(segmentor: Any, root: Path, *, short_side: int, batch_size: i
     """images/s of whole-mode evaluation, batched (``batch_size``) and one image at a time,
     timed in alternation after a warm-up of each; ``differ``: pixels scored differently (0)."""
     images = len(SegmentationDataset("voc21", root, "val"))
-    configs = {name: InferenceConfig(mode="whole", short_side=short_side, batch_size=size, logit_scale=50.0)
+    configs = {name: InferenceConfig(mode="whole", short_side=short_side, whole_batch_size=size,
+                                      logit_scale=50.0)
                for name, size in (("batched", batch_size), ("single", 1))}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     confusions = {}
@@ -147,7 +148,7 @@ def bench_processes(root: Path, *, short_side: int, batch_size: int, processes: 
     import torch.multiprocessing as mp
 
     threads = threads or max(1, torch.get_num_threads() // processes)
-    cfg = InferenceConfig(mode="whole", short_side=short_side, batch_size=batch_size, logit_scale=50.0)
+    cfg = InferenceConfig(mode="whole", short_side=short_side, whole_batch_size=batch_size, logit_scale=50.0)
     images = len(SegmentationDataset("voc21", root, "val"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads * processes)
@@ -171,7 +172,8 @@ def bench_processes(root: Path, *, short_side: int, batch_size: int, processes: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reclip.bench_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=32, help="images in the synthetic VOC layout")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass of the pipeline")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images per forward pass of the pipeline (whole_batch_size)")
     parser.add_argument("--short-side", type=int, default=224, help="short side of the whole-image resize")
     parser.add_argument("--processes", type=int, default=2, help="processes of the multi-process run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each pipeline (best kept)")

@@ -152,8 +152,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
     g.add_argument("--stride", type=POSITIVE_INT, help="sliding-window stride")
     g.add_argument("--batch-size", type=POSITIVE_INT,
-                   help="images (whole mode: evaluate batches the images of one size) or windows (slide mode) per "
-                        "forward pass (default 16)")
+                   help="windows per forward pass in slide mode (default 16)")
+    g.add_argument("--whole-batch-size", type=POSITIVE_INT,
+                   help="images per forward pass in whole mode (default 1: one image at a time, the memory of the "
+                        "largest image); N > 1 batches up to N images of one size (same results), so one forward "
+                        "holds N images: raise it only when they fit")
     g.add_argument("--logit-scale", type=POSITIVE, help="scale of cosine logits before the softmax")
     g.add_argument("--prob-thd", type=FRACTION, help="background probability threshold (SCLIP family)")
     g.add_argument("--pd-threshold", type=FRACTION,
@@ -198,7 +201,8 @@ def _add_max_pixels_arg(p: argparse.ArgumentParser, labels: bool) -> None:
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("test_settings", "mode", "short_side", "max_long_side", "window", "stride", "batch_size", "logit_scale",
+    keys = ("test_settings", "mode", "short_side", "max_long_side", "window", "stride", "batch_size", "whole_batch_size",
+            "logit_scale",
             "prob_thd", "area_thd", "pd_threshold", "prompt_denoising", "pamr", "pamr_iter", "pamr_dilations")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.autocast is not None:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear, resize_short_side, to_tensor_normalized
+from reclip.data.transforms import (CLIP_MEAN, CLIP_STD, resize_bilinear, resize_short_side, short_side_size,
+                                    to_tensor_normalized)
 from reclip.postprocess import PostprocessConfig, postprocess, prompt_denoise_official
 
 __all__ = [
@@ -76,7 +77,12 @@ class InferenceConfig(PostprocessConfig):
             the published protocols (mmseg / OpenCV INTER_LINEAR).
         window: sliding-window crop size, int or (h, w).
         stride: sliding-window stride, int or (h, w); must not exceed ``window``.
-        batch_size: images (whole) or windows (slide) per segmentor call.
+        batch_size: windows per segmentor call in slide mode (default 16).
+        whole_batch_size: images per segmentor call in whole mode (default 1: one image
+            per forward, so a whole-mode run needs the memory of its largest image, as
+            before batching existed). Larger values batch the images of one size (after
+            ``short_side``) that many per call, with results equal to one at a time, and
+            a forward then holds that many images: raise it only when they fit.
         autocast: mixed precision of the segmentor call: False = off, True or "bf16" =
             bfloat16 on any device, "fp16" = float16 on any device, "auto" = bfloat16 on
             CUDA and off elsewhere. Window accumulation and post-processing are always
@@ -90,6 +96,7 @@ class InferenceConfig(PostprocessConfig):
     window: int | tuple[int, int] = 224
     stride: int | tuple[int, int] = 112
     batch_size: int = 16
+    whole_batch_size: int = 1
     autocast: bool | Literal["auto", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
@@ -114,6 +121,9 @@ class InferenceConfig(PostprocessConfig):
             )
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not (isinstance(self.whole_batch_size, int) and not isinstance(self.whole_batch_size, bool)
+                and self.whole_batch_size > 0):
+            raise ValueError(f"whole_batch_size must be a positive int, got {self.whole_batch_size!r}")
         if not (isinstance(self.autocast, bool) or (isinstance(self.autocast, str) and self.autocast in AUTOCAST_MODES)):
             raise ValueError(
                 f"autocast must be False (off), True or 'bf16' (bfloat16), 'fp16' (float16) or 'auto' "
@@ -190,7 +200,7 @@ def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:
 
 
 def _infer_whole(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig, size: tuple[int, int]) -> Tensor:
-    """Whole-image inference, ``batch_size`` images per call; logits resized to ``size``.
+    """Whole-image inference, ``whole_batch_size`` images per call; logits resized to ``size``.
 
     With ``cfg.pd_mode == "official"`` and a ``pd_threshold``, the official prompt
     denoising runs on each image's grid logits before the resize (as the official
@@ -199,8 +209,8 @@ def _infer_whole(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig, siz
     official_pd = cfg.pd_threshold is not None and cfg.pd_mode == "official"
     class_index = getattr(segmentor, "class_index", None)
     chunks = []
-    for i in range(0, images.shape[0], cfg.batch_size):
-        grid = _call(segmentor, images[i : i + cfg.batch_size], cfg)  # (n, S, h, w)
+    for i in range(0, images.shape[0], cfg.whole_batch_size):
+        grid = _call(segmentor, images[i : i + cfg.whole_batch_size], cfg)  # (n, S, h, w)
         if official_pd:
             grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
         chunks.append(resize_bilinear(grid, size))
@@ -252,7 +262,7 @@ def infer_logits(
     Args:
         segmentor: callable (B, 3, H, W) -> (B, S, h, w) raw scores.
         image: normalised images (B, 3, H, W) or (3, H, W), on the segmentor's device.
-        cfg: mode, short-side resize, window/stride, batch size, autocast.
+        cfg: mode, short-side resize, window/stride, batch sizes, autocast.
         out_size: (H_out, W_out) of the result; default the input's (H, W), i.e. the
             original size even when ``cfg.short_side`` resizes for inference.
 
@@ -389,8 +399,12 @@ def segment_many(
     """:func:`segment` of several images, equal to segmenting them one at a time.
 
     Whole mode: the images whose size after ``cfg.short_side`` is the same go through the
-    segmentor together, ``cfg.batch_size`` images per call (in list order within a size);
-    each image's grid logits are then resized to its own size and post-processed alone.
+    segmentor together, ``cfg.whole_batch_size`` images per call (in list order within a
+    size); each image's grid logits are then resized to its own size and post-processed
+    alone. Only one call's images are on the device at a time: each is normalised and
+    moved there when its call comes (its input size is computed without reading its
+    pixels), and nothing of an image but its size (and, with PAMR, its raw pixels, moved
+    for its post-processing) is kept after its call.
     Slide mode, and segmentors with a per-image context (``for_image``, see
     :func:`image_context`: the caller enters it around each image), run one image at a
     time. Returns one Segmentation per image, in order.
@@ -400,29 +414,48 @@ def segment_many(
                 for image in images]
     _check_mean_std(mean, std)
     device = torch.device(device) if device is not None else _device_of(segmentor)
-    prepared = [_prepare(image, cfg, mean, std, device) for image in images]
-    inputs: list[Tensor] = []
-    for normalised, _ in prepared:  # each resized alone: exactly what segment() feeds the segmentor
-        if cfg.short_side is not None:
-            normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
-                                           antialias=cfg.antialias)
-        inputs.append(normalised)
+    sizes = [_image_size(image) for image in images]  # (H, W) of each image as given
     by_size: dict[tuple[int, int], list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    for i, hw in enumerate(sizes):
+        by_size.setdefault(_input_size(hw, cfg), []).append(i)
     official_pd = cfg.pd_threshold is not None and cfg.pd_mode == "official"
     class_index = getattr(segmentor, "class_index", None)
     results: list[Segmentation | None] = [None] * len(images)
     with torch.no_grad():
         for members in by_size.values():
-            for start in range(0, len(members), cfg.batch_size):
-                chunk = members[start : start + cfg.batch_size]
-                grids = _call(segmentor, torch.cat([inputs[i] for i in chunk]), cfg)  # (n, S, h, w)
-                for i, grid in zip(chunk, grids):
+            for start in range(0, len(members), cfg.whole_batch_size):
+                chunk = members[start : start + cfg.whole_batch_size]
+                inputs, raws = [], []
+                for i in chunk:  # each resized alone: exactly what segment() feeds the segmentor
+                    normalised, raw = _prepare(images[i], cfg, mean, std, device)
+                    if cfg.short_side is not None:
+                        normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
+                                                       antialias=cfg.antialias)
+                    inputs.append(normalised)
+                    raws.append(raw)
+                batch = torch.cat(inputs)
+                del inputs
+                grids = _call(segmentor, batch, cfg)  # (n, S, h, w)
+                del batch
+                for i, grid, raw in zip(chunk, grids, raws):
                     grid = grid[None]  # (1, S, h, w)
                     if official_pd:
                         grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
-                    normalised, raw = prepared[i]
-                    logits = resize_bilinear(grid, tuple(normalised.shape[-2:]))  # (1, S, H, W)
+                    logits = resize_bilinear(grid, sizes[i])  # (1, S, H, W)
                     results[i] = _finish(segmentor, logits, cfg, raw, background_index, return_probs)
+                del grids, raws
     return results  # type: ignore[return-value]
+
+
+def _image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
+    """(H, W) of an (H, W, 3) image, without copying it (:func:`_prepare` checks the image)."""
+    shape = np.shape(image) if not isinstance(image, Tensor) else tuple(image.shape)
+    return int(shape[0]), int(shape[1])
+
+
+def _input_size(size: tuple[int, int], cfg: InferenceConfig) -> tuple[int, int]:
+    """(h, w) the segmentor gets for an image of ``size``: after ``cfg.short_side``, as
+    :func:`reclip.data.transforms.resize_short_side` resizes it."""
+    if cfg.short_side is None:
+        return size
+    return short_side_size(size[0], size[1], cfg.short_side, max_long_side=cfg.max_long_side)
