@@ -80,8 +80,33 @@ def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
     from reclip.bench_eval import main
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    assert main(["--images", "3", "--batch-size", "2", "--short-side", "32", "--repeats", "1"]) == 0
+    assert main(["--images", "3", "--batch-size", "2", "--short-side", "32", "--repeats", "1",
+                 "--attention-grid", "3", "--slide-size", "48", "--window", "32", "--slide-batch-size", "3"]) == 0
     out = capsys.readouterr().out
     assert "one image at a time" in out and "2 processes" in out and "images/s" in out
+    for kind in ("normal", "qq", "kk", "qq+kk", "kk+gaussian"):
+        assert f"last-block attention {kind!r}" in out
+    assert "windows per forward vs one (mmseg slide_inference)" in out and "windows/s" in out
     # batching scores every pixel as one image at a time ("10 of" must not pass)
     assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[1])
+
+
+def test_attention_bench_paths_agree():
+    from reclip.bench_eval import bench_attention
+
+    figures = bench_attention(batch=1, grid=(3, 4), width=16, heads=2, repeats=1)
+    assert set(figures) == {"normal", "qq", "kk", "qq+kk", "kk+gaussian"}
+    for f in figures.values():
+        assert f["speedup"] > 0 and f["max_abs_diff"] < 1e-5
+
+
+def test_slide_bench_loop_matches_batched_inference_and_refuses_a_mismatch(monkeypatch):
+    import reclip.bench_eval as bench_eval
+
+    segmentor = bench_eval.small_segmentor(vision_layers=1, vision_width=32, transformer_heads=2, embed_dim=16)
+    figures = bench_eval.bench_slide(segmentor, size=(40, 56), window=32, stride=16, batch_size=3, repeats=1)
+    assert figures["windows"] == 6 and figures["speedup"] > 0 and figures["max_abs_diff"] <= 1e-4
+    real = bench_eval.slide_per_window
+    monkeypatch.setattr(bench_eval, "slide_per_window", lambda *a, **k: real(*a, **k) + 1e-3)
+    with pytest.raises(RuntimeError, match="no longer compute the same logits"):
+        bench_eval.bench_slide(segmentor, size=(40, 56), window=32, stride=16, batch_size=3, repeats=1)

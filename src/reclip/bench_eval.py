@@ -6,12 +6,18 @@ image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
 - the evaluation pipeline (whole-mode batching of the images of one size, ``--batch-size`` = whole_batch_size)
   against one image at a time (the official repositories' loop), same settings;
 - one process against two (``torchrun``-style: a gloo process group, each rank its
-  contiguous block of the images, statistics merged), the same threads in all.
+  contiguous block of the images, statistics merged), the same threads in all;
+- the last block's fused attention (``features._attend``: ``F.scaled_dot_product_attention``)
+  against the explicit path (``attention_weights(q, k) @ v``, the matrix materialised), per
+  attention kind, with their max abs difference;
+- sliding-window inference with ``--slide-batch-size`` windows per forward against a
+  per-window loop (mmseg's ``slide_inference``: one window per forward), same logits.
 
 Random weights: the figures measure compute, not accuracy. Ratios, not absolute figures,
 are what carries over to other machines.
 
     python -m reclip.bench_eval [--images 32] [--batch-size 8] [--short-side 224]
+                                [--slide-size 448] [--slide-batch-size 16]
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from PIL import Image
 
 from reclip.clip.model import CLIP
 from reclip.data.datasets import SegmentationDataset
-from reclip.data.transforms import CLIP_MEAN, CLIP_STD
+from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear
 from reclip.heads.zero_shot import ZeroShotSegmentor
-from reclip.inference import InferenceConfig
+from reclip.features import ATTENTIONS, _attend, attention_weights, get_strategy
+from reclip.inference import InferenceConfig, infer_logits, slide_windows
 from reclip.text import QueryEmbeddings
 
 # a small ViT: ViT-B/16's patch size and text tower shape, a quarter of its vision depth and width
@@ -109,6 +116,84 @@ def bench_batching(segmentor: Any, root: Path, *, short_side: int, batch_size: i
             "pixels": int(confusions["single"].sum())}
 
 
+def _best_seconds(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Best wall time of each callable, after one warm-up call of each, timed in alternation."""
+    for fn in fns.values():
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: min(times) for name, times in seconds.items()}
+
+
+def bench_attention(*, batch: int = 2, grid: tuple[int, int] = (28, 28), width: int = SMALL_VIT["vision_width"],
+                    heads: int = SMALL_VIT["vision_width"] // 64, repeats: int = 3,
+                    seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per last-block attention kind (all but "identity", which attends nothing): seconds of the
+    fused path (``_attend``) and of the explicit one (``attention_weights(q, k) @ v``) on random
+    q, k, v (batch, heads, 1 + h*w, width / heads), ``speedup`` explicit / fused, and the max
+    abs difference of their outputs (``max_abs_diff``)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = 1 + grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, heads, tokens, width // heads, generator=gen) for _ in range(3))
+    figures = {}
+    with torch.no_grad():
+        for kind in ATTENTIONS:
+            if kind == "identity":
+                continue
+            strategy = get_strategy("raw", attention=kind)
+            fns = {"fused": lambda: _attend(q, k, v, strategy, grid),
+                   "explicit": lambda: attention_weights(q, k, strategy, grid) @ v}
+            diff = float((fns["fused"]() - fns["explicit"]()).abs().max())
+            best = _best_seconds(fns, repeats)
+            figures[kind] = {"fused_s": best["fused"], "explicit_s": best["explicit"],
+                             "speedup": best["explicit"] / best["fused"], "max_abs_diff": diff}
+    return figures
+
+
+def slide_per_window(segmentor: Any, image: torch.Tensor, window: int | tuple[int, int],
+                     stride: int | tuple[int, int]) -> torch.Tensor:
+    """mmseg's ``slide_inference``: one window per segmentor call, each window's logits upsampled
+    to the window, summed into place and divided by the per-pixel window count.
+    (B, 3, H, W) -> float32 (B, S, H, W)."""
+    _, _, height, width = image.shape
+    preds: torch.Tensor | None = None
+    count = image.new_zeros((1, 1, height, width), dtype=torch.float32)
+    with torch.no_grad():
+        for y1, y2, x1, x2 in slide_windows(height, width, window, stride):
+            crop = image[:, :, y1:y2, x1:x2]
+            logits = resize_bilinear(segmentor(crop).float(), tuple(crop.shape[-2:]))
+            if preds is None:
+                preds = image.new_zeros((image.shape[0], logits.shape[1], height, width), dtype=torch.float32)
+            preds[:, :, y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+    assert preds is not None
+    return preds / count
+
+
+def bench_slide(segmentor: Any, *, size: tuple[int, int] = (448, 597), window: int = 224, stride: int = 112,
+                batch_size: int = 16, repeats: int = 2, seed: int = 0) -> dict[str, float]:
+    """Sliding-window inference of one random normalised image of ``size``: our slide mode
+    (``batch_size`` windows per call) against :func:`slide_per_window`, timed in alternation
+    after a warm-up of each. Raises ``RuntimeError`` if their logits differ (atol 1e-4)."""
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+    cfg = InferenceConfig(mode="slide", window=window, stride=stride, batch_size=batch_size, logit_scale=50.0)
+    fns = {"batched": lambda: infer_logits(segmentor, image, cfg),
+           "loop": lambda: slide_per_window(segmentor, image, window, stride)}
+    diff = float((fns["batched"]() - fns["loop"]()).abs().max())
+    if not diff <= 1e-4:
+        raise RuntimeError(f"batched and per-window sliding inference no longer compute the same logits "
+                           f"(max abs difference {diff:.3g})")
+    best = _best_seconds(fns, repeats)
+    windows = len(slide_windows(size[0], size[1], window, stride))
+    return {"windows": windows, "batched_windows_per_s": windows / best["batched"],
+            "loop_windows_per_s": windows / best["loop"], "speedup": best["loop"] / best["batched"],
+            "max_abs_diff": diff}
+
+
 def _differ(a: np.ndarray, b: np.ndarray) -> int:
     """Pixels scored differently in two runs' confusion matrices (at least; 0: the same matrix)."""
     return int(np.abs(a - b).sum()) // 2
@@ -177,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--short-side", type=int, default=224, help="short side of the whole-image resize")
     parser.add_argument("--processes", type=int, default=2, help="processes of the multi-process run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each pipeline (best kept)")
+    parser.add_argument("--attention-grid", type=int, default=28,
+                        help="patch grid side of the attention bench (28: 448 px at patch 16)")
+    parser.add_argument("--slide-size", type=int, default=448,
+                        help="short side of the sliding-window bench's image (long side 4/3 of it)")
+    parser.add_argument("--window", type=int, default=224, help="sliding window (stride: half of it)")
+    parser.add_argument("--slide-batch-size", type=int, default=16, help="windows per forward of the batched slide")
     args = parser.parse_args(argv)
     print(f"reclip bench_eval: random small ViT ({SMALL_VIT['vision_layers']} layers, width "
           f"{SMALL_VIT['vision_width']}, patch {SMALL_VIT['vision_patch_size']}), MaskCLIP whole image at short side "
@@ -194,6 +285,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.processes * p['threads']}: {p['many_images_per_s']:.2f} vs {p['one_images_per_s']:.2f} "
               f"images/s = {p['speedup']:.2f}x ({p['differ']} of {p['pixels']} pixels scored differently: other "
               f"thread counts round differently)")
+    side = args.attention_grid
+    for kind, a in bench_attention(grid=(side, side), repeats=max(args.repeats, 1)).items():
+        print(f"last-block attention {kind!r} ({side}x{side} patches), fused SDPA vs explicit matrix: "
+              f"{a['fused_s'] * 1e3:.2f} vs {a['explicit_s'] * 1e3:.2f} ms = {a['speedup']:.2f}x "
+              f"(max abs difference {a['max_abs_diff']:.2e})")
+    size = (args.slide_size, args.slide_size * 4 // 3)
+    sl = bench_slide(small_segmentor(), size=size, window=args.window, stride=max(args.window // 2, 1),
+                    batch_size=args.slide_batch_size, repeats=args.repeats)
+    print(f"sliding window {args.window}/{max(args.window // 2, 1)} on {size[0]}x{size[1]} ({sl['windows']} windows), "
+          f"{args.slide_batch_size} windows per forward vs one (mmseg slide_inference): "
+          f"{sl['batched_windows_per_s']:.2f} vs {sl['loop_windows_per_s']:.2f} windows/s = {sl['speedup']:.2f}x "
+          f"(max abs difference {sl['max_abs_diff']:.2e})")
     return 0
 
 
