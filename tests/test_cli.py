@@ -472,3 +472,21 @@ def test_a_segment_run_that_reads_no_image_fails(tmp_path, clip_file, capsys):
                  str(photos), *COMMON])
     assert code == 1
     assert "no image could be read" in capsys.readouterr().err
+
+
+def test_compile_flag_is_opt_in_and_evaluates_like_eager(tmp_path, clip_file):
+    from reclip.cli import _inference_overrides, build_parser
+
+    base = ["evaluate", "--clip", "m", "--dataset", "voc21", "--data-root", "r"]
+    assert "compile" not in _inference_overrides(build_parser().parse_args(base))
+    assert _inference_overrides(build_parser().parse_args(base + ["--compile"]))["compile"] is True
+    seg = build_parser().parse_args(["segment", "--clip", "m", "--classes", "a,b", "--out", "o", "x.jpg",
+                                     "--compile"])
+    assert _inference_overrides(seg)["compile"] is True
+    root = write_voc(tmp_path / "voc", n_val=2)
+    clip = load_clip(clip_file)
+    runs = [api.evaluate(clip, "maskclip", "voc21", root, progress=False, num_workers=0,
+                         inference={"compile": flag, "short_side": 32, "mode": "slide", "window": 24, "stride": 16})
+            for flag in (False, True)]
+    np.testing.assert_array_equal(runs[1].confusion, runs[0].confusion)
+    assert runs[1].settings["inference"]["compile"] is True

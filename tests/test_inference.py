@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -526,3 +527,29 @@ def test_postprocess_has_its_own_settings_and_no_import_cycle():
     torch.testing.assert_close(postprocess(logits, full, None, background_index=None)[1], probs)
     with pytest.raises(ValueError, match="pd_threshold"):
         PostprocessConfig(pd_threshold=1.5)
+
+
+def test_compile_is_opt_in_checked_and_gives_the_uncompiled_labels():
+    """``compile=True`` runs the segmentor through torch.compile (cached per segmentor);
+    on a tiny random CLIP its labels and logits are the eager ones."""
+    from reclip.heads.zero_shot import ZeroShotSegmentor
+    from reclip.text import QueryEmbeddings
+    from tiny import tiny_clip
+
+    assert InferenceConfig().compile is False
+    with pytest.raises(ValueError, match="compile"):
+        InferenceConfig(compile="yes")
+    clip = tiny_clip().requires_grad_(False)
+    torch.manual_seed(0)
+    queries = QueryEmbeddings(F.normalize(torch.randn(4, 32), dim=-1), torch.arange(4), 4)
+    seg = ZeroShotSegmentor(clip, queries, "maskclip").eval()
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    eager_cfg = InferenceConfig(mode="slide", window=32, stride=16, batch_size=4, logit_scale=50.0)
+    compiled_cfg = dataclasses.replace(eager_cfg, compile=True)
+    eager = segment(seg, image, eager_cfg, return_probs=True)
+    assert seg not in inference._COMPILED  # the eager run compiled nothing
+    fast = segment(seg, image, compiled_cfg, return_probs=True)
+    assert seg in inference._COMPILED
+    np.testing.assert_array_equal(fast.labels, eager.labels)
+    np.testing.assert_allclose(fast.probs, eager.probs, atol=1e-5)
+    assert inference.compiled(seg) is inference.compiled(seg)  # built once, reused

@@ -175,6 +175,10 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="SCLIP's area filter: drop classes below this fraction of the predicted foreground")
     g.add_argument("--autocast", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision on a GPU (default auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="run the segmentor through torch.compile (off by default): the first forward of each new "
+                        "input shape compiles, which takes seconds to minutes and is counted in the reported time, "
+                        "so it pays only on long runs of few shapes (slide mode's fixed windows)")
 
 
 def _max_pixels(text: str) -> int | None:
@@ -203,7 +207,7 @@ def _add_max_pixels_arg(p: argparse.ArgumentParser, labels: bool) -> None:
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("test_settings", "mode", "short_side", "max_long_side", "window", "stride", "batch_size", "whole_batch_size",
             "logit_scale",
-            "prob_thd", "area_thd", "pd_threshold", "prompt_denoising", "pamr", "pamr_iter", "pamr_dilations")
+            "prob_thd", "area_thd", "pd_threshold", "prompt_denoising", "pamr", "pamr_iter", "pamr_dilations", "compile")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.autocast is not None:
         values["autocast"] = False if args.autocast == "off" else args.autocast

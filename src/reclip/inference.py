@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Sequence
 
@@ -87,6 +88,12 @@ class InferenceConfig(PostprocessConfig):
             bfloat16 on any device, "fp16" = float16 on any device, "auto" = bfloat16 on
             CUDA and off elsewhere. Window accumulation and post-processing are always
             float32 (and the zero-shot head computes its cosines in float32).
+        compile: run the segmentor through ``torch.compile`` (default False). Opt-in: the
+            first call of each new input shape compiles (seconds to minutes; a few
+            distinct shapes, after which dynamic shapes or eager are used), so it pays
+            only over many calls of few shapes (slide mode's fixed windows, or whole mode
+            after a fixed resize). Labels are those of the uncompiled segmentor up to
+            float rounding. The compiled wrapper is cached per segmentor.
     """
 
     mode: Literal["whole", "slide"] = "whole"
@@ -98,6 +105,7 @@ class InferenceConfig(PostprocessConfig):
     batch_size: int = 16
     whole_batch_size: int = 1
     autocast: bool | Literal["auto", "bf16", "fp16"] = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +132,8 @@ class InferenceConfig(PostprocessConfig):
         if not (isinstance(self.whole_batch_size, int) and not isinstance(self.whole_batch_size, bool)
                 and self.whole_batch_size > 0):
             raise ValueError(f"whole_batch_size must be a positive int, got {self.whole_batch_size!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if not (isinstance(self.autocast, bool) or (isinstance(self.autocast, str) and self.autocast in AUTOCAST_MODES)):
             raise ValueError(
                 f"autocast must be False (off), True or 'bf16' (bfloat16), 'fp16' (float16) or 'auto' "
@@ -186,10 +196,23 @@ def _autocast(device: torch.device, cfg: InferenceConfig) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+_COMPILED: "weakref.WeakKeyDictionary[Segmentor, Segmentor]" = weakref.WeakKeyDictionary()
+
+
+def compiled(segmentor: Segmentor) -> Segmentor:
+    """``torch.compile(segmentor)``, built once per segmentor (cached while it lives), so that
+    every call of an evaluation reuses its compiled graphs."""
+    try:
+        return _COMPILED[segmentor]
+    except KeyError:
+        fn = _COMPILED[segmentor] = torch.compile(segmentor)
+        return fn
+
+
 def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:
     """One segmentor call with shape checks; returns float32 logits (n, S, h, w)."""
     with _autocast(images.device, cfg):
-        logits = segmentor(images)
+        logits = (compiled(segmentor) if cfg.compile else segmentor)(images)
     if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != images.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
