@@ -81,12 +81,14 @@ def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     assert main(["--images", "3", "--batch-size", "2", "--short-side", "32", "--repeats", "1",
-                 "--attention-grid", "3", "--slide-size", "48", "--window", "32", "--slide-batch-size", "3"]) == 0
+                 "--attention-grid", "3", "--slide-size", "48", "--window", "32", "--slide-batch-size", "3",
+                 "--compile"]) == 0
     out = capsys.readouterr().out
     assert "one image at a time" in out and "2 processes" in out and "images/s" in out
     for kind in ("normal", "qq", "kk", "qq+kk", "kk+gaussian"):
         assert f"last-block attention {kind!r}" in out
     assert "windows per forward vs one (mmseg slide_inference)" in out and "windows/s" in out
+    assert "torch.compile vs eager" in out
     # batching scores every pixel as one image at a time ("10 of" must not pass)
     assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[1])
 

@@ -11,7 +11,8 @@ image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
   against the explicit path (``attention_weights(q, k) @ v``, the matrix materialised), per
   attention kind, with their max abs difference;
 - sliding-window inference with ``--slide-batch-size`` windows per forward against a
-  per-window loop (mmseg's ``slide_inference``: one window per forward), same logits.
+  per-window loop (mmseg's ``slide_inference``: one window per forward), same logits;
+  with ``--compile``, also against itself through ``torch.compile`` (compilation excluded).
 
 Random weights: the figures measure compute, not accuracy. Ratios, not absolute figures,
 are what carries over to other machines.
@@ -23,6 +24,7 @@ are what carries over to other machines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import socket
@@ -175,21 +177,34 @@ def slide_per_window(segmentor: Any, image: torch.Tensor, window: int | tuple[in
 
 
 def bench_slide(segmentor: Any, *, size: tuple[int, int] = (448, 597), window: int = 224, stride: int = 112,
-                batch_size: int = 16, repeats: int = 2, seed: int = 0) -> dict[str, float]:
+                batch_size: int = 16, repeats: int = 2, seed: int = 0, compile: bool = False) -> dict[str, float]:
     """Sliding-window inference of one random normalised image of ``size``: our slide mode
     (``batch_size`` windows per call) against :func:`slide_per_window`, timed in alternation
-    after a warm-up of each. Raises ``RuntimeError`` if their logits differ (atol 1e-4)."""
+    after a warm-up of each. Raises ``RuntimeError`` if their logits differ (atol 1e-4).
+    With ``compile``, also our slide mode with ``InferenceConfig.compile`` (torch.compile;
+    its compilation happens in the warm-up, outside the figures): ``compiled_speedup`` is
+    eager / compiled, same check of the logits."""
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
     cfg = InferenceConfig(mode="slide", window=window, stride=stride, batch_size=batch_size, logit_scale=50.0)
     fns = {"batched": lambda: infer_logits(segmentor, image, cfg),
            "loop": lambda: slide_per_window(segmentor, image, window, stride)}
-    diff = float((fns["batched"]() - fns["loop"]()).abs().max())
-    if not diff <= 1e-4:
-        raise RuntimeError(f"batched and per-window sliding inference no longer compute the same logits "
-                           f"(max abs difference {diff:.3g})")
+    if compile:
+        fns["compiled"] = lambda: infer_logits(segmentor, image, dataclasses.replace(cfg, compile=True))
+    reference = fns["batched"]()
+    diffs = {name: float((fn() - reference).abs().max()) for name, fn in fns.items() if name != "batched"}
+    for name, d in diffs.items():
+        if not d <= 1e-4:
+            raise RuntimeError(f"batched and {name} sliding inference no longer compute the same logits "
+                               f"(max abs difference {d:.3g})")
+    diff = diffs["loop"]
     best = _best_seconds(fns, repeats)
     windows = len(slide_windows(size[0], size[1], window, stride))
-    return {"windows": windows, "batched_windows_per_s": windows / best["batched"],
+    if compile:
+        extra = {"compiled_windows_per_s": windows / best["compiled"],
+                 "compiled_speedup": best["batched"] / best["compiled"], "compiled_max_abs_diff": diffs["compiled"]}
+    else:
+        extra = {}
+    return {**extra, "windows": windows, "batched_windows_per_s": windows / best["batched"],
             "loop_windows_per_s": windows / best["loop"], "speedup": best["loop"] / best["batched"],
             "max_abs_diff": diff}
 
@@ -268,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="short side of the sliding-window bench's image (long side 4/3 of it)")
     parser.add_argument("--window", type=int, default=224, help="sliding window (stride: half of it)")
     parser.add_argument("--slide-batch-size", type=int, default=16, help="windows per forward of the batched slide")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the batched slide through torch.compile (compilation in the warm-up, not timed)")
     args = parser.parse_args(argv)
     print(f"reclip bench_eval: random small ViT ({SMALL_VIT['vision_layers']} layers, width "
           f"{SMALL_VIT['vision_width']}, patch {SMALL_VIT['vision_patch_size']}), MaskCLIP whole image at short side "
@@ -292,11 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(max abs difference {a['max_abs_diff']:.2e})")
     size = (args.slide_size, args.slide_size * 4 // 3)
     sl = bench_slide(small_segmentor(), size=size, window=args.window, stride=max(args.window // 2, 1),
-                    batch_size=args.slide_batch_size, repeats=args.repeats)
+                    batch_size=args.slide_batch_size, repeats=args.repeats, compile=args.compile)
     print(f"sliding window {args.window}/{max(args.window // 2, 1)} on {size[0]}x{size[1]} ({sl['windows']} windows), "
           f"{args.slide_batch_size} windows per forward vs one (mmseg slide_inference): "
           f"{sl['batched_windows_per_s']:.2f} vs {sl['loop_windows_per_s']:.2f} windows/s = {sl['speedup']:.2f}x "
           f"(max abs difference {sl['max_abs_diff']:.2e})")
+    if args.compile:
+        print(f"sliding window, torch.compile vs eager ({args.slide_batch_size} windows per forward, compilation "
+              f"excluded): {sl['compiled_windows_per_s']:.2f} vs {sl['batched_windows_per_s']:.2f} windows/s = "
+              f"{sl['compiled_speedup']:.2f}x (max abs difference {sl['compiled_max_abs_diff']:.2e})")
     return 0
 
 
