@@ -16,6 +16,8 @@ batches). Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +224,21 @@ def write_for_layout(layout: str, root: str | Path) -> Path:
     if layout not in writers:
         raise KeyError(f"no synthetic writer for layout {layout!r}; known: {sorted(writers)}")
     return writers[layout](root)
+
+
+@contextlib.contextmanager
+def labels_unreadable(who: str) -> Iterator[None]:
+    """Inside the block every ground-truth label read fails (AssertionError naming ``who``):
+    what proves that an unsupervised stage opens no label."""
+    import pytest
+
+    import reclip.data.datasets as datasets_mod
+    import reclip.data.io as io_mod
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError(f"{who} read a ground-truth label")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(io_mod, "read_label", poisoned)
+        patch.setattr(datasets_mod, "read_label", poisoned)
+        yield

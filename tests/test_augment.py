@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import reclip.data.datasets as datasets_mod
-import reclip.data.io as io_mod
 from reclip.data import SegmentationDataset
 from reclip.data.augment import (
     UnlabeledTrainSet,
@@ -24,7 +22,7 @@ from reclip.data.augment import (
     sample_rng,
 )
 
-from layouts import write_voc
+from layouts import labels_unreadable, write_voc
 
 
 def _image(h: int = 40, w: int = 56, seed: int = 0) -> np.ndarray:
@@ -119,34 +117,30 @@ def voc_train(tmp_path: Path):
     return SegmentationDataset("voc21", root, split="train")
 
 
-def test_unlabeled_set_never_reads_labels(voc_train, monkeypatch):
+def test_unlabeled_set_never_reads_labels(voc_train):
     # labels gone from disk AND the label reader poisoned: the dataset's own items now fail...
     for p in voc_train.label_paths:
         Path(p).unlink()
 
-    def poisoned(*args, **kwargs):
-        raise AssertionError("UnlabeledTrainSet read a ground-truth label")
-
-    monkeypatch.setattr(io_mod, "read_label", poisoned)
-    monkeypatch.setattr(datasets_mod, "read_label", poisoned)
-    with pytest.raises(AssertionError):
-        voc_train[0]
-    # ... but the unlabelled set works and returns no label
-    hyp = {i: [k % 21, 5] for k, i in enumerate(voc_train.image_ids)}
-    ds = UnlabeledTrainSet(voc_train, hyp, num_classes=21, base_short_side=24, crop=(16, 20), seed=0)
-    assert len(ds) == 4
-    for k in range(len(ds)):
-        item = ds[k]
-        assert set(item) == {"image", "valid", "hypotheses", "index", "image_id"}
-        assert item["image"].shape == (3, 16, 20) and item["image"].dtype == torch.float32
-        # valid marks the image's pixels; the padding (zeros after normalisation) is not
-        valid = item["valid"]
-        assert valid.shape == (16, 20) and valid.dtype == torch.bool and valid[0, 0]
-        assert (item["image"][:, ~valid] == 0).all()
-        rows, cols = valid.any(1), valid.any(0)
-        assert valid.sum() == rows.sum() * cols.sum() and rows[: int(rows.sum())].all() and cols[: int(cols.sum())].all()
-        assert item["hypotheses"].dtype == torch.bool and item["hypotheses"].shape == (21,)
-        assert sorted(item["hypotheses"].nonzero().flatten().tolist()) == sorted({item["index"] % 21, 5})
+    with labels_unreadable("UnlabeledTrainSet"):
+        with pytest.raises(AssertionError):
+            voc_train[0]
+        # ... but the unlabelled set works and returns no label
+        hyp = {i: [k % 21, 5] for k, i in enumerate(voc_train.image_ids)}
+        ds = UnlabeledTrainSet(voc_train, hyp, num_classes=21, base_short_side=24, crop=(16, 20), seed=0)
+        assert len(ds) == 4
+        for k in range(len(ds)):
+            item = ds[k]
+            assert set(item) == {"image", "valid", "hypotheses", "index", "image_id"}
+            assert item["image"].shape == (3, 16, 20) and item["image"].dtype == torch.float32
+            # valid marks the image's pixels; the padding (zeros after normalisation) is not
+            valid = item["valid"]
+            assert valid.shape == (16, 20) and valid.dtype == torch.bool and valid[0, 0]
+            assert (item["image"][:, ~valid] == 0).all()
+            rows, cols = valid.any(1), valid.any(0)
+            assert valid.sum() == rows.sum() * cols.sum() and rows[: int(rows.sum())].all() and cols[: int(cols.sum())].all()
+            assert item["hypotheses"].dtype == torch.bool and item["hypotheses"].shape == (21,)
+            assert sorted(item["hypotheses"].nonzero().flatten().tolist()) == sorted({item["index"] % 21, 5})
 
 
 def test_unlabeled_set_determinism_per_epoch(voc_train):

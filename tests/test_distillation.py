@@ -10,10 +10,8 @@ import json
 import pytest
 import torch
 
-from layouts import write_voc
+from layouts import labels_unreadable, write_voc
 from tiny import tiny_clip
-import reclip.data.datasets as datasets_mod
-import reclip.data.io as io_mod
 from reclip.cli import main
 from reclip.clip.load import load_clip, save_clip
 from reclip.distillation import (
@@ -160,19 +158,11 @@ def distilled(tmp_path_factory):
                  "--max-steps", "2", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
                  "--reference-length", "8", "--device", "cpu"]) == 0
 
-    def poisoned(*args, **kwargs):
-        raise AssertionError("distillation read a ground-truth label")
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(io_mod, "read_label", poisoned)
-    patch.setattr(datasets_mod, "read_label", poisoned)
-    try:
+    with labels_unreadable("distillation"):
         assert main(["distill", *common, "--teacher", str(base / "teacher"), "--hypotheses", str(base / "hyp.json"),
                      "--out", str(base / "student"), "--backbone", "resnet18", "--weights", "none",
                      "--max-steps", "2", "--batch-size", "2", "--crop", "32", "--base-short-side", "40",
                      "--device", "cpu"]) == 0
-    finally:
-        patch.undo()
     return clip_file, root, base / "teacher", base / "student"
 
 
