@@ -16,20 +16,18 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from layouts import write_voc
+from processes import run_workers
 from tiny import tiny_clip
 from reclip import api
 from reclip.clip.load import save_clip
@@ -63,12 +61,6 @@ def _order_dataset(root: Path) -> Path:
     for i in ORDER_CORRUPT:
         (root / "JPEGImages" / f"{ids[i]}.jpg").write_bytes(b"not a jpeg")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class IdSegmentor(nn.Module):
@@ -183,14 +175,7 @@ def test_segment_files_lists_on_rank0_only(fail, tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
     root = write_voc(tmp_path / "voc", n_train=0, n_val=3)
-    ctx = mp.start_processes(_listing_worker, args=(2, _free_port(), str(tmp_path), str(root / "JPEGImages"), fail),
-                             nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the workers did not finish in 120 s (deadlock?)")
+    run_workers(_listing_worker, str(tmp_path), str(root / "JPEGImages"), fail)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [g["calls"] for g in got] == [[0], []]  # rank 0 alone lists
     if fail:  # rank 0's error, raised on both ranks
@@ -231,15 +216,7 @@ def test_two_processes_give_the_results_of_one(tmp_path, monkeypatch):
     kept = sorted(partial["images"])[:2]
     partial["images"] = {k: partial["images"][k] for k in kept}
     (two / "resumed.json").write_text(json.dumps(partial))
-    # fork: the workers inherit the imported torch (see test_train's DDP test)
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(two), str(root)), nprocs=2, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the workers did not finish in 240 s (deadlock?)")
+    run_workers(_worker, str(two), str(root), timeout=240)
     single = pickle.loads((tmp_path / "single" / "results.pkl").read_bytes())
     ranks = [pickle.loads((two / f"rank{r}" / "results.pkl").read_bytes()) for r in range(2)]
     assert single["evaluation"]["num_images"] == N_VAL - 1

@@ -6,18 +6,16 @@ import datetime
 import os
 import functools
 import json
-import socket
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
+from processes import run_workers
 from reclip.train import (
     AdamWConfig,
     PolySchedule,
@@ -344,12 +342,6 @@ def test_adamw_with_no_decay_groups_and_exact_resume(tmp_path):
 DDP_CFG = dict(steps=8, batch_size=4, checkpoint_every=2, log_every=2, seed=1)  # with LR
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -383,16 +375,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     train(functools.partial(ToyNet, bn=False), toy_loss, ToyData(n=12), TrainConfig(**DDP_CFG), tmp_path / "single", progress=False, optimizer=LR)
-    # fork: the workers inherit the imported torch (spawn re-imports it: ~20 s more on a busy CI machine);
-    # they set one intra-op thread before any computation, so no OpenMP pool crosses the fork
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the DDP workers did not finish in 120 s (deadlock?)")
+    run_workers(_ddp_worker, str(tmp_path))
     ddp, single = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     _assert_same(ddp, single, atol=1e-6)
     init = trainable_state(ToyNet(bn=False))
