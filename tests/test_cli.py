@@ -474,7 +474,8 @@ def test_a_segment_run_that_reads_no_image_fails(tmp_path, clip_file, capsys):
     assert "no image could be read" in capsys.readouterr().err
 
 
-def test_compile_flag_is_opt_in_and_evaluates_like_eager(tmp_path, clip_file):
+def test_compile_flag_is_opt_in_and_evaluates_like_eager(tmp_path, clip_file, monkeypatch):
+    from reclip import inference
     from reclip.cli import _inference_overrides, build_parser
 
     base = ["evaluate", "--clip", "m", "--dataset", "voc21", "--data-root", "r"]
@@ -485,8 +486,13 @@ def test_compile_flag_is_opt_in_and_evaluates_like_eager(tmp_path, clip_file):
     assert _inference_overrides(seg)["compile"] is True
     root = write_voc(tmp_path / "voc", n_val=2)
     clip = load_clip(clip_file)
-    runs = [api.evaluate(clip, "maskclip", "voc21", root, progress=False, num_workers=0,
-                         inference={"compile": flag, "short_side": 32, "mode": "slide", "window": 24, "stride": 16})
-            for flag in (False, True)]
+    real, calls = inference.compiled, []
+    monkeypatch.setattr(inference, "compiled", lambda segmentor: calls.append(segmentor) or real(segmentor))
+    runs = []
+    for flag in (False, True):
+        runs.append(api.evaluate(clip, "maskclip", "voc21", root, progress=False, num_workers=0,
+                                 inference={"compile": flag, "short_side": 32, "mode": "slide", "window": 24,
+                                            "stride": 16}))
+        assert bool(calls) == flag  # the eager run compiled nothing, the other ran compiled
     np.testing.assert_array_equal(runs[1].confusion, runs[0].confusion)
     assert runs[1].settings["inference"]["compile"] is True

@@ -547,9 +547,17 @@ def test_compile_is_opt_in_checked_and_gives_the_uncompiled_labels():
     eager_cfg = InferenceConfig(mode="slide", window=32, stride=16, batch_size=4, logit_scale=50.0)
     compiled_cfg = dataclasses.replace(eager_cfg, compile=True)
     eager = segment(seg, image, eager_cfg, return_probs=True)
-    assert seg not in inference._COMPILED  # the eager run compiled nothing
+    assert inference._COMPILED_ATTR not in seg.__dict__  # the eager run compiled nothing
     fast = segment(seg, image, compiled_cfg, return_probs=True)
-    assert seg in inference._COMPILED
+    assert inference._COMPILED_ATTR in seg.__dict__
     np.testing.assert_array_equal(fast.labels, eager.labels)
     np.testing.assert_allclose(fast.probs, eager.probs, atol=1e-5)
     assert inference.compiled(seg) is inference.compiled(seg)  # built once, reused
+    assert set(seg.state_dict()) == set(ZeroShotSegmentor(clip, queries, "maskclip").state_dict())
+    import gc
+    import weakref
+
+    gone = weakref.ref(seg)
+    del seg
+    gc.collect()
+    assert gone() is None  # the compiled wrapper does not keep its segmentor (and CLIP) alive

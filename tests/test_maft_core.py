@@ -370,25 +370,36 @@ def test_prediction_proposals_are_the_regions_of_the_prediction():
 
 
 def test_written_proposal_files_read_back_as_the_source_gave_them(tmp_path):
+    from layouts import labels_unreadable, write_voc
+    from reclip.data.datasets import SegmentationDataset
+    from reclip.data.io import load_image
     from reclip.maft.proposals import write_proposal_files
 
-    labels = np.zeros((6, 8), np.int64)
-    labels[2:, 4:] = 1
-    source = PredictionProposals(lambda image: labels, "from:test", min_area=0)
-    soft = lambda image, image_id: torch.full((2, 6, 8), 0.25)  # noqa: E731
-    images = [{"image_id": f"sub/{i}", "image": np.zeros((6, 8, 3), np.uint8)} for i in range(3)]
-    write_proposal_files(source, images, tmp_path / "hard")
-    write_proposal_files(soft, images[:1], tmp_path / "soft")
-    files = ProposalFiles(tmp_path / "hard")
-    for item in images:
-        assert torch.equal(files(item["image"], item["image_id"]), source(item["image"], item["image_id"]))
-    assert torch.equal(ProposalFiles(tmp_path / "soft")(images[0]["image"], "sub/0"), torch.full((2, 6, 8), 0.25))
+    root = write_voc(tmp_path / "voc", n_train=0, n_val=3)
+    data = SegmentationDataset("voc21", root, "val")
+    (root / "JPEGImages" / f"{data.image_ids[2]}.jpg").write_bytes(b"not a jpeg")
+
+    def source(image, image_id):  # binary regions that depend on the image
+        return torch.from_numpy(np.stack([image[..., 0] > 127, image[..., 0] <= 127])).float()
+
+    soft = lambda image, image_id: torch.full((2, *image.shape[:2]), 0.25)  # noqa: E731
+    with labels_unreadable("write_proposal_files"), pytest.warns(UserWarning, match="no proposals for"):
+        skipped = write_proposal_files(source, data, tmp_path / "hard")
+    assert [path for path, _ in skipped] == [str(data.image_paths[2])]
+    with pytest.warns(UserWarning, match="2008_000002"):
+        write_proposal_files(soft, data, tmp_path / "soft")
+    files, soft_files = ProposalFiles(tmp_path / "hard"), ProposalFiles(tmp_path / "soft")
+    for image_id, path in list(zip(data.image_ids, data.image_paths))[:2]:
+        image = load_image(path).image
+        assert torch.equal(files(image, image_id), source(image, image_id))
+        assert torch.equal(soft_files(image, image_id), torch.full((2, *image.shape[:2]), 0.25))
     # files already written are kept: a killed run continues where it stopped
-    stamp = (tmp_path / "hard" / "sub" / "0.npz").stat().st_mtime_ns
-    write_proposal_files(lambda image, image_id: 1 / 0, images, tmp_path / "hard")
-    assert (tmp_path / "hard" / "sub" / "0.npz").stat().st_mtime_ns == stamp
-    with pytest.raises(ProposalError, match="sub/0"):
-        write_proposal_files(lambda image, image_id: torch.full((1, 6, 8), 2.0), images, tmp_path / "bad")
+    stamp = (tmp_path / "hard" / f"{data.image_ids[0]}.npz").stat().st_mtime_ns
+    with pytest.warns(UserWarning):
+        write_proposal_files(lambda image, image_id: 1 / 0, data, tmp_path / "hard")
+    assert (tmp_path / "hard" / f"{data.image_ids[0]}.npz").stat().st_mtime_ns == stamp
+    with pytest.raises(ProposalError, match=data.image_ids[0]):
+        write_proposal_files(lambda image, image_id: torch.full((1, *image.shape[:2]), 2.0), data, tmp_path / "bad")
 
 
 # --- the segmentor ------------------------------------------------------------------------

@@ -176,6 +176,11 @@ class EvaluationResult:
         return atomic_write_json(path, self.to_dict())
 
 
+def input_normalisation(segmentor: Any, clip: CLIP) -> tuple[tuple, tuple]:
+    """The (mean, std) a segmentor's inputs are normalised with: its own where it has one
+    (a distilled student: ``image_mean`` / ``image_std``), else its CLIP's."""
+    return getattr(segmentor, "image_mean", clip.image_mean), getattr(segmentor, "image_std", clip.image_std)
+
 def evaluate(
     clip: CLIP,
     method: str,
@@ -263,8 +268,7 @@ def evaluate(
         segmentor.proposals = proposal_source(proposals, clip, data.vocabulary, protocol,
                                               background=protocol.background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
-    mean = getattr(segmentor, "image_mean", clip.image_mean)
-    std = getattr(segmentor, "image_std", clip.image_std)
+    mean, std = input_normalisation(segmentor, clip)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
                                 bias=bias, limit=limit, num_workers=num_workers, progress=progress,
                                 description=f"{method} on {protocol.name}/{split}", unseen_classes=zero_shot)
@@ -642,8 +646,7 @@ def segment_files(
         segmentor.proposals = proposal_source(proposals, clip, vocabulary, load_protocol("folder"),
                                               background=background, text_cache=text_cache)
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
-    mean = getattr(segmentor, "image_mean", clip.image_mean)
-    std = getattr(segmentor, "image_std", clip.image_std)
+    mean, std = input_normalisation(segmentor, clip)
     names = list(vocabulary.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     # under torchrun: each rank segments and writes its block of the images
@@ -785,8 +788,7 @@ def proposal_source(
         raise ValueError(f"proposals {text!r}: {target!r} is neither a training-free method ({', '.join(free)}) nor "
                          f"a run folder")
     cfg = inference_config(method, protocol)
-    mean = getattr(segmentor, "image_mean", clip.image_mean)
-    std = getattr(segmentor, "image_std", clip.image_std)
+    mean, std = input_normalisation(segmentor, clip)
     index = 0 if background else None
 
     def predict(image: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reclip.cache import cache_folder
-from reclip.api import ZERO_SHOT_KEYS, EvaluationResult, evaluate_segmentor
+from reclip.api import ZERO_SHOT_KEYS, EvaluationResult, evaluate_segmentor, input_normalisation
 from reclip.clip.load import load_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.distillation import MASKCLIP_PLUS, RECLIPPP_DISTILL, DistillConfig, distill
@@ -383,14 +383,9 @@ def _seeded_row(name: str, models: list[Any], seeds: tuple[int, ...], data: Segm
     return DemoRow(name, results, tuple(seeds))
 
 
-def _normalisation(segmentor: Any, clip: Any) -> tuple[tuple, tuple]:
-    """The input normalisation a segmentor reads: its own (a student's), else CLIP's."""
-    return getattr(segmentor, "image_mean", clip.image_mean), getattr(segmentor, "image_std", clip.image_std)
-
-
 def _evaluate(segmentor: Any, data: SegmentationDataset, cfg: InferenceConfig, clip: Any, progress: bool,
               name: str, unseen: list[str] | None = None) -> EvaluationResult:
-    mean, std = _normalisation(segmentor, clip)
+    mean, std = input_normalisation(segmentor, clip)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, bias=True,
                                 num_workers=0, progress=progress, description=name, unseen_classes=unseen or None)
     result.method = name
@@ -639,7 +634,7 @@ def _write_outputs(out: Path, rows: list[DemoRow], segmentors: dict[str, Any], d
         columns = [("image", image), ("ground truth", overlay(image, label, colours, alpha=0.7))]
         for name in (r.name for r in rows):
             with torch.inference_mode(), image_context(segmentors[name], image, item["image_id"]):
-                pred = segment(segmentors[name], image, cfg, *_normalisation(segmentors[name], clip),
+                pred = segment(segmentors[name], image, cfg, *input_normalisation(segmentors[name], clip),
                                background_index=0).labels
             caption = f"{name} (seed {seeded[name]})" if name in seeded else name
             columns.append((caption, overlay(image, pred, colours, alpha=0.7)))

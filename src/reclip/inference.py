@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Sequence
 
@@ -196,17 +195,17 @@ def _autocast(device: torch.device, cfg: InferenceConfig) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Segmentor, Segmentor]" = weakref.WeakKeyDictionary()
+_COMPILED_ATTR = "_reclip_compiled"
 
 
 def compiled(segmentor: Segmentor) -> Segmentor:
-    """``torch.compile(segmentor)``, built once per segmentor (cached while it lives), so that
-    every call of an evaluation reuses its compiled graphs."""
-    try:
-        return _COMPILED[segmentor]
-    except KeyError:
-        fn = _COMPILED[segmentor] = torch.compile(segmentor)
-        return fn
+    """``torch.compile(segmentor)``, built once per segmentor and kept on it (in its
+    ``__dict__``, not as a submodule: its state dict is unchanged), so every call of an
+    evaluation reuses the compiled graphs and both go when the segmentor goes."""
+    fn = segmentor.__dict__.get(_COMPILED_ATTR)
+    if fn is None:
+        fn = segmentor.__dict__[_COMPILED_ATTR] = torch.compile(segmentor)
+    return fn
 
 
 def _call(segmentor: Segmentor, images: Tensor, cfg: InferenceConfig) -> Tensor:

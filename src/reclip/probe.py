@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from reclip.api import EvaluationResult, evaluate_segmentor
+from reclip.api import EvaluationResult, evaluate_segmentor, input_normalisation
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
@@ -407,8 +407,7 @@ def probe(
     segmentor = build_segmentor(method, clip, val_data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=None if family.trained else "single", checkpoint=checkpoint,
                                 text_cache=text_cache)
-    mean = getattr(segmentor, "image_mean", clip.image_mean)
-    std = getattr(segmentor, "image_std", clip.image_std)
+    mean, std = input_normalisation(segmentor, clip)
     result = linear_probe(segmentor, train_data, val_data, mean=mean, std=std,
                           description=f"linear probe of {method} on {protocol.name}", **options)
     result.method = method

@@ -313,26 +313,43 @@ class PredictionProposals:
         return f"PredictionProposals({self.name!r})"
 
 
+def _save_npz(path: Path, masks: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: given a name, NumPy would append ".npz"
+        np.savez_compressed(f, **{NPZ_KEY: masks})
+
+
 def write_proposal_files(source: ProposalSource, images: Any, folder: str | os.PathLike, *,
-                         progress: bool = False) -> Path:
-    """Write ``source``'s proposals of every image of ``images`` (a dataset whose items have
-    "image_id" and "image") as ``folder/<image_id>.npz`` (binary masks stored as bool, soft
-    ones as float16), for :class:`ProposalFiles`: made once, read at every epoch. Files
-    already there are kept (a killed run continues); each is written atomically."""
+                         progress: bool = False) -> list[tuple[str, str]]:
+    """Write ``source``'s proposals of every image of ``images`` as ``folder/<image_id>.npz``
+    (binary masks stored as bool, soft ones as float16), for :class:`ProposalFiles`: made
+    once, read at every epoch.
+
+    ``images``: a dataset with ``image_ids`` and ``image_paths`` (a
+    :class:`~reclip.data.datasets.SegmentationDataset`, with its ``max_pixels``); only the
+    images are read, never a label. Files already there are kept (a killed run continues);
+    each is written atomically. An unreadable image is skipped with a warning; returns the
+    skipped (path, reason) pairs.
+    """
     from tqdm.auto import tqdm
 
+    from reclip.data.io import MAX_PIXELS, ImageReadError, load_image
+    from reclip.files import atomic_write
+
     folder = Path(folder)
-    for index in tqdm(range(len(images)), desc="proposals", unit="img", disable=not progress):
-        image_id = images.image_ids[index] if hasattr(images, "image_ids") else images[index]["image_id"]
+    skipped = []
+    pairs = list(zip(images.image_ids, images.image_paths))
+    for image_id, image_path in tqdm(pairs, desc="proposals", unit="img", disable=not progress):
         path = folder / f"{image_id}.npz"
         if path.is_file():
             continue
-        item = images[index]
-        masks = check_masks(source(item["image"], image_id), f"proposals of image {image_id!r}")
+        try:
+            image = load_image(image_path, max_pixels=getattr(images, "max_pixels", MAX_PIXELS)).image
+        except ImageReadError as e:
+            warnings.warn(f"no proposals for image {image_id!r}: {e}", stacklevel=2)
+            skipped.append((str(image_path), str(e)))
+            continue
+        masks = check_masks(source(image, image_id), f"proposals of image {image_id!r}")
         binary = bool(((masks == 0) | (masks == 1)).all())
         array = masks.bool().numpy() if binary else masks.half().numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, **{NPZ_KEY: array})
-        os.replace(tmp, path)
-    return folder
+        atomic_write(path, lambda tmp: _save_npz(tmp, array))
+    return skipped
