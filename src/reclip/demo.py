@@ -157,7 +157,10 @@ class ToyDistillation:
             still underfit (14.0 / 18.0 / 17.7 mIoU over seeds 0-2 against their teachers'
             19.3 / 17.6 / 17.7, mostly through L_text; without it 19.7 / 18.8 / 18.4), while
             2000 gave 19.5 / 18.9 / 18.3; batches of 16 (19.2 / 17.3 / 17.9) and lr 0.02
-            (17.5 / 13.7 / -) did not help.
+            (17.5 / 13.7 / -) did not help. Those runs were scored with CLIP's input
+            normalisation (some trained with it, before ImageNet's became the default):
+            experiments/toy_student_settings.py reruns any of them with today's code; the
+            demo's own figures are in the README.
         feat_at: L_feat on the student's grid, not the paper's image size: on 96 px scenes
             the teacher's and the student's grids are the same 12 x 12 cells, so Z and Z_hat
             are compared cell by cell instead of after upsampling 128-channel maps to
@@ -205,6 +208,10 @@ class ToyMaft:
             regions per scene its vote outweighs theirs, 19.2 against 30.7 mIoU).
         steps, batch_size, lr: AdamW fine-tuning (MAFT: 1000 steps of 16, lr 1e-5, for a
             full-size CLIP).
+
+    The figures above are the ipclip row's seed 0: ``run_demo(maft=dataclasses.replace(
+    TOY_MAFT, start_layer=3))`` or ``whole_image=True`` reproduces them (results.json, the
+    row's "seeds").
     """
 
     unseen: int = 2
