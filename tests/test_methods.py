@@ -138,7 +138,7 @@ def test_naclip_settings_are_read_instead_of_zero_shot_when_asked_for():
 
 def test_test_settings_of_another_family_or_a_missing_section_are_refused():
     p = load_protocol("voc21")
-    assert FAMILIES["zero_shot"].sections == ("zero_shot", "naclip")
+    assert FAMILIES["zero_shot"].sections == ("zero_shot", "naclip", "sc_clip", "resclip", "proxyclip")
     assert FAMILIES["rectified"].sections == ("reclip",)
     with pytest.raises(ValueError, match="'naclip' are for the zero_shot family; 'reclip\\+\\+' .* reads 'reclip'"):
         inference_config(RECLIPPP, p, test_settings="naclip")

@@ -25,7 +25,6 @@ Only rank 0 shows a progress bar (the CLI: prints and writes the JSON).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -50,10 +49,11 @@ from reclip.data.io import MAX_PIXELS, ImageReadError, check_max_pixels, load_im
 from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
+from reclip.features import strategy_to_dict
 from reclip.inference import InferenceConfig, image_context, segment, segment_many
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
-                            load_trained, settings_section)
+                            load_trained, published_strategy_overrides, settings_section)
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
@@ -262,6 +262,8 @@ def evaluate(
     zero_shot = None
     if seen_classes is not None or unseen_classes is not None:
         zero_shot = class_split(data.vocabulary, seen=seen_classes, unseen=unseen_classes)
+    if not get_family(method).trained:  # the dataset's published strategy settings, then the user's
+        strategy_overrides = {**published_strategy_overrides(method, protocol), **dict(strategy_overrides or {})}
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
     if proposals is not None:
@@ -275,7 +277,7 @@ def evaluate(
     result.method = method
     result.settings.update({
         "test_settings": section,
-        "strategy": dataclasses.asdict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
+        "strategy": strategy_to_dict(segmentor.strategy) if hasattr(segmentor, "strategy") else None,
         "templates": templates or get_method(method).templates,
         "clip": getattr(clip, "spec", None),
         "clip_fingerprint": weights_fingerprint(clip),

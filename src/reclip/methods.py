@@ -24,7 +24,8 @@ from reclip.text import QueryEmbeddings, Vocabulary
 from reclip.train import load_run
 
 __all__ = ["FAMILIES", "METHODS", "Family", "Method", "build_segmentor", "classes_file_for", "get_family",
-           "get_method", "inference_config", "load_trained", "settings_section", "TEST_SETTINGS"]
+           "get_method", "inference_config", "load_trained", "published_strategy_overrides", "settings_section",
+           "TEST_SETTINGS"]
 
 # The registry: one line per family.
 FAMILIES: dict[str, Family] = {
@@ -160,6 +161,16 @@ def settings_section(method: str | Method, protocol: Any, test_settings: str | N
         raise ValueError(f"protocol {getattr(protocol, 'name', '?')!r} has no {name!r} section ({where}); "
                          f"add one (schema: reclip.data.protocol) or use the default {family.section!r}")
     return name, settings
+
+
+def published_strategy_overrides(method: str | Method, protocol: Any) -> dict[str, Any]:
+    """The strategy settings ``protocol`` publishes for ``method``: the ``strategy`` mapping
+    of the method's own section (``Method.own_section``, e.g. ResCLIP's per-dataset
+    weights), or {} where it has none. They apply whichever section the test settings come
+    from; a user's strategy overrides replace them field by field."""
+    name = get_method(method).own_section
+    section = getattr(protocol, name, None) if name is not None else None
+    return dict(getattr(section, "strategy", None) or {})
 
 
 def classes_file_for(method: str | Method, protocol: Any, given: str | os.PathLike | None = None,

@@ -61,6 +61,7 @@ from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.data.transforms import resize_bilinear, resize_labels, resize_short_side, to_tensor_normalized
+from reclip.features import strategy_to_dict
 from reclip.inference import InferenceConfig
 from reclip.segmentor import DenseSegmentor
 
@@ -414,7 +415,7 @@ def probe(
     strategy = getattr(segmentor, "strategy", None)
     result.settings.update({
         "features": features_description(method, segmentor),
-        "strategy": dataclasses.asdict(strategy) if strategy is not None else None,
+        "strategy": strategy_to_dict(strategy) if strategy is not None else None,
         "method_family": get_method(method).family,
         "clip": getattr(clip, "spec", None),
         "clip_fingerprint": weights_fingerprint(clip),
@@ -432,6 +433,10 @@ def features_description(method: str, segmentor: Any) -> str:
     if strategy is None:
         return f"{method} (the student's Z_hat)" if method == "student" else method
     name = next((k for k, v in STRATEGIES.items() if v == strategy), None)
-    block = f"{name} last block" if name else (f"last block attention {strategy.attention}, residual "
-                                               f"{strategy.residual}, FFN {strategy.ffn}")
-    return f"{method} (CLIP dense features, {block})"
+    if name is not None:
+        how = f"{name} strategy" if strategy.kind != "last_block" else f"{name} last block"
+    elif strategy.kind == "last_block":
+        how = f"last block attention {strategy.attention}, residual {strategy.residual}, FFN {strategy.ffn}"
+    else:
+        how = strategy.describe()
+    return f"{method} (CLIP dense features, {how})"

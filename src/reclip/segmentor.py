@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reclip.clip.model import CLIP, pad_to_patch
-from reclip.features import LastBlock
+from reclip.features import DenseStrategy
 
 __all__ = ["CLIPSegmentor", "DenseSegmentor", "align_to_input"]
 
@@ -82,5 +82,5 @@ class CLIPSegmentor(DenseSegmentor):
         return self.backbone.clip
 
     @property
-    def strategy(self) -> LastBlock:
+    def strategy(self) -> DenseStrategy:
         return self.backbone.strategy

@@ -1,32 +1,48 @@
-"""CLIP's ViT read densely: the last-block strategies of :mod:`reclip.features` as a backbone."""
+"""CLIP's ViT read densely: a dense-feature strategy (:mod:`reclip.features`) as a backbone."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from reclip.clip.model import CLIP
-from reclip.features import LastBlock, dense_features, get_strategy
+from reclip.features import DenseStrategy, FeatureContext, dense_features, get_strategy
 
 __all__ = ["DenseCLIP"]
 
 
 class DenseCLIP(nn.Module):
-    """Frozen CLIP + a last-block strategy -> Z (B, D, h, w), float32, unit L2 norm per patch.
+    """Frozen CLIP + a dense-feature strategy -> Z (B, D, h, w), float32, unit L2 norm per patch.
 
     Args:
         clip: a CLIP with a ViT image tower (registered as ``self.clip``, not copied).
         strategy: a preset name of :data:`reclip.features.STRATEGIES` or a
-            :class:`~reclip.features.LastBlock`.
+            :class:`~reclip.strategies.DenseStrategy` (e.g. a ``LastBlock``).
+
+    Attributes:
+        aux: the strategy's auxiliary module (``DenseStrategy.build_aux``, e.g. ProxyCLIP's
+            proxy model), frozen, or None.
 
     ``forward`` runs under the caller's grad mode and autocast (see
     :func:`reclip.features.dense_features`); inputs that are not a multiple of the patch
-    are padded at the bottom/right, so (h, w) = ceil((H, W) / patch).
+    are padded at the bottom/right, so (h, w) = ceil((H, W) / patch). A strategy that reads
+    the head's text queries gets them from :meth:`set_queries` (the head calls it).
     """
 
-    def __init__(self, clip: CLIP, strategy: str | LastBlock = "maskclip") -> None:
+    def __init__(self, clip: CLIP, strategy: str | DenseStrategy = "maskclip") -> None:
         super().__init__()
         self.clip = clip
         self.strategy = get_strategy(strategy)
+        aux = self.strategy.build_aux(clip)
+        if aux is not None:
+            aux = aux.to(next(clip.parameters()).device).eval().requires_grad_(False)
+        self.aux = aux
+        self._queries: tuple[Tensor, Tensor] | None = None
+
+    def set_queries(self, queries: Tensor, class_index: Tensor) -> None:
+        """The head's (S, D) query embeddings and (S,) classes, for strategies that read them.
+
+        Kept as a reference to the head's own tensors (no copy, not in this module's state)."""
+        self._queries = (queries, class_index)
 
     @property
     def stride(self) -> int:
@@ -38,6 +54,14 @@ class DenseCLIP(nn.Module):
         """D, CLIP's joint embedding width."""
         return self.clip.visual.output_dim
 
+    def context(self) -> FeatureContext:
+        """What the strategy reads besides CLIP: the auxiliary module and the head's queries."""
+        queries, class_index = self._queries if self._queries is not None else (None, None)
+        if self.strategy.needs_queries and queries is None:
+            raise RuntimeError(f"strategy {self.strategy.kind!r} reads the head's text queries, but none were set "
+                               f"(the head calls DenseCLIP.set_queries)")
+        return FeatureContext(aux=self.aux, queries=queries, class_index=class_index)
+
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) normalised -> Z (B, D, h, w)."""
-        return dense_features(self.clip, images, self.strategy)
+        return dense_features(self.clip, images, self.strategy, self.context())

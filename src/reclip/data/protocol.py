@@ -43,9 +43,14 @@ YAML schema (``?`` = optional, defaults in brackets)::
       classes_file?: str | null [null]  # the class file these settings were published with,
                                     # same classes in the same order (checked against
                                     # num_classes); null = the protocol's classes_file
+      strategy?: {field: value} | null [null]  # a method's own section only: per-dataset
+                                    # settings of its dense-feature strategy (ResCLIP's
+                                    # weights), applied whichever section is tested with
     naclip?:                        # NACLIP's own test settings (sinahmr/NACLIP configs/cfg_*.py,
                                     # naclip.py), same schema as zero_shot; read instead of
                                     # zero_shot with test_settings="naclip" (--test-settings naclip)
+    sc_clip?, resclip?, proxyclip?: # each method's own published test settings, same schema
+                                    # (--test-settings sc_clip, ...)
     reclip:                         # ReCLIP / ReCLIP++ test settings
       short_side: int
       max_long_side?: int [2048]
@@ -237,9 +242,17 @@ class ZeroShotSettings:
     pamr_iter: int | None = None
     pamr_dilations: tuple[int, ...] | None = None
     classes_file: str | None = None
+    # A method's own section may publish per-dataset settings of its dense-feature strategy
+    # (ResCLIP's mixing weights): strategy field -> value, applied to that method whichever
+    # section its test settings come from (reclip.methods.published_strategy_overrides).
+    strategy: dict | None = None
 
     def __post_init__(self) -> None:
         _check_inference(self, "zero_shot")
+        if self.strategy is not None and not (isinstance(self.strategy, dict)
+                                              and all(isinstance(k, str) for k in self.strategy)):
+            raise ProtocolError(f"zero_shot.strategy must be a mapping of strategy field names to values "
+                                f"(e.g. {{rcs_lambda: 0.3}}) or null, got {self.strategy!r}")
         if self.logit_scale <= 0:
             raise ProtocolError(f"zero_shot.logit_scale must be > 0, got {self.logit_scale}")
         for name in ("prob_thd", "area_thd"):
@@ -410,6 +423,9 @@ class HypothesisSettings:
 SECTIONS: dict[str, type] = {
     "zero_shot": ZeroShotSettings,
     "naclip": ZeroShotSettings,
+    "sc_clip": ZeroShotSettings,
+    "resclip": ZeroShotSettings,
+    "proxyclip": ZeroShotSettings,
     "reclip": ReclipSettings,
     "rectify": RectifySettings,
     "hypotheses": HypothesisSettings,
@@ -456,6 +472,9 @@ class Protocol:
     distill: DistillSettings = field(default_factory=DistillSettings)
     maft: MaftSettings = field(default_factory=MaftSettings)
     naclip: ZeroShotSettings | None = None  # NACLIP's own test settings; None: not written down
+    sc_clip: ZeroShotSettings | None = None  # SC-CLIP's own (SuleBai/SC-CLIP configs)
+    resclip: ZeroShotSettings | None = None  # ResCLIP's own (yvhangyang/ResCLIP configs), with its weights
+    proxyclip: ZeroShotSettings | None = None  # ProxyCLIP's own (mc-lan/ProxyCLIP configs)
     description: str = ""
     num_classes: int | None = None
     reduce_zero_label: bool = False

@@ -28,6 +28,11 @@ class Method:
         strategy: the dense-feature preset (``reclip.features.STRATEGIES``) it reads CLIP with.
         templates: the prompt template set its paper uses (``reclip.templates.TEMPLATE_SETS``).
         summary: one line for listings.
+        own_section: the protocol section holding the method's own published settings
+            (``naclip``, ``resclip``, ...) or None. Its ``strategy`` mapping (per-dataset
+            strategy settings, e.g. ResCLIP's weights) applies to the method on that dataset
+            whichever section its test settings come from
+            (:func:`reclip.methods.published_strategy_overrides`).
     """
 
     name: str
@@ -35,6 +40,12 @@ class Method:
     strategy: str
     templates: str
     summary: str
+    own_section: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.own_section is not None and self.own_section not in SECTIONS:
+            raise ValueError(f"method {self.name!r} names protocol section {self.own_section!r}, which the protocol "
+                             f"schema does not have ({sorted(SECTIONS)})")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ METHODS = (
     Method("maskclip", NAME, "maskclip", "reclip85", "MaskCLIP: value path of the last block"),
     Method("sclip", NAME, "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
     Method("clearclip", NAME, "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
-    Method("naclip", NAME, "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN"),
+    Method("naclip", NAME, "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN", own_section="naclip"),
 )
 
 

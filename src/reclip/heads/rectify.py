@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from reclip.backbones.clip import DenseCLIP
 from reclip.clip.model import CLIP
-from reclip.features import LastBlock, get_strategy
+from reclip.features import DenseStrategy, get_strategy, strategy_from_dict, strategy_to_dict
 from reclip.heads.bias import DependentBias, PositionalBias
 from reclip.heads.decoder import MaskDecoder
 from reclip.heads.losses import POOLS, contrastive_loss, gumbel_masks
@@ -114,7 +114,7 @@ class RectifierConfig:
             itself always runs in float32).
     """
 
-    strategy: str | LastBlock = "maskclip"
+    strategy: str | DenseStrategy = "maskclip"
     learnable_query: bool = False
     bias_op: str = "subtract"
     decoder: bool = True
@@ -146,7 +146,10 @@ class RectifierConfig:
                 raise ValueError(f"RectifierConfig.{name} must be > 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.strategy, DenseStrategy):
+            values["strategy"] = strategy_to_dict(self.strategy)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> RectifierConfig:
@@ -156,8 +159,8 @@ class RectifierConfig:
         if unknown:
             raise ValueError(f"unknown RectifierConfig field(s) {unknown}; available: {fields}")
         values = dict(values)
-        if isinstance(values.get("strategy"), dict):  # a LastBlock, as to_dict wrote it
-            values["strategy"] = LastBlock(**values["strategy"])
+        if isinstance(values.get("strategy"), dict):  # a strategy, as to_dict wrote it
+            values["strategy"] = strategy_from_dict(values["strategy"])
         return cls(**values)
 
 

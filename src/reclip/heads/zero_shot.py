@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from reclip.backbones.clip import DenseCLIP
 from reclip.clip.model import CLIP
-from reclip.features import LastBlock, get_strategy
+from reclip.features import DenseStrategy, get_strategy
 from reclip.segmentor import CLIPSegmentor
 from reclip.text import QueryEmbeddings
 
@@ -68,7 +68,7 @@ class ZeroShotSegmentor(CLIPSegmentor):
         clip: a CLIP with a ViT image tower (not copied; frozen by the caller).
         queries: the query embeddings W_q (``reclip.text.query_embeddings``).
         strategy: last-block strategy, a preset name of ``reclip.features.STRATEGIES``
-            or a ``LastBlock``.
+            or a ``reclip.strategies.DenseStrategy``.
 
     Output contract of ``forward(images)``, images (B, 3, H, W) normalised:
         query logits (B, S, h', w') of raw cosine similarities (no temperature), one
@@ -81,10 +81,12 @@ class ZeroShotSegmentor(CLIPSegmentor):
         multiples of the patch, else upsampled to the padded size and cropped to (H, W).
     """
 
-    def __init__(self, clip: CLIP, queries: QueryEmbeddings, strategy: str | LastBlock = "maskclip") -> None:
+    def __init__(self, clip: CLIP, queries: QueryEmbeddings, strategy: str | DenseStrategy = "maskclip") -> None:
         if queries.embed_dim != clip.visual.output_dim:
             raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
         super().__init__(DenseCLIP(clip, get_strategy(strategy)), QueryHead(queries))
+        # class-aware strategies (ResCLIP's semantic feedback) read the head's W_q
+        self.backbone.set_queries(self.head.text_weights, self.head.class_index)
 
     @property
     def class_index(self) -> Tensor:

@@ -1,0 +1,13 @@
+"""Dense-feature strategies, one file per family of methods (:mod:`reclip.features` holds
+the registry of presets by name).
+
+- :mod:`~reclip.strategies.base`: what a strategy is (:class:`DenseStrategy`) and what it
+  may read (:class:`FeatureContext`);
+- :mod:`~reclip.strategies.last_block`: methods that change only CLIP's last block
+  (MaskCLIP, SCLIP, ClearCLIP, NACLIP), ClearCLIP's decomposition :class:`LastBlock`.
+"""
+
+from reclip.strategies.base import DenseStrategy, FeatureContext, project_patches
+from reclip.strategies.last_block import LastBlock
+
+__all__ = ["DenseStrategy", "FeatureContext", "LastBlock", "project_patches"]
