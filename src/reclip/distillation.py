@@ -44,6 +44,7 @@ from reclip.data.augment import UnlabeledTrainSet
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
+from reclip.data.transforms import renormalise
 from reclip.heads.aspp import ASPPV2
 from reclip.heads.decoder import MaskDecoder
 from reclip.heads.inherited import InheritedHead, inherit
@@ -259,15 +260,6 @@ def _to_image(x: Tensor, size: tuple[int, int], stride: int) -> Tensor:
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x
-
-
-def renormalise(images: Tensor, src: tuple, dst: tuple) -> Tensor:
-    """Images normalised with ``src`` = (mean, std) (0..1 scale) -> normalised with ``dst``."""
-    if tuple(map(tuple, src)) == tuple(map(tuple, dst)):
-        return images
-    shape = (1, -1, 1, 1)
-    (m0, s0), (m1, s1) = ((images.new_tensor(v).view(shape) for v in pair) for pair in (src, dst))
-    return (images * s0 + m0 - m1) / s1
 
 
 class _Teacher:

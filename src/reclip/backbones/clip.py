@@ -46,8 +46,9 @@ class DenseCLIP(nn.Module):
 
     @property
     def stride(self) -> int:
-        """Input pixels per feature cell: the ViT patch size."""
-        return self.clip.visual.patch_size
+        """Input pixels per feature cell: the ViT patch size (or the strategy's own, e.g. a
+        proxy model's patch for ProxyCLIP, whose Z lives on the proxy's grid)."""
+        return self.strategy.stride(self.clip, self.aux)
 
     @property
     def embed_dim(self) -> int:

@@ -25,6 +25,9 @@ __all__ = [
     "resize_labels",
     "to_tensor_normalized",
     "resize_bilinear",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "renormalise",
 ]
 
 
@@ -167,3 +170,16 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ImageNet's normalisation (0..1 scale): torchvision / mmseg ResNets, DINO and DINOv2.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def renormalise(images: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
+    """Images normalised with ``src`` = (mean, std) (0..1 scale) -> normalised with ``dst``."""
+    if tuple(map(tuple, src)) == tuple(map(tuple, dst)):
+        return images
+    shape = (1, -1, 1, 1)
+    (m0, s0), (m1, s1) = ((images.new_tensor(v).view(shape) for v in pair) for pair in (src, dst))
+    return (images * s0 + m0 - m1) / s1

@@ -67,6 +67,10 @@ class DenseStrategy:
         Called once by the backbone; the module is put on CLIP's device and in eval mode."""
         return None
 
+    def stride(self, clip: CLIP, aux: nn.Module | None) -> int:
+        """Input pixels per cell of Z: CLIP's patch, unless Z lives on another model's grid."""
+        return clip.visual.patch_size
+
     def describe(self) -> str:
         """One line for listings and reports."""
         fields: dict[str, Any] = {k: v for k, v in vars(self).items()}
