@@ -112,3 +112,18 @@ def test_slide_bench_loop_matches_batched_inference_and_refuses_a_mismatch(monke
     monkeypatch.setattr(bench_eval, "slide_per_window", lambda *a, **k: real(*a, **k) + 1e-3)
     with pytest.raises(RuntimeError, match="no longer compute the same logits"):
         bench_eval.bench_slide(segmentor, size=(40, 56), window=32, stride=16, batch_size=3, repeats=1)
+
+
+def test_methods_bench_times_every_training_free_method_against_maskclip(capsys):
+    from reclip.bench_methods import main, training_free_methods
+
+    names = training_free_methods()
+    assert names[0] == "maskclip" and {"sclip", "clearclip", "naclip"} <= set(names)
+    assert main(["--small", "--size", "32", "--batch", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.split() and line.split()[0] in names}
+    assert set(rows) == set(names)  # one row per method, from the registry
+    assert float(rows["maskclip"][2].rstrip("x")) == 1.0
+    assert all(float(r[1]) > 0 and float(r[2].rstrip("x")) > 0 for r in rows.values())
+    with pytest.raises(SystemExit):
+        main(["--methods", "reclip++"])  # trained: not in this benchmark

@@ -129,13 +129,13 @@ def test_attention_rows_with_nothing_left_attend_to_themselves():
     assert (attn[cut] == 0).all() and (attn[~cut] > 0).all()
 
 
-def test_the_segmentor_covers_the_input_on_the_proxys_grid(clip, proxy, monkeypatch):
+def test_the_segmentor_covers_the_input_on_the_proxys_grid(clip):
     from reclip.heads.zero_shot import ZeroShotSegmentor
     from reclip.text import Vocabulary, query_embeddings
 
-    monkeypatch.setattr(ProxyAttention, "build_aux", lambda self, clip: ProxyFeatures(PatchProxy(), (clip.image_mean, clip.image_std)))
     queries = query_embeddings(clip, Vocabulary.from_names(["cat", "dog"]), "single", cache_dir=False)
-    segmentor = ZeroShotSegmentor(clip, queries, ProxyAttention(proxy="unused")).eval()
+    proxy = ProxyFeatures(PatchProxy(), (clip.image_mean, clip.image_std))
+    segmentor = ZeroShotSegmentor(clip, queries, ProxyAttention(proxy="unused"), aux=proxy).eval()
     assert segmentor.backbone.stride == 4  # the proxy's patch, not CLIP's 8
     with torch.no_grad():
         logits = segmentor(images(2, 3, 30, 45))

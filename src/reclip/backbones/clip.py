@@ -18,6 +18,9 @@ class DenseCLIP(nn.Module):
         strategy: a preset name of :data:`reclip.features.STRATEGIES` or a
             :class:`~reclip.strategies.DenseStrategy` (e.g. a ``LastBlock``).
 
+        aux: the strategy's auxiliary module, given instead of the one
+            ``strategy.build_aux(clip)`` would build (e.g. a proxy model already in memory).
+
     Attributes:
         aux: the strategy's auxiliary module (``DenseStrategy.build_aux``, e.g. ProxyCLIP's
             proxy model), frozen, or None.
@@ -28,11 +31,12 @@ class DenseCLIP(nn.Module):
     the head's text queries gets them from :meth:`set_queries` (the head calls it).
     """
 
-    def __init__(self, clip: CLIP, strategy: str | DenseStrategy = "maskclip") -> None:
+    def __init__(self, clip: CLIP, strategy: str | DenseStrategy = "maskclip", aux: nn.Module | None = None) -> None:
         super().__init__()
         self.clip = clip
         self.strategy = get_strategy(strategy)
-        aux = self.strategy.build_aux(clip)
+        if aux is None:
+            aux = self.strategy.build_aux(clip)
         if aux is not None:
             aux = aux.to(next(clip.parameters()).device).eval().requires_grad_(False)
         self.aux = aux

@@ -69,6 +69,8 @@ class ZeroShotSegmentor(CLIPSegmentor):
         queries: the query embeddings W_q (``reclip.text.query_embeddings``).
         strategy: last-block strategy, a preset name of ``reclip.features.STRATEGIES``
             or a ``reclip.strategies.DenseStrategy``.
+        aux: the strategy's auxiliary module (e.g. a proxy model in memory), instead of
+            the one the strategy builds (``DenseCLIP``).
 
     Output contract of ``forward(images)``, images (B, 3, H, W) normalised:
         query logits (B, S, h', w') of raw cosine similarities (no temperature), one
@@ -81,10 +83,11 @@ class ZeroShotSegmentor(CLIPSegmentor):
         multiples of the patch, else upsampled to the padded size and cropped to (H, W).
     """
 
-    def __init__(self, clip: CLIP, queries: QueryEmbeddings, strategy: str | DenseStrategy = "maskclip") -> None:
+    def __init__(self, clip: CLIP, queries: QueryEmbeddings, strategy: str | DenseStrategy = "maskclip",
+                 aux: nn.Module | None = None) -> None:
         if queries.embed_dim != clip.visual.output_dim:
             raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
-        super().__init__(DenseCLIP(clip, get_strategy(strategy)), QueryHead(queries))
+        super().__init__(DenseCLIP(clip, get_strategy(strategy), aux=aux), QueryHead(queries))
         # class-aware strategies (ResCLIP's semantic feedback) read the head's W_q
         self.backbone.set_queries(self.head.text_weights, self.head.class_index)
 
