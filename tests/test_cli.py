@@ -496,3 +496,18 @@ def test_compile_flag_is_opt_in_and_evaluates_like_eager(tmp_path, clip_file, mo
         assert bool(calls) == flag  # the eager run compiled nothing, the other ran compiled
     np.testing.assert_array_equal(runs[1].confusion, runs[0].confusion)
     assert runs[1].settings["inference"]["compile"] is True
+
+
+def test_any_strategy_field_is_set_from_the_command_line(tmp_path, clip_file, capsys):
+    root = write_voc(tmp_path / "voc", n_val=1)
+    out = tmp_path / "res.json"
+    base = ["evaluate", "--clip", str(clip_file), "--method", "naclip", "--dataset", "voc21", "--data-root", str(root),
+            *COMMON]
+    assert main([*base, "--json", str(out), "--strategy-option", "gaussian_sigma=2.5", "--residual"]) == 0
+    strategy = json.loads(out.read_text())["settings"]["strategy"]
+    assert strategy["gaussian_sigma"] == 2.5 and strategy["residual"] is True and strategy["attention"] == "kk+gaussian"
+    with pytest.raises(SystemExit):
+        main([*base, "--strategy-option", "gaussian_sigma"])  # not FIELD=VALUE
+    capsys.readouterr()
+    assert main([*base, "--strategy-option", "sigma=2"]) != 0
+    assert "unknown LastBlock field(s) ['sigma']" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -128,11 +129,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", choices=tuple(OUTPUTS),
                    help="which logits of a trained reclip++/reclip head to segment with: decoded (M_o, default, "
                         "the paper's), rectified (M = M_q - M_b) or query (M_q, CLIP's own)")
-    s = p.add_argument_group("last-block strategy overrides (ClearCLIP's decomposition)")
+    s = p.add_argument_group("dense-feature strategy overrides (last-block ones: ClearCLIP's decomposition)")
     s.add_argument("--attention", choices=ATTENTIONS, help="last-block attention")
     s.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the last block's residual")
     s.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None, help="keep the last block's FFN")
+    _add_strategy_option_args(s)
+
+
+def _add_strategy_option_args(s: Any) -> None:
+    s.add_argument("--proxy", metavar="SPEC",
+                   help="proxyclip's proxy model: a name (dino_vitb8, the default; dino_vits16, dinov2_vitb14_reg, "
+                        "...: downloaded and sha256-checked) or the path of its official .pth checkpoint")
+    s.add_argument("--strategy-option", metavar="FIELD=VALUE", action="append", type=_field_value, default=[],
+                   help="set any field of the method's dense-feature strategy (repeatable; VALUE read as JSON, "
+                        "else as a string), e.g. --strategy-option rcs_lambda=0.3; the fields are the strategy's "
+                        "(reclip.features.STRATEGIES)")
 
 
 def _add_proposals_arg(p: argparse.ArgumentParser) -> None:
@@ -214,8 +226,26 @@ def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _field_value(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> (FIELD, VALUE read as JSON, else the string)."""
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return field.strip(), tuple(parsed) if isinstance(parsed, list) else parsed
+
+
 def _strategy_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("attention", "residual", "ffn") if getattr(args, k) is not None}
+    values = {k: getattr(args, k) for k in ("attention", "residual", "ffn", "proxy")
+              if getattr(args, k, None) is not None}
+    for field, value in getattr(args, "strategy_option", None) or []:
+        if field in values and values[field] != value:
+            raise SystemExit(f"reclip: error: --strategy-option {field}={value!r} contradicts --{field}")
+        values[field] = value
+    return values
 
 
 def _load(args: argparse.Namespace):
@@ -643,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep (or drop) the last block's residual in --features")
     p.add_argument("--ffn", action=argparse.BooleanOptionalAction, default=None,
                    help="keep (or drop) the last block's FFN in --features")
+    _add_strategy_option_args(p)
     p.add_argument("--reference-length", type=POSITIVE_INT,
                    help="L learnable Reference words (default context length - 4 = 73, the paper)")
     p.add_argument("--gumbel-scale", type=POSITIVE,
