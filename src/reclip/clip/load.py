@@ -42,12 +42,9 @@ against the tensors; NaN or infinite weights are refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,7 +53,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from .checks import (
     MAX_JSON_BYTES,
@@ -90,6 +86,7 @@ from .torchsave import scan_torch_file
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
+from reclip.download import DOWNLOAD_ERRORS, download_file, sha256_of
 from reclip.files import atomic_write, atomic_write_json
 
 __all__ = [
@@ -144,14 +141,6 @@ def default_cache_dir() -> Path:
     return cache_folder("clip")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
     """Path of the verified weights file of a named model, downloading it if needed.
 
@@ -166,7 +155,7 @@ def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
     target = root / weights.filename
     for candidate in (target, Path.home() / ".cache" / "clip" / weights.filename):  # ours, then OpenAI's cache
         if candidate.is_file():
-            if _sha256(candidate) == weights.sha256:
+            if sha256_of(candidate) == weights.sha256:
                 return candidate
             if candidate == target:
                 warnings.warn(f"{target} does not match sha256 {weights.sha256}; downloading it again", stacklevel=2)
@@ -177,24 +166,9 @@ def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
         f"--clip PATH/{weights.filename} (load_clip('PATH/{weights.filename}')) or copy it to {target}"
     )
 
-    def fetch(tmp: Path) -> None:
-        digest = hashlib.sha256()
-        with open(tmp, "wb") as out, urllib.request.urlopen(weights.url, timeout=60) as source:
-            total = int(source.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"CLIP {name}") as bar:
-                while block := source.read(1 << 16):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if digest.hexdigest() != weights.sha256:
-            raise CheckpointError(
-                f"downloaded CLIP {name} from {weights.url} has sha256 {digest.hexdigest()}, expected "
-                f"{weights.sha256}; the download is corrupt or the file changed. {how_to}"
-            )
-
-    try:  # interrupted, failed or corrupt: atomic_write never leaves a partial file
-        atomic_write(target, fetch)
-    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+    try:  # interrupted, failed or corrupt: download_file never leaves a partial file
+        download_file(weights.url, target, sha256=weights.sha256, desc=f"CLIP {name}", how_to=how_to)
+    except DOWNLOAD_ERRORS as e:
         raise CheckpointError(f"could not download CLIP {name} from {weights.url} ({e}). {how_to}") from e
     return target
 
