@@ -1,8 +1,8 @@
-"""DINO / DINOv2 backbones (reclip.dino): official key layouts, strict loading, downloads, outputs.
+"""DINO / DINOv2 backbones (reclip.backbones.dino): official key layouts, strict loading, downloads, outputs.
 
 The state dicts are written here from the official construction rules (facebookresearch/dino
 vision_transformer.py, facebookresearch/dinov2 dinov2/models/vision_transformer.py with
-the hub's block_chunks=0), not from reclip.dino, so a renamed or missing parameter shows.
+the hub's block_chunks=0), not from reclip.backbones.dino, so a renamed or missing parameter shows.
 Outputs are checked against a step-by-step functional re-derivation of the official
 forward (DINO has no other reference here) and against HF transformers' Dinov2Model /
 Dinov2WithRegistersModel on the same random weights. Nothing downloads: urlopen is
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reclip.dino import DINO_MODELS, DinoConfig, DinoViT, DinoWeights, DinoWeightsError, load_dino
-from reclip.dino import load as dino_load
+from reclip.backbones.dino import DINO_MODELS, DinoConfig, DinoViT, DinoWeights, DinoWeightsError, load_dino
+from reclip.backbones.dino import load as dino_load
 
 WIDTH, DEPTH, HEADS = 128, 2, 2  # width / 64 = 2 heads: the official head width, so heads are inferred
 # family, patch, pre-training grid, registers
@@ -460,3 +460,33 @@ def test_matches_hf_dinov2(registers: int, tmp_path: Path) -> None:
             offset_free = DinoViT(DinoConfig(**{**ours.config.__dict__, "interpolate_offset": 0.0}))
             offset_free.load_state_dict(ours.state_dict())
             torch.testing.assert_close(offset_free.eval()(x), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# As ProxyCLIP's proxy (reclip.strategies.proxyclip)
+# ---------------------------------------------------------------------------------------
+
+
+def test_proxyclip_reads_the_official_proxy_features(tmp_path: Path) -> None:
+    from tiny import tiny_clip
+
+    from reclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from reclip.features import FeatureContext, dense_features
+    from reclip.strategies.proxyclip import ProxyAttention
+
+    sd = official_state("dino", 8, 4, 0)
+    strategy = ProxyAttention(proxy=str(save(sd, tmp_path / "dino_vitb8_tiny.pth")))
+    clip = tiny_clip(0, perturb=0.1)  # patch 8
+    aux = strategy.build_aux(clip).eval()
+    assert strategy.stride(clip, aux) == 8
+    x = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(3))  # CLIP-normalised
+    # proxyclip_segmentor.forward_feature: un-normalise (CLIP), normalise (ImageNet), DINO's normed patches
+    mean, std = torch.tensor(clip.image_mean).view(3, 1, 1), torch.tensor(clip.image_std).view(3, 1, 1)
+    imagenet = (x * std + mean - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        want = reference_tokens(sd, imagenet, offset=0.1, antialias=False)[:, 1:]
+        got = aux(x)
+        assert got.shape == (1, WIDTH, 5, 6)
+        torch.testing.assert_close(got.flatten(2).transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+        z = dense_features(clip, x, strategy, FeatureContext(aux=aux))
+    assert z.shape == (1, clip.visual.output_dim, 5, 6) and torch.isfinite(z).all()

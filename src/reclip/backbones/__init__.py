@@ -6,7 +6,9 @@ and ``embed_dim`` (D).
 
 - :mod:`~reclip.backbones.clip`: CLIP's ViT read densely (:class:`DenseCLIP`);
 - :mod:`~reclip.backbones.resnet`: the DeepLab V2 student's dilated ResNets (output stride
-  8; :func:`build_student_backbone`, :func:`load_backbone_weights`).
+  8; :func:`build_student_backbone`, :func:`load_backbone_weights`);
+- :mod:`~reclip.backbones.dino`: DINO / DINOv2 ViTs with the official weights, the proxy
+  models of ProxyCLIP (:func:`load_dino`; ``patch_features(images)`` -> (B, C, h, w)).
 """
 
 from reclip.backbones.clip import DenseCLIP

@@ -1,12 +1,12 @@
 """DINO / DINOv2 ViTs (the proxy backbones of ProxyCLIP-style methods) with the official weights.
 
-- :mod:`~reclip.dino.model`: the ViT in plain torch with the official parameter names
+- :mod:`~reclip.backbones.dino.model`: the ViT in plain torch with the official parameter names
   (:class:`DinoViT`; ``patch_features(images, kind)`` -> (B, C, h, w));
-- :mod:`~reclip.dino.load`: the official names and URLs (:data:`DINO_MODELS`), the checked
+- :mod:`~reclip.backbones.dino.load`: the official names and URLs (:data:`DINO_MODELS`), the checked
   download, strict loading of any official file (:func:`load_dino`).
 """
 
-from reclip.dino.load import (
+from reclip.backbones.dino.load import (
     DINO_MODELS,
     DinoWeights,
     DinoWeightsError,
@@ -16,7 +16,14 @@ from reclip.dino.load import (
     load_dino,
     read_dino_state_dict,
 )
-from reclip.dino.model import FEATURE_KINDS, IMAGENET_MEAN, IMAGENET_STD, DinoConfig, DinoViT, interpolate_pos_embed
+from reclip.backbones.dino.model import (
+    FEATURE_KINDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DinoConfig,
+    DinoViT,
+    interpolate_pos_embed,
+)
 
 __all__ = [
     "DINO_MODELS", "FEATURE_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "DinoConfig", "DinoViT", "DinoWeights",

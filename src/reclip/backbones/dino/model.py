@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FEATURE_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "DinoConfig", "DinoViT", "interpolate_pos_embed"]
-
 # Both families are trained on ImageNet-normalised RGB (dino main_dino.py DataAugmentationDINO;
 # dinov2/data/transforms.py IMAGENET_DEFAULT_MEAN / STD).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from reclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["FEATURE_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "DinoConfig", "DinoViT", "interpolate_pos_embed"]
+
 LAYER_NORM_EPS = 1e-6  # both repos: partial(nn.LayerNorm, eps=1e-6)
 
 FEATURE_KINDS = ("tokens", "q", "k", "v")
