@@ -374,6 +374,11 @@ def test_download_records_sha256_then_verifies_it(tmp_path: Path, monkeypatch: p
     (cache / "tiny_reg4_pretrain.pth").write_bytes(bytes(damaged))
     with pytest.raises(DinoWeightsError, match="damaged or was replaced"):
         load_dino("tiny_reg", cache_dir=cache, download=False)
+    # downloaded again, the file must match the first download's hash: a changed file is refused
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(bytes(damaged)))
+    with pytest.warns(UserWarning, match="downloading it again"), pytest.raises(dino_load.CheckpointError,
+                                                                               match="sha256"):
+        load_dino("tiny_reg", cache_dir=cache)
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(data))
     with pytest.warns(UserWarning, match="downloading it again"):
         load_dino("tiny_reg", cache_dir=cache)

@@ -152,8 +152,8 @@ def download_dino(name: str, cache_dir: str | Path | None = None, download: bool
         f"{weights.url}`), then pass the file with {PROXY_OPTION} PATH/{weights.filename} "
         f"(load_dino('PATH/{weights.filename}')) or copy it to {target}"
     )
+    expected = weights.sha256 or (_recorded_sha256(target) if target.is_file() else None)
     if target.is_file():
-        expected = weights.sha256 or _recorded_sha256(target)
         digest = sha256_of(target)
         if expected is None:  # copied there by hand: trust it from now on
             _record_sha256(target, digest)
@@ -169,8 +169,9 @@ def download_dino(name: str, cache_dir: str | Path | None = None, download: bool
         warnings.warn(f"{target} has sha256 {digest}, not {source} {expected}; downloading it again", stacklevel=2)
     if not download:
         raise DinoWeightsError(f"DINO weights {name!r} are not in the cache ({target}) and downloading is off. {how_to}")
+    # a download again (the file was damaged) must match the first one's recorded hash
     try:  # interrupted, failed or corrupt: download_file never leaves a partial file
-        digest = download_file(weights.url, target, sha256=weights.sha256, desc=f"DINO {name}", how_to=how_to)
+        digest = download_file(weights.url, target, sha256=expected, desc=f"DINO {name}", how_to=how_to)
     except DOWNLOAD_ERRORS as e:
         raise DinoWeightsError(f"could not download DINO weights {name!r} from {weights.url} ({e}). {how_to}") from e
     if weights.sha256 is None:
