@@ -495,3 +495,43 @@ def test_proxyclip_reads_the_official_proxy_features(tmp_path: Path) -> None:
         torch.testing.assert_close(got.flatten(2).transpose(1, 2), want, atol=1e-5, rtol=1e-5)
         z = dense_features(clip, x, strategy, FeatureContext(aux=aux))
     assert z.shape == (1, clip.visual.output_dim, 5, 6) and torch.isfinite(z).all()
+
+
+def hf_4x_names(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 names -> the 4.x names that the hub's facebook/dinov2-* files carry."""
+    renames = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+               "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+    out = {}
+    for key, value in hf_state.items():
+        for new, old in renames.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("naming", ["transformers5", "hub_4x", "classifier_4x"])
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_weights_files_load_and_run_the_official_forward(naming: str, registers: int, tmp_path: Path) -> None:
+    sd = official_state("dinov2", 14, 5, registers)
+    hf_state = {k: v.contiguous() for k, v in hf_model(registers, sd).state_dict().items()}  # HF's own names
+    if naming != "transformers5":
+        hf_state = hf_4x_names(hf_state)
+        assert "encoder.layer.1.attention.attention.value.bias" in hf_state
+    if naming == "classifier_4x":  # Dinov2ForImageClassification
+        hf_state = {f"dinov2.{k}": v for k, v in hf_state.items()} | {"classifier.weight": torch.zeros(3, 2 * WIDTH)}
+    save_file(hf_state, str(tmp_path / "model.safetensors"))
+    model = load_dino(tmp_path / "model.safetensors")
+    assert model.config.registers == registers and model.config.layer_scale
+    x = images(98, 126)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_tokens(sd, x, **hub_interpolation(registers)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_hf_file_missing_a_projection(tmp_path: Path) -> None:
+    sd = official_state("dinov2", 14, 5, 0)
+    hf_state = hf_4x_names(dict(hf_model(0, sd).state_dict()))
+    del hf_state["encoder.layer.1.attention.attention.key.weight"]
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DinoWeightsError, match="block 1 has no attention key weight"):
+        load_dino(tmp_path / "model.safetensors")

@@ -12,6 +12,7 @@ from reclip.backbones.dino.load import (
     DinoWeightsError,
     available_dino_models,
     download_dino,
+    from_hf_dinov2,
     infer_dino_config,
     load_dino,
     read_dino_state_dict,
@@ -27,6 +28,6 @@ from reclip.backbones.dino.model import (
 
 __all__ = [
     "DINO_MODELS", "FEATURE_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "DinoConfig", "DinoViT", "DinoWeights",
-    "DinoWeightsError", "available_dino_models", "download_dino", "infer_dino_config", "interpolate_pos_embed",
-    "load_dino", "read_dino_state_dict",
+    "DinoWeightsError", "available_dino_models", "download_dino", "from_hf_dinov2", "infer_dino_config",
+    "interpolate_pos_embed", "load_dino", "read_dino_state_dict",
 ]

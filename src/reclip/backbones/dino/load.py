@@ -22,7 +22,10 @@ checkpoint ``{"student": {"module.backbone.*", "module.head.*"}, "teacher": {"ba
 as DINO's own evaluation does by default (eval_linear.py ``--checkpoint_key teacher``);
 DINOv2 training checkpoints (``{"model": {"teacher.backbone.*", ...}}`` or a
 ``teacher_checkpoint.pth`` ``{"teacher": {"backbone.*", "dino_head.*", ...}}``) with
-chunked ``blocks.C.N.*`` keys; DDP ``module.`` prefixes. The architecture is read from the
+chunked ``blocks.C.N.*`` keys; DDP ``module.`` prefixes; HF transformers' DINOv2 weights
+(``model.safetensors`` of facebook/dinov2-*, either naming, see :func:`from_hf_dinov2`),
+which then run with the official interpolation (HF's own resizes plain DINOv2's grid
+without the 0.1 offset). The architecture is read from the
 tensor shapes (heads: width / 64, the official head width; ``heads=`` for other models)
 and checked against the name's when a name was given; then every key is checked strictly.
 """
@@ -52,7 +55,7 @@ from .model import IMAGENET_MEAN, IMAGENET_STD, DinoConfig, DinoViT
 
 __all__ = [
     "DINO_MODELS", "DinoWeights", "DinoWeightsError", "available_dino_models", "default_cache_dir",
-    "download_dino", "infer_dino_config", "load_dino", "read_dino_state_dict",
+    "download_dino", "from_hf_dinov2", "infer_dino_config", "load_dino", "read_dino_state_dict",
 ]
 
 PROXY_OPTION = "--proxy"  # the CLI option that takes a DINO spec (issue 14)
@@ -185,6 +188,54 @@ def download_dino(name: str, cache_dir: str | Path | None = None, download: bool
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 block_chunks > 0: blocks.<chunk>.<index>.
 
+# HF transformers Dinov2Model / Dinov2WithRegistersModel names -> the official ones. Files on the
+# hub (facebook/dinov2-*) use the 4.x names (attention.attention.query, attention.output.dense);
+# transformers 5 renames them on load (conversion_mapping.py "Dinov2Model") to q_proj / o_proj.
+HF_MARKER = "embeddings.patch_embeddings.projection.weight"
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+    HF_MARKER: "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+}
+_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+_HF_BLOCK_PARTS = {
+    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "layer_scale1": "ls1", "layer_scale2": "ls2",
+}
+_HF_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
+           "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+
+
+def from_hf_dinov2(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, Tensor]:
+    """An HF transformers DINOv2 state dict (either naming; ``dinov2.`` prefix and classifier
+    of Dinov2ForImageClassification dropped) -> official names. q, k, v are fused into ``qkv``
+    in the official order; keys it does not know (e.g. ViT-g's SwiGLU) are passed through for
+    the strict check to name."""
+    if any(k.startswith("dinov2.") for k in state):
+        state = {k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], list[Tensor | None]] = {}
+    for key, value in state.items():
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+            continue
+        m = _HF_BLOCK.match(key)
+        if m and m.group(2) in _HF_QKV:
+            qkv.setdefault((m.group(1), m.group(3)), [None] * 3)[_HF_QKV[m.group(2)]] = value
+        elif m and m.group(2) in _HF_BLOCK_PARTS:
+            leaf = "gamma" if m.group(3) == "lambda1" else m.group(3)
+            out[f"blocks.{m.group(1)}.{_HF_BLOCK_PARTS[m.group(2)]}.{leaf}"] = value
+        else:
+            out[key] = value
+    for (block, leaf), parts in qkv.items():
+        if any(t is None for t in parts):
+            absent = [name for name, t in zip(("query", "key", "value"), parts) if t is None]
+            raise DinoWeightsError(f"{source}: block {block} has no attention {', '.join(absent)} {leaf} (HF layout)")
+        out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    return out
+
 
 def _torch_load(path: Path) -> Any:
     try:
@@ -213,6 +264,8 @@ def _backbone_state(obj: Any, path: Path) -> dict[str, Tensor]:
         state = unwrap_state_dict(obj)  # {"model": ...} / {"state_dict": ...}, module. prefixes
     except CheckpointError as e:
         raise DinoWeightsError(f"{path}: {e}") from e
+    if HF_MARKER in state or f"dinov2.{HF_MARKER}" in state:
+        return from_hf_dinov2(state, path)
     for prefix in ("teacher.backbone.", "backbone."):  # DINOv2 SSLMetaArch ("model"), DINO MultiCropWrapper
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # heads left out
