@@ -7,9 +7,10 @@ path to a ``.pth`` / ``.pt`` / ``.safetensors`` file.
 Names download once from the official URL into ``cache_dir`` (default
 ``$RECLIP_CACHE/dino`` or ``~/.cache/reclip/dino``). No public source lists sha256
 values for these files (their URLs carry no hash, and torch.hub loads them with
-``check_hash=False``), so none is invented here: the first download's sha256 is recorded
-beside the file (``<file>.sha256``) and every later load checks the file against it
-(trust on first use); an entry of :data:`DINO_MODELS` with a ``sha256`` is checked
+``check_hash=False``), so none is invented here: the first download's sha256 (or that of
+a file copied into the cache by hand) is recorded beside the file (``<file>.sha256``);
+every later load, and any download again after a damaged file, is checked against it
+(trust on first use). An entry of :data:`DINO_MODELS` with a ``sha256`` is checked
 against that instead. Offline (``download=False``, no network, URL unreachable) the error
 names the file, its URL and the option to pass it (``--proxy PATH``).
 
