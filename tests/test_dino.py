@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reclip.backbones.dino import DINO_MODELS, DinoConfig, DinoViT, DinoWeights, DinoWeightsError, load_dino
+from reclip.backbones.dino import (
+    DINO_MODELS,
+    DinoConfig,
+    DinoViT,
+    DinoWeights,
+    DinoWeightsError,
+    load_dino,
+    random_dino,
+)
 from reclip.backbones.dino import load as dino_load
 
 WIDTH, DEPTH, HEADS = 128, 2, 2  # width / 64 = 2 heads: the official head width, so heads are inferred
@@ -318,6 +326,21 @@ def test_official_names_and_urls() -> None:
     vitl = DINO_MODELS["dinov2_vitl14"].config
     assert (vitl.width, vitl.depth, vitl.heads, vitl.mlp_hidden, vitl.pos_grid) == (1024, 24, 16, 4096, 37)
     assert DINO_MODELS["dino_vitb8"].config.pos_grid == 28 and DINO_MODELS["dinov2_vits14_reg"].config.registers == 4
+
+
+def test_random_dino_is_the_named_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DinoConfig("dinov2", 14, WIDTH, DEPTH, HEADS, 4 * WIDTH, 5, registers=4, layer_scale=True)
+    monkeypatch.setitem(DINO_MODELS, "tiny_reg", DinoWeights(config, "https://example.invalid/tiny.pth"))
+    model = random_dino("tiny_reg", seed=1)
+    assert model.config == config and not model.training
+    x = images(28, 42, batch=1)
+    with torch.no_grad():
+        feats = model.patch_features(x)
+        assert feats.shape == (1, WIDTH, 2, 3) and torch.isfinite(feats).all()
+        torch.testing.assert_close(random_dino("tiny_reg", seed=1).patch_features(x), feats)
+        assert not torch.allclose(random_dino("tiny_reg", seed=2).patch_features(x), feats)
+    with pytest.raises(DinoWeightsError, match="dinov2_vitb14_reg"):
+        random_dino("dinov3_vitb16")
 
 
 def _no_network(*args, **kwargs):

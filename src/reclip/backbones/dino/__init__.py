@@ -15,6 +15,7 @@ from reclip.backbones.dino.load import (
     from_hf_dinov2,
     infer_dino_config,
     load_dino,
+    random_dino,
     read_dino_state_dict,
 )
 from reclip.backbones.dino.model import (
@@ -29,5 +30,5 @@ from reclip.backbones.dino.model import (
 __all__ = [
     "DINO_MODELS", "FEATURE_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "DinoConfig", "DinoViT", "DinoWeights",
     "DinoWeightsError", "available_dino_models", "download_dino", "from_hf_dinov2", "infer_dino_config",
-    "interpolate_pos_embed", "load_dino", "read_dino_state_dict",
+    "interpolate_pos_embed", "load_dino", "random_dino", "read_dino_state_dict",
 ]

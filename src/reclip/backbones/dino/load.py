@@ -56,7 +56,7 @@ from .model import IMAGENET_MEAN, IMAGENET_STD, DinoConfig, DinoViT
 
 __all__ = [
     "DINO_MODELS", "DinoWeights", "DinoWeightsError", "available_dino_models", "default_cache_dir",
-    "download_dino", "from_hf_dinov2", "infer_dino_config", "load_dino", "read_dino_state_dict",
+    "download_dino", "from_hf_dinov2", "infer_dino_config", "load_dino", "random_dino", "read_dino_state_dict",
 ]
 
 PROXY_OPTION = "--proxy"  # the CLI option that takes a DINO spec (issue 14)
@@ -383,4 +383,26 @@ def load_dino(
         raise DinoWeightsError(f"{path} is not {text}: its tensors describe {config}, expected {expected}")
     model = DinoViT(config)
     _load_strict(model, state, path)
+    return model.eval()
+
+
+def random_dino(name: str, seed: int = 0) -> DinoViT:
+    """A randomly initialised ViT of a named architecture (eval mode), for benchmarks and tests without weights.
+
+    Initialised as the official models are before training (dinov2 ``init_weights``: linear
+    weights and ``pos_embed`` truncated normal, std 0.02; biases 0; layer scale 1.0, the hub's
+    ``init_values``; cls / register tokens N(0, 1e-6)); the same ``seed`` gives the same model.
+    """
+    if name not in DINO_MODELS:
+        raise DinoWeightsError(f"unknown DINO model name {name!r}; available: {', '.join(DINO_MODELS)}")
+    model = DinoViT(DINO_MODELS[name].config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if key == "pos_embed" or (key.endswith(".weight") and tensor.ndim >= 2):
+                tensor.copy_(torch.randn(tensor.shape, generator=g).clamp_(-2, 2) * 0.02)
+            elif key in ("cls_token", "register_tokens"):
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 1e-6)
+            elif key.endswith(".bias"):
+                tensor.zero_()  # also the patch conv's (torch's default draws it from the global generator)
     return model.eval()
