@@ -158,12 +158,13 @@ class SelfCalibrated(DenseStrategy):
         numbers_ = (self.attention_layer, self.aggregation_layer, *self.fusion_layers)
         if self.layer_depth is not None:
             numbers_ = tuple(scale_block_number(n, depth, self.layer_depth) for n in numbers_)
-        else:
-            bad = [n for n in numbers_ if n > depth - 1]
-            if bad:
-                raise ValueError(
-                    f"{type(self).__name__} layer numbers {bad} do not fit this {depth}-block vision tower: give "
-                    f"0..{depth - 1} (tokens after n blocks), or layer_depth=12 to scale SC-CLIP's published ones")
+        elif max(numbers_) > depth - 1:
+            given = {"attention_layer": self.attention_layer, "aggregation_layer": self.aggregation_layer,
+                     "fusion_layers": self.fusion_layers}
+            bad = ", ".join(f"{k}={v}" for k, v in given.items() if max(v if isinstance(v, tuple) else (v,)) >= depth)
+            raise ValueError(
+                f"{type(self).__name__}({bad}) does not fit this {depth}-block vision tower: give layers "
+                f"0..{depth - 1} (tokens after n blocks), or layer_depth=12 to scale SC-CLIP's published ones")
         attention, aggregation, first, last = numbers_
         return attention, aggregation, range(first, last + 1)
 
