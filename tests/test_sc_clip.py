@@ -28,7 +28,13 @@ from reclip.features import STRATEGIES, dense_features, get_strategy, strategy_f
 from reclip.heads.rectify import RectifierConfig
 from reclip.maft.ipclip import default_start_layer
 from reclip.methods import METHODS, inference_config
-from reclip.strategies.sc_clip import SelfCalibrated, local_outlier_factor, lof_outliers, replace_outliers
+from reclip.strategies.sc_clip import (
+    SelfCalibrated,
+    local_outlier_factor,
+    lof_outliers,
+    norm_outliers,
+    replace_outliers,
+)
 
 
 def images(*size: int, seed: int = 1) -> torch.Tensor:
@@ -114,8 +120,10 @@ def official_aggregate(feats, corrs):
 
 
 def official_sc_clip(clip, image, pre_adjust_idx=8, post_adjust_idx=3, multi_start_idx=3, multi_end_idx=10,
-                     res_cls=0.3, beta=0.4, n_neighbors=30, contamination=0.05):
-    """VisionTransformer.forward(return_all=True) of SC-CLIP on one image -> ((D, h, w), outliers)."""
+                     res_cls=0.3, beta=0.4, n_neighbors=30, contamination=0.05, detector="lof"):
+    """VisionTransformer.forward(return_all=True) of SC-CLIP on one image -> ((D, h, w), outliers).
+
+    ``detector="norm"``: the first version's (74471da) anomaly tokens, the 10 largest norms."""
     visual = clip.visual
     blocks = visual.transformer.resblocks
     tokens, (h, w) = visual.embed(image)
@@ -127,7 +135,11 @@ def official_sc_clip(clip, image, pre_adjust_idx=8, post_adjust_idx=3, multi_sta
         feats_list.append(x)
         if idx == len(blocks) - 1:
             cls_token = x[:1, ...]
-            outlier_indices, _ = official_lof(x[1:, ...].squeeze(1), n_neighbors, contamination)
+            if detector == "lof":
+                outlier_indices, _ = official_lof(x[1:, ...].squeeze(1), n_neighbors, contamination)
+            else:
+                norms = torch.norm(x[1:, ...].squeeze(1), dim=1)
+                outlier_indices = torch.sort(norms, descending=True)[1][:10]
             top_indices = [(int(i) // w, int(i) % w) for i in outlier_indices]  # official: // rows
             feature_map = x[1:, :, :].permute(1, 2, 0).reshape(1, width, h, w)
             feature_map = official_mean_interpolation(feature_map, top_indices)
@@ -196,6 +208,19 @@ def test_equals_the_official_computation_with_layers_scaled_to_4_blocks(shallow_
         out = dense_features(shallow_clip, image, "sc_clip")
     assert ref_outliers and strategy_outliers(shallow_clip, image) == ref_outliers
     torch.testing.assert_close(out[0], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_the_first_versions_norm_detector_equals_its_official_computation(deep_clip):
+    image = images(1, 3, 40, 64, seed=8)
+    strategy = get_strategy("sc_clip", outlier_detector="norm")
+    with torch.no_grad():
+        ref, ref_outliers = official_sc_clip(deep_clip, image, detector="norm")
+        out = dense_features(deep_clip, image, strategy)
+        tokens, _ = deep_clip.visual.forward_blocks(image, end=-1)
+    assert len(ref_outliers) == 10 and torch.where(norm_outliers(tokens[:, 1:], 10)[0])[0].tolist() == ref_outliers
+    torch.testing.assert_close(out[0], ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(out, dense_features(deep_clip, image, "sc_clip"), atol=1e-4)  # another detector
+    assert norm_outliers(images(2, 6, 4), 10).all()  # clamped to the 6 tokens
 
 
 def test_local_outlier_factor_equals_the_official_definition():
@@ -267,6 +292,7 @@ def test_tiny_grids_clamp_k_and_a_single_patch_has_no_outlier(shallow_clip):
 def test_published_settings_and_layer_scaling():
     s = STRATEGIES["sc_clip"]
     assert isinstance(s, SelfCalibrated)
+    assert (s.outlier_detector, s.norm_outliers) == ("lof", 10)
     assert (s.lof_neighbors, s.lof_quantile, s.attention_layer, s.aggregation_layer, s.similarity_threshold,
             s.attention_scale, s.cls_weight, s.fusion_layers, s.layer_depth) == (30, 0.95, 9, 4, 0.4, 3.0, 0.3,
                                                                                    (4, 10), 12)
@@ -289,6 +315,8 @@ def test_written_into_a_run_config_and_read_back():
 
 
 @pytest.mark.parametrize("change, match", [
+    ({"outlier_detector": "sklearn"}, r"outlier_detector='sklearn': give one of \['lof', 'norm'\]"),
+    ({"norm_outliers": -1}, r"norm_outliers=-1"),
     ({"lof_neighbors": 0}, r"SelfCalibrated\.lof_neighbors=0: give LOF's k"),
     ({"lof_neighbors": 2.5}, r"lof_neighbors=2\.5"),
     ({"lof_quantile": 0.0}, r"lof_quantile=0\.0: .* in \(0, 1\]"),

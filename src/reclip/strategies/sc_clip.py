@@ -23,6 +23,12 @@ counted as "tokens after n blocks" (n = 0: the embedding after ln_pre), so the o
 6. both x and r are aggregated with S4 (the cosine similarity after 4 blocks, entries
    < 0.4 set to 0, not replaced), summed; output ln_post(.) @ proj, L2-normalised.
 
+The official code's first version (74471da, Nov 2024, the month of the paper) found the
+anomaly tokens differently: the 10 patch tokens of largest L2 norm after 11 blocks, with a
+comment that this and sklearn's LOF (n_neighbors=30, contamination=0.05) give the same
+results; 0417ba9 (Mar 2025) replaced it by the torch LOF below. ``outlier_detector="norm"``
+is that first version.
+
 The LOF is the official one, which differs from the textbook LOF (Breunig et al. 2000):
 distances are SQUARED Euclidean, and the reach distance of p to a neighbour o is
 max(d(p, o), kdist(p)) = kdist(p) (the textbook uses kdist(o)), so the local reachability
@@ -42,10 +48,13 @@ Differences from the official code, none of which changes its published numbers:
 - a token's own distance is excluded from its neighbours explicitly (the official code drops
   the nearest one, which is itself unless a duplicate ties it: same distances either way),
   and a k-distance of 0 (k + 1 identical tokens) is clamped to the smallest float, so LOF
-  stays finite where the official one gives NaN and marks no outlier in the image;
+  stays finite where the official one gives NaN scores (then no outlier, and its
+  ``mean_interpolation`` fails on the empty index list);
 - the diagonal of M is never masked (it is >= 0 exactly; only rounding could make it
   negative and a row all -inf);
 - both S4 aggregations are one product on x + r (the map is linear);
+- the official numbers come from fp16 weights on CUDA (``clip.load``); here the tower's
+  own dtype, with LOF in float32;
 - towers of another depth: the layer numbers are scaled, ``round(L * n / 12)`` clamped to
   ``0 .. L - 1`` (:func:`reclip.clip.model.scale_block_number`); ``layer_depth=None``
   takes them as given and a number that does not fit the tower raises.
@@ -64,7 +73,11 @@ from reclip.clip.model import CLIP, ResidualAttentionBlock, scale_block_number
 from reclip.strategies.base import DenseStrategy, FeatureContext, project_patches
 from reclip.strategies.last_block import LastBlock, _attend
 
-__all__ = ["SelfCalibrated", "local_outlier_factor", "lof_outliers", "replace_outliers", "thresholded_rows"]
+__all__ = ["OUTLIER_DETECTORS", "SelfCalibrated", "local_outlier_factor", "lof_outliers", "norm_outliers",
+           "replace_outliers", "thresholded_rows"]
+
+# "lof": SuleBai/SC-CLIP @ 0417ba9 (HEAD); "norm": the largest L2 norms, @ 74471da (first version).
+OUTLIER_DETECTORS = ("lof", "norm")
 
 # The k-k half of the last block's attention, through the last-block machinery.
 _KK = LastBlock("kk", residual=False, ffn=False)
@@ -80,6 +93,10 @@ class SelfCalibrated(DenseStrategy):
     ``layer_depth``-block tower and scaled to others (None: used as given).
 
     Attributes:
+        outlier_detector: how anomaly tokens are found, one of :data:`OUTLIER_DETECTORS`:
+            "lof" (the official code at 0417ba9) or "norm" (the largest L2 norms, at 74471da).
+        norm_outliers: how many tokens "norm" marks per image (clamped to h*w). 74471da
+            clip/model.py ``sorted_indices[:10]``.
         lof_neighbors: LOF's k. SuleBai/SC-CLIP clip/model.py ``lof_pytorch(n_neighbors=30)``.
         lof_quantile: outliers have LOF strictly above this quantile of the image's LOFs
             (linear interpolation, ``torch.quantile``). ``lof_pytorch(contamination=0.05)``:
@@ -102,6 +119,8 @@ class SelfCalibrated(DenseStrategy):
 
     kind = "sc_clip"
 
+    outlier_detector: str = "lof"
+    norm_outliers: int = 10
     lof_neighbors: int = 30
     lof_quantile: float = 0.95
     attention_layer: int = 9
@@ -120,6 +139,12 @@ class SelfCalibrated(DenseStrategy):
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
         name = type(self).__name__
+        if self.outlier_detector not in OUTLIER_DETECTORS:
+            raise ValueError(f"{name}.outlier_detector={self.outlier_detector!r}: give one of "
+                             f"{list(OUTLIER_DETECTORS)} (SC-CLIP: 'lof')")
+        if not (integer(self.norm_outliers) and self.norm_outliers >= 0):
+            raise ValueError(f"{name}.norm_outliers={self.norm_outliers!r}: give how many tokens the 'norm' "
+                             f"detector marks per image, an integer >= 0 (SC-CLIP 74471da: 10)")
         if not (integer(self.lof_neighbors) and self.lof_neighbors >= 1):
             raise ValueError(f"{name}.lof_neighbors={self.lof_neighbors!r}: give LOF's k, an integer >= 1 "
                              f"(SC-CLIP: 30)")
@@ -155,17 +180,17 @@ class SelfCalibrated(DenseStrategy):
 
         Each is "tokens after n blocks", 0 <= n <= depth - 1 (the last block is SC-CLIP's own).
         """
-        numbers_ = (self.attention_layer, self.aggregation_layer, *self.fusion_layers)
+        chosen = (self.attention_layer, self.aggregation_layer, *self.fusion_layers)
         if self.layer_depth is not None:
-            numbers_ = tuple(scale_block_number(n, depth, self.layer_depth) for n in numbers_)
-        elif max(numbers_) > depth - 1:
+            chosen = tuple(scale_block_number(n, depth, self.layer_depth) for n in chosen)
+        elif max(chosen) > depth - 1:
             given = {"attention_layer": self.attention_layer, "aggregation_layer": self.aggregation_layer,
                      "fusion_layers": self.fusion_layers}
             bad = ", ".join(f"{k}={v}" for k, v in given.items() if max(v if isinstance(v, tuple) else (v,)) >= depth)
             raise ValueError(
                 f"{type(self).__name__}({bad}) does not fit this {depth}-block vision tower: give layers "
                 f"0..{depth - 1} (tokens after n blocks), or layer_depth=12 to scale SC-CLIP's published ones")
-        attention, aggregation, first, last = numbers_
+        attention, aggregation, first, last = chosen
         return attention, aggregation, range(first, last + 1)
 
     def features(self, clip: CLIP, images: Tensor, context: FeatureContext | None = None) -> Tensor:
@@ -186,7 +211,10 @@ class SelfCalibrated(DenseStrategy):
         assert fused is not None  # layers() keeps the fusion range inside 0..L-1
 
         cls, patches = x[:, :1], x[:, 1:]  # after L-1 blocks: (B, 1, width), (B, N, width)
-        outliers = lof_outliers(patches, self.lof_neighbors, self.lof_quantile)  # (B, N)
+        if self.outlier_detector == "lof":
+            outliers = lof_outliers(patches, self.lof_neighbors, self.lof_quantile)  # (B, N)
+        else:
+            outliers = norm_outliers(patches, self.norm_outliers)
         patches = replace_outliers(patches, outliers, grid)
         s_attention = cosine_similarity(replace_outliers(kept[attention_n][:, 1:], outliers, grid))  # (B, N, N)
         s_aggregation = cosine_similarity(kept[aggregation_n][:, 1:])  # not replaced (official)
@@ -233,6 +261,16 @@ def lof_outliers(tokens: Tensor, k: int, quantile: float) -> Tensor:
         scores = local_outlier_factor(tokens, k)  # (B, N)
         threshold = torch.quantile(scores, quantile, dim=-1, keepdim=True)  # (B, 1)
         return scores > threshold
+
+
+def norm_outliers(tokens: Tensor, count: int) -> Tensor:
+    """Tokens (B, N, C) -> (B, N) bool: the ``count`` tokens of largest L2 norm per image
+    (clamped to N), SC-CLIP's first detector (74471da clip/model.py)."""
+    B, N, _ = tokens.shape
+    with torch.no_grad():
+        top = tokens.detach().float().norm(dim=-1).topk(min(count, N), dim=-1).indices  # (B, count)
+        mask = torch.zeros(B, N, dtype=torch.bool, device=tokens.device)
+        return mask.scatter_(1, top, True)
 
 
 def replace_outliers(tokens: Tensor, outliers: Tensor, grid: tuple[int, int]) -> Tensor:
