@@ -36,6 +36,7 @@ from reclip.strategies.last_block import (
     gaussian_window,
     reclip_official_numerics,
 )
+from reclip.strategies.sc_clip import SelfCalibrated
 
 __all__ = [
     "ATTENTIONS",
@@ -59,10 +60,10 @@ __all__ = [
 ]
 
 # Every strategy class by its ``kind`` (the name config.json records).
-STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock,)}
+STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock, SelfCalibrated)}
 
 # The published presets by name.
-STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS}
+STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS, "sc_clip": SelfCalibrated()}
 
 
 def get_strategy(strategy: str | DenseStrategy, **overrides: object) -> DenseStrategy:

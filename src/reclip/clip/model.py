@@ -169,6 +169,21 @@ def block_indices(indices: int | Sequence[int], depth: int) -> list[int]:
     return sorted({i % depth for i in chosen})
 
 
+def scale_block_number(number: int, depth: int, published_depth: int = 12) -> int:
+    """A block number published for a ``published_depth``-block tower, moved to a ``depth``-block one.
+
+    ``round(depth * number / published_depth)``, clamped to ``0 .. depth - 1`` (so a
+    published ViT-B/16 layer lands at the same relative depth of a tiny test tower).
+    Methods that read mid-tower layers (MAFT's first masked block, SC-CLIP's similarity
+    layers) use it for towers other than the one their numbers were published for.
+    """
+    if depth < 1:
+        raise ValueError(f"depth={depth}: a vision tower has at least one block")
+    if published_depth < 1:
+        raise ValueError(f"published_depth={published_depth}: give the depth the number was published for (>= 1)")
+    return min(max(round(depth * number / published_depth), 0), depth - 1)
+
+
 class Intermediates(NamedTuple):
     """What ``VisionTransformer.forward_intermediates`` returns; keys are block numbers 0..L-1.
 

@@ -29,6 +29,9 @@ METHODS = (
     Method("sclip", NAME, "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
     Method("clearclip", NAME, "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
     Method("naclip", NAME, "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN", own_section="naclip"),
+    # SuleBai/SC-CLIP scclip_segmentor.py: prompts.imagenet_template.openai_imagenet_template = the 80.
+    Method("sc_clip", NAME, "sc_clip", "imagenet80", "SC-CLIP: LOF-calibrated tokens, mid-layer similarity, fusion",
+           own_section="sc_clip"),
 )
 
 
