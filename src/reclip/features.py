@@ -36,6 +36,7 @@ from reclip.strategies.last_block import (
     gaussian_window,
     reclip_official_numerics,
 )
+from reclip.strategies.resclip import ResidualAttention
 
 __all__ = [
     "ATTENTIONS",
@@ -43,6 +44,7 @@ __all__ = [
     "FeatureContext",
     "LastBlock",
     "MMSEG_LAYERNORM_EPS",
+    "ResidualAttention",
     "STRATEGIES",
     "STRATEGY_KINDS",
     "_attend",
@@ -59,10 +61,10 @@ __all__ = [
 ]
 
 # Every strategy class by its ``kind`` (the name config.json records).
-STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock,)}
+STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock, ResidualAttention)}
 
 # The published presets by name.
-STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS}
+STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS, "resclip": ResidualAttention()}
 
 
 def get_strategy(strategy: str | DenseStrategy, **overrides: object) -> DenseStrategy:

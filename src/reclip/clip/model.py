@@ -169,6 +169,16 @@ def block_indices(indices: int | Sequence[int], depth: int) -> list[int]:
     return sorted({i % depth for i in chosen})
 
 
+def scaled_block(index: int, depth: int, published_depth: int = 12) -> int:
+    """Block ``index`` (0-based) of a published ``published_depth``-block tower, at the same
+    relative depth in a ``depth``-block tower: ``round(depth * index / published_depth)``,
+    clamped to ``0 .. depth - 1`` (e.g. MAFT's block 8 of 12 is block 3 of 4). For methods
+    whose published layer choices are for ViT-B (12 blocks) run on other towers."""
+    if depth < 1:
+        raise ValueError(f"depth={depth}: a vision tower has at least one block")
+    return min(max(round(depth * index / published_depth), 0), depth - 1)
+
+
 class Intermediates(NamedTuple):
     """What ``VisionTransformer.forward_intermediates`` returns; keys are block numbers 0..L-1.
 

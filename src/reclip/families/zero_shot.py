@@ -1,9 +1,10 @@
-"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP (and raw CLIP) on one head.
+"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP (and raw CLIP) on one head.
 
 Each method is a dense-feature strategy (:mod:`reclip.features`) under the zero-shot
 head (:class:`reclip.heads.zero_shot.ZeroShotSegmentor`), tested with the protocol's
 ``zero_shot`` section (one protocol for all of them: ClearCLIP's), or with another
-section of the same schema when asked (``naclip``: NACLIP's own protocol).
+section of the same schema when asked (``naclip``: NACLIP's own protocol; ``resclip``:
+ResCLIP's, whose per-dataset mixing weights apply to ResCLIP under any section).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ METHODS = (
     Method("sclip", NAME, "sclip", "imagenet80", "SCLIP: q-q + k-k correlative attention"),
     Method("clearclip", NAME, "clearclip", "imagenet80", "ClearCLIP: q-q attention, no residual/FFN"),
     Method("naclip", NAME, "naclip", "imagenet80", "NACLIP: k-k + Gaussian, no residual/FFN", own_section="naclip"),
+    Method("resclip", NAME, "resclip", "imagenet80", "ResCLIP: NACLIP + intermediate attention + semantic feedback",
+           own_section="resclip"),
 )
 
 

@@ -39,7 +39,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from reclip.clip.model import CLIP, VisionTransformer, pad_to_patch
+from reclip.clip.model import CLIP, VisionTransformer, pad_to_patch, scaled_block
 
 __all__ = ["default_start_layer", "ip_attention_mask", "ip_clip_embeddings", "ip_clip_tokens",
            "proposal_attention_mask"]
@@ -51,9 +51,7 @@ _PUBLISHED_START, _PUBLISHED_DEPTH = 8, 12
 def default_start_layer(depth: int) -> int:
     """The first masked block for a tower of ``depth`` blocks: 8 of 12 (MAFT's), scaled as
     ``round(depth * 8 / 12)`` for other depths, clamped to ``0 .. depth - 1``."""
-    if depth < 1:
-        raise ValueError(f"depth={depth}: a vision tower has at least one block")
-    return min(max(round(depth * _PUBLISHED_START / _PUBLISHED_DEPTH), 0), depth - 1)
+    return scaled_block(_PUBLISHED_START, depth, _PUBLISHED_DEPTH)
 
 
 def _check_start_layer(start_layer: int | None, depth: int) -> int:
