@@ -58,7 +58,8 @@ from reclip.postprocess import pamr
 from reclip.strategies.base import DenseStrategy, FeatureContext, project_patches
 from reclip.strategies.last_block import LAST_BLOCK_PRESETS, LastBlock, attention_bias
 
-__all__ = ["ResidualAttention", "PATH_CHECKS", "default_rcs_layers", "semantic_feedback"]
+__all__ = ["PATH_CHECKS", "ResidualAttention", "default_rcs_layers", "first_pass_labels", "same_label_mask",
+           "semantic_feedback"]
 
 PATH_CHECKS = ("line", "official", "off")
 
@@ -297,13 +298,7 @@ def semantic_feedback(labels: Tensor, sigma: float, path_check: str = "line") ->
     """
     B, h, w = labels.shape
     n = h * w
-    flat = labels.reshape(B, n)
-    same = (flat[:, :, None] == flat[:, None, :]).float()  # (B, N, N), diagonal 1
-    if path_check != "off":
-        points, valid, decay = _path_geometry(h, w, path_check, str(labels.device))
-        start = flat[:, :, None, None]  # (B, N, 1, 1)
-        on_path = (flat[:, points] == start) | ~valid  # (B, N, N, K)
-        same = torch.where(on_path.all(-1), same, same * decay)
+    same = same_label_mask(labels, path_check)  # (B, N, N)
     size = min(n, int(6 * sigma + 1))
     size = size if size % 2 == 1 else size + 1
     x = torch.arange(size, device=labels.device, dtype=torch.float32) - size // 2
@@ -315,6 +310,20 @@ def semantic_feedback(labels: Tensor, sigma: float, path_check: str = "line") ->
     feedback = torch.zeros(B, 1 + n, 1 + n, device=labels.device)
     feedback[:, 1:, 1:] = blurred
     return feedback / feedback.amax(dim=(1, 2), keepdim=True)
+
+
+def same_label_mask(labels: Tensor, path_check: str = "line") -> Tensor:
+    """Patch labels (B, h, w) -> (B, N, N) float32: 1 where two patches share a label, pairs
+    failing ``path_check`` scaled by ``exp(-steps / max_steps)`` (ResCLIP
+    ``generate_attention_sfr`` before its Gaussian; :func:`_path_geometry`)."""
+    B, h, w = labels.shape
+    flat = labels.reshape(B, h * w)
+    same = (flat[:, :, None] == flat[:, None, :]).float()  # (B, N, N), diagonal 1
+    if path_check == "off":
+        return same
+    points, valid, decay = _path_geometry(h, w, path_check, str(labels.device))
+    on_path = (flat[:, points] == flat[:, :, None, None]) | ~valid  # (B, N, N, K): step k keeps the start's label
+    return torch.where(on_path.all(-1), same, same * decay)
 
 
 @functools.lru_cache(maxsize=4)  # ~100 MB each on a 21 x 31 grid
