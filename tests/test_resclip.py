@@ -441,3 +441,29 @@ def test_cli_evaluate_with_resclips_own_protocol(tmp_path, monkeypatch):
         ("whole", 40, 0.1, False)
     assert settings["classes"][0].startswith("background: sky, wall, tree")  # ResCLIP's (= SCLIP's) class file
     assert settings["strategy"]["kind"] == "resclip" and settings["strategy"]["sfr_tau"] == 2.2
+
+
+def test_cli_rectify_on_resclip_features_and_its_run_loads_back(tmp_path, monkeypatch):
+    """ReCLIP++ on ResCLIP's features (``reclip rectify --features resclip``): the strategy goes
+    into config.json and comes back, and the loaded rectifier feeds its fixed W_q to SFR."""
+    from reclip.clip.load import load_clip
+    from reclip.rectification import load_rectifier
+
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    clip_file = save_clip(tiny_clip(0, vision_layers=2), tmp_path / "tiny.pt", format="openai")
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=1)
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
+    assert main(["hypotheses", *common, "--split", "train", "--out", str(tmp_path / "hyp.json"), "--t", "0"]) == 0
+    run = tmp_path / "run"
+    assert main(["rectify", *common, "--hypotheses", str(tmp_path / "hyp.json"), "--out", str(run), "--max-steps",
+                 "1", "--batch-size", "2", "--crop", "32", "--base-short-side", "40", "--device", "cpu",
+                 "--features", "resclip"]) == 0
+    recorded = json.loads((run / "config.json").read_text())["rectifier"]["strategy"]
+    assert recorded == "resclip"  # a preset is recorded by its name (RectifierConfig.to_dict)
+    model = load_rectifier(run, load_clip(clip_file))
+    assert model.backbone.strategy == STRATEGIES["resclip"]
+    x = images(1, 3, 32, 40)
+    w_q = model.head.fixed_query
+    expected = dense_features(model.clip, x, STRATEGIES["resclip"],
+                              FeatureContext(queries=w_q, class_index=torch.arange(len(w_q))))
+    torch.testing.assert_close(model.features(x), expected)

@@ -33,9 +33,15 @@ Differences from the official code, each deliberate:
 - ``path_check``: the official check samples ``t = k / max_steps`` for ``k <= steps``, so
   for a pair closer than the grid's largest distance it walks only the first
   ``steps / max_steps`` of the segment (an adjacent pair checks only its start);
-  "line" walks the whole segment, "official" reproduces the published numbers (every
-  protocol's ``resclip:`` section selects it), "off" is the segmentor's argument default
+  "line" (the default) walks the whole segment, "official" reproduces the published
+  numbers (the ``resclip:`` sections of the published protocols select it; every official
+  config sets ``delete_same_entity=True``), "off" is the segmentor's argument default
   ``delete_same_entity=False``.
+
+SFR's labels are QUERY indices, as the official ``create_patch_matrix`` takes them (two
+synonyms of a class are two labels; "query 0" is the first name of class 0):
+``FeatureContext.queries`` is read, ``class_index`` is not. Under ReCLIP++ the rectifier
+gives its fixed W_q, one row per class (:class:`reclip.heads.rectify.Rectifier`).
 
 Settings not given in a protocol (a user's folder) are the official configs' for
 COCO-Stuff (configs/cfg_coco_stuff164k.py: temp_thd 0.11, RCS (2.0, 0.4), SFR (1.8, 0.7)):
@@ -188,23 +194,25 @@ class ResidualAttention(DenseStrategy):
             layers = self.layers_for(depth)
             inter = visual.forward_intermediates(images, sorted({*layers, depth - 2}), qkv=True)
             tokens, grid = inter.tokens[depth - 2], inter.grid  # (B, T, width), T = 1 + h*w
-            rcs = torch.stack([_softmax_attention(*inter.qkv[i][:2]) for i in layers]).mean(0)  # (B, heads, T, T)
+            rcs = sum(_softmax_attention(*inter.qkv[i][:2]) for i in layers) / len(layers)  # (B, heads, T, T)
         else:
             tokens, grid = visual.forward_blocks(images, end=-1)
             rcs = None
+        block = visual.transformer.resblocks[-1]
+        qkv = block.attn.qkv(block.ln_1(tokens))  # each (B, heads, T, hd), shared by both passes
         feedback = None
         if self.sfr:
-            queries = _queries(self, context, tokens.device)
-            first = project_patches(clip, self._last_block(clip, tokens, grid, rcs, None), grid)  # (B, D, h, w)
+            queries = _queries(context, tokens.device)
+            first = project_patches(clip, self._last_block(clip, tokens, qkv, grid, rcs, None), grid)  # (B, D, h, w)
             labels = first_pass_labels(first, queries, pad_to_patch(images, visual.patch_size), self)  # (B, h, w)
             feedback = semantic_feedback(labels, self.sfr_sigma, self.path_check)  # (B, T, T)
-        return project_patches(clip, self._last_block(clip, tokens, grid, rcs, feedback), grid)
+        return project_patches(clip, self._last_block(clip, tokens, qkv, grid, rcs, feedback), grid)
 
-    def _last_block(self, clip: CLIP, tokens: Tensor, grid: tuple[int, int], rcs: Tensor | None,
-                    feedback: Tensor | None) -> Tensor:
+    def _last_block(self, clip: CLIP, tokens: Tensor, qkv: tuple[Tensor, Tensor, Tensor], grid: tuple[int, int],
+                    rcs: Tensor | None, feedback: Tensor | None) -> Tensor:
         """The base last block with RCS / SFR mixed into its attention: (B, T, width) -> same."""
         block, base = clip.visual.transformer.resblocks[-1], self.base_block
-        q, k, v = block.attn.qkv(block.ln_1(tokens))  # each (B, heads, T, hd)
+        q, k, v = qkv
         attn = self.attention(q, k, grid, rcs, feedback)  # (B, heads, T, T) float32
         out = block.attn.merge_heads((attn @ v.float()).to(v.dtype))  # out_proj included
         if base.residual:
@@ -254,7 +262,7 @@ def _softmax_attention(q: Tensor, k: Tensor) -> Tensor:
     return torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
-def _queries(strategy: ResidualAttention, context: FeatureContext | None, device: torch.device) -> Tensor:
+def _queries(context: FeatureContext | None, device: torch.device) -> Tensor:
     if context is None or context.queries is None:
         raise RuntimeError("resclip with sfr=True reads the head's text queries (FeatureContext.queries), but none "
                            "were given: build it under a head (ZeroShotSegmentor / Rectifier set them), pass "
