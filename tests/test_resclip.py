@@ -31,7 +31,7 @@ from reclip.features import (
     strategy_from_dict,
     strategy_to_dict,
 )
-from reclip.heads.rectify import RectifierConfig, Rectifier, class_query_weights
+from reclip.heads.rectify import Rectifier, RectifierConfig, class_query_weights
 from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.methods import published_strategy_overrides
 from reclip.strategies.resclip import default_rcs_layers, same_label_mask
@@ -72,7 +72,7 @@ def official_custom_attn(attn_layer, x, n_patches, with_attn=False, attn_rcs=Non
                          attn_sfr_weights=None, attn_rcs_weights=None, use_custom_attn=False, std=5.0):
     """ResCLIP VisionTransformer.custom_attn, attn_strategy 'resclip' (= 'naclip'), (L, N, E)."""
     num_heads = attn_layer.heads
-    num_tokens, bsz, embed_dim = x.size()
+    _num_tokens, bsz, embed_dim = x.size()
     head_dim = embed_dim // num_heads
     scale = head_dim ** -0.5
     q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
@@ -196,7 +196,7 @@ def official_resclip(clip, img, query_features, *, use_sfr, temp_thd, attn_sfr_w
     normalisation; batch 1. Returns the patch features (1, h*w, D) and the first pass's labels."""
     vis = clip.visual
     ps = vis.patch_size
-    B, nc, w, h = img.shape
+    _B, _nc, w, h = img.shape  # (the official names: w is the height)
     n_patches = (w // ps, h // ps)
     x, _ = vis.embed(img)  # patchify + CLS + positions + ln_pre (reclip's embedding, as every strategy's)
     x = x.permute(1, 0, 2)  # NLD -> LND
