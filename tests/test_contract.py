@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from reclip.data.protocol import list_protocols, load_protocol
-from reclip.features import STRATEGIES, dense_features
+from reclip.features import STRATEGIES, FeatureContext, dense_features
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import FAMILIES, METHODS, build_segmentor, get_family, inference_config, load_trained
 from reclip.text import Vocabulary
@@ -29,7 +29,8 @@ IMAGES = torch.randn(2, 3, 30, 45, generator=torch.Generator().manual_seed(0))  
 
 @pytest.fixture(scope="module")
 def clip():
-    return tiny_clip(perturb=0.02)
+    # two vision blocks: strategies that read a block before the last (ResCLIP's RCS) need one
+    return tiny_clip(perturb=0.02, vision_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,10 @@ def test_published_settings_and_a_whole_segmentation(name, segmentors):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_gives_unit_dense_features(name, clip):
+    queries = torch.nn.functional.normalize(torch.randn(5, clip.visual.output_dim), dim=-1)  # a head's W_q
+    context = FeatureContext(queries=queries, class_index=torch.tensor([0, 1, 2, 2, 3]))
     with torch.no_grad():
-        z = dense_features(clip, IMAGES, name)
+        z = dense_features(clip, IMAGES, name, context if STRATEGIES[name].needs_queries else None)
     assert z.shape == (2, clip.visual.output_dim, 4, 6)  # ceil(30 / 8), ceil(45 / 8)
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 6))

@@ -16,6 +16,7 @@ from reclip.clip.model import CLIP, QuickGELU
 from reclip.features import (
     ATTENTIONS,
     STRATEGIES,
+    FeatureContext,
     LastBlock,
     apply_last_block,
     attention_bias,
@@ -49,6 +50,11 @@ def clip(request) -> CLIP:
 
 def images(*size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*size, generator=torch.Generator().manual_seed(seed))
+
+
+# A head's text queries, for the strategies that read them (ResCLIP's semantic feedback);
+# the others ignore them.
+CONTEXT = FeatureContext(queries=F.normalize(images(5, 32, seed=4), dim=-1), class_index=torch.tensor([0, 1, 2, 2, 3]))
 
 
 # --- presets and registry ---------------------------------------------------------------
@@ -94,33 +100,33 @@ def test_maskclip_without_residual_is_identity_no_residual_with_ffn(clip):
 def test_battery(clip, name):
     strategy = ALL[name]
     x = images(2, 3, 27, 41)  # not square, not multiples of the patch (8)
-    out = dense_features(clip, x, strategy)
+    out = dense_features(clip, x, strategy, CONTEXT)
     assert out.shape == (2, 32, 4, 6)  # the grid of the input padded to (32, 48)
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2, 4, 6))
     # batch elements are independent
-    torch.testing.assert_close(dense_features(clip, x[1:], strategy), out[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_features(clip, x[1:], strategy, CONTEXT), out[1:], atol=1e-5, rtol=1e-5)
     # multiple of the patch: no padding
-    assert dense_features(clip, images(1, 3, 16, 32), strategy).shape == (1, 32, 2, 4)
+    assert dense_features(clip, images(1, 3, 16, 32), strategy, CONTEXT).shape == (1, 32, 2, 4)
 
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_gradient_reaches_input_and_no_grad_respected(clip, name):
     x = images(1, 3, 20, 28).requires_grad_(True)
-    feats = dense_features(clip, x, ALL[name])
+    feats = dense_features(clip, x, ALL[name], CONTEXT)
     (feats * torch.randn_like(feats)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with torch.no_grad():
-        assert not dense_features(clip, x, ALL[name]).requires_grad
+        assert not dense_features(clip, x, ALL[name], CONTEXT).requires_grad
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_bf16_autocast(clip, name):
     x = images(1, 3, 24, 32)
-    ref = dense_features(clip, x, name)
+    ref = dense_features(clip, x, name, CONTEXT)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dense_features(clip, x, name)
+        out = dense_features(clip, x, name, CONTEXT)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out * ref).sum(dim=1).min() > 0.95  # cosine to the float32 result
 

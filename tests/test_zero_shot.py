@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tiny import tiny_clip
 from reclip.clip.model import CLIP, pad_to_patch
-from reclip.features import STRATEGIES, dense_features
+from reclip.features import STRATEGIES, FeatureContext, dense_features
 from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.inference import InferenceConfig, segment
 from reclip.text import QueryEmbeddings, max_over_synonyms
@@ -39,7 +39,8 @@ def test_logits_are_cosines_of_dense_features(clip, strategy):
     x = images(2, 3, 32, 48)
     logits = head(x)
     assert logits.shape == (2, 4, 4, 6)
-    expected = torch.einsum("bdhw,cd->bchw", dense_features(clip, x, strategy), W)
+    context = FeatureContext(queries=W, class_index=torch.arange(4))  # the head's W_q (ResCLIP reads it)
+    expected = torch.einsum("bdhw,cd->bchw", dense_features(clip, x, strategy, context), W)
     torch.testing.assert_close(logits, expected)
     assert logits.abs().max() <= 1 + 1e-5  # raw cosines, no temperature
 

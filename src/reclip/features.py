@@ -37,6 +37,7 @@ from reclip.strategies.last_block import (
     reclip_official_numerics,
 )
 from reclip.strategies.sc_clip import SelfCalibrated
+from reclip.strategies.resclip import ResidualAttention
 
 __all__ = [
     "ATTENTIONS",
@@ -44,6 +45,8 @@ __all__ = [
     "FeatureContext",
     "LastBlock",
     "MMSEG_LAYERNORM_EPS",
+    "ResidualAttention",
+    "SelfCalibrated",
     "STRATEGIES",
     "STRATEGY_KINDS",
     "_attend",
@@ -60,10 +63,11 @@ __all__ = [
 ]
 
 # Every strategy class by its ``kind`` (the name config.json records).
-STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock, SelfCalibrated)}
+STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock, SelfCalibrated,
+                                                                              ResidualAttention)}
 
 # The published presets by name.
-STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS, "sc_clip": SelfCalibrated()}
+STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS, "sc_clip": SelfCalibrated(), "resclip": ResidualAttention()}
 
 
 def get_strategy(strategy: str | DenseStrategy, **overrides: object) -> DenseStrategy:

@@ -1,9 +1,10 @@
-"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP (and raw CLIP) on one head.
+"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP (and raw CLIP) on one head.
 
 Each method is a dense-feature strategy (:mod:`reclip.features`) under the zero-shot
 head (:class:`reclip.heads.zero_shot.ZeroShotSegmentor`), tested with the protocol's
 ``zero_shot`` section (one protocol for all of them: ClearCLIP's), or with another
-section of the same schema when asked (``naclip``: NACLIP's own protocol).
+section of the same schema when asked (``naclip``: NACLIP's own protocol; ``resclip``:
+ResCLIP's, whose per-dataset mixing weights apply to ResCLIP under any section).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ METHODS = (
     # SuleBai/SC-CLIP scclip_segmentor.py: prompts.imagenet_template.openai_imagenet_template = the 80.
     Method("sc_clip", NAME, "sc_clip", "imagenet80", "SC-CLIP: LOF-calibrated tokens, mid-layer similarity, fusion",
            own_section="sc_clip"),
+    Method("resclip", NAME, "resclip", "imagenet80", "ResCLIP: NACLIP + intermediate attention + semantic feedback",
+           own_section="resclip"),
 )
 
 

@@ -393,6 +393,11 @@ class Rectifier(CLIPSegmentor):
             clip.visual.requires_grad_(True)
         clip.eval()
         self.to(clip.token_embedding.weight.device)
+        # Class-aware strategies (ResCLIP's semantic feedback, a zero-shot first pass) read the
+        # FIXED text queries W_q, one per class: the segmentation they feed back is CLIP's own,
+        # never the trained head's (a learnable query would make Z depend on training).
+        w_q = self.head.fixed_query
+        self.backbone.set_queries(w_q, torch.arange(w_q.shape[0], device=w_q.device))
 
     @property
     def query_weights(self) -> Tensor:

@@ -4,10 +4,13 @@ the registry of presets by name).
 - :mod:`~reclip.strategies.base`: what a strategy is (:class:`DenseStrategy`) and what it
   may read (:class:`FeatureContext`);
 - :mod:`~reclip.strategies.last_block`: methods that change only CLIP's last block
-  (MaskCLIP, SCLIP, ClearCLIP, NACLIP), ClearCLIP's decomposition :class:`LastBlock`.
+  (MaskCLIP, SCLIP, ClearCLIP, NACLIP), ClearCLIP's decomposition :class:`LastBlock`;
+- :mod:`~reclip.strategies.resclip`: ResCLIP's residual attention on a last block
+  (:class:`ResidualAttention`: RCS and semantic feedback).
 """
 
 from reclip.strategies.base import DenseStrategy, FeatureContext, project_patches
 from reclip.strategies.last_block import LastBlock
+from reclip.strategies.resclip import ResidualAttention
 
-__all__ = ["DenseStrategy", "FeatureContext", "LastBlock", "project_patches"]
+__all__ = ["DenseStrategy", "FeatureContext", "LastBlock", "ResidualAttention", "project_patches"]

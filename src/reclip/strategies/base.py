@@ -51,7 +51,9 @@ class DenseStrategy:
 
     Class attributes:
         kind: the name written into config.json (``reclip.features.STRATEGY_KINDS``).
-        needs_queries: :meth:`features` reads ``context.queries`` (the head's W_q).
+        needs_queries: :meth:`features` reads ``context.queries`` (the head's W_q); a
+            subclass whose need depends on its settings makes it a property (ResCLIP:
+            only with semantic feedback). Read it on the instance.
     """
 
     kind: ClassVar[str] = ""
