@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from reclip.data.protocol import list_protocols, load_protocol
-from reclip.features import STRATEGIES, FeatureContext, dense_features
+from reclip.features import STRATEGIES, FeatureContext, dense_features, get_strategy
 from reclip.inference import InferenceConfig, segment
 from reclip.methods import FAMILIES, METHODS, build_segmentor, get_family, inference_config, load_trained
 from reclip.text import Vocabulary
-from tiny import tiny_clip
+from tiny import tiny_clip, tiny_dino_file
 
 VOCABULARY = Vocabulary.from_names(["background", "cat", "dog, puppy", "sky"])  # a synonym: S = 5 > C = 4
 IMAGES = torch.randn(2, 3, 30, 45, generator=torch.Generator().manual_seed(0))  # not a multiple of the patch
@@ -34,7 +34,21 @@ def clip():
 
 
 @pytest.fixture(scope="module")
-def segmentors(clip, tmp_path_factory):
+def proxy_file(tmp_path_factory):
+    """A tiny DINO checkpoint: the proxy model of strategies that have one (ProxyCLIP)."""
+    return tiny_dino_file(tmp_path_factory.mktemp("proxy") / "tiny_dino.pth")
+
+
+def offline_overrides(name: str, proxy_file) -> dict:
+    """Strategy overrides that keep a method offline: a proxy model from a file, not a download."""
+    method = METHODS[name]
+    if get_family(method).trained or not hasattr(STRATEGIES[method.strategy], "proxy"):
+        return {}
+    return {"proxy": str(proxy_file)}
+
+
+@pytest.fixture(scope="module")
+def segmentors(clip, proxy_file, tmp_path_factory):
     """name -> (segmentor from the registry, the model it was saved from or None)."""
     out = {}
     for name, method in METHODS.items():
@@ -45,7 +59,9 @@ def segmentors(clip, tmp_path_factory):
             family.write_run(run, model, method, clip, VOCABULARY)
             out[name] = (build_segmentor(name, clip, VOCABULARY, checkpoint=run, text_cache=False), model, run)
         else:
-            out[name] = (build_segmentor(name, clip, VOCABULARY, text_cache=False), None, None)
+            segmentor = build_segmentor(name, clip, VOCABULARY, text_cache=False,
+                                        strategy_overrides=offline_overrides(name, proxy_file))
+            out[name] = (segmentor, None, None)
     return out
 
 
@@ -95,11 +111,16 @@ def test_published_settings_and_a_whole_segmentation(name, segmentors):
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_gives_unit_dense_features(name, clip):
+def test_every_strategy_gives_unit_dense_features(name, clip, proxy_file):
     queries = torch.nn.functional.normalize(torch.randn(5, clip.visual.output_dim), dim=-1)  # a head's W_q
-    context = FeatureContext(queries=queries, class_index=torch.tensor([0, 1, 2, 2, 3]))
+    strategy = STRATEGIES[name]
+    if hasattr(strategy, "proxy"):
+        strategy = get_strategy(strategy, proxy=str(proxy_file))
+    aux = strategy.build_aux(clip)  # what a backbone builds once
+    context = FeatureContext(queries=queries, class_index=torch.tensor([0, 1, 2, 2, 3]), aux=aux)
+    needs = strategy.needs_queries or aux is not None
     with torch.no_grad():
-        z = dense_features(clip, IMAGES, name, context if STRATEGIES[name].needs_queries else None)
+        z = dense_features(clip, IMAGES, strategy, context if needs else None)
     assert z.shape == (2, clip.visual.output_dim, 4, 6)  # ceil(30 / 8), ceil(45 / 8)
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 6))

@@ -150,3 +150,67 @@ def test_bad_settings_are_refused():
         ProxyAttention(gamma=0.0)
     with pytest.raises(RuntimeError, match="needs its proxy model"):
         dense_features(tiny_clip(), images(1, 3, 32, 32), ProxyAttention(proxy="unused"))
+
+
+# --- registered: method, protocol sections, command line ------------------------------
+
+def test_the_method_and_its_published_sections():
+    from reclip.data.protocol import load_protocol
+    from reclip.features import STRATEGIES
+    from reclip.methods import METHODS
+
+    m = METHODS["proxyclip"]
+    assert (m.family, m.strategy, m.templates, m.own_section) == ("zero_shot", "proxyclip", "imagenet80", "proxyclip")
+    assert STRATEGIES["proxyclip"] == ProxyAttention(proxy="dino_vitb8", beta=1.2, gamma=3.0)
+    voc21, city, ade = (load_protocol(n).proxyclip for n in ("voc21", "cityscapes19", "ade150"))
+    assert (voc21.short_side, voc21.window, voc21.stride, voc21.logit_scale, voc21.prob_thd) == (336, 336, 112, 40, 0.2)
+    assert voc21.classes_file == "voc21_proxyclip.txt"
+    assert (city.short_side, city.window, city.prob_thd) == (448, 224, None)
+    assert (ade.short_side, ade.window) == (448, 336)
+
+
+def test_evaluate_and_rectify_with_a_proxy_file_from_the_command_line(tmp_path, monkeypatch):
+    import json
+
+    from layouts import write_voc
+    from tiny import tiny_dino_file
+    from reclip.cli import main
+    from reclip.clip.load import load_clip, save_clip
+    from reclip.rectification import load_rectifier
+
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    clip_file = save_clip(tiny_clip(0, vision_layers=2), tmp_path / "tiny.pt", format="openai")
+    proxy = tiny_dino_file(tmp_path / "dino.pth", patch=4)
+    root = write_voc(tmp_path / "voc", n_train=2, n_val=2)
+    out = tmp_path / "res.json"
+    assert main(["evaluate", "--clip", str(clip_file), "--method", "proxyclip", "--proxy", str(proxy), "--dataset",
+                 "voc21", "--data-root", str(root), "--test-settings", "proxyclip", "--short-side", "48", "--window",
+                 "32", "--stride", "16", "--templates", "single", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 2 and 0 <= result["mIoU"] <= 100
+    assert result["settings"]["strategy"] == {"kind": "proxyclip", "proxy": str(proxy), "beta": 1.2, "gamma": 3.0,
+                                              "mean_over": "image"}
+    assert result["settings"]["inference"]["prob_thd"] == 0.2
+    assert result["settings"]["classes"][0].startswith("background: sky, wall")  # ProxyCLIP's class file
+    # ReCLIP++'s rectifier on ProxyCLIP's features (Z on the proxy's 4-px grid): one step, then it loads back
+    hyp, run = tmp_path / "hyp.json", tmp_path / "run"
+    common = ["--clip", str(clip_file), "--dataset", "voc20", "--data-root", str(root), "--quiet"]
+    assert main(["hypotheses", *common, "--split", "train", "--out", str(hyp), "--t", "0"]) == 0
+    assert main(["rectify", *common, "--hypotheses", str(hyp), "--out", str(run), "--features", "proxyclip",
+                 "--proxy", str(proxy), "--max-steps", "1", "--batch-size", "2", "--crop", "32",
+                 "--base-short-side", "40", "--device", "cpu"]) == 0
+    assert load_rectifier(run, load_clip(clip_file)).strategy == ProxyAttention(proxy=str(proxy))
+
+
+def test_without_the_proxy_file_offline_the_error_says_what_to_pass(tmp_path, monkeypatch):
+    import urllib.request
+
+    from reclip.backbones.dino.load import DinoWeightsError
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DinoWeightsError, match=r"dino_vitbase8_pretrain\.pth[\s\S]*--proxy"):
+        ProxyAttention().build_aux(tiny_clip())

@@ -33,3 +33,25 @@ def tiny_clip(seed: int = 0, *, perturb: float = 0.0, **overrides) -> CLIP:
             for p in model.parameters():
                 p.add_(perturb * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_dino(seed: int = 0, patch: int = 8, width: int = 64, depth: int = 2):
+    """A random DINO (v1 layout) ViT, eval mode: a ProxyCLIP proxy for tests. Patch 8 by
+    default, TINY CLIP's, so Z keeps CLIP's grid."""
+    from reclip.backbones.dino.model import DinoConfig, DinoViT
+
+    torch.manual_seed(seed)
+    config = DinoConfig("dino", patch_size=patch, width=width, depth=depth, heads=width // 64,  # as official: 64 a head
+                        mlp_hidden=2 * width, pos_grid=8)
+    model = DinoViT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_dino_file(path, **kwargs):
+    """:func:`tiny_dino` written as an official-layout .pth at ``path`` (``ProxyAttention(proxy=str(path))``,
+    ``--proxy PATH``); returns ``path``."""
+    torch.save(tiny_dino(**kwargs).state_dict(), path)
+    return path

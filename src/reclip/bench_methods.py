@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             small=args.small)
     print(f"{'method':<12} {'images/s':>10} {'vs MaskCLIP':>12}")
     for name, r in results.items():
-        print(f"{name:<12} {r['images_per_s']:>10.3f} {r['vs_maskclip']:>11.2f}x")
+        print(f"{name:<12} {r['images_per_s']:>10.3g} {r['vs_maskclip']:>11.3g}x")
     strategies = {name: dataclasses.asdict(get_strategy(METHODS[name].strategy)) for name in results}
     proxies = {n: s["proxy"] for n, s in strategies.items() if "proxy" in s}
     if proxies:

@@ -37,6 +37,7 @@ from reclip.strategies.last_block import (
     reclip_official_numerics,
 )
 from reclip.strategies.sc_clip import SelfCalibrated
+from reclip.strategies.proxyclip import ProxyAttention
 from reclip.strategies.resclip import ResidualAttention
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "FeatureContext",
     "LastBlock",
     "MMSEG_LAYERNORM_EPS",
+    "ProxyAttention",
     "ResidualAttention",
     "SelfCalibrated",
     "STRATEGIES",
@@ -63,11 +65,16 @@ __all__ = [
 ]
 
 # Every strategy class by its ``kind`` (the name config.json records).
-STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {cls.kind: cls for cls in (LastBlock, SelfCalibrated,
-                                                                              ResidualAttention)}
+STRATEGY_KINDS: dict[str, type[DenseStrategy]] = {
+    cls.kind: cls for cls in (LastBlock, SelfCalibrated, ResidualAttention, ProxyAttention)}
 
 # The published presets by name.
-STRATEGIES: dict[str, DenseStrategy] = {**LAST_BLOCK_PRESETS, "sc_clip": SelfCalibrated(), "resclip": ResidualAttention()}
+STRATEGIES: dict[str, DenseStrategy] = {
+    **LAST_BLOCK_PRESETS,
+    "sc_clip": SelfCalibrated(),
+    "resclip": ResidualAttention(),
+    "proxyclip": ProxyAttention(),  # its proxy model is loaded (or downloaded) when a backbone is built
+}
 
 
 def get_strategy(strategy: str | DenseStrategy, **overrides: object) -> DenseStrategy:

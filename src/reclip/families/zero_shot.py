@@ -1,10 +1,12 @@
-"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP (and raw CLIP) on one head.
+"""The training-free family: MaskCLIP, SCLIP, ClearCLIP, NACLIP, SC-CLIP, ResCLIP, ProxyCLIP
+(and raw CLIP) on one head.
 
 Each method is a dense-feature strategy (:mod:`reclip.features`) under the zero-shot
 head (:class:`reclip.heads.zero_shot.ZeroShotSegmentor`), tested with the protocol's
 ``zero_shot`` section (one protocol for all of them: ClearCLIP's), or with another
-section of the same schema when asked (``naclip``: NACLIP's own protocol; ``resclip``:
-ResCLIP's, whose per-dataset mixing weights apply to ResCLIP under any section).
+section of the same schema when asked (``naclip``: NACLIP's own protocol; ``sc_clip``,
+``resclip``, ``proxyclip`` likewise; ResCLIP's per-dataset mixing weights, in its section's
+``strategy``, apply to ResCLIP under any section).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ METHODS = (
            own_section="sc_clip"),
     Method("resclip", NAME, "resclip", "imagenet80", "ResCLIP: NACLIP + intermediate attention + semantic feedback",
            own_section="resclip"),
+    # mc-lan/ProxyCLIP proxyclip_segmentor.py: openai_imagenet_template, the 80.
+    Method("proxyclip", NAME, "proxyclip", "imagenet80", "ProxyCLIP: attention from a DINO proxy's patch similarities",
+           own_section="proxyclip"),
 )
 
 
