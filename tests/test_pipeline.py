@@ -175,3 +175,33 @@ def test_rank0_bar_counts_the_whole_dataset(voc, world_size, tmp_path, monkeypat
     assert bar.total == 5 and bar.n == 5
     # world 2: rank 0 holds images 0, 1 (of 5); each advances the bar by 2, the merge by the last 1
     assert bar.seen == ([1] * 5 + [0] if world_size == 1 else [2, 2, 1])
+
+
+def test_rank0_bar_of_segment_files_counts_every_image(tmp_path, monkeypatch):
+    """As evaluate's: 5 images over 2 ranks, rank 0 holds 2, each advancing the bar by 2."""
+    from PIL import Image
+
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(_images()):
+        Image.fromarray(image).save(folder / f"p{i}.png")
+    bars = []
+    real_tqdm = api.tqdm
+
+    def spy(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        bar.seen, update = [], bar.update
+        bar.update = lambda n=1: bar.seen.append(n) or update(n)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(api, "tqdm", spy)
+    monkeypatch.setattr(api, "current_processes", lambda: Processes(0, 2, torch.device("cpu"), False))
+    monkeypatch.setattr(api, "on_rank0", lambda fn, procs: fn())
+    monkeypatch.setattr(api, "gather", lambda parts, world: [parts])  # rank 1 stubbed out
+    summary = api.segment_files(tiny_clip(vision_layers=1), "maskclip", "cat,dog", [folder], tmp_path / "out",
+                                templates="single", inference={"short_side": 16}, progress=True)
+    assert len(summary.written) == 2
+    (bar,) = bars
+    assert bar.total == 5 and bar.n == 5 and bar.seen == [2, 2, 1]

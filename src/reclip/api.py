@@ -734,8 +734,11 @@ def segment_files(
                                         write_legend=False)
             summary.written.append(written["mask"])
 
-    bar = tqdm(mine, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
-    for path, name in bar:
+    # rank 0's bar counts every image, each of its own standing for one on every rank (as evaluate's)
+    total = len(found.pairs)
+    bar = tqdm(total=total, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
+    for path, name in mine:
+        bar.update(min(procs.world_size, total - bar.n))
         try:
             loaded = load_image(path, max_pixels=max_pixels)
         except ImageReadError as err:
@@ -747,7 +750,7 @@ def segment_files(
         if loaded.downscaled:
             summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
         pending.append((image, name))
-        if len(pending) == _images_per_step(segmentor, cfg):  # whole mode: the images of one size batched
+        if len(pending) == _images_per_step(segmentor, cfg):  # batched: images of one size, or slide windows
             write(pending)
             pending = []
     if pending:
@@ -757,6 +760,8 @@ def segment_files(
         summary.written = [p for part, _, _ in parts for p in part]
         summary.skipped = [s for _, part, _ in parts for s in part]
         summary.downscaled = [d for _, _, part in parts for d in part]
+    bar.update(total - bar.n)  # every rank is done
+    bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
