@@ -205,3 +205,19 @@ def test_rank0_bar_of_segment_files_counts_every_image(tmp_path, monkeypatch):
     assert len(summary.written) == 2
     (bar,) = bars
     assert bar.total == 5 and bar.n == 5 and bar.seen == [2, 2, 1]
+
+
+def test_prepared_images_survive_the_dataloader_s_pin_memory_conversion():
+    """DataLoader's pin_memory keeps named tuples but turns plain tuples into lists (the
+    prepared image's size): the results are unchanged. (Pinning needs CUDA: the
+    conversion is replayed here.)"""
+    calls: list[int] = []
+    segmentor = _conv_segmentor(calls)
+    images = _images()
+    for mode in ("whole", "slide"):
+        cfg = InferenceConfig(mode=mode, short_side=24, window=24, stride=12, whole_batch_size=2)
+        prepared = [prepare_image(image, cfg) for image in images]
+        converted = [inference.PreparedImage(p.input, list(p.size), p.raw) for p in prepared]
+        for a, b in zip(segment_many(segmentor, prepared, cfg), segment_many(segmentor, converted, cfg)):
+            assert b.labels.shape == a.labels.shape
+            np.testing.assert_array_equal(a.labels, b.labels)
