@@ -89,8 +89,10 @@ def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
         assert f"last-block attention {kind!r}" in out
     assert "windows per forward vs one (mmseg slide_inference)" in out and "windows/s" in out
     assert "torch.compile vs eager" in out
-    # batching scores every pixel as one image at a time ("10 of" must not pass)
+    # batching scores every pixel as one image at a time ("10 of" must not pass), and so do workers
     assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[1])
+    assert "2 DataLoader workers (read, resize, normalise) vs none" in out.splitlines()[2]
+    assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[2])
 
 
 def test_attention_bench_paths_agree():
