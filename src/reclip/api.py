@@ -53,8 +53,8 @@ from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.features import strategy_to_dict
-from reclip.inference import (InferenceConfig, PreparedImage, device_of, image_context, input_size,
-                              prepare_image, segment, segment_many, warm_up)
+from reclip.inference import (InferenceConfig, PreparedImage, device_of, image_context, prepare_image, segment,
+                              segment_many, warm_up)
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
                             load_trained, published_strategy_overrides, settings_section)
@@ -351,7 +351,8 @@ def evaluate_segmentor(
     model (``prefetch`` each; see :func:`evaluate`); a segmentor with a per-image context
     (``for_image``: MAFT) gets the pixels as read. With ``cfg.compile`` the segmentor is
     compiled before the timer starts (:func:`reclip.inference.warm_up`, at the first
-    image's input size): ``warmup_seconds`` holds that time and ``seconds`` leaves it out.
+    image's input size): ``warmup_seconds`` holds that time and ``seconds`` leaves it out
+    (a segmentor with a per-image context compiles during the run: counted in ``seconds``).
 
     Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
     _check_limit_and_workers(limit, num_workers)
@@ -407,9 +408,8 @@ def evaluate_segmentor(
             if rank0:
                 bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        if cfg.compile and not warmup_seconds:
-            size = (input_size(item["image"].shape[:2], cfg) if per_image else tuple(item["input"].input.shape[-2:]))
-            warmup_seconds = warm_up(segmentor, cfg, size)
+        if cfg.compile and not per_image and not warmup_seconds:  # (a per-image context compiles in the run)
+            warmup_seconds = warm_up(segmentor, cfg, tuple(item["input"].input.shape[-2:]))
         pending.append(item)
         if len(pending) == _images_per_step(segmentor, cfg):
             score(pending)

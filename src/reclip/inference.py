@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -433,18 +433,37 @@ class PreparedImage(NamedTuple):
     raw: Tensor | None
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread inside (the previous count restored after). torch's CPU bilinear
+    resize rounds the last bit differently with other thread counts, and DataLoader workers
+    run one thread: preparing on one thread everywhere gives the same numbers with workers
+    or without."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def prepare_image(image: np.ndarray | Tensor, cfg: InferenceConfig, mean: Sequence[float] = CLIP_MEAN,
                   std: Sequence[float] = CLIP_STD) -> PreparedImage:
-    """Normalise and resize one uint8 (H, W, 3) image on the CPU exactly as
-    :func:`segment` and :func:`segment_many` do (the same operations in the same order:
-    normalise, then :func:`~reclip.data.transforms.resize_short_side` of the float image),
-    so that segmenting the result gives the same numbers on the CPU. Pure: safe in
-    DataLoader workers."""
+    """Normalise and resize one uint8 (H, W, 3) image on the CPU as :func:`segment` and
+    :func:`segment_many` do (the same operations in the same order: normalise, then
+    :func:`~reclip.data.transforms.resize_short_side` of the float image). It runs on one
+    intra-op thread, so its numbers are the same wherever it runs (a DataLoader worker or
+    this process); the resize on more threads (or a GPU) may differ in the last bit. Pure:
+    safe in DataLoader workers."""
     _check_mean_std(mean, std)
-    normalised, raw = _prepare(image, cfg, mean, std, torch.device("cpu"))
-    if cfg.short_side is not None:
-        normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
-                                       antialias=cfg.antialias)
+    with _one_thread():
+        normalised, raw = _prepare(image, cfg, mean, std, torch.device("cpu"))
+        if cfg.short_side is not None:
+            normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
+                                           antialias=cfg.antialias)
     return PreparedImage(normalised[0], _image_size(image), None if raw is None else raw[0])
 
 
@@ -466,10 +485,12 @@ def warm_up(segmentor: Segmentor, cfg: InferenceConfig, inputs: tuple[int, int],
             device: torch.device | str | None = None) -> float:
     """Seconds of untimed calls that compile ``segmentor`` (``cfg.compile``) for the shapes
     a run with inputs of size ``inputs`` (h, w, after the short-side resize) feeds it: a full
-    batch (``batch_size`` windows in slide mode, ``whole_batch_size`` images in whole mode)
-    and a batch of one (torch.compile's second batch size compiles the graph that serves
-    every batch size). Other input sizes (whole mode) still compile on their first call.
-    0.0 without ``cfg.compile``."""
+    batch (``batch_size`` windows in slide mode, ``whole_batch_size`` images in whole mode),
+    one less (torch.compile's second batch size compiles a graph with a dynamic batch, which
+    serves the partial batches at the ends of chunks) and one (torch specialises sizes 0 and
+    1). Other input sizes (whole mode) still compile on their first call. 0.0 without
+    ``cfg.compile``. Zeros go in: not for a segmentor with a per-image context
+    (``for_image``), whose calls need that context."""
     if not cfg.compile:
         return 0.0
     device = torch.device(device) if device is not None else device_of(segmentor)
@@ -481,7 +502,7 @@ def warm_up(segmentor: Segmentor, cfg: InferenceConfig, inputs: tuple[int, int],
         shape, full = (h, w), cfg.whole_batch_size
     start = time.perf_counter()
     with torch.no_grad():
-        for n in dict.fromkeys((full, 1)):
+        for n in dict.fromkeys(n for n in (full, full - 1, 1) if n > 0):
             _call(segmentor, torch.zeros((n, 3, *shape), device=device), cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
