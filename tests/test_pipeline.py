@@ -240,3 +240,28 @@ def test_prepare_image_gives_the_same_numbers_in_a_worker_and_on_several_threads
     (there,) = DataLoader([image], batch_size=None, num_workers=1, collate_fn=lambda x: prepare_image(x, cfg))
     assert here.shape == (3, 448, 597)
     assert torch.equal(there.input, here)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_segment_files_with_workers_writes_and_skips_what_the_main_process_does(mode, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(_images()):
+        Image.fromarray(image).save(folder / f"p{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    clip = tiny_clip(vision_layers=1)
+    files, summaries = {}, {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        summaries[workers] = api.segment_files(
+            clip, "maskclip", "cat,dog", [folder], out, templates="single", progress=False, num_workers=workers,
+            prefetch=1, inference={"mode": mode, "short_side": 24, "window": 24, "stride": 12, "batch_size": 3,
+                                   "whole_batch_size": 2})
+        files[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert files[2] == files[0] and len(files[0]) == 2 * len(SIZES) + 1
+    assert [p.name for p in summaries[2].written] == [p.name for p in summaries[0].written]
+    assert summaries[2].skipped == summaries[0].skipped and len(summaries[0].skipped) == 1
+    assert summaries[0].skipped[0][0].endswith("broken.png")

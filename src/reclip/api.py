@@ -356,8 +356,7 @@ def evaluate_segmentor(
 
     Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
     _check_limit_and_workers(limit, num_workers)
-    if not (isinstance(prefetch, numbers.Integral) and not isinstance(prefetch, bool) and prefetch > 0):
-        raise ValueError(f"prefetch must be a positive number of images per worker; got {prefetch!r}")
+    _check_prefetch(prefetch)
     zero_shot = unseen_classes
     if zero_shot is not None and not isinstance(zero_shot, ClassSplit):
         zero_shot = class_split(data.vocabulary, unseen=zero_shot)  # before any image: a bad name fails now
@@ -503,6 +502,11 @@ def _check_limit_and_workers(limit: int | None, num_workers: int) -> None:
         raise ValueError(f"limit must be a positive number of images, or None for all of them; got {limit!r}")
     if not (whole(num_workers) and num_workers >= 0):
         raise ValueError(f"num_workers must be an int >= 0 (0: read images in this process); got {num_workers!r}")
+
+
+def _check_prefetch(prefetch: int) -> None:
+    if not (isinstance(prefetch, numbers.Integral) and not isinstance(prefetch, bool) and prefetch > 0):
+        raise ValueError(f"prefetch must be a positive number of images per worker; got {prefetch!r}")
 
 
 def _nothing_evaluated(data: SegmentationDataset, count: int,
@@ -671,6 +675,8 @@ def segment_files(
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
     proposals: str | os.PathLike | ProposalSource | None = None,
+    num_workers: int = 1,
+    prefetch: int = PREFETCH,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
@@ -690,8 +696,13 @@ def segment_files(
     ``proposals``: the mask proposals of a method that classifies them (maft, ipclip):
     see :func:`proposal_source`; files are looked up by each image's output name (its
     path relative to the input folder, without suffix; a file given alone: its stem).
+
+    ``num_workers`` DataLoader workers (0: none) read, resize and normalise the images
+    ahead of the model, ``prefetch`` each, as :func:`evaluate`'s (the same masks either way).
     """
     check_max_pixels(max_pixels)
+    _check_limit_and_workers(None, num_workers)
+    _check_prefetch(prefetch)
     _check_proposals_option(method, proposals)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
@@ -724,32 +735,36 @@ def segment_files(
         save_legend(summary.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
     mine = [found.pairs[i] for i in shard(len(found.pairs), procs.rank, procs.world_size)]
-    pending: list[tuple[np.ndarray, Path]] = []
+    per_image = callable(getattr(segmentor, "for_image", None))
+    files = _ImageFiles(mine, max_pixels, None if per_image else (cfg, mean, std))
+    on_cuda = device_of(segmentor).type == "cuda"
+    loader = DataLoader(files, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
+                        pin_memory=on_cuda, prefetch_factor=prefetch if num_workers > 0 else None)
+    pending: list[dict[str, Any]] = []
 
-    def write(items: list[tuple[np.ndarray, Path]]) -> None:
-        results = _segment_images(segmentor, [(image, name.as_posix()) for image, name in items], cfg, mean, std,
-                                  0 if background else None)
-        for (image, name), result in zip(items, results):
-            written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
+    def write(items: list[dict[str, Any]]) -> None:
+        results = _segment_images(segmentor, [(item["image"] if per_image else item["input"], item["name"].as_posix())
+                                              for item in items], cfg, mean, std, 0 if background else None)
+        for item, result in zip(items, results):
+            name = item["name"]
+            written = save_segmentation(out_dir / name.parent, name.name, item["image"], result.labels, names,
                                         write_legend=False)
             summary.written.append(written["mask"])
 
     # rank 0's bar counts every image, each of its own standing for one on every rank (as evaluate's)
     total = len(found.pairs)
     bar = tqdm(total=total, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
-    for path, name in mine:
+    for item in loader:
         bar.update(min(procs.world_size, total - bar.n))
-        try:
-            loaded = load_image(path, max_pixels=max_pixels)
-        except ImageReadError as err:
-            summary.skipped.append((str(path), err.reason))
+        if item["error"] is not None:
+            summary.skipped.append((item["path"], item["error"]))
             if rank0:
-                bar.write(f"skipped {path}: {err.reason}")
+                bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        image = loaded.image
-        if loaded.downscaled:
-            summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        pending.append((image, name))
+        if item["downscaled"] is not None:  # (tuples: pin_memory hands tuples back as lists)
+            size, read = item["downscaled"]
+            summary.downscaled.append((item["path"], tuple(size), tuple(read)))
+        pending.append(item)
         if len(pending) == _images_per_step(segmentor, cfg):  # batched: images of one size, or slide windows
             write(pending)
             pending = []
@@ -764,6 +779,37 @@ def segment_files(
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+class _ImageFiles(Dataset):
+    """Image files read (and, given ``prepare`` = (cfg, mean, std), prepared for the model:
+    ``item["input"]``) where the item is read, a DataLoader worker. Each item: ``path``,
+    ``name`` (the output name), ``image`` (uint8 (H, W, 3) as read: the overlay is drawn on
+    it), ``input``, ``downscaled`` ((H, W) of the file, (h, w) read) or None, and ``error``
+    (the reason it could not be read) or None."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], max_pixels: int | None,
+                 prepare: tuple[InferenceConfig, Sequence[float], Sequence[float]] | None) -> None:
+        self.pairs, self.max_pixels, self.prepare = pairs, max_pixels, prepare
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, name = self.pairs[index]
+        item: dict[str, Any] = {"path": str(path), "name": name, "image": None, "input": None, "downscaled": None,
+                                "error": None}
+        try:
+            loaded = load_image(path, max_pixels=self.max_pixels)
+        except ImageReadError as err:
+            item["error"] = err.reason
+            return item
+        item["image"] = loaded.image
+        if loaded.downscaled:
+            item["downscaled"] = (loaded.size, loaded.image.shape[:2])
+        if self.prepare is not None:
+            item["input"] = prepare_image(loaded.image, *self.prepare)
+        return item
 
 
 # --------------------------------------------------------------------------- proposals

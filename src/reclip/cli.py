@@ -195,6 +195,13 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                         "shapes) and reports that warm-up apart")
 
 
+def _add_workers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=COUNT, default=1,
+                   help="processes reading, resizing and normalising images ahead of the model (0: none)")
+    p.add_argument("--prefetch", type=POSITIVE_INT, default=api.PREFETCH,
+                   help=f"images each worker keeps ready ahead of the model (default {api.PREFETCH})")
+
+
 def _max_pixels(text: str) -> int | None:
     """--max-pixels value: a positive pixel count, WxH (e.g. 4096x4096), or none."""
     if text.strip().lower() == "none":
@@ -301,7 +308,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
-        proposals=args.proposals,
+        proposals=args.proposals, num_workers=args.workers, prefetch=args.prefetch,
     )
     if not is_rank0():  # under torchrun: rank 0 reports for all
         return 0 if summary.written else 1
@@ -591,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_workers_args(p)
     _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
@@ -612,10 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="with --bias: write the confusion-matrix and space-preference plots here")
     p.add_argument("--label-dir", help="label folder replacing the protocol's (required to score `folder`)")
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
-    p.add_argument("--workers", type=COUNT, default=1,
-                   help="processes reading, resizing and normalising images ahead of the model (0: none)")
-    p.add_argument("--prefetch", type=POSITIVE_INT, default=api.PREFETCH,
-                   help=f"images each worker keeps ready ahead of the model (default {api.PREFETCH})")
+    _add_workers_args(p)
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_proposals_arg(p)
     split = p.add_mutually_exclusive_group()
