@@ -9,9 +9,10 @@
 Both stream the images through :func:`reclip.inference.segment_many`, with results equal
 to one at a time: in slide mode the windows of consecutive images share batches of
 ``batch_size`` windows; in whole mode the images of one size among the next
-``whole_batch_size`` read are batched. ``evaluate``'s DataLoader workers decode, resize
-and normalise the images ahead of the model (pinned memory on CUDA). Both show a tqdm
-bar and report unreadable images instead of stopping: what was skipped is in the result.
+``whole_batch_size`` read are batched. DataLoader workers (``num_workers``) decode, resize
+and normalise the images ahead of the model (pinned memory on CUDA), with the numbers of
+no workers. Both show a tqdm bar and report unreadable images (from the workers) instead
+of stopping: what was skipped is in the result.
 
 Under torchrun (``torchrun --nproc-per-node N -m reclip.cli evaluate ...``; in Python:
 any initialised process group) the images are split over the ranks in contiguous blocks
@@ -21,8 +22,8 @@ the skipped images in rank order, so every rank returns the result of one proces
 ``segment_files`` lists the inputs on rank 0 (broadcast: every rank shards the same list;
 a listing error is raised on every rank), writes each rank's masks and returns the
 merged summary everywhere.
-Only rank 0 shows a progress bar (the CLI: prints and writes the JSON); ``evaluate``'s counts
-the whole dataset, each of rank 0's images standing for one on every rank (an estimate,
+Only rank 0 shows a progress bar (the CLI: prints and writes the JSON); it counts the
+whole dataset, each of rank 0's images standing for one on every rank (an estimate,
 exact at the end), without any communication per image.
 """
 
