@@ -88,6 +88,8 @@ def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
     for kind in ("normal", "qq", "kk", "qq+kk", "kk+gaussian"):
         assert f"last-block attention {kind!r}" in out
     assert "windows per forward vs one (mmseg slide_inference)" in out and "windows/s" in out
+    assert re.search(r"windows of several images per forward \(batch 3\) vs each image's alone: .* images/s = "
+                     r"[\d.]+x \(0 of \d+ pixels labelled differently\)", out)
     assert "torch.compile vs eager" in out
     # batching scores every pixel as one image at a time ("10 of" must not pass), and so do workers
     assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[1])

@@ -12,6 +12,9 @@ image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
 - the last block's fused attention (``features._attend``: ``F.scaled_dot_product_attention``)
   against the explicit path (``attention_weights(q, k) @ v``, the matrix materialised), per
   attention kind, with their max abs difference;
+- slide-mode segmentation of several VOC-shaped images, the windows of consecutive images
+  sharing batches of ``--slide-batch-size`` (``segment_many``) against each image's windows
+  in batches of their own (``segment`` per image), same labels;
 - sliding-window inference with ``--slide-batch-size`` windows per forward against a
   per-window loop (mmseg's ``slide_inference``: one window per forward), same logits;
   with ``--compile``, also against itself through ``torch.compile`` (compilation excluded).
@@ -46,7 +49,7 @@ from reclip.data.datasets import SegmentationDataset
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear
 from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.features import ATTENTIONS, _attend, attention_weights, get_strategy
-from reclip.inference import InferenceConfig, infer_logits, slide_windows
+from reclip.inference import InferenceConfig, infer_logits, segment, segment_many, slide_windows
 from reclip.text import QueryEmbeddings
 
 # a small ViT: ViT-B/16's patch size and text tower shape, a quarter of its vision depth and width
@@ -231,6 +234,25 @@ def bench_slide(segmentor: Any, *, size: tuple[int, int] = (448, 597), window: i
             "max_abs_diff": diff}
 
 
+def bench_shared_windows(segmentor: Any, *, images: int = 8, short_side: int = 224, window: int = 224,
+                         batch_size: int = 16, repeats: int = 2, seed: int = 0) -> dict[str, float]:
+    """images/s of slide-mode segmentation of ``images`` random VOC-shaped images: windows of
+    consecutive images sharing calls of ``batch_size`` windows (:func:`segment_many`) against
+    one image at a time (:func:`segment`: its windows alone), timed in alternation after a
+    warm-up of each; ``differ``: pixels labelled differently (0 expected)."""
+    rng = np.random.default_rng(seed)
+    frames = [rng.integers(0, 256, (*VOC_SHAPES[i % len(VOC_SHAPES)], 3), dtype=np.uint8) for i in range(images)]
+    cfg = InferenceConfig(mode="slide", short_side=short_side, window=window, stride=max(window // 2, 1),
+                          batch_size=batch_size, logit_scale=50.0)
+    fns = {"shared": lambda: segment_many(segmentor, frames, cfg),
+           "alone": lambda: [segment(segmentor, frame, cfg) for frame in frames]}
+    differ = sum(int((a.labels != b.labels).sum()) for a, b in zip(fns["shared"](), fns["alone"]()))
+    best = _best_seconds(fns, repeats)
+    return {"shared_images_per_s": images / best["shared"], "alone_images_per_s": images / best["alone"],
+            "speedup": best["alone"] / best["shared"], "differ": differ,
+            "pixels": sum(f.shape[0] * f.shape[1] for f in frames)}
+
+
 def _differ(a: np.ndarray, b: np.ndarray) -> int:
     """Pixels scored differently in two runs' confusion matrices (at least; 0: the same matrix)."""
     return int(np.abs(a - b).sum()) // 2
@@ -335,6 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"last-block attention {kind!r} ({side}x{side} patches), fused SDPA vs explicit matrix: "
               f"{a['fused_s'] * 1e3:.2f} vs {a['explicit_s'] * 1e3:.2f} ms = {a['speedup']:.2f}x "
               f"(max abs difference {a['max_abs_diff']:.2e})")
+    sh = bench_shared_windows(small_segmentor(), images=min(args.images, 8), short_side=args.short_side,
+                              window=args.window, batch_size=args.slide_batch_size, repeats=args.repeats)
+    print(f"slide mode {args.window}/{max(args.window // 2, 1)} at short side {args.short_side}, "
+          f"{min(args.images, 8)} VOC-shaped images, windows of several images per forward (batch "
+          f"{args.slide_batch_size}) vs each image's alone: {sh['shared_images_per_s']:.2f} vs "
+          f"{sh['alone_images_per_s']:.2f} images/s = {sh['speedup']:.2f}x ({sh['differ']} of {sh['pixels']} pixels "
+          f"labelled differently)")
     size = (args.slide_size, args.slide_size * 4 // 3)
     sl = bench_slide(small_segmentor(), size=size, window=args.window, stride=max(args.window // 2, 1),
                     batch_size=args.slide_batch_size, repeats=args.repeats, compile=args.compile)
