@@ -11,7 +11,12 @@ channel per class (trained heads). This module knows nothing about which method 
 - :func:`infer_logits` runs it on the whole image or with mmseg-style sliding windows
   (all windows batched) and returns logits at the original image size; it does not
   care what the channels are;
-- :func:`segment` is the predictor-style convenience: uint8 image in, label map out.
+- :func:`segment` is the predictor-style convenience: uint8 image in, label map out;
+- :func:`segment_many` segments a stream of images as :func:`segment` would, batching
+  across images (whole mode: the images of one size; slide mode: the windows of
+  consecutive images share calls), from pixels or from :func:`prepare_image`'s
+  normalised, resized inputs (what DataLoader workers make ahead of the model);
+  :func:`warm_up` compiles a ``torch.compile`` segmentor before a timed run.
 
 Turning query logits into class probabilities and labels (synonym reduction, prompt
 denoising, PAMR, the SCLIP-family filters) is :mod:`reclip.postprocess`, with one
