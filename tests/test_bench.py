@@ -88,9 +88,13 @@ def test_evaluation_bench_runs_on_a_few_images(capsys, monkeypatch):
     for kind in ("normal", "qq", "kk", "qq+kk", "kk+gaussian"):
         assert f"last-block attention {kind!r}" in out
     assert "windows per forward vs one (mmseg slide_inference)" in out and "windows/s" in out
+    assert re.search(r"windows of several images per forward \(batch 3\) vs each image's alone: .* images/s = "
+                     r"[\d.]+x \(0 of \d+ pixels labelled differently\)", out)
     assert "torch.compile vs eager" in out
-    # batching scores every pixel as one image at a time ("10 of" must not pass)
+    # batching scores every pixel as one image at a time ("10 of" must not pass), and so do workers
     assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[1])
+    assert "2 DataLoader workers (read, resize, normalise) vs none" in out.splitlines()[2]
+    assert re.search(r"\(0 of \d+ pixels scored differently\)", out.splitlines()[2])
 
 
 def test_attention_bench_paths_agree():
@@ -127,3 +131,41 @@ def test_methods_bench_times_every_training_free_method_against_maskclip(capsys)
     assert all(float(r[1]) > 0 and float(r[2].rstrip("x")) > 0 for r in rows.values())
     with pytest.raises(SystemExit):
         main(["--methods", "reclip++"])  # trained: not in this benchmark
+
+
+def test_gpu_bench_runs_its_sections_on_tiny_sizes(capsys):
+    """``python -m reclip.bench_gpu --quick`` runs every section's code (the real evaluation
+    path, the FLOP count and the training step) and prints each figure."""
+    from reclip.bench_gpu import main
+
+    assert main(["--quick", "--device", "cpu", "--peak-tflops", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"zero-shot evaluation \(clearclip, eager\), 4 VOC-shaped images.*: [\d.]+ images/s", out)
+    assert re.search(r"backbone forward \(eager\), batch 2 at 32x32.*TFLOP/s, [\d.]+% of peak", out)
+    assert "rectification step" in out and "steps/s" in out
+    with pytest.raises(SystemExit):
+        main(["--quick", "--device", "cpu", "--images", "0"])
+
+
+def test_gpu_bench_flops_and_peaks():
+    from reclip.bench import VIT_B16
+    from reclip.bench_gpu import peak_tflops, vit_flops
+
+    # ViT-B/16 at 448 x 448: the issue's "about 156 GFLOP per image"
+    flops = vit_flops(width=VIT_B16["vision_width"], layers=VIT_B16["vision_layers"],
+                      patch=VIT_B16["vision_patch_size"], size=448)
+    assert 150e9 < flops < 160e9
+    # torch's own count: the same, plus the output projection of the CLS token, less the attention
+    # where torch does not count the kernel (its CPU one)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip = tiny_clip()
+    size, cfg = 32, clip.config
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        clip.encode_image(torch.randn(1, 3, size, size))
+    tokens, width = 1 + (size // cfg.vision_patch_size) ** 2, cfg.vision_width
+    attention = 4 * tokens**2 * width * cfg.vision_layers
+    analytic = vit_flops(width=width, layers=cfg.vision_layers, patch=cfg.vision_patch_size, size=size)
+    projection = 2 * width * cfg.embed_dim
+    assert counter.get_total_flops() - projection in (analytic, analytic - attention)
+    assert peak_tflops(torch.device("cpu")) is None and peak_tflops(torch.device("cpu"), 5.0) == 5.0

@@ -6,11 +6,13 @@
     print(result.table())
     reclip.segment_files(clip, "maskclip", "cat,dog", ["photos/"], "masks/")
 
-Both stream the images (sliding windows are batched inside an image; in whole mode
-``evaluate`` also batches the images of one size among the next ``whole_batch_size`` read,
-:func:`reclip.inference.segment_many`, with results equal to one at a time), show a
-tqdm bar, and report unreadable images instead of stopping: what was skipped is in the
-result.
+Both stream the images through :func:`reclip.inference.segment_many`, with results equal
+to one at a time: in slide mode the windows of consecutive images share batches of
+``batch_size`` windows; in whole mode the images of one size among the next
+``whole_batch_size`` read are batched. DataLoader workers (``num_workers``) decode, resize
+and normalise the images ahead of the model (pinned memory on CUDA), with the numbers of
+no workers. Both show a tqdm bar and report unreadable images (from the workers) instead
+of stopping: what was skipped is in the result.
 
 Under torchrun (``torchrun --nproc-per-node N -m reclip.cli evaluate ...``; in Python:
 any initialised process group) the images are split over the ranks in contiguous blocks
@@ -20,7 +22,9 @@ the skipped images in rank order, so every rank returns the result of one proces
 ``segment_files`` lists the inputs on rank 0 (broadcast: every rank shards the same list;
 a listing error is raised on every rank), writes each rank's masks and returns the
 merged summary everywhere.
-Only rank 0 shows a progress bar (the CLI: prints and writes the JSON).
+Only rank 0 shows a progress bar (the CLI: prints and writes the JSON); it counts the
+whole dataset, each of rank 0's images standing for one on every rank (an estimate,
+exact at the end), without any communication per image.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from reclip.clip.model import CLIP, weights_fingerprint
@@ -50,7 +54,8 @@ from reclip.data.transforms import resize_labels
 from reclip.data.protocol import Protocol, load_protocol
 from reclip.files import atomic_write_json
 from reclip.features import strategy_to_dict
-from reclip.inference import InferenceConfig, image_context, segment, segment_many
+from reclip.inference import (InferenceConfig, PreparedImage, device_of, image_context, prepare_image, segment,
+                              segment_many, warm_up)
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
                             load_trained, published_strategy_overrides, settings_section)
@@ -88,6 +93,10 @@ def as_vocabulary(classes: Vocabulary | str | os.PathLike | Sequence[str]) -> Vo
 # The zero-shot split's metrics (with unseen classes): mIoU of the seen and unseen classes, their harmonic mean.
 ZERO_SHOT_KEYS = ("mIoU_seen", "mIoU_unseen", "hIoU")
 
+# Images each DataLoader worker keeps ready ahead of the model (torch's prefetch_factor; its
+# default is 2). Prepared VOC-sized inputs are ~3 MB each, so a few per worker cost little.
+PREFETCH = 4
+
 
 class NothingEvaluatedError(ValueError):
     """An evaluation scored no pixel: every image was skipped, or every labelled pixel is
@@ -112,10 +121,11 @@ class EvaluationResult:
     confusion: np.ndarray  # (C, C) rows = ground truth, columns = prediction
     num_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the evaluation's wall time, without warmup_seconds
     settings: dict[str, Any] = field(default_factory=dict)
     bias: dict[str, Any] | None = None  # {"class_preference": ..., "space_preference": ...}
     downscaled: list[str] = field(default_factory=list)  # images read below their size (max_pixels), still scored
+    warmup_seconds: float = 0.0  # torch.compile's compilation before the timed run (InferenceConfig.compile)
 
     @property
     def miou(self) -> float:
@@ -151,6 +161,7 @@ class EvaluationResult:
             "skipped": [{"path": p, "error": e} for p, e in self.skipped],
             "downscaled": list(self.downscaled),
             "seconds": round(self.seconds, 2),
+            "warmup_seconds": round(self.warmup_seconds, 2),
             "settings": self.settings,
             "confusion": self.confusion.tolist(),
         }
@@ -197,6 +208,7 @@ def evaluate(
     limit: int | None = None,
     label_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
+    prefetch: int = PREFETCH,
     checkpoint: str | os.PathLike | None = None,
     output: str | None = None,
     progress: bool = True,
@@ -224,7 +236,12 @@ def evaluate(
         limit: evaluate only the first ``limit`` images (a quick look, not a result); a
             positive int, or None for all.
         label_dir: label folder replacing the protocol's (e.g. for the ``folder`` protocol).
-        num_workers: processes reading images ahead of the model (0: read in this process).
+        num_workers: processes reading images ahead of the model (0: read in this process):
+            they decode each image and its label, resize it to the inference size and
+            normalise it (:func:`reclip.inference.prepare_image`, the same numbers as in
+            this process), into pinned memory when the segmentor is on CUDA.
+        prefetch: images each worker keeps ready ahead of the model (DataLoader's
+            ``prefetch_factor``; default :data:`PREFETCH`).
         checkpoint: run directory of a trained head (methods "reclip++", "reclip").
         output: which logits of a trained head to evaluate (reclip++/reclip: "decoded"
             M_o, the default and the paper's; "rectified" M; "query" M_q).
@@ -272,7 +289,8 @@ def evaluate(
     # preprocessing belongs to the weights: CLIP's, or what a student was trained with
     mean, std = input_normalisation(segmentor, clip)
     result = evaluate_segmentor(segmentor, data, cfg, mean=mean, std=std, absent_as_zero=absent_as_zero,
-                                bias=bias, limit=limit, num_workers=num_workers, progress=progress,
+                                bias=bias, limit=limit, num_workers=num_workers, prefetch=prefetch,
+                                progress=progress,
                                 description=f"{method} on {protocol.name}/{split}", unseen_classes=zero_shot)
     result.method = method
     result.settings.update({
@@ -288,6 +306,27 @@ def evaluate(
     return result
 
 
+class _PreparedItems(Dataset):
+    """A SegmentationDataset whose items also carry the model input, made where the item
+    is read (a DataLoader worker): ``item["input"]`` a :class:`~reclip.inference.PreparedImage`,
+    and ``item["image"]`` dropped (the pixels travel once, inside the input, and as its
+    ``raw`` where PAMR needs them). Items that failed to read are passed on as they are."""
+
+    def __init__(self, data: SegmentationDataset, cfg: InferenceConfig, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.data, self.cfg, self.mean, self.std = data, cfg, mean, std
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.data[index]
+        if item["error"] is None:
+            item["input"] = prepare_image(item["image"], self.cfg, self.mean, self.std)
+            item["image"] = None
+        return item
+
+
 def evaluate_segmentor(
     segmentor: Any,
     data: SegmentationDataset,
@@ -299,6 +338,7 @@ def evaluate_segmentor(
     bias: bool = False,
     limit: int | None = None,
     num_workers: int = 1,
+    prefetch: int = PREFETCH,
     progress: bool = True,
     description: str = "evaluate",
     unseen_classes: ClassSplit | str | os.PathLike | Sequence[str] | None = None,
@@ -308,8 +348,16 @@ def evaluate_segmentor(
     ``unseen_classes`` (a :class:`~reclip.class_split.ClassSplit`, a split file or
     names) also the zero-shot mIoU_seen, mIoU_unseen and hIoU.
 
+    ``num_workers`` DataLoader workers read, resize and normalise the images ahead of the
+    model (``prefetch`` each; see :func:`evaluate`); a segmentor with a per-image context
+    (``for_image``: MAFT) gets the pixels as read. With ``cfg.compile`` the segmentor is
+    compiled before the timer starts (:func:`reclip.inference.warm_up`, at the first
+    image's input size): ``warmup_seconds`` holds that time and ``seconds`` leaves it out
+    (a segmentor with a per-image context compiles during the run: counted in ``seconds``).
+
     Raises NothingEvaluatedError when no pixel was scored (see :func:`evaluate`)."""
     _check_limit_and_workers(limit, num_workers)
+    _check_prefetch(prefetch)
     zero_shot = unseen_classes
     if zero_shot is not None and not isinstance(zero_shot, ClassSplit):
         zero_shot = class_split(data.vocabulary, unseen=zero_shot)  # before any image: a bad name fails now
@@ -325,14 +373,20 @@ def evaluate_segmentor(
     count = len(data) if limit is None else min(limit, len(data))
     procs = current_processes()  # under torchrun: this rank's block of the images, merged below
     rank0 = procs.rank == 0
-    # Workers decode the next images while the model runs on this one.
-    loader = DataLoader(Subset(data, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
-                        num_workers=num_workers, collate_fn=_identity)
+    # Workers decode, resize and normalise the next images while the model runs on these; a
+    # segmentor with a per-image context (MAFT) takes the pixels as read.
+    per_image = callable(getattr(segmentor, "for_image", None))
+    items = data if per_image else _PreparedItems(data, cfg, mean, std)
+    on_cuda = device_of(segmentor).type == "cuda"
+    loader = DataLoader(Subset(items, shard(count, procs.rank, procs.world_size)), batch_size=None, shuffle=False,
+                        num_workers=num_workers, collate_fn=_identity, pin_memory=on_cuda,
+                        prefetch_factor=prefetch if num_workers > 0 else None)
     pending: list[dict[str, Any]] = []
+    warmup_seconds = 0.0
 
     def score(items: list[dict[str, Any]]) -> None:
-        results = _segment_images(segmentor, [(item["image"], item["image_id"]) for item in items], cfg, mean, std,
-                                  background)
+        results = _segment_images(segmentor, [(item["image"] if per_image else item["input"], item["image_id"])
+                                              for item in items], cfg, mean, std, background)
         for item, result in zip(items, results):
             # An image read downscaled (over max_pixels) is still scored at its label's size.
             if result.labels.shape != item["label"].shape:
@@ -344,22 +398,28 @@ def evaluate_segmentor(
         bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}", refresh=False)
 
     start = time.perf_counter()
-    bar = tqdm(loader, desc=description, unit="img", disable=not (progress and rank0))
-    for item in bar:
+    # Rank 0's bar counts the whole dataset: each of its images stands for one image on every rank
+    # (the ranks' blocks differ by at most one image), so the bar is an estimate until the merge.
+    bar = tqdm(total=count, desc=description, unit="img", disable=not (progress and rank0))
+    for item in loader:
+        bar.update(min(procs.world_size, count - bar.n))
         if item["error"] is not None:
             skipped.append((item["path"], item["error"]))
             if rank0:
                 bar.write(f"skipped {item['path']}: {item['error']}")
             continue
+        if cfg.compile and not per_image and not warmup_seconds:  # (a per-image context compiles in the run)
+            warmup_seconds = warm_up(segmentor, cfg, tuple(item["input"].input.shape[-2:]))
         pending.append(item)
         if len(pending) == _images_per_step(segmentor, cfg):
             score(pending)
             pending = []
     if pending:
         score(pending)
-    bar.close()
     if procs.world_size > 1:
         skipped, downscaled = _merge_ranks(confusion, space, skipped, downscaled, procs.world_size)
+    bar.update(count - bar.n)  # every rank is done
+    bar.close()
     if confusion.matrix.sum() == 0:
         raise _nothing_evaluated(data, count, skipped)
     diagnostics = None
@@ -381,7 +441,8 @@ def evaluate_segmentor(
         confusion=confusion.matrix.copy(),
         num_images=count - len(skipped),
         skipped=skipped,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start - warmup_seconds,
+        warmup_seconds=warmup_seconds,
         settings={"inference": _jsonable(vars(cfg)), "classes": data.vocabulary.to_lines(),
                   "data_root": str(data.root), "absent_as_zero": absent_as_zero, "limit": limit,
                   "max_pixels": data.max_pixels, **settings},
@@ -392,11 +453,15 @@ def evaluate_segmentor(
 
 def _images_per_step(segmentor: Any, cfg: InferenceConfig) -> int:
     """Images read before the model runs: ``cfg.whole_batch_size`` in whole mode, where
-    :func:`_segment_images` batches those of one size; else 1."""
-    return cfg.whole_batch_size if cfg.mode == "whole" and not callable(getattr(segmentor, "for_image", None)) else 1
+    :func:`_segment_images` batches those of one size; ``cfg.batch_size`` in slide mode, whose
+    windows (at least one each) share calls of ``cfg.batch_size`` windows; 1 for a segmentor
+    with a per-image context."""
+    if callable(getattr(segmentor, "for_image", None)):
+        return 1
+    return cfg.whole_batch_size if cfg.mode == "whole" else cfg.batch_size
 
 
-def _segment_images(segmentor: Any, images: list[tuple[np.ndarray, str]], cfg: InferenceConfig,
+def _segment_images(segmentor: Any, images: list[tuple[np.ndarray | PreparedImage, str]], cfg: InferenceConfig,
                     mean: Sequence[float], std: Sequence[float], background: int | None) -> list[Any]:
     """Segmentations of (image, image id) pairs, equal to one at a time: whole mode batches
     the images of one size (:func:`reclip.inference.segment_many`); a segmentor with a
@@ -438,6 +503,11 @@ def _check_limit_and_workers(limit: int | None, num_workers: int) -> None:
         raise ValueError(f"limit must be a positive number of images, or None for all of them; got {limit!r}")
     if not (whole(num_workers) and num_workers >= 0):
         raise ValueError(f"num_workers must be an int >= 0 (0: read images in this process); got {num_workers!r}")
+
+
+def _check_prefetch(prefetch: int) -> None:
+    if not (isinstance(prefetch, numbers.Integral) and not isinstance(prefetch, bool) and prefetch > 0):
+        raise ValueError(f"prefetch must be a positive number of images per worker; got {prefetch!r}")
 
 
 def _nothing_evaluated(data: SegmentationDataset, count: int,
@@ -606,6 +676,8 @@ def segment_files(
     text_cache: Any = None,
     max_pixels: int | None = MAX_PIXELS,
     proposals: str | os.PathLike | ProposalSource | None = None,
+    num_workers: int = 1,
+    prefetch: int = PREFETCH,
 ) -> SegmentSummary:
     """Segment image files (or folders of them) and write masks, overlays and a legend.
 
@@ -625,8 +697,13 @@ def segment_files(
     ``proposals``: the mask proposals of a method that classifies them (maft, ipclip):
     see :func:`proposal_source`; files are looked up by each image's output name (its
     path relative to the input folder, without suffix; a file given alone: its stem).
+
+    ``num_workers`` DataLoader workers (0: none) read, resize and normalise the images
+    ahead of the model, ``prefetch`` each, as :func:`evaluate`'s (the same masks either way).
     """
     check_max_pixels(max_pixels)
+    _check_limit_and_workers(None, num_workers)
+    _check_prefetch(prefetch)
     _check_proposals_option(method, proposals)
     vocabulary = as_vocabulary(classes)
     out_dir = Path(out_dir)
@@ -659,30 +736,37 @@ def segment_files(
         save_legend(summary.legend, names)  # one per run, replacing a stale one
     start = time.perf_counter()
     mine = [found.pairs[i] for i in shard(len(found.pairs), procs.rank, procs.world_size)]
-    pending: list[tuple[np.ndarray, Path]] = []
+    per_image = callable(getattr(segmentor, "for_image", None))
+    files = _ImageFiles(mine, max_pixels, None if per_image else (cfg, mean, std))
+    on_cuda = device_of(segmentor).type == "cuda"
+    loader = DataLoader(files, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
+                        pin_memory=on_cuda, prefetch_factor=prefetch if num_workers > 0 else None)
+    pending: list[dict[str, Any]] = []
 
-    def write(items: list[tuple[np.ndarray, Path]]) -> None:
-        results = _segment_images(segmentor, [(image, name.as_posix()) for image, name in items], cfg, mean, std,
-                                  0 if background else None)
-        for (image, name), result in zip(items, results):
-            written = save_segmentation(out_dir / name.parent, name.name, image, result.labels, names,
+    def write(items: list[dict[str, Any]]) -> None:
+        results = _segment_images(segmentor, [(item["image"] if per_image else item["input"], item["name"].as_posix())
+                                              for item in items], cfg, mean, std, 0 if background else None)
+        for item, result in zip(items, results):
+            name = item["name"]
+            written = save_segmentation(out_dir / name.parent, name.name, item["image"], result.labels, names,
                                         write_legend=False)
             summary.written.append(written["mask"])
 
-    bar = tqdm(mine, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
-    for path, name in bar:
-        try:
-            loaded = load_image(path, max_pixels=max_pixels)
-        except ImageReadError as err:
-            summary.skipped.append((str(path), err.reason))
+    # rank 0's bar counts every image, each of its own standing for one on every rank (as evaluate's)
+    total = len(found.pairs)
+    bar = tqdm(total=total, desc=f"{get_method(method).name}", unit="img", disable=not (progress and rank0))
+    for item in loader:
+        bar.update(min(procs.world_size, total - bar.n))
+        if item["error"] is not None:
+            summary.skipped.append((item["path"], item["error"]))
             if rank0:
-                bar.write(f"skipped {path}: {err.reason}")
+                bar.write(f"skipped {item['path']}: {item['error']}")
             continue
-        image = loaded.image
-        if loaded.downscaled:
-            summary.downscaled.append((str(path), loaded.size, image.shape[:2]))
-        pending.append((image, name))
-        if len(pending) == _images_per_step(segmentor, cfg):  # whole mode: the images of one size batched
+        if item["downscaled"] is not None:  # (tuples: pin_memory hands tuples back as lists)
+            size, read = item["downscaled"]
+            summary.downscaled.append((item["path"], tuple(size), tuple(read)))
+        pending.append(item)
+        if len(pending) == _images_per_step(segmentor, cfg):  # batched: images of one size, or slide windows
             write(pending)
             pending = []
     if pending:
@@ -692,8 +776,41 @@ def segment_files(
         summary.written = [p for part, _, _ in parts for p in part]
         summary.skipped = [s for _, part, _ in parts for s in part]
         summary.downscaled = [d for _, _, part in parts for d in part]
+    bar.update(total - bar.n)  # every rank is done
+    bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+class _ImageFiles(Dataset):
+    """Image files read (and, given ``prepare`` = (cfg, mean, std), prepared for the model:
+    ``item["input"]``) where the item is read, a DataLoader worker. Each item: ``path``,
+    ``name`` (the output name), ``image`` (uint8 (H, W, 3) as read: the overlay is drawn on
+    it), ``input``, ``downscaled`` ((H, W) of the file, (h, w) read) or None, and ``error``
+    (the reason it could not be read) or None."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], max_pixels: int | None,
+                 prepare: tuple[InferenceConfig, Sequence[float], Sequence[float]] | None) -> None:
+        self.pairs, self.max_pixels, self.prepare = pairs, max_pixels, prepare
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, name = self.pairs[index]
+        item: dict[str, Any] = {"path": str(path), "name": name, "image": None, "input": None, "downscaled": None,
+                                "error": None}
+        try:
+            loaded = load_image(path, max_pixels=self.max_pixels)
+        except ImageReadError as err:
+            item["error"] = err.reason
+            return item
+        item["image"] = loaded.image
+        if loaded.downscaled:
+            item["downscaled"] = (loaded.size, loaded.image.shape[:2])
+        if self.prepare is not None:
+            item["input"] = prepare_image(loaded.image, *self.prepare)
+        return item
 
 
 # --------------------------------------------------------------------------- proposals

@@ -5,11 +5,16 @@ image, 21 VOC classes) over a synthetic VOC layout of VOC-shaped images:
 
 - the evaluation pipeline (whole-mode batching of the images of one size, ``--batch-size`` = whole_batch_size)
   against one image at a time (the official repositories' loop), same settings;
+- DataLoader workers reading, resizing and normalising the images (``--workers``) against
+  none (all in the main process), same settings and the same scores;
 - one process against two (``torchrun``-style: a gloo process group, each rank its
   contiguous block of the images, statistics merged), the same threads in all;
 - the last block's fused attention (``features._attend``: ``F.scaled_dot_product_attention``)
   against the explicit path (``attention_weights(q, k) @ v``, the matrix materialised), per
   attention kind, with their max abs difference;
+- slide-mode segmentation of several VOC-shaped images, the windows of consecutive images
+  sharing batches of ``--slide-batch-size`` (``segment_many``) against each image's windows
+  in batches of their own (``segment`` per image), same labels;
 - sliding-window inference with ``--slide-batch-size`` windows per forward against a
   per-window loop (mmseg's ``slide_inference``: one window per forward), same logits;
   with ``--compile``, also against itself through ``torch.compile`` (compilation excluded).
@@ -44,7 +49,7 @@ from reclip.data.datasets import SegmentationDataset
 from reclip.data.transforms import CLIP_MEAN, CLIP_STD, resize_bilinear
 from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.features import ATTENTIONS, _attend, attention_weights, get_strategy
-from reclip.inference import InferenceConfig, infer_logits, slide_windows
+from reclip.inference import InferenceConfig, infer_logits, segment, segment_many, slide_windows
 from reclip.text import QueryEmbeddings
 
 # a small ViT: ViT-B/16's patch size and text tower shape, a quarter of its vision depth and width
@@ -87,13 +92,14 @@ def small_segmentor(seed: int = 0, **clip_shape: Any) -> ZeroShotSegmentor:
     return ZeroShotSegmentor(clip, queries, "maskclip").eval()
 
 
-def _evaluate(segmentor: Any, root: Path, cfg: InferenceConfig) -> tuple[float, np.ndarray]:
+def _evaluate(segmentor: Any, root: Path, cfg: InferenceConfig, workers: int = 0) -> tuple[float, np.ndarray]:
     """(seconds, confusion matrix) of one evaluation over ``root``."""
     from reclip.api import evaluate_segmentor
 
     data = SegmentationDataset("voc21", root, "val")
     start = time.perf_counter()
-    result = evaluate_segmentor(segmentor, data, cfg, mean=CLIP_MEAN, std=CLIP_STD, num_workers=0, progress=False)
+    result = evaluate_segmentor(segmentor, data, cfg, mean=CLIP_MEAN, std=CLIP_STD, num_workers=workers,
+                                progress=False)
     return time.perf_counter() - start, result.confusion
 
 
@@ -116,6 +122,25 @@ def bench_batching(segmentor: Any, root: Path, *, short_side: int, batch_size: i
     return {"batched_images_per_s": images / best["batched"], "single_images_per_s": images / best["single"],
             "speedup": best["single"] / best["batched"], "differ": _differ(*confusions.values()),
             "pixels": int(confusions["single"].sum())}
+
+
+def bench_workers(segmentor: Any, root: Path, *, short_side: int, batch_size: int, workers: int = 2,
+                  repeats: int = 1) -> dict[str, float]:
+    """images/s of whole-mode evaluation with ``workers`` DataLoader workers (decoding, resizing
+    and normalising) and with none, timed in alternation after a warm-up of each (worker start-up
+    included: it is part of every evaluation); ``differ``: pixels scored differently (0)."""
+    images = len(SegmentationDataset("voc21", root, "val"))
+    cfg = InferenceConfig(mode="whole", short_side=short_side, whole_batch_size=batch_size, logit_scale=50.0)
+    counts = {"workers": workers, "main": 0}
+    confusions = {name: _evaluate(segmentor, root, cfg, n)[1] for name, n in counts.items()}  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in counts}
+    for _ in range(repeats):
+        for name, n in counts.items():
+            seconds[name].append(_evaluate(segmentor, root, cfg, n)[0])
+    best = {name: min(times) for name, times in seconds.items()}
+    return {"workers_images_per_s": images / best["workers"], "main_images_per_s": images / best["main"],
+            "speedup": best["main"] / best["workers"], "differ": _differ(*confusions.values()),
+            "pixels": int(confusions["main"].sum())}
 
 
 def _best_seconds(fns: dict[str, Any], repeats: int) -> dict[str, float]:
@@ -209,6 +234,25 @@ def bench_slide(segmentor: Any, *, size: tuple[int, int] = (448, 597), window: i
             "max_abs_diff": diff}
 
 
+def bench_shared_windows(segmentor: Any, *, images: int = 8, short_side: int = 224, window: int = 224,
+                         batch_size: int = 16, repeats: int = 2, seed: int = 0) -> dict[str, float]:
+    """images/s of slide-mode segmentation of ``images`` random VOC-shaped images: windows of
+    consecutive images sharing calls of ``batch_size`` windows (:func:`segment_many`) against
+    one image at a time (:func:`segment`: its windows alone), timed in alternation after a
+    warm-up of each; ``differ``: pixels labelled differently (0 expected)."""
+    rng = np.random.default_rng(seed)
+    frames = [rng.integers(0, 256, (*VOC_SHAPES[i % len(VOC_SHAPES)], 3), dtype=np.uint8) for i in range(images)]
+    cfg = InferenceConfig(mode="slide", short_side=short_side, window=window, stride=max(window // 2, 1),
+                          batch_size=batch_size, logit_scale=50.0)
+    fns = {"shared": lambda: segment_many(segmentor, frames, cfg),
+           "alone": lambda: [segment(segmentor, frame, cfg) for frame in frames]}
+    differ = sum(int((a.labels != b.labels).sum()) for a, b in zip(fns["shared"](), fns["alone"]()))
+    best = _best_seconds(fns, repeats)
+    return {"shared_images_per_s": images / best["shared"], "alone_images_per_s": images / best["alone"],
+            "speedup": best["alone"] / best["shared"], "differ": differ,
+            "pixels": sum(f.shape[0] * f.shape[1] for f in frames)}
+
+
 def _differ(a: np.ndarray, b: np.ndarray) -> int:
     """Pixels scored differently in two runs' confusion matrices (at least; 0: the same matrix)."""
     return int(np.abs(a - b).sum()) // 2
@@ -276,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images per forward pass of the pipeline (whole_batch_size)")
     parser.add_argument("--short-side", type=int, default=224, help="short side of the whole-image resize")
     parser.add_argument("--processes", type=int, default=2, help="processes of the multi-process run")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the workers-vs-none run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each pipeline (best kept)")
     parser.add_argument("--attention-grid", type=int, default=28,
                         help="patch grid side of the attention bench (28: 448 px at patch 16)")
@@ -297,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluation, batch {args.batch_size} vs one image at a time: {b['batched_images_per_s']:.2f} vs "
               f"{b['single_images_per_s']:.2f} images/s = {b['speedup']:.2f}x"
               f" ({b['differ']} of {b['pixels']} pixels scored differently)")
+        w = bench_workers(small_segmentor(), root, short_side=args.short_side, batch_size=args.batch_size,
+                          workers=args.workers, repeats=args.repeats)
+        print(f"evaluation, {args.workers} DataLoader workers (read, resize, normalise) vs none: "
+              f"{w['workers_images_per_s']:.2f} vs {w['main_images_per_s']:.2f} images/s = {w['speedup']:.2f}x "
+              f"({w['differ']} of {w['pixels']} pixels scored differently)")
         p = bench_processes(root, short_side=args.short_side, batch_size=args.batch_size, processes=args.processes)
         print(f"evaluation, {args.processes} processes x {p['threads']} thread(s) vs 1 process x "
               f"{args.processes * p['threads']}: {p['many_images_per_s']:.2f} vs {p['one_images_per_s']:.2f} "
@@ -307,6 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"last-block attention {kind!r} ({side}x{side} patches), fused SDPA vs explicit matrix: "
               f"{a['fused_s'] * 1e3:.2f} vs {a['explicit_s'] * 1e3:.2f} ms = {a['speedup']:.2f}x "
               f"(max abs difference {a['max_abs_diff']:.2e})")
+    sh = bench_shared_windows(small_segmentor(), images=min(args.images, 8), short_side=args.short_side,
+                              window=args.window, batch_size=args.slide_batch_size, repeats=args.repeats)
+    print(f"slide mode {args.window}/{max(args.window // 2, 1)} at short side {args.short_side}, "
+          f"{min(args.images, 8)} VOC-shaped images, windows of several images per forward (batch "
+          f"{args.slide_batch_size}) vs each image's alone: {sh['shared_images_per_s']:.2f} vs "
+          f"{sh['alone_images_per_s']:.2f} images/s = {sh['speedup']:.2f}x ({sh['differ']} of {sh['pixels']} pixels "
+          f"labelled differently)")
     size = (args.slide_size, args.slide_size * 4 // 3)
     sl = bench_slide(small_segmentor(), size=size, window=args.window, stride=max(args.window // 2, 1),
                     batch_size=args.slide_batch_size, repeats=args.repeats, compile=args.compile)

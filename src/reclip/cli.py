@@ -164,7 +164,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=POSITIVE_INT, help="sliding-window size")
     g.add_argument("--stride", type=POSITIVE_INT, help="sliding-window stride")
     g.add_argument("--batch-size", type=POSITIVE_INT,
-                   help="windows per forward pass in slide mode (default 16)")
+                   help="windows per forward pass in slide mode (default 16); windows of consecutive images share "
+                        "these batches")
     g.add_argument("--whole-batch-size", type=POSITIVE_INT,
                    help="images per forward pass in whole mode (default 1: one image at a time, the memory of the "
                         "largest image); N > 1 batches up to N images of one size (same results), so one forward "
@@ -189,8 +190,16 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision on a GPU (default auto: bf16 on CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="run the segmentor through torch.compile (off by default): the first forward of each new "
-                        "input shape compiles, which takes seconds to minutes and is counted in the reported time, "
-                        "so it pays only on long runs of few shapes (slide mode's fixed windows)")
+                        "input shape compiles, which takes seconds to minutes, so it pays only on long runs of few "
+                        "shapes (slide mode's fixed windows); evaluate compiles before its timer (the first image's "
+                        "shapes) and reports that warm-up apart")
+
+
+def _add_workers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=COUNT, default=1,
+                   help="processes reading, resizing and normalising images ahead of the model (0: none)")
+    p.add_argument("--prefetch", type=POSITIVE_INT, default=api.PREFETCH,
+                   help=f"images each worker keeps ready ahead of the model (default {api.PREFETCH})")
 
 
 def _max_pixels(text: str) -> int | None:
@@ -299,7 +308,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inference=_inference_overrides(args), background=args.background,
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         checkpoint=args.checkpoint, output=args.output, progress=not args.quiet, max_pixels=args.max_pixels,
-        proposals=args.proposals,
+        proposals=args.proposals, num_workers=args.workers, prefetch=args.prefetch,
     )
     if not is_rank0():  # under torchrun: rank 0 reports for all
         return 0 if summary.written else 1
@@ -324,15 +333,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes_file=args.classes_file, inference=_inference_overrides(args),
         strategy_overrides=_strategy_overrides(args), templates=args.templates,
         absent_as_zero=args.absent_as_zero, bias=args.bias, limit=args.limit, label_dir=args.label_dir,
-        num_workers=args.workers, checkpoint=args.checkpoint, output=args.output, progress=not args.quiet,
-        max_pixels=args.max_pixels, proposals=args.proposals, unseen_classes=args.unseen_classes,
+        num_workers=args.workers, prefetch=args.prefetch, checkpoint=args.checkpoint, output=args.output,
+        progress=not args.quiet, max_pixels=args.max_pixels, proposals=args.proposals,
+        unseen_classes=args.unseen_classes,
         seen_classes=args.seen_classes,
     )
     if not is_rank0():  # under torchrun: rank 0 reports and writes for all
         return 0
     print(result.table())
     print(f"{result.method} on {result.protocol}/{result.split}: mIoU {100 * result.miou:.2f} over "
-          f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)")
+          f"{result.num_images} images in {result.seconds:.1f} s ({len(result.skipped)} skipped)"
+          + (f", after a {result.warmup_seconds:.1f} s torch.compile warm-up" if result.warmup_seconds else ""))
     if "hIoU" in result.metrics:
         m = result.metrics
         print(f"zero-shot split ({len(result.settings['zero_shot']['unseen'])} unseen classes): mIoU seen "
@@ -587,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first class is background (used by --prob-thd)")
     p.add_argument("--out", required=True, help="output folder for masks, overlays and legend")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_workers_args(p)
     _add_proposals_arg(p)
     _add_max_pixels_arg(p, labels=False)
     _add_inference_args(p)
@@ -608,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="with --bias: write the confusion-matrix and space-preference plots here")
     p.add_argument("--label-dir", help="label folder replacing the protocol's (required to score `folder`)")
     p.add_argument("--limit", type=POSITIVE_INT, help="only the first N images (a quick look, not a result)")
-    p.add_argument("--workers", type=COUNT, default=1, help="processes reading images ahead (0: none)")
+    _add_workers_args(p)
     p.add_argument("--json", help="write the metrics, per-class IoU and settings here")
     _add_proposals_arg(p)
     split = p.add_mutually_exclusive_group()

@@ -11,7 +11,12 @@ channel per class (trained heads). This module knows nothing about which method 
 - :func:`infer_logits` runs it on the whole image or with mmseg-style sliding windows
   (all windows batched) and returns logits at the original image size; it does not
   care what the channels are;
-- :func:`segment` is the predictor-style convenience: uint8 image in, label map out.
+- :func:`segment` is the predictor-style convenience: uint8 image in, label map out;
+- :func:`segment_many` segments a stream of images as :func:`segment` would, batching
+  across images (whole mode: the images of one size; slide mode: the windows of
+  consecutive images share calls), from pixels or from :func:`prepare_image`'s
+  normalised, resized inputs (what DataLoader workers make ahead of the model);
+  :func:`warm_up` compiles a ``torch.compile`` segmentor before a timed run.
 
 Turning query logits into class probabilities and labels (synonym reduction, prompt
 denoising, PAMR, the SCLIP-family filters) is :mod:`reclip.postprocess`, with one
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +47,11 @@ __all__ = [
     "slide_windows",
     "image_context",
     "infer_logits",
+    "device_of",
+    "input_size",
+    "PreparedImage",
+    "prepare_image",
+    "warm_up",
     "segment",
     "segment_many",
 ]
@@ -77,7 +88,9 @@ class InferenceConfig(PostprocessConfig):
             the published protocols (mmseg / OpenCV INTER_LINEAR).
         window: sliding-window crop size, int or (h, w).
         stride: sliding-window stride, int or (h, w); must not exceed ``window``.
-        batch_size: windows per segmentor call in slide mode (default 16).
+        batch_size: windows per segmentor call in slide mode (default 16). In
+            :func:`segment_many` (and so evaluation) the windows of consecutive images
+            share these batches (an image's windows may span two calls).
         whole_batch_size: images per segmentor call in whole mode (default 1: one image
             per forward, so a whole-mode run needs the memory of its largest image, as
             before batching existed). Larger values batch the images of one size (after
@@ -92,7 +105,8 @@ class InferenceConfig(PostprocessConfig):
             distinct shapes, after which dynamic shapes or eager are used), so it pays
             only over many calls of few shapes (slide mode's fixed windows, or whole mode
             after a fixed resize). Labels are those of the uncompiled segmentor up to
-            float rounding. The compiled wrapper is cached per segmentor.
+            float rounding. The compiled wrapper is cached per segmentor; :func:`warm_up`
+            compiles ahead of a timed run (evaluation reports that time apart).
     """
 
     mode: Literal["whole", "slide"] = "whole"
@@ -341,7 +355,7 @@ class Segmentation(NamedTuple):
     probs: np.ndarray | None
 
 
-def _device_of(segmentor: Segmentor) -> torch.device:
+def device_of(segmentor: Segmentor) -> torch.device:
     """Device of the segmentor's first parameter or buffer, CPU if it has none."""
     if isinstance(segmentor, torch.nn.Module):
         for tensor in (*segmentor.parameters(), *segmentor.buffers()):
@@ -372,7 +386,7 @@ def segment(
         ``return_probs`` else None).
     """
     _check_mean_std(mean, std)
-    device = torch.device(device) if device is not None else _device_of(segmentor)
+    device = torch.device(device) if device is not None else device_of(segmentor)
     normalised, raw = _prepare(image, cfg, mean, std, device)
     logits = infer_logits(segmentor, normalised, cfg)  # (1, S, H, W)
     return _finish(segmentor, logits, cfg, raw, background_index, return_probs)
@@ -408,9 +422,101 @@ def _finish(segmentor: Segmentor, logits: Tensor, cfg: InferenceConfig, raw: Ten
     )
 
 
+class PreparedImage(NamedTuple):
+    """An image made ready for a segmentor by :func:`prepare_image`, e.g. in a DataLoader
+    worker, ahead of the model; :func:`segment_many` takes it in place of the pixels.
+
+    Attributes:
+        input: normalised float32 (3, h, w) at the inference size (after ``cfg.short_side``),
+            on the CPU (pinned by a DataLoader with ``pin_memory``).
+        size: (H, W) of the image as given: results come back at this size.
+        raw: the image itself, uint8 (3, H, W), when post-processing needs it (PAMR); else None.
+    """
+
+    input: Tensor
+    size: tuple[int, int]
+    raw: Tensor | None
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread inside (the previous count restored after). torch's CPU bilinear
+    resize rounds the last bit differently with other thread counts, and DataLoader workers
+    run one thread: preparing on one thread everywhere gives the same numbers with workers
+    or without."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prepare_image(image: np.ndarray | Tensor, cfg: InferenceConfig, mean: Sequence[float] = CLIP_MEAN,
+                  std: Sequence[float] = CLIP_STD) -> PreparedImage:
+    """Normalise and resize one uint8 (H, W, 3) image on the CPU as :func:`segment` and
+    :func:`segment_many` do (the same operations in the same order: normalise, then
+    :func:`~reclip.data.transforms.resize_short_side` of the float image). It runs on one
+    intra-op thread, so its numbers are the same wherever it runs (a DataLoader worker or
+    this process); the resize on more threads (or a GPU) may differ in the last bit. Pure:
+    safe in DataLoader workers."""
+    _check_mean_std(mean, std)
+    with _one_thread():
+        normalised, raw = _prepare(image, cfg, mean, std, torch.device("cpu"))
+        if cfg.short_side is not None:
+            normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
+                                           antialias=cfg.antialias)
+    return PreparedImage(normalised[0], _image_size(image), None if raw is None else raw[0])
+
+
+def _ready(image: np.ndarray | Tensor | PreparedImage, cfg: InferenceConfig, mean: Sequence[float],
+           std: Sequence[float], device: torch.device) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+    """(model input (1, 3, h, w) on ``device``, (H, W) of the image, raw (1, 3, H, W) uint8 or None)
+    of an image as given or prepared; a prepared one is only moved (asynchronously from pinned memory)."""
+    if isinstance(image, PreparedImage):  # (its size may come back a list from DataLoader's pin_memory)
+        raw = None if image.raw is None else image.raw[None].to(device, non_blocking=True)
+        return image.input[None].to(device, non_blocking=True), _prepared_size(image), raw
+    normalised, raw = _prepare(image, cfg, mean, std, device)
+    if cfg.short_side is not None:
+        normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
+                                       antialias=cfg.antialias)
+    return normalised, _image_size(image), raw
+
+
+def warm_up(segmentor: Segmentor, cfg: InferenceConfig, inputs: tuple[int, int],
+            device: torch.device | str | None = None) -> float:
+    """Seconds of untimed calls that compile ``segmentor`` (``cfg.compile``) for the shapes
+    a run with inputs of size ``inputs`` (h, w, after the short-side resize) feeds it: a full
+    batch (``batch_size`` windows in slide mode, ``whole_batch_size`` images in whole mode),
+    one less (torch.compile's second batch size compiles a graph with a dynamic batch, which
+    serves the partial batches at the ends of chunks) and one (torch specialises sizes 0 and
+    1). Other input sizes (whole mode) still compile on their first call. 0.0 without
+    ``cfg.compile``. Zeros go in: not for a segmentor with a per-image context
+    (``for_image``), whose calls need that context."""
+    if not cfg.compile:
+        return 0.0
+    device = torch.device(device) if device is not None else device_of(segmentor)
+    h, w = inputs
+    if cfg.mode == "slide":
+        window = _pair(cfg.window, "window")
+        shape, full = (min(window[0], h), min(window[1], w)), cfg.batch_size
+    else:
+        shape, full = (h, w), cfg.whole_batch_size
+    start = time.perf_counter()
+    with torch.no_grad():
+        for n in dict.fromkeys(n for n in (full, full - 1, 1) if n > 0):
+            _call(segmentor, torch.zeros((n, 3, *shape), device=device), cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def segment_many(
     segmentor: Segmentor,
-    images: Sequence[np.ndarray | Tensor],
+    images: Sequence[np.ndarray | Tensor | PreparedImage],
     cfg: InferenceConfig,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
@@ -420,6 +526,10 @@ def segment_many(
 ) -> list[Segmentation]:
     """:func:`segment` of several images, equal to segmenting them one at a time.
 
+    ``images`` are uint8 (H, W, 3) images or :class:`PreparedImage` (from
+    :func:`prepare_image` with the same ``cfg``, ``mean`` and ``std``, e.g. made in
+    DataLoader workers); prepared ones are only moved to the device.
+
     Whole mode: the images whose size after ``cfg.short_side`` is the same go through the
     segmentor together, ``cfg.whole_batch_size`` images per call (in list order within a
     size); each image's grid logits are then resized to its own size and post-processed
@@ -427,45 +537,116 @@ def segment_many(
     moved there when its call comes (its input size is computed without reading its
     pixels), and nothing of an image but its size (and, with PAMR, its raw pixels, moved
     for its post-processing) is kept after its call.
-    Slide mode, and segmentors with a per-image context (``for_image``, see
-    :func:`image_context`: the caller enters it around each image), run one image at a
-    time. Returns one Segmentation per image, in order.
+
+    Slide mode: the windows of consecutive images (any sizes) share segmentor calls of at
+    most ``cfg.batch_size`` windows (a call holds windows of one shape: a smaller image's
+    smaller windows start a new call); each image's windows are summed into its own map and
+    divided by its window count as in :func:`infer_logits`, and the image is post-processed
+    as soon as its last window is in, so only the images whose windows are in flight are
+    held. Equal to one image at a time up to the float rounding of other batch shapes.
+
+    Segmentors with a per-image context (``for_image``, see :func:`image_context`: the
+    caller enters it around each image) run one image at a time. Returns one Segmentation
+    per image, in order.
     """
-    if cfg.mode != "whole" or callable(getattr(segmentor, "for_image", None)):
+    if callable(getattr(segmentor, "for_image", None)):
         return [segment(segmentor, image, cfg, mean, std, background_index, return_probs, device)
                 for image in images]
     _check_mean_std(mean, std)
-    device = torch.device(device) if device is not None else _device_of(segmentor)
-    sizes = [_image_size(image) for image in images]  # (H, W) of each image as given
+    device = torch.device(device) if device is not None else device_of(segmentor)
+    with torch.no_grad():
+        if cfg.mode == "slide":
+            return _segment_slide(segmentor, images, cfg, mean, std, background_index, return_probs, device)
+        return _segment_whole(segmentor, images, cfg, mean, std, background_index, return_probs, device)
+
+
+def _segment_whole(segmentor: Segmentor, images: Sequence[np.ndarray | Tensor | PreparedImage],
+                   cfg: InferenceConfig, mean: Sequence[float], std: Sequence[float],
+                   background_index: int | None, return_probs: bool, device: torch.device) -> list[Segmentation]:
+    """Whole mode of :func:`segment_many`: the images of one input size batched."""
+    sizes = [_prepared_size(image) if isinstance(image, PreparedImage) else _image_size(image) for image in images]
     by_size: dict[tuple[int, int], list[int]] = {}
-    for i, hw in enumerate(sizes):
-        by_size.setdefault(_input_size(hw, cfg), []).append(i)
+    for i, (image, hw) in enumerate(zip(images, sizes)):
+        key = tuple(image.input.shape[-2:]) if isinstance(image, PreparedImage) else input_size(hw, cfg)
+        by_size.setdefault(key, []).append(i)
     official_pd = cfg.pd_threshold is not None and cfg.pd_mode == "official"
     class_index = getattr(segmentor, "class_index", None)
     results: list[Segmentation | None] = [None] * len(images)
-    with torch.no_grad():
-        for members in by_size.values():
-            for start in range(0, len(members), cfg.whole_batch_size):
-                chunk = members[start : start + cfg.whole_batch_size]
-                inputs, raws = [], []
-                for i in chunk:  # each resized alone: exactly what segment() feeds the segmentor
-                    normalised, raw = _prepare(images[i], cfg, mean, std, device)
-                    if cfg.short_side is not None:
-                        normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
-                                                       antialias=cfg.antialias)
-                    inputs.append(normalised)
-                    raws.append(raw)
-                batch = torch.cat(inputs)
-                del inputs
-                grids = _call(segmentor, batch, cfg)  # (n, S, h, w)
-                del batch
-                for i, grid, raw in zip(chunk, grids, raws):
-                    grid = grid[None]  # (1, S, h, w)
-                    if official_pd:
-                        grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
-                    logits = resize_bilinear(grid, sizes[i])  # (1, S, H, W)
-                    results[i] = _finish(segmentor, logits, cfg, raw, background_index, return_probs)
-                del grids, raws
+    for members in by_size.values():
+        for start in range(0, len(members), cfg.whole_batch_size):
+            chunk = members[start : start + cfg.whole_batch_size]
+            inputs, raws = [], []
+            for i in chunk:  # each resized alone: exactly what segment() feeds the segmentor
+                normalised, _, raw = _ready(images[i], cfg, mean, std, device)
+                inputs.append(normalised)
+                raws.append(raw)
+            batch = torch.cat(inputs)
+            del inputs
+            grids = _call(segmentor, batch, cfg)  # (n, S, h, w)
+            del batch
+            for i, grid, raw in zip(chunk, grids, raws):
+                grid = grid[None]  # (1, S, h, w)
+                if official_pd:
+                    grid = prompt_denoise_official(grid, cfg.pd_threshold, cfg.pd_scale, class_index)
+                logits = resize_bilinear(grid, sizes[i])  # (1, S, H, W)
+                results[i] = _finish(segmentor, logits, cfg, raw, background_index, return_probs)
+            del grids, raws
+    return results  # type: ignore[return-value]
+
+
+class _SlideImage:
+    """One image of :func:`_segment_slide` while its windows are in flight: the window sum
+    (allocated at its first logits), the per-pixel window count, windows still to come."""
+
+    def __init__(self, size: tuple[int, int], input_size: tuple[int, int], windows: int, raw: Tensor | None,
+                 count: Tensor) -> None:
+        self.size, self.input_size, self.left, self.raw, self.count = size, input_size, windows, raw, count
+        self.preds: Tensor | None = None
+
+
+def _segment_slide(segmentor: Segmentor, images: Sequence[np.ndarray | Tensor | PreparedImage],
+                   cfg: InferenceConfig, mean: Sequence[float], std: Sequence[float],
+                   background_index: int | None, return_probs: bool, device: torch.device) -> list[Segmentation]:
+    """Slide mode of :func:`segment_many`: the windows of consecutive images share calls."""
+    results: list[Segmentation | None] = [None] * len(images)
+    open_images: dict[int, _SlideImage] = {}
+    crops: list[Tensor] = []  # the next call's windows (3, ch, cw), all of one shape
+    placed: list[tuple[int, tuple[int, int, int, int]]] = []  # (image index, window) of each crop
+
+    def run() -> None:
+        logits = _call(segmentor, torch.stack(crops), cfg)  # (n, S, h, w)
+        logits = resize_bilinear(logits, tuple(crops[0].shape[-2:]))  # (n, S, ch, cw)
+        crops.clear()
+        for logit, (i, (y1, y2, x1, x2)) in zip(logits, placed):
+            state = open_images[i]
+            if state.preds is None:
+                state.preds = torch.zeros((logits.shape[1], *state.input_size), dtype=torch.float32, device=device)
+            state.preds[:, y1:y2, x1:x2] += logit
+            state.left -= 1
+            if state.left == 0:  # its last window: average, resize to its size, post-process (infer_logits' steps)
+                done = open_images.pop(i)
+                full = resize_bilinear((done.preds / done.count)[None], done.size)  # (1, S, H, W)
+                results[i] = _finish(segmentor, full, cfg, done.raw, background_index, return_probs)
+        placed.clear()
+
+    for i, image in enumerate(images):
+        normalised, size, raw = _ready(image, cfg, mean, std, device)  # (1, 3, h, w)
+        height, width = normalised.shape[-2:]
+        windows = slide_windows(height, width, cfg.window, cfg.stride)
+        count = torch.zeros((1, height, width), dtype=torch.float32, device=device)
+        for y1, y2, x1, x2 in windows:
+            count[:, y1:y2, x1:x2] += 1
+        assert bool((count > 0).all()), "sliding windows must cover every pixel"
+        open_images[i] = _SlideImage(size, (height, width), len(windows), raw, count)
+        for y1, y2, x1, x2 in windows:
+            crop = normalised[0, :, y1:y2, x1:x2]  # (3, ch, cw)
+            if crops and (len(crops) == cfg.batch_size or crop.shape != crops[0].shape):
+                run()
+            crops.append(crop)
+            placed.append((i, (y1, y2, x1, x2)))
+        del normalised
+    if crops:
+        run()
     return results  # type: ignore[return-value]
 
 
@@ -475,7 +656,12 @@ def _image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _input_size(size: tuple[int, int], cfg: InferenceConfig) -> tuple[int, int]:
+def _prepared_size(image: PreparedImage) -> tuple[int, int]:
+    """(H, W) of a prepared image as a tuple (DataLoader's pin_memory turns tuples into lists)."""
+    return int(image.size[0]), int(image.size[1])
+
+
+def input_size(size: tuple[int, int], cfg: InferenceConfig) -> tuple[int, int]:
     """(h, w) the segmentor gets for an image of ``size``: after ``cfg.short_side``, as
     :func:`reclip.data.transforms.resize_short_side` resizes it."""
     if cfg.short_side is None:
