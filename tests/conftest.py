@@ -17,3 +17,31 @@ def toy_ci_checkpoint(tmp_path_factory):
     cache = tmp_path_factory.mktemp("toy_cache")
     # pre-training runs on one thread itself: the result cannot depend on the machine's core count
     return cache, get_or_train(cache, ToyConfig.ci(), seed=0, progress=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_proxy_loading: load proxy models by name for real (download path), "
+                                       "not the tiny stand-in every other test gets")
+
+
+@pytest.fixture(autouse=True)
+def tiny_proxy_by_name(request, monkeypatch):
+    """A proxy model asked for by NAME (ProxyCLIP's default ``dino_vitb8``) is a tiny random DINO:
+    no weights exist here, and the tests that iterate every method build ProxyCLIP with its
+    defaults. A path still loads the file; tests marked ``real_proxy_loading`` get the real
+    loader (download, offline error)."""
+    if request.node.get_closest_marker("real_proxy_loading"):
+        yield
+        return
+    import reclip.backbones.dino as dino
+    from tiny import tiny_dino
+
+    real = dino.load_dino
+
+    def load(spec, *args, **kwargs):
+        if isinstance(spec, str) and spec in dino.DINO_MODELS:
+            return tiny_dino()
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(dino, "load_dino", load)
+    yield

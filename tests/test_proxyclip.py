@@ -202,6 +202,7 @@ def test_evaluate_and_rectify_with_a_proxy_file_from_the_command_line(tmp_path, 
     assert load_rectifier(run, load_clip(clip_file)).strategy == ProxyAttention(proxy=str(proxy))
 
 
+@pytest.mark.real_proxy_loading
 def test_without_the_proxy_file_offline_the_error_says_what_to_pass(tmp_path, monkeypatch):
     import urllib.request
 

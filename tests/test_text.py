@@ -161,13 +161,13 @@ def test_two_classes_shown_alike_are_refused(tmp_path):
         read_class_file(path)
 
 
-def test_shipped_class_files_load_and_only_sclips_coco_object_shares_a_name():
+def test_shipped_class_files_load_and_only_the_published_coco_object_lists_share_a_name():
     from reclip.data.protocol import _package_dir
 
     files = sorted(_package_dir("classes").glob("*.txt"))
     assert len(files) >= 12
     shared = [f.name for f in files if read_class_file(f).shared_names]
-    assert shared == ["cocoobject_sclip.txt"]
+    assert shared == ["cocoobject_proxyclip.txt", "cocoobject_sclip.txt"]  # "bed": background word and class
 
 
 @pytest.mark.parametrize("line, problem", [

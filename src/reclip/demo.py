@@ -55,8 +55,11 @@ from reclip.visualize import overlay, palette
 
 # Every preset plus the variant that the tiny CLIP favours (see reclip.toy): on a tiny
 # CLIP the residual stream dominates the last block, so MaskCLIP's readout needs it off.
+# Methods with a proxy model (ProxyCLIP: a DINO) need one of the toy world's: their rows
+# are made with it (_proxy_rows), not here.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{method.name: (method.name, {}) for method in zero_shot.METHODS},
+    **{method.name: (method.name, {}) for method in zero_shot.METHODS
+       if not hasattr(get_strategy(method.strategy), "proxy")},
     "maskclip-nores": ("maskclip", {"residual": False, "ffn": False}),
 }
 
