@@ -90,7 +90,8 @@ def main() -> None:
         start = time.perf_counter()
         path = get_or_train_dino(args.dino_cache_dir or cache, config.world, dino_config, seed=seed, progress=False)
         record = json.loads(Path(f"{path}.json").read_text())["record"]
-        records[str(seed)] = {k: record[k] for k in ("train_seconds", "first_loss", "final_loss", "load_average")}
+        records[str(seed)] = {k: record[k] for k in ("train_seconds", "first_loss", "final_loss", "teacher_entropy",
+                                                 "teacher_mean_entropy", "load_average")}
         records[str(seed)]["wall_seconds"] = time.perf_counter() - start
         print(json.dumps({"dino": str(path), **records[str(seed)]}), flush=True)
         score("proxyclip, toy DINO", ZeroShotSegmentor(clip, queries, ProxyAttention(proxy=str(path))).eval())
