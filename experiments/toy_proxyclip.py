@@ -12,6 +12,11 @@ logit scale 50, the 85-template queries), it scores:
   (same seeds): what pre-training adds;
 - the demo's maskclip, maskclip-nores and naclip rows on the same scenes.
 
+As a check that the DINO learnt anything at all (whatever ProxyCLIP makes of it), each
+proxy's CLS token is also probed: 20-nearest-neighbour (cosine) accuracy of the named
+object's class on 500 held-out captioned photos, with 1500 others as the bank (labels
+read for this probe only; chance ~ the largest class share).
+
 One JSON line per row (mIoU in %, per seed), then the table; everything also goes to
 ``out_dir/toy_proxyclip.json``.
 """
@@ -24,6 +29,28 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def cls_knn_accuracy(model: Any, world_config: Any, k: int = 20) -> float:
+    """20-NN accuracy (%) of the photo's class from the ViT's CLS token (see the module doc)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from reclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from reclip.toy.world import ToyWorld
+
+    world = ToyWorld(world_config)
+    batch = world.captioned(2000, np.random.default_rng(2024))  # a stream no training run uses
+    x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float().div(255.0)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls = F.normalize(torch.cat([model(chunk)[:, 0] for chunk in x.split(250)]), dim=-1)
+    labels = torch.from_numpy(batch.labels)
+    bank, query = slice(0, 1500), slice(1500, 2000)
+    nearest = (cls[query] @ cls[bank].t()).topk(k, dim=1).indices  # (500, k)
+    votes = F.one_hot(labels[bank][nearest], int(labels.max()) + 1).sum(1)
+    return 100 * float((votes.argmax(1) == labels[query]).float().mean())
 
 
 def main() -> None:
@@ -43,6 +70,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from reclip.backbones.dino import load_dino
     from reclip.clip.load import load_clip
     from reclip.data.datasets import SegmentationDataset
     from reclip.demo import TEMPLATES, VARIANTS, _evaluate, default_cache_dir
@@ -72,6 +100,7 @@ def main() -> None:
 
     rows: dict[str, list[float]] = {}
     records: dict[str, Any] = {}
+    probes: dict[str, list[float]] = {}
 
     def score(name: str, segmentor: Any) -> float:
         torch.set_num_threads(1)  # as the demo: one 96 px scene at a time
@@ -95,6 +124,7 @@ def main() -> None:
         records[str(seed)]["wall_seconds"] = time.perf_counter() - start
         print(json.dumps({"dino": str(path), **records[str(seed)]}), flush=True)
         score("proxyclip, toy DINO", ZeroShotSegmentor(clip, queries, ProxyAttention(proxy=str(path))).eval())
+        probes.setdefault("toy DINO", []).append(cls_knn_accuracy(load_dino(path), config.world))
         torch.manual_seed(seed)
         random = build_backbone(dino_config, config.world.image_size)
         random_path = out / f"random-dino-s{seed}.pth"
@@ -102,16 +132,22 @@ def main() -> None:
         atomic_write(random_path, lambda tmp, state=state: torch.save(state, tmp))
         score("proxyclip, random-init DINO",
               ZeroShotSegmentor(clip, queries, ProxyAttention(proxy=str(random_path))).eval())
+        probes.setdefault("random-init DINO", []).append(cls_knn_accuracy(random.eval(), config.world))
+        print(json.dumps({"seed": seed, "cls_20nn_accuracy": {k: v[-1] for k, v in probes.items()}}), flush=True)
 
     summary = {name: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
                       "runs": v} for name, v in rows.items()}
     atomic_write_json(out / "toy_proxyclip.json", {"dino": dataclasses.asdict(dino_config), "seeds": args.seeds,
                                                   "pretraining": records, "mIoU": summary,
+                                                  "cls_20nn_accuracy": probes,
                                                   "cpu_count": os.cpu_count()})
     print(f"\n{'row':<32} {'mIoU':>6} {'SD':>5}  seeds")
     for name, s in summary.items():
         sd = f"{s['sd']:5.2f}" if s["sd"] is not None else " " * 5
         print(f"{name:<32} {s['mean']:6.2f} {sd}  {len(s['runs'])}")
+    for name, values in probes.items():
+        print(f"CLS 20-NN photo-class accuracy, {name}: {np.mean(values):.1f}% "
+              f"(+/- {np.std(values, ddof=1) if len(values) > 1 else 0:.1f})")
 
 
 if __name__ == "__main__":
