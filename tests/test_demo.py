@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import reclip.demo
+import reclip.toy.dino
 import reclip.rectification
 from reclip.bias import class_preference
 from reclip.metrics import ConfusionMatrix
-from reclip.demo import TOY_DISTILLATION, TOY_MAFT, TOY_RECTIFICATION, VARIANTS, run_demo
+from reclip.demo import PROXY_ROWS, TOY_DISTILLATION, TOY_MAFT, TOY_PROXY, TOY_RECTIFICATION, VARIANTS, run_demo
 from reclip.toy.pretrain import ToyConfig
 
 # ReCLIP++ on a few train scenes for a few steps, two seeds: the pipeline, not its quality.
@@ -21,14 +22,16 @@ RECLIP_ROWS = [name for name, _, _ in SMALL_RECTIFICATION.rows()]
 STUDENT_ROWS = ["reclip++ student", "maskclip+ student"]
 SMALL_MAFT = dataclasses.replace(TOY_MAFT, steps=2, batch_size=4)
 MAFT_ROWS = ["ipclip (frozen CLIP), reclip++ regions", "maft, labels of seen classes", "maft, reclip++ pseudo labels"]
+SMALL_PROXY = dataclasses.replace(TOY_PROXY, steps=2, seeds=(0, 1))
 
 
 def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
     cache, _ = toy_ci_checkpoint
     rows = run_demo(tmp_path / "out", config=ToyConfig.ci(), cache_dir=cache, num_scenes=12,
                     rectification=SMALL_RECTIFICATION, distillation=SMALL_DISTILLATION, maft=SMALL_MAFT,
-                    progress=False)
-    assert [r.name for r in rows] == [*VARIANTS, *RECLIP_ROWS, *STUDENT_ROWS, *MAFT_ROWS]
+                    proxy=SMALL_PROXY, progress=False)
+    assert [r.name for r in rows] == [*VARIANTS, *PROXY_ROWS, *RECLIP_ROWS, *STUDENT_ROWS, *MAFT_ROWS]
+    assert "proxyclip" not in VARIANTS and {"sc_clip", "resclip"} <= set(VARIANTS)
     assert RECLIP_ROWS == ["reclip++ toy: M_o", "reclip++ toy: M", "reclip++ toy, no decoder: M",
                            "reclip++ as published: M_o", "reclip++ as published: M"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -113,7 +116,7 @@ def test_demo_writes_a_complete_report(tmp_path, toy_ci_checkpoint):
 def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, monkeypatch):
     cache, _ = toy_ci_checkpoint
     kwargs = dict(config=ToyConfig.ci(), cache_dir=cache, num_scenes=4, rectification=SMALL_RECTIFICATION,
-                  distillation=SMALL_DISTILLATION, maft=SMALL_MAFT, progress=False)
+                  distillation=SMALL_DISTILLATION, maft=SMALL_MAFT, proxy=SMALL_PROXY, progress=False)
     first = run_demo(tmp_path / "out", **kwargs)
     runs = sorted(p for pattern in ("reclip++-*", "student-*", "maft-*") for p in (tmp_path / "out").glob(pattern))
     written = {run: (run / "model.safetensors").stat().st_mtime_ns for run in runs}
@@ -124,6 +127,7 @@ def test_demo_reuses_a_finished_rectification_run(tmp_path, toy_ci_checkpoint, m
     # runs train in worker processes (which a monkeypatch here does not reach) or in this one
     monkeypatch.setattr(reclip.rectification, "_loss", no_training)
     monkeypatch.setattr(reclip.demo, "ProcessPoolExecutor", no_training)
+    monkeypatch.setattr(reclip.toy.dino, "train_dino", no_training)  # the toy DINOs are cached too
     second = run_demo(tmp_path / "out", **kwargs)
     assert [r.summary() for r in second] == [r.summary() for r in first]
     assert sorted(p for pattern in ("reclip++-*", "student-*", "maft-*") for p in (tmp_path / "out").glob(pattern)) == runs

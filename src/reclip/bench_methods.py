@@ -63,42 +63,41 @@ def build(name: str, clip: CLIP, queries: QueryEmbeddings) -> ZeroShotSegmentor:
     return ZeroShotSegmentor(clip, queries, strategy, aux=aux).eval()
 
 
-def time_method(segmentor: ZeroShotSegmentor, images: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward of ``images`` after a warm-up (bf16 autocast on CUDA)."""
+def _forward(segmentor: ZeroShotSegmentor, images: torch.Tensor) -> float:
+    """Seconds of one forward of ``images`` (bf16 autocast on CUDA)."""
     cuda = images.device.type == "cuda"
-
-    def run() -> None:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            segmentor(images)
-
-    run()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        segmentor(images)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def bench_methods(methods: Sequence[str], *, size: int = 448, batch: int = 2, repeats: int = 3,
                   device: str = "cpu", small: bool = False) -> dict[str, dict[str, float]]:
-    """{method: {"images_per_s", "vs_maskclip"}} at ``size`` x ``size``, batch ``batch``."""
+    """{method: {"images_per_s", "seconds", "vs_maskclip"}} at ``size`` x ``size``, batch ``batch``.
+
+    Every segmentor is built and warmed up first; then the methods are timed in turns, one
+    forward each per round, ``repeats`` rounds, and each method's median is kept, so a
+    change in the machine's load during the run falls on all methods alike."""
     dev = torch.device(device)
     torch.manual_seed(0)
     clip = CLIP(**(SMALL if small else VIT_B16)).eval().requires_grad_(False).to(dev)
     queries = random_queries(clip)
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
     methods = list(dict.fromkeys(["maskclip", *methods]))
-    results: dict[str, dict[str, float]] = {}
-    for name in methods:
-        segmentor = build(name, clip, queries).to(dev)
-        seconds = time_method(segmentor, images, repeats)
-        results[name] = {"images_per_s": batch / seconds, "seconds": seconds}
-        del segmentor
+    segmentors = {name: build(name, clip, queries).to(dev) for name in methods}
+    for segmentor in segmentors.values():
+        _forward(segmentor, images)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, segmentor in segmentors.items():
+            times[name].append(_forward(segmentor, images))
+    results = {name: {"seconds": statistics.median(t), "images_per_s": batch / statistics.median(t)}
+               for name, t in times.items()}
     base = results["maskclip"]["seconds"]
     for r in results.values():
         r["vs_maskclip"] = base / r["seconds"]
@@ -121,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = "4-block ViT (patch 16)" if args.small else "ViT-B/16"
     print(f"reclip bench_methods: random {shape} CLIP, {args.size}x{args.size}, batch {args.batch}, "
           f"{args.device}{' bf16 autocast' if args.device.startswith('cuda') else ' fp32'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}", flush=True)
+          f"{torch.get_num_threads()} threads; median of {args.repeats} rounds, methods in turns", flush=True)
     results = bench_methods(methods, size=args.size, batch=args.batch, repeats=args.repeats, device=args.device,
                             small=args.small)
     print(f"{'method':<12} {'images/s':>10} {'vs MaskCLIP':>12}")

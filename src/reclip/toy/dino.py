@@ -463,3 +463,21 @@ def toy_proxy(cache_dir: str | os.PathLike, world_config: WorldConfig | None = N
     give 23.40 +/- 0.32, each seed above its random init, the CLS probe still near chance.
     """
     return get_or_train_dino(cache_dir, world_config, ToyDinoConfig(), seed, progress)
+
+
+def toy_random_proxy(cache_dir: str | os.PathLike, world_config: WorldConfig | None = None,
+                     seed: int = 0) -> Path:
+    """The control of :func:`toy_proxy`: the same ViT at its random initialisation (the init
+    recipe of :func:`build_backbone` after ``torch.manual_seed(seed)``), untrained, written
+    in the same layout (``tinydino-<key>-s<seed>-init.pth`` in ``cache_dir``)."""
+    world_config = world_config or WorldConfig()
+    config = ToyDinoConfig()
+    path = Path(cache_dir).expanduser() / f"tinydino-{cache_key(world_config, config)}-s{seed}-init.pth"
+    if not path.is_file():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_backbone(config, world_config.image_size)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path
