@@ -135,3 +135,11 @@ def test_a_methods_own_section_publishes_its_strategy_settings_and_the_users_win
 
 def test_last_block_is_a_dense_strategy_with_its_kind():
     assert isinstance(STRATEGIES["maskclip"], DenseStrategy) and STRATEGY_KINDS["last_block"] is LastBlock
+
+
+def test_the_queries_follow_the_segmentor_and_stay_out_of_its_state(clip, registered):
+    segmentor = ZeroShotSegmentor(clip, queries(clip), "query_aware")
+    assert not any("query_weights" in k or "query_classes" in k for k in segmentor.state_dict())
+    segmentor = segmentor.to(torch.float64)  # a conversion makes new tensors: the backbone's follow
+    assert segmentor.backbone.query_weights.dtype == torch.float64
+    torch.testing.assert_close(segmentor.backbone.query_weights, segmentor.head.text_weights)

@@ -40,13 +40,20 @@ class DenseCLIP(nn.Module):
         if aux is not None:
             aux = aux.to(next(clip.parameters()).device).eval().requires_grad_(False)
         self.aux = aux
-        self._queries: tuple[Tensor, Tensor] | None = None
+        self.query_weights: Tensor | None
+        self.query_classes: Tensor | None
+        self.register_buffer("query_weights", None, persistent=False)
+        self.register_buffer("query_classes", None, persistent=False)
 
     def set_queries(self, queries: Tensor, class_index: Tensor) -> None:
         """The head's (S, D) query embeddings and (S,) classes, for strategies that read them.
 
-        Kept as a reference to the head's own tensors (no copy, not in this module's state)."""
-        self._queries = (queries, class_index)
+        Held, only where the strategy reads them, as non-persistent buffers: they follow the
+        module through ``.to(device)`` and stay out of its state dict (the head owns the
+        queries; a run stores nothing twice)."""
+        if self.strategy.needs_queries:
+            self.query_weights = queries.detach()
+            self.query_classes = class_index.detach()
 
     @property
     def stride(self) -> int:
@@ -61,7 +68,7 @@ class DenseCLIP(nn.Module):
 
     def context(self) -> FeatureContext:
         """What the strategy reads besides CLIP: the auxiliary module and the head's queries."""
-        queries, class_index = self._queries if self._queries is not None else (None, None)
+        queries, class_index = self.query_weights, self.query_classes
         if self.strategy.needs_queries and queries is None:
             raise RuntimeError(f"strategy {self.strategy.kind!r} reads the head's text queries, but none were set "
                                f"(the head calls DenseCLIP.set_queries)")
