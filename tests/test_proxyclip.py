@@ -215,3 +215,28 @@ def test_without_the_proxy_file_offline_the_error_says_what_to_pass(tmp_path, mo
     monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DinoWeightsError, match=r"dino_vitbase8_pretrain\.pth[\s\S]*--proxy"):
         ProxyAttention().build_aux(tiny_clip())
+
+
+def test_clip_and_a_proxy_of_another_patch_read_the_same_pixels(clip):
+    """CLIP's patch 8 and a proxy's 12: the input is padded to a multiple of both (24), as the
+    official pads to 56, so CLIP's values land on the proxy cells of the same pixels; Z is
+    cropped back to the proxy cells of the input."""
+    proxy = ProxyFeatures(PatchProxy(patch=12), (clip.image_mean, clip.image_std)).eval()
+    x = images(1, 3, 40, 52, seed=6)
+    ours = dense_features(clip, x, ProxyAttention(proxy="unused"), FeatureContext(aux=proxy))
+    assert ours.shape[-2:] == (4, 5)  # ceil(40 / 12), ceil(52 / 12)
+    padded = F.pad(x, (0, 72 - 52, 0, 48 - 40))
+    torch.testing.assert_close(ours, official_forward(clip, padded, proxy.model)[:, :, :4, :5], atol=2e-5, rtol=1e-4)
+
+
+def test_the_attention_is_float32_under_autocast_and_settings_are_checked():
+    f = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = proxy_attention(f, 1.2, 3.0)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, proxy_attention(f, 1.2, 3.0))
+    for bad in ("abc", float("nan"), True):
+        with pytest.raises(ValueError, match="beta must be a finite number"):
+            ProxyAttention(beta=bad)
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        ProxyAttention(gamma="3")

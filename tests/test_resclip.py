@@ -467,3 +467,15 @@ def test_cli_rectify_on_resclip_features_and_its_run_loads_back(tmp_path, monkey
     expected = dense_features(model.clip, x, STRATEGIES["resclip"],
                               FeatureContext(queries=w_q, class_index=torch.arange(len(w_q))))
     torch.testing.assert_close(model.features(x), expected)
+
+
+def test_the_attention_and_the_first_pass_are_float32_under_autocast():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 1 + 49, 8, generator=g), torch.randn(2, 2, 1 + 49, 8, generator=g)
+    rcs = torch.softmax(torch.randn(2, 2, 50, 50, generator=g), dim=-1)
+    strategy = ResidualAttention()
+    exact = strategy.attention(q, k, (7, 7), rcs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = strategy.attention(q, k, (7, 7), rcs)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact)

@@ -137,9 +137,22 @@ def test_last_block_is_a_dense_strategy_with_its_kind():
     assert isinstance(STRATEGIES["maskclip"], DenseStrategy) and STRATEGY_KINDS["last_block"] is LastBlock
 
 
-def test_the_queries_follow_the_segmentor_and_stay_out_of_its_state(clip, registered):
+def test_the_strategy_reads_the_heads_queries_as_they_are_and_its_aux_stays_frozen(clip, registered):
+    import copy
+
     segmentor = ZeroShotSegmentor(clip, queries(clip), "query_aware")
-    assert not any("query_weights" in k or "query_classes" in k for k in segmentor.state_dict())
-    segmentor = segmentor.to(torch.float64)  # a conversion makes new tensors: the backbone's follow
-    assert segmentor.backbone.query_weights.dtype == torch.float64
-    torch.testing.assert_close(segmentor.backbone.query_weights, segmentor.head.text_weights)
+    assert set(segmentor.state_dict()) == set(ZeroShotSegmentor(clip, queries(clip)).state_dict()) | {
+        f"backbone.aux.{k}" for k in segmentor.backbone.aux.state_dict()}  # the queries are stored once, by the head
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = segmentor.backbone(x)
+    other = queries(clip, ("tree", "car", "road"))
+    segmentor.head.load_state_dict({"text_weights": other.weights, "class_index": other.class_index})
+    after = segmentor.backbone(x)  # read when Z is computed: the loaded queries, not a stale copy
+    assert not torch.allclose(before, after)
+    twin = copy.deepcopy(segmentor)  # a copy reads its own head's queries
+    twin.head.text_weights.mul_(-1)
+    torch.testing.assert_close(segmentor.backbone(x), after)
+    segmentor.to(torch.float64)  # a conversion makes new tensors: still the head's
+    assert segmentor.backbone.context().queries is segmentor.head.text_weights
+    segmentor.train()
+    assert segmentor.backbone.training and not segmentor.backbone.aux.training

@@ -331,7 +331,7 @@ def distillation_loss(student: Student, teacher: _Teacher, config: DistillConfig
     return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
-def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocabulary: Vocabulary, grid: tuple,
+def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocabulary: Vocabulary, crop: int,
                       text_cache: Any) -> tuple[_Teacher, Any, dict[str, Any], dict[str, Any]]:
     """The frozen teacher, a function making the head the student starts with, the Gumbel
     settings of L_text, and what identifies the teacher (its settings and weights' digest)."""
@@ -349,6 +349,9 @@ def _teacher_and_head(clip: CLIP, teacher_run: Any, config: DistillConfig, vocab
         identity = {"method": run.config["method"], "rectifier": run.config["rectifier"], "weights": digest}
         # a fresh head's new parts are drawn in build(), after the engine has seeded the generators
         parts = "all" if config.head == "inherited" else config.head
+        # the teacher's grid at the training crop: its features' stride, CLIP's patch unless its
+        # strategy reads Z on another grid (ProxyCLIP: the proxy's patch)
+        grid = (-(-crop // rectifier.backbone.stride),) * 2
         return (_Teacher(rectifier, norm=(clip.image_mean, clip.image_std)),
                 lambda: inherit(rectifier, grid, parts=parts), gumbel, identity)
     from reclip.methods import build_segmentor
@@ -428,10 +431,8 @@ def distill(
     hyp = load_hypotheses(hypotheses, vocabulary=vocabulary, clip=clip)
     trainset = UnlabeledTrainSet(images, hyp, vocabulary.num_classes, **augment, seed=overrides.get("seed", 0),
                                  mean=clip.image_mean, std=clip.image_std)
-    patch = clip.visual.patch_size
-    grid = (-(-augment["crop"] // patch),) * 2  # the teacher's grid at the training crop
-    teacher, make_head, gumbel, teacher_id = _teacher_and_head(clip, teacher_run, config, vocabulary, grid,
-                                                               text_cache)
+    teacher, make_head, gumbel, teacher_id = _teacher_and_head(clip, teacher_run, config, vocabulary,
+                                                               augment["crop"], text_cache)
     batch_size = overrides.pop("batch_size", preset.batch_size)
     spe = steps_per_epoch(len(trainset), batch_size)
     if isinstance(schedule, str) and schedule not in SCHEDULES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from reclip.clip.model import CLIP
@@ -40,20 +42,21 @@ class DenseCLIP(nn.Module):
         if aux is not None:
             aux = aux.to(next(clip.parameters()).device).eval().requires_grad_(False)
         self.aux = aux
-        self.query_weights: Tensor | None
-        self.query_classes: Tensor | None
-        self.register_buffer("query_weights", None, persistent=False)
-        self.register_buffer("query_classes", None, persistent=False)
+        self._query_source: Callable[[], tuple[Tensor, Tensor]] | None = None
 
-    def set_queries(self, queries: Tensor, class_index: Tensor) -> None:
-        """The head's (S, D) query embeddings and (S,) classes, for strategies that read them.
+    def set_queries(self, source: Callable[[], tuple[Tensor, Tensor]]) -> None:
+        """Where a strategy that reads the head's text queries gets them: ``source()`` ->
+        ((S, D) query embeddings, (S,) class of each row), the head's tensors as they are
+        when Z is computed (a bound method of the segmentor, so it follows ``.to(device)``,
+        a state dict loaded later, and a deep copy)."""
+        self._query_source = source
 
-        Held, only where the strategy reads them, as non-persistent buffers: they follow the
-        module through ``.to(device)`` and stay out of its state dict (the head owns the
-        queries; a run stores nothing twice)."""
-        if self.strategy.needs_queries:
-            self.query_weights = queries.detach()
-            self.query_classes = class_index.detach()
+    def train(self, mode: bool = True) -> DenseCLIP:
+        """The auxiliary module is frozen: whatever trains around it, it stays in eval mode."""
+        super().train(mode)
+        if self.aux is not None:
+            self.aux.eval()
+        return self
 
     @property
     def stride(self) -> int:
@@ -68,7 +71,7 @@ class DenseCLIP(nn.Module):
 
     def context(self) -> FeatureContext:
         """What the strategy reads besides CLIP: the auxiliary module and the head's queries."""
-        queries, class_index = self.query_weights, self.query_classes
+        queries, class_index = self._query_source() if self._query_source is not None else (None, None)
         if self.strategy.needs_queries and queries is None:
             raise RuntimeError(f"strategy {self.strategy.kind!r} reads the head's text queries, but none were set "
                                f"(the head calls DenseCLIP.set_queries)")

@@ -396,8 +396,12 @@ class Rectifier(CLIPSegmentor):
         # Class-aware strategies (ResCLIP's semantic feedback, a zero-shot first pass) read the
         # FIXED text queries W_q, one per class: the segmentation they feed back is CLIP's own,
         # never the trained head's (a learnable query would make Z depend on training).
+        self.backbone.set_queries(self._fixed_queries)
+
+    def _fixed_queries(self) -> tuple[Tensor, Tensor]:
+        """The fixed W_q (C, D) and its classes (one row each), for class-aware strategies."""
         w_q = self.head.fixed_query
-        self.backbone.set_queries(w_q, torch.arange(w_q.shape[0], device=w_q.device))
+        return w_q, torch.arange(w_q.shape[0], device=w_q.device)
 
     @property
     def query_weights(self) -> Tensor:

@@ -89,7 +89,10 @@ class ZeroShotSegmentor(CLIPSegmentor):
             raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
         super().__init__(DenseCLIP(clip, get_strategy(strategy), aux=aux), QueryHead(queries))
         # class-aware strategies (ResCLIP's semantic feedback) read the head's W_q
-        self.backbone.set_queries(self.head.text_weights, self.head.class_index)
+        self.backbone.set_queries(self._head_queries)
+
+    def _head_queries(self) -> tuple[Tensor, Tensor]:
+        return self.head.text_weights, self.head.class_index
 
     @property
     def class_index(self) -> Tensor:

@@ -27,20 +27,27 @@ Differences, each a named setting or stated here:
 
 - ``mean_over``: the official ``torch.mean(similarity)`` averages over the whole batch,
   so an image's attention depends on the other images in its batch; "image" (default)
-  takes each image's own mean, which is the official value at batch 1 (its test batch).
-  "batch" keeps the official reduction.
+  takes each image's own mean, which is the official value: the official code runs one
+  crop per forward. "batch" keeps the official reduction over whatever one forward holds
+  (reclip's slide mode batches windows of several images, so it is not the official value
+  there; it is for reproducing the official code's behaviour on a batch).
 - A row whose every entry falls below 0 (an image whose patches are all alike, so
   mean * beta > 1) is all -inf in the official code and gives NaN; here such a row keeps
   its diagonal (each patch attends to itself), which changes nothing else.
 - The official code takes both proxy grid sides from the crop's HEIGHT (``I, J =
   imgs_norm.shape[-2] // p, imgs_norm.shape[-2] // p``), i.e. it assumes square crops; here
-  the grid is the proxy model's own, any shape. Crops are padded at the bottom/right to the
-  patch (reclip's rule for every model) instead of centred to a multiple of 56.
+  the grid is the proxy model's own, any shape. The official code pads each crop, centred,
+  to a multiple of 56 so that both models' grids cover the same pixels; here the input is
+  padded at the bottom/right (reclip's rule for every model) to a multiple of both patches
+  (lcm(16, 8) = 16 for ViT-B/16 with DINO ViT-B/8, lcm(16, 14) = 112 with DINOv2), and Z is
+  cropped back to the proxy cells of the input.
+- The similarities, their threshold and the softmax run in float32 even under autocast.
 - fp16 in the official code; reclip runs the proxy under the caller's autocast (bf16 on CUDA).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,13 +100,14 @@ def proxy_attention(proxy: Tensor, beta: float, gamma: float, mean_over: str = "
     ``custom_attn``: cosine of the channel-normalised features, ``(S - mean(S) * beta) *
     gamma``, negatives -> -inf, softmax over keys. A row with nothing left keeps its diagonal.
     """
-    f = F.normalize(proxy.flatten(2).float(), dim=1)  # (B, C, N)
-    sim = torch.einsum("bcm,bcn->bmn", f, f)  # (B, N, N)
-    mean = sim.mean() if mean_over == "batch" else sim.mean(dim=(1, 2), keepdim=True)
-    logits = (sim - mean * beta) * gamma
-    keep = logits >= 0.0
-    keep = keep | (~keep.any(-1, keepdim=True) & torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device))
-    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    with torch.autocast(device_type=proxy.device.type, enabled=False):  # thresholds on bf16 cosines would flip
+        f = F.normalize(proxy.flatten(2).float(), dim=1)  # (B, C, N)
+        sim = torch.einsum("bcm,bcn->bmn", f, f)  # (B, N, N)
+        mean = sim.mean() if mean_over == "batch" else sim.mean(dim=(1, 2), keepdim=True)
+        logits = (sim - mean * beta) * gamma
+        keep = logits >= 0.0
+        keep = keep | (~keep.any(-1, keepdim=True) & torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device))
+        return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,10 @@ class ProxyAttention(DenseStrategy):
     def __post_init__(self) -> None:
         if self.mean_over not in MEAN_OVER:
             raise ValueError(f"ProxyAttention.mean_over={self.mean_over!r}; allowed: {list(MEAN_OVER)}")
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ProxyAttention.{name} must be a finite number, got {value!r}")
         if not self.gamma > 0:
             raise ValueError(f"ProxyAttention.gamma must be > 0, got {self.gamma!r}")
         if not isinstance(self.proxy, str) or not self.proxy:
@@ -145,10 +157,15 @@ class ProxyAttention(DenseStrategy):
             raise RuntimeError("ProxyCLIP needs its proxy model: build it with DenseCLIP(clip, strategy) or pass "
                                "FeatureContext(aux=strategy.build_aux(clip))")
         visual = clip.visual
+        p = context.aux.patch_size
+        rows, cols = -(-images.shape[-2] // p), -(-images.shape[-1] // p)  # the proxy cells of the input
+        # both models read the same pixels: pad to a multiple of both patches (the official: of 56)
+        common = math.lcm(visual.patch_size, p)
+        images = F.pad(images, (0, (-images.shape[-1]) % common, 0, (-images.shape[-2]) % common))
         tokens, (h, w) = visual.forward_blocks(images, end=-1)  # (B, 1 + h*w, width)
         block = visual.transformer.resblocks[-1]
         _, _, v = block.attn.qkv(block.ln_1(tokens))  # (B, heads, 1 + h*w, hd); q and k unused
-        proxy = context.aux(images)  # (B, C, H', W')
+        proxy = context.aux(images)  # (B, C, H', W'), the same extent as CLIP's (h, w)
         B, heads, _, hd = v.shape
         H, W = proxy.shape[-2:]
         v = v[:, :, 1:].reshape(B * heads, h, w, hd).permute(0, 3, 1, 2)  # CLIP's grid
@@ -157,4 +174,4 @@ class ProxyAttention(DenseStrategy):
         attn = proxy_attention(proxy, self.beta, self.gamma, self.mean_over).to(v.dtype)  # (B, N, N)
         out = block.attn.merge_heads(attn[:, None] @ v)  # same attention for every head; out_proj
         z = F.normalize(visual.project(out).float(), dim=-1)  # no residual, no FFN; ln_post, proj
-        return z.transpose(1, 2).reshape(B, -1, H, W)
+        return z.transpose(1, 2).reshape(B, -1, H, W)[:, :, :rows, :cols]

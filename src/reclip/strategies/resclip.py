@@ -51,6 +51,7 @@ the segmentor's own argument defaults for them are ``None``, which raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -214,7 +215,9 @@ class ResidualAttention(DenseStrategy):
         block, base = clip.visual.transformer.resblocks[-1], self.base_block
         q, k, v = qkv
         attn = self.attention(q, k, grid, rcs, feedback)  # (B, heads, T, T) float32
-        out = block.attn.merge_heads((attn @ v.float()).to(v.dtype))  # out_proj included
+        with _float32(v):
+            mixed = attn @ v.float()
+        out = block.attn.merge_heads(mixed.to(v.dtype))  # out_proj included
         if base.residual:
             out = tokens + out
         if base.ffn:
@@ -230,6 +233,11 @@ class ResidualAttention(DenseStrategy):
         (NACLIP's Gaussian), softmax (SCLIP: two, summed), then
         ``rcs_tau ((1 - rcs_lambda) A + rcs_lambda RCS)`` when ``rcs`` (B, heads, T, T) is given.
         """
+        with _float32(q):
+            return self._attention(q, k, grid, rcs, feedback)
+
+    def _attention(self, q: Tensor, k: Tensor, grid: tuple[int, int], rcs: Tensor | None,
+                   feedback: Tensor | None) -> Tensor:
         base = self.base_block
         scale = q.shape[-1] ** -0.5
         qk = {"q": q.float(), "k": k.float()}
@@ -257,9 +265,16 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _float32(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device: the attention maps, their mixing and the first pass are
+    float32 even under the caller's bf16 autocast (which would run ``float() @ float()`` in bf16)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _softmax_attention(q: Tensor, k: Tensor) -> Tensor:
     """CLIP's own attention map of a block: softmax(q k^T / sqrt(d_head)), (B, heads, T, T) float32."""
-    return torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    with _float32(q):
+        return torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
 def _queries(context: FeatureContext | None, device: torch.device) -> Tensor:
@@ -280,6 +295,11 @@ def first_pass_labels(features: Tensor, queries: Tensor, images: Tensor, strateg
     ``temp_thd`` take query 0; each patch takes the most frequent query of its pixels
     (``torch.mode``).
     """
+    with _float32(features):
+        return _first_pass_labels(features, queries, images, strategy)
+
+
+def _first_pass_labels(features: Tensor, queries: Tensor, images: Tensor, strategy: ResidualAttention) -> Tensor:
     B, _, h, w = features.shape
     p = images.shape[-1] // w
     logits = torch.einsum("bdhw,sd->bshw", features.float(), queries)  # (B, S, h, w)
@@ -334,7 +354,7 @@ def same_label_mask(labels: Tensor, path_check: str = "line") -> Tensor:
     return torch.where(on_path.all(-1), same, same * decay)
 
 
-@functools.lru_cache(maxsize=4)  # ~100 MB each on a 21 x 31 grid
+@functools.lru_cache(maxsize=1)  # one grid (slide windows repeat it); ~100 MB on 21 x 31, ~0.5 GB on 28 x 42
 def _path_geometry(h: int, w: int, path_check: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
     """The straight path of every patch pair on an (h, w) grid, the same for every image.
 

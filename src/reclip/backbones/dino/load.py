@@ -389,20 +389,27 @@ def load_dino(
 def random_dino(name: str, seed: int = 0) -> DinoViT:
     """A randomly initialised ViT of a named architecture (eval mode), for benchmarks and tests without weights.
 
-    Initialised as the official models are before training (dinov2 ``init_weights``: linear
-    weights and ``pos_embed`` truncated normal, std 0.02; biases 0; layer scale 1.0, the hub's
-    ``init_values``; cls / register tokens N(0, 1e-6)); the same ``seed`` gives the same model.
+    Initialised as the official models are before training (dino ``VisionTransformer`` /
+    dinov2 ``init_weights``: ``trunc_normal_(std=0.02)`` with timm's absolute bounds of +-2,
+    i.e. in effect a normal of std 0.02, for the linear weights, ``pos_embed`` and
+    DINO's ``cls_token``; biases 0; the patch conv at torch's default; layer scale 1.0, the
+    hub's ``init_values``; DINOv2's cls and register tokens N(0, 1e-6)); the same ``seed``
+    gives the same model,
+    and the global random state is left as it was.
     """
     if name not in DINO_MODELS:
         raise DinoWeightsError(f"unknown DINO model name {name!r}; available: {', '.join(DINO_MODELS)}")
-    model = DinoViT(DINO_MODELS[name].config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if key == "pos_embed" or (key.endswith(".weight") and tensor.ndim >= 2):
-                tensor.copy_(torch.randn(tensor.shape, generator=g).clamp_(-2, 2) * 0.02)
-            elif key in ("cls_token", "register_tokens"):
-                tensor.copy_(torch.randn(tensor.shape, generator=g) * 1e-6)
-            elif key.endswith(".bias"):
-                tensor.zero_()  # also the patch conv's (torch's default draws it from the global generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DinoViT(DINO_MODELS[name].config)  # the patch conv: torch's default init, seeded here
+        with torch.no_grad():
+            for key, tensor in model.state_dict(keep_vars=True).items():
+                if key == "cls_token" and model.config.family == "dinov2":
+                    torch.nn.init.normal_(tensor, std=1e-6)  # dinov2 init_weights; DINO v1: trunc normal
+                elif key in ("pos_embed", "cls_token") or (key.endswith(".weight") and tensor.ndim == 2):
+                    torch.nn.init.trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0)
+                elif key == "register_tokens":
+                    torch.nn.init.normal_(tensor, std=1e-6)
+                elif key.endswith(".bias") and not key.startswith("patch_embed"):
+                    tensor.zero_()
     return model.eval()
