@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from reclip.clip.checks import check_finite, check_tensor_bounds, load_safetensors
 from reclip.clip.convert import CheckpointError, unwrap_state_dict
-from reclip.clip.torchsave import scan_torch_file
+from reclip.clip.torchsave import load_torch_file
 
 __all__ = [
     "STUDENT_BACKBONES", "BackboneSpec", "BackboneWeightsError", "BasicBlock", "Bottleneck", "ResNet",
@@ -348,17 +348,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             return load_safetensors(path)
         except CheckpointError as e:
             raise BackboneWeightsError(str(e)) from e
-    try:
-        mmap = scan_torch_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except CheckpointError as e:
-        raise BackboneWeightsError(str(e)) from e
-    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; damaged files vary
-        raise BackboneWeightsError(
-            f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
-            "Expected a state dict of tensors (or {'state_dict': ...}); full pickles are never executed. Re-save it "
-            "with torch.save(model.state_dict(), path) or as safetensors"
-        ) from e
+    obj = load_torch_file(path, error=BackboneWeightsError,
+                          hint="Expected a state dict of tensors (or {'state_dict': ...}); full pickles are never "
+                               "executed. Re-save it with torch.save(model.state_dict(), path) or as safetensors")
     try:
         state = unwrap_state_dict(obj)
         check_tensor_bounds(state, path)

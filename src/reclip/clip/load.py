@@ -82,7 +82,7 @@ from .convert import (
     unwrap_state_dict,
 )
 from .model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, weights_fingerprint
-from .torchsave import scan_torch_file
+from .torchsave import load_torch_file
 from .torchscript import UnsafeCheckpointError, is_torchscript_archive, read_extra_json, read_torchscript
 
 from reclip.cache import cache_folder
@@ -347,15 +347,8 @@ def _torch_load(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     tensors are checked (``check_tensor_bounds``) and then copied, so the model never
     depends on the file staying unchanged.
     """
-    mmap = scan_torch_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; corrupt files vary
-        raise CheckpointError(
-            f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
-            "Expected a state dict of tensors; full pickles are never executed. Re-save it as a state dict "
-            "(torch.save(model.state_dict(), path)) or as safetensors"
-        ) from e
+    obj = load_torch_file(path, hint="Expected a state dict of tensors; full pickles are never executed. Re-save "
+                          "it as a state dict (torch.save(model.state_dict(), path)) or as safetensors")
     sd = unwrap_state_dict(obj)
     check_tensor_bounds(sd, path)
     return obj, {k: v.clone() for k, v in sd.items()}

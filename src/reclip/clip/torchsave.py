@@ -33,7 +33,7 @@ from .checks import (
 )
 from .convert import CheckpointError, short
 
-__all__ = ["DTYPES", "STORAGE_DTYPES", "scan_torch_file"]
+__all__ = ["DTYPES", "STORAGE_DTYPES", "load_torch_file", "scan_torch_file"]
 
 
 # Storage classes a pickle names in persistent ids -> element dtype, and the dtypes it may
@@ -259,3 +259,27 @@ def scan_torch_file(path: Path) -> bool:
             "bytes follow it; the file is truncated or crafted"
         )
     return False
+
+
+def load_torch_file(path: Path, *, hint: str, error: type[Exception] = CheckpointError,
+                    safe_globals: tuple[type, ...] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` of a file :func:`scan_torch_file` has checked
+    first (memory-mapped when it is a zip), on the CPU; no pickled code ever runs.
+
+    Every failure raises ``error`` naming the file: the scan's own message, or "cannot read
+    PATH with torch.load(weights_only=True) (why). HINT" with ``hint`` saying what was
+    expected and what to do. ``safe_globals``: plain classes a known format pickles besides
+    tensors (DINO's full checkpoints store an ``argparse.Namespace``).
+    """
+    try:
+        mmap = scan_torch_file(path)
+    except CheckpointError as e:
+        if error is CheckpointError:
+            raise
+        raise error(str(e)) from e
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; damaged files vary
+        raise error(f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
+                    f"{hint}") from e

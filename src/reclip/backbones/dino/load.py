@@ -48,7 +48,7 @@ from torch import Tensor
 from reclip.cache import cache_folder
 from reclip.clip.checks import check_finite, check_tensor_bounds, load_safetensors
 from reclip.clip.convert import CheckpointError, count_blocks, unwrap_state_dict
-from reclip.clip.torchsave import scan_torch_file
+from reclip.clip.torchsave import load_torch_file
 from reclip.download import DOWNLOAD_ERRORS, download_file, sha256_of
 from reclip.files import atomic_write_text
 
@@ -239,19 +239,11 @@ def from_hf_dinov2(state: Mapping[str, Tensor], source: str | os.PathLike) -> di
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        mmap = scan_torch_file(path)
-        # argparse.Namespace: the "args" of DINO's full checkpoints (main_dino.py save_dict), a plain attribute bag
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except CheckpointError as e:
-        raise DinoWeightsError(str(e)) from e
-    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; damaged files vary
-        raise DinoWeightsError(
-            f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). Expected "
-            "a DINO / DINOv2 state dict (the official *_pretrain.pth) or a DINO training checkpoint; pickles are "
-            "never executed. Get the file again, or re-save it as safetensors"
-        ) from e
+    # argparse.Namespace: the "args" of DINO's full checkpoints (main_dino.py save_dict), a plain attribute bag
+    return load_torch_file(path, error=DinoWeightsError, safe_globals=(argparse.Namespace,),
+                           hint="Expected a DINO / DINOv2 state dict (the official *_pretrain.pth) or a DINO training "
+                                "checkpoint; pickles are never executed. Get the file again, or re-save it as "
+                                "safetensors")
 
 
 def _backbone_state(obj: Any, path: Path) -> dict[str, Tensor]:
