@@ -647,3 +647,23 @@ def test_a_stride_0_view_with_python_attributes_is_caught_by_the_scan(tmp_path: 
     torch.save({"visual.proj": expanded}, tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match="more than once"):
         scan_torch_file(tmp_path / "m.pt")
+
+
+def test_a_damaged_zip_is_reported_by_every_checkpoint_reader(tmp_path):
+    """A file that passes zipfile.is_zipfile but whose central directory is bogus: each reader
+    raises its own error class (a CheckpointError) naming the file, never a bare BadZipFile."""
+    import struct
+
+    from reclip.backbones.dino.load import DinoWeightsError, load_dino
+    from reclip.backbones.resnet import BackboneWeightsError
+    from reclip.clip.convert import CheckpointError
+    from reclip.clip.torchsave import load_torch_file
+
+    bad = tmp_path / "damaged.pt"
+    # an end-of-central-directory record claiming one entry at offset 0 of a 46-byte directory
+    bad.write_bytes(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
+    for error in (CheckpointError, BackboneWeightsError, DinoWeightsError):
+        with pytest.raises(error, match="damaged.pt"):
+            load_torch_file(bad, hint="expected a state dict", error=error)
+    with pytest.raises(DinoWeightsError, match="damaged.pt"):
+        load_dino(bad)

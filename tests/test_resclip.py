@@ -469,7 +469,7 @@ def test_cli_rectify_on_resclip_features_and_its_run_loads_back(tmp_path, monkey
     torch.testing.assert_close(model.features(x), expected)
 
 
-def test_the_attention_and_the_first_pass_are_float32_under_autocast():
+def test_the_attention_is_float32_under_autocast():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 2, 1 + 49, 8, generator=g), torch.randn(2, 2, 1 + 49, 8, generator=g)
     rcs = torch.softmax(torch.randn(2, 2, 50, 50, generator=g), dim=-1)

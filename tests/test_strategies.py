@@ -150,9 +150,22 @@ def test_the_strategy_reads_the_heads_queries_as_they_are_and_its_aux_stays_froz
     after = segmentor.backbone(x)  # read when Z is computed: the loaded queries, not a stale copy
     assert not torch.allclose(before, after)
     twin = copy.deepcopy(segmentor)  # a copy reads its own head's queries
+    assert twin.backbone.context().queries is twin.head.text_weights
     twin.head.text_weights.mul_(-1)
+    assert not torch.allclose(twin.backbone(x), after)
     torch.testing.assert_close(segmentor.backbone(x), after)
     segmentor.to(torch.float64)  # a conversion makes new tensors: still the head's
     assert segmentor.backbone.context().queries is segmentor.head.text_weights
     segmentor.train()
     assert segmentor.backbone.training and not segmentor.backbone.aux.training
+    # no reference cycle: a dropped segmentor (its aux model, on a GPU its memory) is freed at once
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        ref = weakref.ref(segmentor)
+        del segmentor, twin
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -47,8 +47,10 @@ class DenseCLIP(nn.Module):
     def set_queries(self, source: Callable[[], tuple[Tensor, Tensor]]) -> None:
         """Where a strategy that reads the head's text queries gets them: ``source()`` ->
         ((S, D) query embeddings, (S,) class of each row), the head's tensors as they are
-        when Z is computed (a bound method of the segmentor, so it follows ``.to(device)``,
-        a state dict loaded later, and a deep copy)."""
+        when Z is computed. A bound method of the HEAD (``QueryHead.queries``,
+        ``RectifierHead.fixed_queries``): it follows ``.to(device)``, a state dict loaded
+        later and a deep copy of the segmentor, and makes no reference cycle (the head
+        holds nothing of the backbone), so a dropped segmentor is freed at once."""
         self._query_source = source
 
     def train(self, mode: bool = True) -> DenseCLIP:

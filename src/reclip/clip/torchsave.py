@@ -273,13 +273,12 @@ def load_torch_file(path: Path, *, hint: str, error: type[Exception] = Checkpoin
     """
     try:
         mmap = scan_torch_file(path)
-    except CheckpointError as e:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError as e:  # the scan's own message names the file
         if error is CheckpointError:
             raise
         raise error(str(e)) from e
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # weights_only refusals are pickle.UnpicklingError; damaged files vary
+    except Exception as e:  # a damaged zip (BadZipFile), weights_only refusals (UnpicklingError), ...
         raise error(f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}). "
                     f"{hint}") from e

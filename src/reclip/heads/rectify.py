@@ -274,6 +274,11 @@ class RectifierHead(nn.Module):
             return self.fixed_query
         return F.normalize(self.query, dim=-1)
 
+    def fixed_queries(self) -> tuple[Tensor, Tensor]:
+        """The fixed W_q (C, D) and the class of each row, for class-aware strategies: the
+        segmentation they feed back is CLIP's own, never the trained head's."""
+        return self.fixed_query, torch.arange(self.fixed_query.shape[0], device=self.fixed_query.device)
+
     def outputs(self, features: Tensor) -> RectifierOutputs:
         """Z (B, D, h, w) -> :class:`RectifierOutputs` (float32)."""
         z = features.float()
@@ -396,12 +401,7 @@ class Rectifier(CLIPSegmentor):
         # Class-aware strategies (ResCLIP's semantic feedback, a zero-shot first pass) read the
         # FIXED text queries W_q, one per class: the segmentation they feed back is CLIP's own,
         # never the trained head's (a learnable query would make Z depend on training).
-        self.backbone.set_queries(self._fixed_queries)
-
-    def _fixed_queries(self) -> tuple[Tensor, Tensor]:
-        """The fixed W_q (C, D) and its classes (one row each), for class-aware strategies."""
-        w_q = self.head.fixed_query
-        return w_q, torch.arange(w_q.shape[0], device=w_q.device)
+        self.backbone.set_queries(self.head.fixed_queries)
 
     @property
     def query_weights(self) -> Tensor:

@@ -54,6 +54,10 @@ class QueryHead(nn.Module):
         self.register_buffer("text_weights", queries.weights.detach().clone())
         self.register_buffer("class_index", queries.class_index.detach().clone())
 
+    def queries(self) -> tuple[Tensor, Tensor]:
+        """(W_q (S, D), class of each row (S,)): what a class-aware strategy reads."""
+        return self.text_weights, self.class_index
+
     def forward(self, features: Tensor) -> Tensor:
         """Z (B, D, h, w) -> query logits (B, S, h, w), float32 raw cosines (no temperature)."""
         with torch.autocast(device_type=features.device.type, enabled=False):
@@ -89,10 +93,7 @@ class ZeroShotSegmentor(CLIPSegmentor):
             raise ValueError(f"queries have D={queries.embed_dim} but the CLIP embeds to {clip.visual.output_dim}")
         super().__init__(DenseCLIP(clip, get_strategy(strategy), aux=aux), QueryHead(queries))
         # class-aware strategies (ResCLIP's semantic feedback) read the head's W_q
-        self.backbone.set_queries(self._head_queries)
-
-    def _head_queries(self) -> tuple[Tensor, Tensor]:
-        return self.head.text_weights, self.head.class_index
+        self.backbone.set_queries(self.head.queries)
 
     @property
     def class_index(self) -> Tensor:
