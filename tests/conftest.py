@@ -45,3 +45,33 @@ def tiny_proxy_by_name(request, monkeypatch):
 
     monkeypatch.setattr(dino, "load_dino", load)
     yield
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """A tiny two-block CLIP written as an OpenAI checkpoint: what ``--clip`` reads in CLI tests."""
+    from reclip.clip.load import save_clip
+    from tiny import tiny_clip
+
+    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """reclip's caches (text queries, downloads) in this test's own folder: ``RECLIP_CACHE``.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("isolated_cache")``."""
+    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU OpenMP's
+    spinning makes each op 10-30x slower with 2 threads; restored after the module. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

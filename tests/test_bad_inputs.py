@@ -22,17 +22,14 @@ from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import downscaled_size, read_label
 from reclip.visualize import save_segmentation, segmentation_files
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
 FAST = {"short_side": 24, "mode": "whole"}
 
 
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
 
 
 def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:

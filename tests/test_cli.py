@@ -16,22 +16,14 @@ from tiny import tiny_clip
 from reclip import api
 from reclip.cli import main
 from reclip.clip.convert import CheckpointError
-from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip, save_clip
+from reclip.clip.load import CLIP_MEAN, CLIP_STD, load_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import read_label
 from reclip.data.protocol import load_protocol
 from reclip.inference import segment
 from reclip.methods import build_segmentor, inference_config
 
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory):
-    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 COMMON = ["--quiet", "--templates", "single", "--short-side", "48", "--mode", "slide", "--window", "32",

@@ -29,15 +29,9 @@ from reclip.heads.rectify import RECLIPPP, Rectifier
 from reclip.rectification import load_rectifier
 from reclip.text import QueryEmbeddings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(backbone="resnet18", aspp_channels=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _teacher(clip, num_classes=4, seed=1):

@@ -16,7 +16,7 @@ from layouts import write_voc
 from tiny import tiny_clip
 from reclip import api
 from reclip.cli import main
-from reclip.clip.load import load_clip, save_clip
+from reclip.clip.load import load_clip
 from reclip.clip.model import CLIP
 from reclip.data.protocol import load_protocol
 from reclip.inference import InferenceConfig, image_context, infer_logits, segment
@@ -39,6 +39,8 @@ from reclip.maft.proposals import (
 from reclip.maft.segmentor import MAFTSegmentor, is_maft_trainable
 from reclip.methods import FAMILIES, METHODS, build_segmentor, inference_config, load_trained
 from reclip.text import QueryEmbeddings, Vocabulary
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 DEPTH = 3
 
@@ -554,16 +556,6 @@ def test_ipclip_refuses_strategy_overrides_and_slide(clip):
 
 
 # --- API and CLI: proposals reach the segmentor per image ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory):
-    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
 
 
 def _photos(folder):

@@ -25,18 +25,7 @@ from reclip.maft.losses import (
 )
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
 # -- losses -----------------------------------------------------------------------------------

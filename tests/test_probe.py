@@ -14,14 +14,14 @@ from PIL import Image
 from torch import nn
 
 from layouts import write_voc
-from tiny import tiny_clip
 from reclip.cli import main
-from reclip.clip.load import save_clip
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.protocol import load_protocol
 from reclip.methods import METHODS, get_family
 from reclip.probe import ProbeResult, linear_probe
 from reclip.segmentor import DenseSegmentor
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 # Four well separated colours: the class of a block is its colour.
 PALETTE = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=np.float64)
@@ -161,16 +161,6 @@ def test_bad_settings_and_non_dense_segmentors_are_refused(blocks):
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory):
-    return save_clip(tiny_clip(vision_layers=2), tmp_path_factory.mktemp("clip") / "tiny.pt", format="openai")
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECLIP_CACHE", str(tmp_path / "cache"))
 
 
 CLI = ["--quiet", "--dataset", "voc21", "--epochs", "2", "--batch-size", "2", "--short-side", "32", "--workers", "0"]

@@ -31,17 +31,9 @@ from reclip.heads.rectify import (
 from reclip.heads.losses import contrastive_loss, gumbel_masks
 from reclip.text import QueryEmbeddings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ["cat", "potted plant", "sky", "person"]  # 1, 2, 1, 1 BPE tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU OpenMP's spinning
-    makes each op ~15x slower with 2 threads; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Two text heads and layers: the Reference prompt's shared-prefix encoding is per head and layer.

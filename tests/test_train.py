@@ -30,14 +30,7 @@ from reclip.train import (
     trainable_state,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared machine: intra-op threads only add contention (10-30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- toys ---------------------------------------------------------------------------------------
