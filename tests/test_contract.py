@@ -117,7 +117,7 @@ def test_every_strategy_gives_unit_dense_features(name, clip, proxy_file):
     if hasattr(strategy, "proxy"):
         strategy = get_strategy(strategy, proxy=str(proxy_file))
     aux = strategy.build_aux(clip)  # what a backbone builds once
-    context = FeatureContext(queries=queries, class_index=torch.tensor([0, 1, 2, 2, 3]), aux=aux)
+    context = FeatureContext(queries=queries, aux=aux)
     needs = strategy.needs_queries or aux is not None
     with torch.no_grad():
         z = dense_features(clip, IMAGES, strategy, context if needs else None)

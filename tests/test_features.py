@@ -56,7 +56,7 @@ def images(*size: int, seed: int = 1) -> torch.Tensor:
 # A head's text queries, for the strategies that read them (ResCLIP's semantic feedback);
 # the others ignore them.
 # a head's queries (ResCLIP's feedback reads them) and a proxy model (ProxyCLIP's); the others ignore both
-CONTEXT = FeatureContext(queries=F.normalize(images(5, 32, seed=4), dim=-1), class_index=torch.tensor([0, 1, 2, 2, 3]),
+CONTEXT = FeatureContext(queries=F.normalize(images(5, 32, seed=4), dim=-1),
                          aux=ProxyFeatures(tiny_dino(), ((0.5,) * 3, (0.25,) * 3)))
 
 

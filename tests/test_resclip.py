@@ -63,7 +63,7 @@ def spread_queries(clip, x: torch.Tensor, n: int = 5) -> torch.Tensor:
 
 
 def context(queries: torch.Tensor) -> FeatureContext:
-    return FeatureContext(queries=queries, class_index=torch.arange(len(queries)))
+    return FeatureContext(queries=queries)
 
 
 # --- the official computation, step by step ----------------------------------------------
@@ -352,7 +352,7 @@ def test_semantic_feedback_reads_the_heads_queries(clip):
                                cache_dir=False)
     segmentor = ZeroShotSegmentor(clip, queries, strategy)
     torch.testing.assert_close(segmentor.features(x), dense_features(clip, x, strategy, FeatureContext(
-        queries=queries.weights, class_index=queries.class_index)))
+        queries=queries.weights)))
 
 
 def test_the_rectifier_gives_its_fixed_class_queries(clip):
@@ -363,7 +363,7 @@ def test_the_rectifier_gives_its_fixed_class_queries(clip):
     model = Rectifier(clip, queries, ["background", "cat", "dog"], config)
     x = images(2, 3, 32, 40)
     w_q = class_query_weights(queries)
-    expected = dense_features(clip, x, config.strategy, FeatureContext(queries=w_q, class_index=torch.arange(3)))
+    expected = dense_features(clip, x, config.strategy, FeatureContext(queries=w_q))
     torch.testing.assert_close(model.features(x), expected)
     with torch.no_grad():
         model.head.query.add_(1.0)  # training the query does not change Z
@@ -465,7 +465,7 @@ def test_cli_rectify_on_resclip_features_and_its_run_loads_back(tmp_path, monkey
     x = images(1, 3, 32, 40)
     w_q = model.head.fixed_query
     expected = dense_features(model.clip, x, STRATEGIES["resclip"],
-                              FeatureContext(queries=w_q, class_index=torch.arange(len(w_q))))
+                              FeatureContext(queries=w_q))
     torch.testing.assert_close(model.features(x), expected)
 
 

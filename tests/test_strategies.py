@@ -99,7 +99,7 @@ def test_the_backbone_gives_a_strategy_the_heads_queries_and_its_frozen_aux_modu
     assert not any(p.requires_grad for p in backbone.aux.parameters())
     assert any(name.startswith("backbone.aux.") for name, _ in segmentor.named_parameters())  # moves with .to()
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
-    context = FeatureContext(aux=backbone.aux, queries=q.weights, class_index=q.class_index)
+    context = FeatureContext(aux=backbone.aux, queries=q.weights)
     expected = dense_features(clip, x, QueryAware(), context)
     torch.testing.assert_close(backbone(x), expected)
     # the queries matter: other queries give other features

@@ -40,7 +40,7 @@ def test_logits_are_cosines_of_dense_features(clip, strategy):
     logits = head(x)
     assert logits.shape == (2, 4, 4, 6)
     # the head's W_q (ResCLIP reads it) and the backbone's auxiliary model (ProxyCLIP's proxy)
-    context = FeatureContext(queries=W, class_index=torch.arange(4), aux=head.backbone.aux)
+    context = FeatureContext(queries=W, aux=head.backbone.aux)
     expected = torch.einsum("bdhw,cd->bchw", dense_features(clip, x, strategy, context), W)
     torch.testing.assert_close(logits, expected)
     assert logits.abs().max() <= 1 + 1e-5  # raw cosines, no temperature

@@ -42,12 +42,11 @@ class DenseCLIP(nn.Module):
         if aux is not None:
             aux = aux.to(next(clip.parameters()).device).eval().requires_grad_(False)
         self.aux = aux
-        self._query_source: Callable[[], tuple[Tensor, Tensor]] | None = None
+        self._query_source: Callable[[], Tensor] | None = None
 
-    def set_queries(self, source: Callable[[], tuple[Tensor, Tensor]]) -> None:
+    def set_queries(self, source: Callable[[], Tensor]) -> None:
         """Where a strategy that reads the head's text queries gets them: ``source()`` ->
-        ((S, D) query embeddings, (S,) class of each row), the head's tensors as they are
-        when Z is computed. A bound method of the HEAD (``QueryHead.queries``,
+        the (S, D) query embeddings, the head's tensor as it is when Z is computed. A bound method of the HEAD (``QueryHead.queries``,
         ``RectifierHead.fixed_queries``): it follows ``.to(device)``, a state dict loaded
         later and a deep copy of the segmentor, and makes no reference cycle (the head
         holds nothing of the backbone), so a dropped segmentor is freed at once."""
@@ -73,11 +72,11 @@ class DenseCLIP(nn.Module):
 
     def context(self) -> FeatureContext:
         """What the strategy reads besides CLIP: the auxiliary module and the head's queries."""
-        queries, class_index = self._query_source() if self._query_source is not None else (None, None)
+        queries = self._query_source() if self._query_source is not None else None
         if self.strategy.needs_queries and queries is None:
             raise RuntimeError(f"strategy {self.strategy.kind!r} reads the head's text queries, but none were set "
                                f"(the head calls DenseCLIP.set_queries)")
-        return FeatureContext(aux=self.aux, queries=queries, class_index=class_index)
+        return FeatureContext(aux=self.aux, queries=queries)
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) normalised -> Z (B, D, h, w)."""

@@ -274,10 +274,10 @@ class RectifierHead(nn.Module):
             return self.fixed_query
         return F.normalize(self.query, dim=-1)
 
-    def fixed_queries(self) -> tuple[Tensor, Tensor]:
-        """The fixed W_q (C, D) and the class of each row, for class-aware strategies: the
-        segmentation they feed back is CLIP's own, never the trained head's."""
-        return self.fixed_query, torch.arange(self.fixed_query.shape[0], device=self.fixed_query.device)
+    def fixed_queries(self) -> Tensor:
+        """The fixed W_q (C, D), for class-aware strategies: the segmentation they feed back is
+        CLIP's own, never the trained head's."""
+        return self.fixed_query
 
     def outputs(self, features: Tensor) -> RectifierOutputs:
         """Z (B, D, h, w) -> :class:`RectifierOutputs` (float32)."""

@@ -54,9 +54,9 @@ class QueryHead(nn.Module):
         self.register_buffer("text_weights", queries.weights.detach().clone())
         self.register_buffer("class_index", queries.class_index.detach().clone())
 
-    def queries(self) -> tuple[Tensor, Tensor]:
-        """(W_q (S, D), class of each row (S,)): what a class-aware strategy reads."""
-        return self.text_weights, self.class_index
+    def queries(self) -> Tensor:
+        """W_q (S, D), one row per query (synonyms separate): what a class-aware strategy reads."""
+        return self.text_weights
 
     def forward(self, features: Tensor) -> Tensor:
         """Z (B, D, h, w) -> query logits (B, S, h, w), float32 raw cosines (no temperature)."""

@@ -38,12 +38,10 @@ class FeatureContext:
     Attributes:
         aux: the module :meth:`DenseStrategy.build_aux` built (None if it builds none).
         queries: (S, D) L2-normalised text query embeddings of the head reading Z, or None.
-        class_index: (S,) int64, the class of each query row (synonyms), or None.
     """
 
     aux: nn.Module | None = None
     queries: Tensor | None = None
-    class_index: Tensor | None = None
 
 
 class DenseStrategy:

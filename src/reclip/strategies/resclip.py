@@ -40,7 +40,7 @@ Differences from the official code, each deliberate:
 
 SFR's labels are QUERY indices, as the official ``create_patch_matrix`` takes them (two
 synonyms of a class are two labels; "query 0" is the first name of class 0):
-``FeatureContext.queries`` is read, ``class_index`` is not. Under ReCLIP++ the rectifier
+``FeatureContext.queries`` holds one row per query. Under ReCLIP++ the rectifier
 gives its fixed W_q, one row per class (:class:`reclip.heads.rectify.Rectifier`).
 
 Settings not given in a protocol (a user's folder) are the official configs' for
@@ -282,7 +282,7 @@ def _queries(context: FeatureContext | None, device: torch.device) -> Tensor:
         raise RuntimeError("resclip with sfr=True reads the head's text queries (FeatureContext.queries), but none "
                            "were given: build it under a head (ZeroShotSegmentor / Rectifier set them), pass "
                            "a FeatureContext, or use sfr=False")
-    return context.queries.to(device=device, dtype=torch.float32)  # (S, D); the head's buffer may lag a .to()
+    return context.queries.to(device=device, dtype=torch.float32)  # (S, D) float32 on the tokens. device
 
 
 def first_pass_labels(features: Tensor, queries: Tensor, images: Tensor, strategy: ResidualAttention) -> Tensor:
