@@ -282,7 +282,7 @@ def _queries(context: FeatureContext | None, device: torch.device) -> Tensor:
         raise RuntimeError("resclip with sfr=True reads the head's text queries (FeatureContext.queries), but none "
                            "were given: build it under a head (ZeroShotSegmentor / Rectifier set them), pass "
                            "a FeatureContext, or use sfr=False")
-    return context.queries.to(device=device, dtype=torch.float32)  # (S, D) float32 on the tokens. device
+    return context.queries.to(device=device, dtype=torch.float32)  # (S, D) float32, on the tokens' device
 
 
 def first_pass_labels(features: Tensor, queries: Tensor, images: Tensor, strategy: ResidualAttention) -> Tensor:
