@@ -31,7 +31,7 @@ from reclip.features import (
 )
 from reclip.heads.rectify import RectifierConfig
 from reclip.heads.zero_shot import ZeroShotSegmentor
-from reclip.methods import published_strategy_overrides
+from reclip.methods import build_segmentor, published_strategy_overrides
 from reclip.text import QueryEmbeddings, Vocabulary, query_embeddings
 
 
@@ -111,7 +111,7 @@ def test_the_backbone_gives_a_strategy_the_heads_queries_and_its_frozen_aux_modu
         DenseCLIP(clip, "query_aware")(x)
 
 
-def test_a_methods_own_section_publishes_its_strategy_settings_and_the_users_win(tmp_path, clip):
+def test_a_methods_own_section_publishes_its_strategy_settings_and_the_users_win(tmp_path, clip, monkeypatch):
     protocol = load_protocol("voc21").with_overrides(naclip={
         "short_side": 32, "mode": "whole", "window": None, "stride": None, "logit_scale": 40.0, "prob_thd": None,
         "strategy": {"gaussian_sigma": 2.0}})
@@ -127,6 +127,14 @@ def test_a_methods_own_section_publishes_its_strategy_settings_and_the_users_win
     result = api.evaluate(clip, "naclip", protocol, root, templates="single", inference=fast, progress=False,
                           strategy_overrides={"gaussian_sigma": 3.0})
     assert result.settings["strategy"]["gaussian_sigma"] == 3.0
+    # one mechanism (build_segmentor's protocol=) for every place that builds for a protocol
+    vocabulary = Vocabulary.from_names(["background", "cat"])
+    assert build_segmentor("naclip", clip, vocabulary, protocol=protocol, text_cache=False).strategy.gaussian_sigma == 2.0
+    built = []
+    real = api.build_segmentor
+    monkeypatch.setattr(api, "build_segmentor", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    api.proposal_source("from:naclip", clip, vocabulary, protocol, background=True, text_cache=False)
+    assert built[-1].strategy.gaussian_sigma == 2.0  # proposals made with the dataset's settings too
     with pytest.raises(Exception, match=r"naclip: strategy = \[1, 2\] has type list"):
         load_protocol("voc21").with_overrides(naclip={
             "short_side": 32, "mode": "whole", "window": None, "stride": None, "logit_scale": 40.0,

@@ -58,7 +58,7 @@ from reclip.inference import (InferenceConfig, PreparedImage, device_of, image_c
                               segment_many, warm_up)
 from reclip.maft.proposals import GridProposals, PredictionProposals, ProposalFiles, ProposalSource
 from reclip.methods import (METHODS, build_segmentor, classes_file_for, get_family, get_method, inference_config,
-                            load_trained, published_strategy_overrides, settings_section)
+                            load_trained, settings_section)
 from reclip.bias import SpacePreference, class_preference
 from reclip.class_split import ClassSplit, class_split
 from reclip.metrics import ConfusionMatrix, seen_unseen_miou
@@ -279,10 +279,9 @@ def evaluate(
     zero_shot = None
     if seen_classes is not None or unseen_classes is not None:
         zero_shot = class_split(data.vocabulary, seen=seen_classes, unseen=unseen_classes)
-    if not get_family(method).trained:  # the dataset's published strategy settings, then the user's
-        strategy_overrides = {**published_strategy_overrides(method, protocol), **dict(strategy_overrides or {})}
     segmentor = build_segmentor(method, clip, data.vocabulary, strategy_overrides=strategy_overrides,
-                                templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache)
+                                templates=templates, checkpoint=checkpoint, output=output, text_cache=text_cache,
+                                protocol=None if get_family(method).trained else protocol)
     if proposals is not None:
         segmentor.proposals = proposal_source(proposals, clip, data.vocabulary, protocol,
                                               background=protocol.background, text_cache=text_cache)
@@ -894,7 +893,7 @@ def proposal_source(
                              f"segments (e.g. from:naclip)")
         if get_family(target).trained:
             raise ValueError(f"proposals {text!r}: {target} is a trained method; give its run: from:RUN_DIR")
-        segmentor = build_segmentor(target, clip, vocabulary, text_cache=text_cache)
+        segmentor = build_segmentor(target, clip, vocabulary, text_cache=text_cache, protocol=protocol)
         method = target
     elif Path(target).is_dir():
         method = _run_method(Path(target))

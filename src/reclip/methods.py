@@ -72,6 +72,7 @@ def build_segmentor(
     output: str | None = None,
     text_cache: Any = None,
     progress: bool = False,
+    protocol: Any = None,
 ) -> nn.Module:
     """The segmentor of ``method`` for ``vocabulary`` on ``clip`` (same device as clip).
 
@@ -85,6 +86,10 @@ def build_segmentor(
         output: which logits a trained segmentor returns (its family's ``outputs``, e.g.
             "decoded", "rectified" or "query" for ReCLIP++); None: the family's default.
         text_cache: cache_dir for query embeddings (None: default, False: off).
+        protocol: the dataset protocol it will run on (training-free only): the strategy
+            settings the method's own section publishes there
+            (:func:`published_strategy_overrides`, e.g. ResCLIP's weights) apply first,
+            ``strategy_overrides`` over them.
     """
     method = get_method(method)
     family = get_family(method)
@@ -101,6 +106,8 @@ def build_segmentor(
     if checkpoint is not None:
         trained = [m.name for m in METHODS.values() if get_family(m).trained]
         raise ValueError(f"method {method.name!r} is training-free and takes no checkpoint; trained methods: {trained}")
+    if protocol is not None:
+        strategy_overrides = {**published_strategy_overrides(method, protocol), **dict(strategy_overrides or {})}
     return family.build(method, clip, vocabulary, strategy_overrides=strategy_overrides, templates=templates,
                         queries=queries, text_cache=text_cache, progress=progress)
 

@@ -407,7 +407,7 @@ def probe(
     val_data = SegmentationDataset(protocol, data_root, split, classes_file=classes_file, max_pixels=max_pixels)
     segmentor = build_segmentor(method, clip, val_data.vocabulary, strategy_overrides=strategy_overrides,
                                 templates=None if family.trained else "single", checkpoint=checkpoint,
-                                text_cache=text_cache)
+                                text_cache=text_cache, protocol=None if family.trained else protocol)
     mean, std = input_normalisation(segmentor, clip)
     result = linear_probe(segmentor, train_data, val_data, mean=mean, std=std,
                           description=f"linear probe of {method} on {protocol.name}", **options)
