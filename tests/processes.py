@@ -1,4 +1,4 @@
-"""Process-group tests: a free port and forked gloo workers with a deadline.
+"""Process-group tests: forked gloo workers with a deadline, on a free port (``reclip.train.distributed.free_port``).
 
     run_workers(worker, out_dir, nprocs=2)   # worker(rank, world, port, out_dir) in each process
 
@@ -9,18 +9,13 @@ OpenMP pool crosses the fork.
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any, Callable
 
 import pytest
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from reclip.train.distributed import free_port
 
 
 def run_workers(worker: Callable[..., None], *args: Any, nprocs: int = 2, timeout: float = 120) -> None:

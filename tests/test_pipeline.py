@@ -214,8 +214,8 @@ def test_prepared_images_survive_the_dataloader_s_pin_memory_conversion():
     calls: list[int] = []
     segmentor = _conv_segmentor(calls)
     images = _images()
-    for mode in ("whole", "slide"):
-        cfg = InferenceConfig(mode=mode, short_side=24, window=24, stride=12, whole_batch_size=2)
+    for mode, short_side in (("whole", 24), ("slide", 24), ("whole", None)):  # None: the size itself groups images
+        cfg = InferenceConfig(mode=mode, short_side=short_side, window=24, stride=12, whole_batch_size=2)
         prepared = [prepare_image(image, cfg) for image in images]
         converted = [inference.PreparedImage(p.input, list(p.size), p.raw) for p in prepared]
         for a, b in zip(segment_many(segmentor, prepared, cfg), segment_many(segmentor, converted, cfg)):

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from reclip.heads.zero_shot import ZeroShotSegmentor
 from reclip.features import ATTENTIONS, _attend, attention_weights, get_strategy
 from reclip.inference import InferenceConfig, infer_logits, segment, segment_many, slide_windows
 from reclip.text import QueryEmbeddings
+from reclip.train.distributed import free_port
 
 # a small ViT: ViT-B/16's patch size and text tower shape, a quarter of its vision depth and width
 SMALL_VIT = dict(embed_dim=256, image_resolution=224, vision_layers=4, vision_width=256, vision_patch_size=16,
@@ -258,12 +258,6 @@ def _differ(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).sum()) // 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, root: str, cfg: InferenceConfig, threads: int, out: str) -> None:
     """One process of the multi-process run: join the group, evaluate its block, rank 0 writes the time."""
     import torch.distributed as dist
@@ -305,7 +299,7 @@ def bench_processes(root: Path, *, short_side: int, batch_size: int, processes: 
     with tempfile.TemporaryDirectory() as out:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         # fork: the workers inherit the imported modules, so the time is the evaluation's, not Python's start
-        mp.start_processes(_rank, args=(processes, _free_port(), str(root), cfg, threads, out), nprocs=processes,
+        mp.start_processes(_rank, args=(processes, free_port(), str(root), cfg, threads, out), nprocs=processes,
                            join=True, start_method="fork")
         many = float((Path(out) / "seconds.txt").read_text())
         differ = _differ(np.load(Path(out) / "confusion.npy"), confusion)

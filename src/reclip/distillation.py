@@ -44,7 +44,7 @@ from reclip.data.augment import UnlabeledTrainSet
 from reclip.data.datasets import SegmentationDataset
 from reclip.data.io import MAX_PIXELS
 from reclip.data.protocol import Protocol, load_protocol
-from reclip.data.transforms import renormalise
+from reclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, renormalise
 from reclip.heads.aspp import ASPPV2
 from reclip.heads.decoder import MaskDecoder
 from reclip.heads.inherited import InheritedHead, inherit
@@ -76,7 +76,7 @@ HEADS = ("inherited", "query", "query_bias", "query_reference", "deeplab", "fres
 FEAT_AT = ("image", "student_grid")
 TEACHER_METHODS = ("reclip++", "reclip")
 # the student's own input normalisation (0..1 scale): what its backbone's weights expect
-INPUT_NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision / mmseg ResNets
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # torchvision / mmseg ResNets
                "clip": (CLIP_MEAN, CLIP_STD)}
 # The official ReCLIP distillation's lr schedule (tools/distill.py): poly 0.9 updated once per
 # epoch and clamped at min lr 1e-4 (0.01 of its lr 0.01). The paper states poly 0.9 only.

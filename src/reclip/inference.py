@@ -215,7 +215,9 @@ _COMPILED_ATTR = "_reclip_compiled"
 def compiled(segmentor: Segmentor) -> Segmentor:
     """``torch.compile(segmentor)``, built once per segmentor and kept on it (in its
     ``__dict__``, not as a submodule: its state dict is unchanged), so every call of an
-    evaluation reuses the compiled graphs and both go when the segmentor goes."""
+    evaluation reuses the compiled graphs and both go when the segmentor goes. The wrapper
+    holds the segmentor (``_orig_mod``): a cycle, so a dropped compiled segmentor (and its
+    device memory) is freed by the garbage collector, not at once (``gc.collect()``)."""
     fn = segmentor.__dict__.get(_COMPILED_ATTR)
     if fn is None:
         fn = segmentor.__dict__[_COMPILED_ATTR] = torch.compile(segmentor)
@@ -476,9 +478,9 @@ def _ready(image: np.ndarray | Tensor | PreparedImage, cfg: InferenceConfig, mea
            std: Sequence[float], device: torch.device) -> tuple[Tensor, tuple[int, int], Tensor | None]:
     """(model input (1, 3, h, w) on ``device``, (H, W) of the image, raw (1, 3, H, W) uint8 or None)
     of an image as given or prepared; a prepared one is only moved (asynchronously from pinned memory)."""
-    if isinstance(image, PreparedImage):  # (its size may come back a list from DataLoader's pin_memory)
+    if isinstance(image, PreparedImage):  # its size may come back a list from pin_memory: only read as (H, W)
         raw = None if image.raw is None else image.raw[None].to(device, non_blocking=True)
-        return image.input[None].to(device, non_blocking=True), _prepared_size(image), raw
+        return image.input[None].to(device, non_blocking=True), image.size, raw
     normalised, raw = _prepare(image, cfg, mean, std, device)
     if cfg.short_side is not None:
         normalised = resize_short_side(normalised, cfg.short_side, max_long_side=cfg.max_long_side,
@@ -564,7 +566,7 @@ def _segment_whole(segmentor: Segmentor, images: Sequence[np.ndarray | Tensor | 
                    cfg: InferenceConfig, mean: Sequence[float], std: Sequence[float],
                    background_index: int | None, return_probs: bool, device: torch.device) -> list[Segmentation]:
     """Whole mode of :func:`segment_many`: the images of one input size batched."""
-    sizes = [_prepared_size(image) if isinstance(image, PreparedImage) else _image_size(image) for image in images]
+    sizes = [image.size if isinstance(image, PreparedImage) else _image_size(image) for image in images]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, (image, hw) in enumerate(zip(images, sizes)):
         key = tuple(image.input.shape[-2:]) if isinstance(image, PreparedImage) else input_size(hw, cfg)
@@ -654,11 +656,6 @@ def _image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
     """(H, W) of an (H, W, 3) image, without copying it (:func:`_prepare` checks the image)."""
     shape = np.shape(image) if not isinstance(image, Tensor) else tuple(image.shape)
     return int(shape[0]), int(shape[1])
-
-
-def _prepared_size(image: PreparedImage) -> tuple[int, int]:
-    """(H, W) of a prepared image as a tuple (DataLoader's pin_memory turns tuples into lists)."""
-    return int(image.size[0]), int(image.size[1])
 
 
 def input_size(size: tuple[int, int], cfg: InferenceConfig) -> tuple[int, int]:

@@ -167,17 +167,11 @@ class ConfusionMatrix:
             iou = inter / union  # 0/0 -> NaN
             acc = inter / area_label
             a_acc = inter.sum() / area_label.sum()
-        if absent_as_zero:
-            miou = float(np.nan_to_num(iou, nan=0.0).sum() / self.num_classes)
-            macc = float(np.nan_to_num(acc, nan=0.0).sum() / self.num_classes)
-        else:
-            miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-            macc = float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
         return {
-            "mIoU": miou,
+            "mIoU": _mean(iou, absent_as_zero),
             "IoU": iou,
             "aAcc": float(a_acc),
-            "mAcc": macc,
+            "mAcc": _mean(acc, absent_as_zero),
             "Acc": acc,
             "num_pixels": int(self.matrix.sum()),
             "present": area_label > 0,

@@ -354,7 +354,9 @@ def same_label_mask(labels: Tensor, path_check: str = "line") -> Tensor:
     return torch.where(on_path.all(-1), same, same * decay)
 
 
-@functools.lru_cache(maxsize=1)  # one grid (slide windows repeat it); ~100 MB on 21 x 31, ~0.5 GB on 28 x 42
+# A few grids: slide windows repeat one, whole images of a dataset come in a few shapes
+# (VOC at 336: 21 x 28, 28 x 21, 21 x 32); ~90 MB each at 21 x 28, ~0.5 GB at 28 x 42.
+@functools.lru_cache(maxsize=4)
 def _path_geometry(h: int, w: int, path_check: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
     """The straight path of every patch pair on an (h, w) grid, the same for every image.
 

@@ -8,6 +8,7 @@ per-rank results are gathered in rank order, which is dataset order.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Processes", "current_processes", "gather", "is_rank0", "on_rank0", "setup_processes", "shard",
+__all__ = ["Processes", "current_processes", "free_port", "gather", "is_rank0", "on_rank0", "setup_processes", "shard",
            "to_device"]
 
 
@@ -119,3 +120,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: MASTER_PORT for processes started on one host
+    (``torch.multiprocessing`` in tests and benchmarks; torchrun picks its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
